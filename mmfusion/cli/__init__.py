@@ -1,0 +1,1 @@
+"""The `mmfusion` command line: sub-commands built from typed functions."""

@@ -1,0 +1,122 @@
+"""Typed configuration of the mmfusion transformer, with named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the decoder-only transformer and of its text / image heads.
+
+    The backbone fields follow LLaMA's names so that Hugging Face checkpoints map onto them; the
+    image fields describe how continuous image tokens enter and leave the sequence.
+    """
+
+    dim: int = 256
+    n_layers: int = 6
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # grouped-query attention; None means n_heads
+    attn_head_dim: int | None = None  # None means dim // n_heads (Qwen3 sets it explicitly)
+    hidden_dim: int | None = None  # SwiGLU width; None means 8/3 * dim rounded up to multiple_of
+    multiple_of: int = 64
+    vocab_size: int = 512
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    qk_norm: bool = True  # per-head RMSNorm on q and k (CausalFusion, Switti, Qwen3)
+    sandwich_norm: bool = False  # Switti: RMSNorm after attention and after the MLP, before the add
+    fp32_head: bool = True  # Switti: output heads in float32 under bf16 autocast
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    # image tokens
+    image_token_dim: int = 48  # C: channels of one continuous image token (p * p * channels)
+    image_grid: tuple[int, int] = (8, 8)  # tokens per image side (h, w)
+    image_pos_embed: str = "sincos"  # "sincos" (fixed 2-D) or "learned"
+    # class-conditional mode: learned class tokens, repeated (CausalFusion appendix B)
+    num_classes: int = 0
+    class_tokens: int = 4
+    class_repeat: int = 16
+    # discrete image path (Token-Shuffle); 0 disables it
+    image_codebook_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.attn_head_dim is None and self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads}")
+        if self.image_pos_embed not in ("sincos", "learned"):
+            raise ValueError(f"image_pos_embed must be 'sincos' or 'learned', got {self.image_pos_embed!r}")
+        object.__setattr__(self, "image_grid", tuple(self.image_grid))
+
+    @property
+    def head_dim(self) -> int:
+        return self.attn_head_dim or self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.hidden_dim is not None:
+            return self.hidden_dim
+        hidden = int(8 * self.dim / 3)
+        return self.multiple_of * -(-hidden // self.multiple_of)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.image_grid[0] * self.image_grid[1]
+
+    @property
+    def num_condition_tokens(self) -> int:
+        """Length of the class-token prefix in class-conditional mode."""
+        return self.class_tokens * self.class_repeat if self.num_classes else 0
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["image_grid"] = list(self.image_grid)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        return cls(**d)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A named preset (`tiny`, `small`, `L`, `XL`) with optional field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # unit tests: seconds on a CPU
+    "tiny": ModelConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=512),
+    # the CPU demo
+    "small": ModelConfig(dim=256, n_layers=6, n_heads=4, vocab_size=512),
+    # CausalFusion-L / XL (paper appendix C): 256 px, SD-VAE f8 c4, patch 2 -> 16 x 16 tokens of 16 dims.
+    # SwiGLU width 2/3 * 4 * dim keeps the parameter count of the paper's 4x GELU MLP.
+    "L": ModelConfig(
+        dim=1024,
+        n_layers=24,
+        n_heads=16,
+        hidden_dim=2736,
+        vocab_size=128_256,
+        image_token_dim=16,
+        image_grid=(16, 16),
+    ),
+    "XL": ModelConfig(
+        dim=1280,
+        n_layers=32,
+        n_heads=20,
+        hidden_dim=3416,
+        vocab_size=128_256,
+        image_token_dim=16,
+        image_grid=(16, 16),
+    ),
+}

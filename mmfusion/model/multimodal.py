@@ -1,0 +1,141 @@
+"""MMFusionModel: the backbone plus the embeddings and heads for text, class and image tokens."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from mmfusion.model.cache import KVCache
+from mmfusion.model.config import ModelConfig
+from mmfusion.model.masks import CLEAN, NOISY
+from mmfusion.model.sequence import TokenBatch
+from mmfusion.model.transformer import Transformer
+
+
+def sincos_2d(grid: tuple[int, int], dim: int) -> torch.Tensor:
+    """Fixed 2-D sin/cos position embeddings (h * w, dim): half the channels encode the row,
+    half the column."""
+    h, w = grid
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
+    parts = []
+    for coord in (rows.reshape(-1), cols.reshape(-1)):
+        angles = coord[:, None] * omega[None]
+        parts += [angles.sin(), angles.cos()]
+    emb = torch.cat(parts, dim=1)
+    return torch.nn.functional.pad(emb, (0, dim - emb.shape[1])).float()
+
+
+class TimestepEmbedder(nn.Module):
+    """Diffusion timestep -> sinusoidal features -> MLP (as in DiT)."""
+
+    def __init__(self, dim: int, freq_dim: int = 256) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = t.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
+
+
+class MMFusionModel(nn.Module):
+    """One decoder over interleaved text and continuous image tokens.
+
+    Text ids below `vocab_size` use `embed_tokens`; ids from `vocab_size` on are class tokens
+    (class-conditional mode). Image tokens enter through `image_in`, plus their 2-D position
+    embedding and, added to every image token, the embedding of its diffusion timestep (0 = clean).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.class_embed = nn.Embedding((cfg.num_classes + 1) * cfg.class_tokens, cfg.dim) if cfg.num_classes else None
+        self.image_in = nn.Linear(cfg.image_token_dim, cfg.dim)
+        if cfg.image_pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(cfg.num_image_tokens, cfg.dim))
+        else:
+            self.register_buffer("pos_embed", sincos_2d(cfg.image_grid, cfg.dim), persistent=False)
+        self.time_embed = TimestepEmbedder(cfg.dim)
+        self.backbone = Transformer(cfg)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.image_head = nn.Linear(cfg.dim, cfg.image_token_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=self.cfg.init_std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=self.cfg.init_std)
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.normal_(self.pos_embed, std=self.cfg.init_std)
+        # DiT: the image output starts at zero, so the first prediction is "no noise"
+        nn.init.zeros_(self.image_head.weight)
+        nn.init.zeros_(self.image_head.bias)
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def embed(self, batch: TokenBatch) -> torch.Tensor:
+        """Input embeddings (B, L, dim) for every kind of token."""
+        ids = batch.ids
+        vocab = self.cfg.vocab_size
+        x = self.embed_tokens(ids.clamp(0, vocab - 1))
+        if self.class_embed is not None:
+            is_class = ids >= vocab
+            if is_class.any():
+                x = torch.where(is_class[..., None], self.class_embed((ids - vocab).clamp(min=0)), x)
+        is_image = (batch.kind == CLEAN) | (batch.kind == NOISY)
+        if is_image.any():
+            img = (
+                self.image_in(batch.values[is_image])
+                + self.pos_embed[batch.image_pos[is_image]]
+                + self.time_embed(batch.t[is_image])
+            )
+            x = x.index_put((is_image,), img.to(x.dtype))
+        return x
+
+    def forward(
+        self,
+        batch: TokenBatch,
+        cache: KVCache | None = None,
+        store: bool = False,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states (B, L, dim). `mask` defaults to the generalized causal mask of `batch`."""
+        mask = batch.mask() if mask is None else mask
+        x = self.embed(batch)
+        return self.backbone(x, batch.position_ids, mask, cache, store, valid=batch.valid())
+
+    def _head(self, head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+        if not self.cfg.fp32_head:
+            return head(hidden)
+        with (
+            torch.autocast(hidden.device.type, enabled=False)
+            if torch.is_autocast_enabled(hidden.device.type)
+            else nullcontext()
+        ):
+            return head(hidden.float())
+
+    def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._head(self.lm_head, hidden)
+
+    def image_output(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._head(self.image_head, hidden)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg.n_layers)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,174 @@
+"""Interleaved text + image sequences: one sample is built piece by piece, a batch is padded.
+
+Text tokens get consecutive rotary positions. All tokens of one image (clean and noisy copies, any
+order) share a single rotary position, so their order in the sequence carries no meaning; where a
+token sits in the image is told by its 2-D image position embedding instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from mmfusion.model.masks import CLEAN, NOISY, PAD, TEXT, generalized_causal_mask
+
+IGNORE = -100
+
+
+@dataclass
+class TokenBatch:
+    """A padded batch of interleaved sequences (B, L); image fields are zero at text positions."""
+
+    kind: torch.Tensor  # (B, L) PAD / TEXT / CLEAN / NOISY
+    ids: torch.Tensor  # (B, L) text (or class-token) ids
+    values: torch.Tensor  # (B, L, C) continuous image tokens (clean or noised)
+    image_pos: torch.Tensor  # (B, L) index of the token in the image grid
+    t: torch.Tensor  # (B, L) diffusion timestep of image tokens, 0 for clean ones
+    group: torch.Tensor  # (B, L) AR group of image tokens, -1 elsewhere
+    position_ids: torch.Tensor  # (B, L) rotary positions
+    labels: torch.Tensor | None = None  # (B, L) next text token to predict, IGNORE elsewhere
+    targets: torch.Tensor | None = None  # (B, L, C) diffusion regression targets at noisy tokens
+    weights: torch.Tensor | None = None  # (B, L) image loss weights, 0 where there is no image loss
+
+    def mask(self, text_sees_noisy: bool = False) -> torch.Tensor:
+        return generalized_causal_mask(self.kind, self.group, text_sees_noisy)
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        return TokenBatch(**{k: None if v is None else v.to(device) for k, v in self.__dict__.items()})
+
+    def __len__(self) -> int:
+        return self.kind.shape[0]
+
+    def valid(self) -> torch.Tensor:
+        return self.kind != PAD
+
+
+class SequenceBuilder:
+    """Builds one sample left to right: text pieces and image blocks."""
+
+    def __init__(self, token_dim: int, start_position: int = 0) -> None:
+        self.token_dim = token_dim
+        self.position = start_position
+        self.parts: dict[str, list[torch.Tensor]] = {f.name: [] for f in dataclasses.fields(TokenBatch)}
+        self.last_text_loss_slot: int | None = None
+        self.length = 0
+
+    def _add(
+        self,
+        n: int,
+        *,
+        kind: int,
+        ids=None,
+        values=None,
+        image_pos=None,
+        t=None,
+        group=None,  # noqa: ANN001
+        positions=None,
+        labels=None,
+        targets=None,
+        weights=None,
+    ) -> None:
+        def full(v, fill, dtype=torch.long):  # noqa: ANN001, ANN202
+            return torch.full((n,), fill, dtype=dtype) if v is None else torch.as_tensor(v)
+
+        p = self.parts
+        p["kind"].append(torch.full((n,), kind, dtype=torch.long))
+        p["ids"].append(full(ids, 0))
+        p["values"].append(torch.zeros(n, self.token_dim) if values is None else values.float())
+        p["image_pos"].append(full(image_pos, 0))
+        p["t"].append(full(t, 0))
+        p["group"].append(full(group, -1))
+        p["position_ids"].append(full(positions, 0))
+        p["labels"].append(full(labels, IGNORE))
+        p["targets"].append(torch.zeros(n, self.token_dim) if targets is None else targets.float())
+        p["weights"].append(full(weights, 0.0, torch.float))
+        self.length += n
+
+    def text(self, ids: list[int], loss: bool = False) -> SequenceBuilder:
+        """Append text tokens; with `loss`, the token before each of them learns to predict it."""
+        n = len(ids)
+        if n == 0:
+            return self
+        if loss:
+            if self.length == 0:
+                raise ValueError("a text loss needs at least one token before the predicted text")
+            self._set_last_label(ids[0])
+        labels = list(ids[1:]) + [IGNORE] if loss else None
+        positions = torch.arange(self.position, self.position + n)
+        self._add(n, kind=TEXT, ids=torch.tensor(ids, dtype=torch.long), positions=positions, labels=labels)
+        self.position += n
+        return self
+
+    def _set_last_label(self, token: int) -> None:
+        for part in reversed(self.parts["labels"]):
+            if len(part):
+                part[-1] = token
+                return
+
+    def image(
+        self,
+        values: torch.Tensor,
+        image_pos: torch.Tensor,
+        *,
+        kind: int,
+        group: torch.Tensor,
+        t: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+    ) -> SequenceBuilder:
+        """Append image tokens at the current image position (call `end_image` after the last block)."""
+        assert kind in (CLEAN, NOISY)
+        n = values.shape[0]
+        positions = torch.full((n,), self.position, dtype=torch.long)
+        self._add(
+            n,
+            kind=kind,
+            values=values,
+            image_pos=image_pos,
+            t=t,
+            group=group,
+            positions=positions,
+            targets=targets,
+            weights=weights,
+        )
+        return self
+
+    def end_image(self) -> SequenceBuilder:
+        """Text after the image continues one position after the image's shared position."""
+        self.position += 1
+        return self
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: torch.cat(v) if v else torch.zeros(0) for k, v in self.parts.items()}
+
+
+def collate(samples: list[dict[str, torch.Tensor]], pad_to: int | None = None) -> TokenBatch:
+    """Right-pad per-sample tensors (from `SequenceBuilder.tensors`) into one TokenBatch."""
+    length = max(s["kind"].shape[0] for s in samples)
+    length = max(length, pad_to or 0)
+    fills = {
+        "kind": PAD,
+        "ids": 0,
+        "image_pos": 0,
+        "t": 0,
+        "group": -1,
+        "position_ids": 0,
+        "labels": IGNORE,
+        "weights": 0.0,
+    }
+    out = {}
+    for name in fills | {"values": 0, "targets": 0}:
+        rows = []
+        for s in samples:
+            v = s[name]
+            pad = length - v.shape[0]
+            if pad:
+                v = torch.cat([v, torch.full((pad, *v.shape[1:]), fills.get(name, 0), dtype=v.dtype)])
+            rows.append(v)
+        out[name] = torch.stack(rows)
+    return TokenBatch(**out)
+
+
+__all__ = ["CLEAN", "IGNORE", "NOISY", "PAD", "TEXT", "SequenceBuilder", "TokenBatch", "collate"]

@@ -1,0 +1,114 @@
+"""The LLaMA-style decoder backbone: pre-norm blocks, QK-norm attention over an arbitrary mask."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mmfusion.model.cache import KVCache
+from mmfusion.model.config import ModelConfig
+from mmfusion.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
+
+
+class Attention(nn.Module):
+    """Multi-head (grouped-query) attention with per-head QK RMSNorm and rotary positions."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        store: bool = False,
+    ) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, n, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(b, n, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)  # (B, H, N, D)
+        if cache is not None:
+            past_k, past_v = cache.get(layer)
+            if past_k is not None:
+                k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+            if store:
+                cache.set(layer, k, v)
+        if self.n_kv != self.n_heads:
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None])
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, with Switti's optional sandwich norms."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
+        self.attn_out_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cfg.sandwich_norm else nn.Identity()
+        self.mlp_out_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cfg.sandwich_norm else nn.Identity()
+
+    def forward(self, x, rope, mask, cache=None, layer=0, store=False):  # noqa: ANN001, ANN201
+        h = self.self_attn(self.input_layernorm(x), rope, mask, cache, layer, store)
+        x = x + self.attn_out_norm(h)
+        return x + self.mlp_out_norm(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Transformer(nn.Module):
+    """Stack of blocks over input embeddings; returns final-normed hidden states.
+
+    `attn_mask` (B, N, N) says which of the N new tokens each new token may attend to (True =
+    attend). With a cache, every valid cached position is visible to every new token as well.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor,
+        attn_mask: torch.Tensor,
+        cache: KVCache | None = None,
+        store: bool = False,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, N, dim), position_ids (B, N), attn_mask (B, N, N) bool -> (B, N, dim).
+
+        `store` appends the new tokens to `cache`; `valid` (B, N) marks which of them later
+        queries may read (default: all).
+        """
+        mask = attn_mask
+        if cache is not None and len(cache):
+            past = cache.valid[:, None, :].expand(-1, x.shape[1], -1)
+            mask = torch.cat([past, attn_mask], dim=-1)  # (B, N, T + N)
+        rope = self.rotary(position_ids, x.dtype)
+        for i, block in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, rope, mask, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache, i, store)
+        if cache is not None and store:
+            cache.extend_valid(valid if valid is not None else torch.ones_like(position_ids, dtype=torch.bool))
+        return self.norm(x)

@@ -1,0 +1,53 @@
+import subprocess
+import sys
+
+import pytest
+
+from mmfusion.cli.main import COMMANDS, main
+
+
+def _paths(tree, prefix=()):
+    for name, node in tree.items():
+        if name == "__doc__":
+            continue
+        if callable(node):
+            yield (*prefix, name)
+        else:
+            yield from _paths(node, (*prefix, name))
+
+
+@pytest.mark.parametrize("path", list(_paths(COMMANDS)), ids=" ".join)
+def test_every_subcommand_has_help(path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*path, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: mmfusion " + " ".join(path))
+    # every option is explained
+    assert "--" in out
+
+
+def test_console_script_entry_point():
+    out = subprocess.run([sys.executable, "-m", "mmfusion.cli.main", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "COMMAND" in out.stdout
+
+
+def test_data_and_tokenizer_commands(tmp_path, capsys):
+    assert main(["data", "shapes", "--out", str(tmp_path / "d"), "--n", "30", "--n-val", "5", "--n-test", "5"]) == 0
+    assert (
+        main(
+            ["tokenizer", "train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "tok"), "--vocab-size", "300"]
+        )
+        == 0
+    )
+    assert (tmp_path / "tok" / "tokenizer.json").exists()
+    assert (
+        main(["data", "export", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "c"), "--format", "coco"]) == 0
+    )
+    assert (tmp_path / "c" / "captions_test.json").exists()
+
+
+def test_missing_data_is_one_line_error(tmp_path, capsys):
+    code = main(["tokenizer", "train", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "t")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error:") and "\n" not in err

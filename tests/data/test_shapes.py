@@ -1,0 +1,86 @@
+import json
+
+import numpy as np
+import pytest
+
+from mmfusion.data.datasets import load_captioned
+from mmfusion.data.shapes import COLOURS, RELATIONS, build_shapes, export_coco, export_imagefolder, render_example
+
+PLAIN_RELATIONS = "|".join(RELATIONS)
+
+
+def colour_mask(img, colour: str) -> np.ndarray:
+    return (np.asarray(img) == np.array(COLOURS[colour])).all(-1)
+
+
+def test_renderer_is_deterministic():
+    a = render_example(7, "train", 123)
+    b = render_example(7, "train", 123)
+    assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+    assert a["captions"] == b["captions"]
+    c = render_example(8, "train", 123)
+    d = render_example(7, "test", 123)
+    assert not (
+        np.array_equal(np.asarray(a["image"]), np.asarray(c["image"]))
+        and np.array_equal(np.asarray(a["image"]), np.asarray(d["image"]))
+    )
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_captions_agree_with_pixels(size):
+    """The colours a caption names are in the image, and the relation holds between centroids."""
+    for i in range(300):
+        ex = render_example(0, "train", i, size=size)
+        img, caps, words = ex["image"], ex["captions"], ex["text"].split()
+        assert img.size == (size, size)
+        assert len(set(caps)) >= 5 and caps[0] == ex["text"]
+        white = (np.asarray(img) == 255).all(-1)
+        if ex["relation"] == "":
+            assert ex["text"] == f"a {words[1]} {words[2]}"
+            m = colour_mask(img, words[1])
+            assert m.sum() > 0.05 * size * size and (m | white).all()
+            continue
+        ca, cb = words[1], words[-2]
+        assert ex["text"] == f"a {ca} {words[2]} {ex['relation']} a {cb} {words[-1]}"
+        assert colour_mask(img, ca).any() and colour_mask(img, cb).any()
+        assert (colour_mask(img, ca) | colour_mask(img, cb) | white).all()
+        if ca == cb:
+            continue
+        ya, xa = np.nonzero(colour_mask(img, ca))
+        yb, xb = np.nonzero(colour_mask(img, cb))
+        dx, dy = xb.mean() - xa.mean(), yb.mean() - ya.mean()  # from a to b
+        expect = {"to the left of": dx, "to the right of": -dx, "above": dy, "below": -dy}[ex["relation"]]
+        across = abs(dy) if "left" in ex["relation"] or "right" in ex["relation"] else abs(dx)
+        assert expect > 2 and expect > across, (i, ex["text"])
+
+
+def test_plain_templates_always_present():
+    rels = set()
+    for i in range(200):
+        ex = render_example(1, "validation", i)
+        assert ex["captions"][0] == ex["text"]
+        rels.add(ex["relation"])
+    assert rels == {"", *RELATIONS}
+
+
+def test_dataset_splits_and_exports(tmp_path):
+    ds = build_shapes(n=40, n_val=10, n_test=12)
+    assert {k: len(v) for k, v in ds.items()} == {"train": 40, "validation": 10, "test": 12}
+    ds.save_to_disk(tmp_path / "hf")
+    again = load_captioned(tmp_path / "hf")
+    assert again["test"][3]["captions"] == ds["test"][3]["captions"]
+    export_imagefolder(ds, tmp_path / "folder")
+    folder = load_captioned(tmp_path / "folder")
+    assert len(folder["train"]) == 40
+    assert folder["test"][0]["captions"] == ds["test"][0]["captions"]
+    assert np.array_equal(np.asarray(folder["test"][0]["image"]), np.asarray(ds["test"][0]["image"]))
+    path = export_coco(ds["test"], tmp_path / "coco" / "captions.json", tmp_path / "coco" / "images")
+    coco = json.loads(path.read_text())
+    assert len(coco["images"]) == 12 and len(coco["annotations"]) == 12 * 6
+    loaded = load_captioned(path, tmp_path / "coco" / "images")["test"]
+    assert loaded[5]["captions"] == ds["test"][5]["captions"]
+
+
+def test_bad_size_is_refused():
+    with pytest.raises(ValueError, match="32 or 64"):
+        build_shapes(n=4, size=48)

@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from mmfusion.model.config import ModelConfig
+from mmfusion.model.multimodal import MMFusionModel
+from mmfusion.model.sequence import SequenceBuilder, collate
+from tests.helpers import fusion_sample, text_batch
+
+
+@pytest.mark.parametrize("sandwich,gqa", [(False, None), (True, 2)])
+def test_shapes(tiny_cfg, sandwich, gqa):
+    cfg = tiny_cfg.replace(sandwich_norm=sandwich, n_kv_heads=gqa)
+    model = MMFusionModel(cfg)
+    batch = collate(
+        [fusion_sample(cfg, [1, 5, 6], [3, 2, 4], caption=[4, 9, 10, 2]), fusion_sample(cfg, [1, 7], [9], seed=1)]
+    )
+    h = model(batch)
+    assert h.shape == (2, batch.kind.shape[1], cfg.dim)
+    assert model.text_logits(h).shape == (2, batch.kind.shape[1], cfg.vocab_size)
+    assert model.image_output(h).shape == (2, batch.kind.shape[1], cfg.image_token_dim)
+    assert torch.isfinite(h).all()
+
+
+def test_no_biases_and_llama_names(tiny_cfg):
+    names = dict(MMFusionModel(tiny_cfg).backbone.named_parameters())
+    assert not [n for n in names if n.endswith("bias")]
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert any(f".{proj}.weight" in n for n in names), proj
+
+
+def test_masked_token_never_changes_other_outputs(tiny_cfg):
+    """Perturb each input token in turn: outputs change exactly where the mask lets it be seen."""
+    model = MMFusionModel(tiny_cfg).eval()
+    batch = collate([fusion_sample(tiny_cfg, [1, 5, 6], [2, 3, 2], caption=[4, 9, 10, 2])])
+    mask = batch.mask()[0]
+    base = model(batch)[0]
+    for k in range(batch.kind.shape[1]):
+        x = model.embed(batch).clone()
+        x[0, k] += torch.randn(tiny_cfg.dim)
+        out = model.backbone(x, batch.position_ids, batch.mask())[0]
+        changed = (out - base).abs().amax(-1) > 1e-6
+        assert torch.equal(changed, mask[:, k]), f"token {k}"
+
+
+def test_kv_cache_decoding_equals_full_recomputation(tiny_cfg):
+    model = MMFusionModel(tiny_cfg).eval()
+    ids = torch.randint(5, tiny_cfg.vocab_size, (2, 12)).tolist()
+    full = model.text_logits(model(text_batch(ids)))
+    cache = model.new_cache()
+    prefix = text_batch([r[:5] for r in ids])
+    steps = [model.text_logits(model(prefix, cache, store=True))]
+    for i in range(5, 12):
+        step = collate([SequenceBuilder(48, start_position=i).text([r[i]]).tensors() for r in ids])
+        steps.append(model.text_logits(model(step, cache, store=True)))
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_cached_prefix_with_padding_equals_unpadded(tiny_cfg):
+    """A right-padded batched prefix in the cache gives the same next-token logits as one row alone."""
+    model = MMFusionModel(tiny_cfg).eval()
+    rows = [[1, 8, 9], [1, 8, 9, 10, 11, 12]]
+    cache = model.new_cache()
+    model(text_batch(rows), cache, store=True)
+    nxt = collate([SequenceBuilder(48, start_position=len(r)).text([20]).tensors() for r in rows])
+    batched = model.text_logits(model(nxt, cache, store=True))[:, -1]
+    for i, r in enumerate(rows):
+        alone = model.text_logits(model(text_batch([r + [20]])))[0, -1]
+        torch.testing.assert_close(batched[i], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_fp32_head_under_bf16_autocast(tiny_cfg):
+    model = MMFusionModel(tiny_cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model(text_batch([[1, 2, 3]]))
+        assert model.text_logits(h).dtype == torch.float32
+    model16 = MMFusionModel(tiny_cfg.replace(fp32_head=False))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model16.text_logits(model16(text_batch([[1, 2, 3]]))).dtype == torch.bfloat16
+
+
+def test_presets():
+    for name in ("tiny", "small", "L", "XL"):
+        cfg = ModelConfig.from_name(name)
+        assert cfg.dim % cfg.n_heads == 0
+    assert (
+        ModelConfig.from_name("L").dim,
+        ModelConfig.from_name("L").n_heads,
+        ModelConfig.from_name("L").n_layers,
+    ) == (1024, 16, 24)
+    assert (
+        ModelConfig.from_name("XL").dim,
+        ModelConfig.from_name("XL").n_heads,
+        ModelConfig.from_name("XL").n_layers,
+    ) == (1280, 20, 32)
+    with pytest.raises(ValueError, match="unknown model preset"):
+        ModelConfig.from_name("huge")

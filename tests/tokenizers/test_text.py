@@ -1,0 +1,71 @@
+import pytest
+
+from mmfusion.tokenizers.text import TextTokenizer
+
+CAPTIONS = ["a red circle", "a blue square to the left of a green triangle", "a yellow circle above a red square"] * 20
+ODD = [
+    "",
+    "   ",
+    "🙂🚀 emoji",
+    "tab\tnew\nline \x00\x07\x1b[31m",
+    "ünïcödé 中文 テキスト",
+    "x" * 5000,
+    "caf\udcff",
+    "a red circle",
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return TextTokenizer.train(CAPTIONS, vocab_size=300)
+
+
+@pytest.mark.parametrize("text", ODD)
+def test_odd_text_round_trips(tok, text):
+    ids = tok.encode(text, max_len=0)  # 0: no truncation
+    assert all(0 <= i < len(tok) for i in ids)
+    expected = text.encode("utf-8", "replace").decode("utf-8").strip()
+    assert tok.decode(ids) == expected
+
+
+def test_bytes_that_are_not_utf8(tok):
+    ids = tok.encode(b"\xff\xfe a red circle")
+    assert tok.decode(ids).endswith("a red circle")
+
+
+def test_truncation_to_max_len(tok):
+    assert len(tok.encode("x " * 500)) == 35
+    assert len(tok.encode("x " * 500, max_len=7)) == 7
+
+
+def test_special_tokens_are_distinct_and_not_produced_by_text(tok):
+    specials = {tok.pad_id, tok.bos_id, tok.eos_id, tok.boi_id, tok.eoi_id}
+    assert len(specials) == 5
+    spelled = tok.encode("<|bos|> <|eoi|> hello", max_len=0)
+    assert not specials & set(spelled)
+    assert tok.decode(spelled) == "<|bos|> <|eoi|> hello"
+    # decoding drops specials and stops at end-of-text
+    ids = [tok.bos_id, *tok.encode("a red circle"), tok.eos_id, *tok.encode("junk")]
+    assert tok.decode(ids) == "a red circle"
+
+
+def test_save_load_and_foreign_tokenizer(tok, tmp_path):
+    path = tok.save(tmp_path)
+    again = TextTokenizer.from_file(path)
+    assert again.encode("a red circle") == tok.encode("a red circle")
+    assert again.ids == tok.ids
+    # a tokenizer.json with other special-token names (LLaMA-3 style) gets ours added where missing
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    foreign = Tokenizer(models.BPE())
+    foreign.pre_tokenizer = pre_tokenizers.ByteLevel()
+    foreign.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
+    foreign.save(str(tmp_path / "llama.json"))
+    t = TextTokenizer.from_file(tmp_path / "llama.json")
+    assert t.special["bos"] == "<|begin_of_text|>" and t.special["eos"] == "<|end_of_text|>"
+    assert t.boi_id is not None and t.eoi_id is not None and t.pad_id is not None
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="mmfusion tokenizer train"):
+        TextTokenizer.from_file(tmp_path / "nope")
