@@ -86,3 +86,81 @@ def _caption_iter(data: str):  # noqa: ANN202
     for split in load_captioned(data).values():
         for caps in split["captions"]:
             yield from caps
+
+
+def encode(
+    *,
+    data: str,
+    out: str,
+    image_tokenizer: Literal["vae", "pixels"] = "vae",
+    vae: str | None = None,
+    image_size: int = 256,
+    patch_size: int = 2,
+    batch_size: int = 32,
+    image_root: str | None = None,
+) -> None:
+    """Precompute image tokens (e.g. VAE latents) once into a `datasets` copy of the data.
+
+    Training on the result reads the `tokens` column and never runs the VAE; the run's `image`
+    config must match the one used here.
+
+    Args:
+        data: any captioned source (saved data set, imagefolder, COCO / Karpathy JSON)
+        out: folder for the encoded data set
+        image_tokenizer: vae (AutoencoderKL latents) or pixels
+        vae: AutoencoderKL folder or hub id (for vae)
+        image_size: images are resized to this side first
+        patch_size: tokens are patch x patch cells of the latent (or pixel) grid
+        batch_size: images encoded at once
+        image_root: folder the image paths of a COCO / Karpathy JSON are relative to
+    """
+    from mmfusion.data.encode import encode_dataset
+    from mmfusion.tokenizers.image import ImageTokenizerConfig
+
+    cfg = ImageTokenizerConfig(kind=image_tokenizer, image_size=image_size, patch_size=patch_size, path=vae)
+    path = encode_dataset(data, out, cfg, batch_size=batch_size, image_root=image_root)
+    print(f"wrote encoded data set to {path}")
+
+
+def vae_train(
+    *,
+    data: str,
+    out: str,
+    image_size: int = 32,
+    channels: list[int] | None = None,
+    latent_channels: int = 4,
+    steps: int = 2000,
+    batch_size: int = 32,
+    lr: float = 2e-4,
+    kl_weight: float = 1e-6,
+    seed: int = 0,
+) -> None:
+    """Train a small AutoencoderKL (diffusers) on a captioned image folder; saves a diffusers folder.
+
+    Use it as the image tokenizer with `image.kind=vae image.path=OUT`.
+
+    Args:
+        data: any captioned source (saved data set, imagefolder, COCO / Karpathy JSON)
+        out: output folder (config.json + diffusion_pytorch_model.safetensors)
+        image_size: training image side
+        channels: channels per level, repeat the flag per level (default 32, 64: downsampling x2)
+        latent_channels: latent channels
+        steps: training steps
+        batch_size: images per step
+        lr: learning rate
+        kl_weight: weight of the KL term
+        seed: random seed
+    """
+    from mmfusion.training.vae import VAEConfig, train_vae
+
+    cfg = VAEConfig(
+        image_size=image_size,
+        channels=tuple(channels or (32, 64)),
+        latent_channels=latent_channels,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        kl_weight=kl_weight,
+    )
+    train_vae(data, out, cfg, seed=seed)
+    print(f"wrote AutoencoderKL to {out}")

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import sys
 
-from mmfusion.cli import data, demo
+from mmfusion.cli import data, demo, infer, train
 from mmfusion.cli.app import build_parser, run
 from mmfusion.errors import UserError
 
 COMMANDS = {
-    "data": {"__doc__": "build, export and encode data sets", "shapes": data.shapes, "export": data.export},
+    "data": {
+        "__doc__": "build, export and encode data sets",
+        "shapes": data.shapes,
+        "export": data.export,
+        "encode": data.encode,
+    },
+    "vae": {"__doc__": "train a small AutoencoderKL image tokenizer", "train": data.vae_train},
     "tokenizer": {"__doc__": "train text tokenizers", "train": data.tokenizer_train},
+    "train": train.train,
+    "generate": infer.generate,
+    "caption": infer.caption,
+    "edit": infer.edit,
     "demo": demo.demo,
 }
 

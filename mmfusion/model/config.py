@@ -34,6 +34,9 @@ class ModelConfig:
     image_token_dim: int = 48  # C: channels of one continuous image token (p * p * channels)
     image_grid: tuple[int, int] = (8, 8)  # tokens per image side (h, w)
     image_pos_embed: str = "sincos"  # "sincos" (fixed 2-D) or "learned"
+    # 2-D rotary for image tokens (multimodal RoPE): rotary frequencies are shared out, interleaved,
+    # between the sequence position, the image row and the image column; text is unaffected
+    image_rope: bool = False
     # class-conditional mode: learned class tokens, repeated (CausalFusion appendix B)
     num_classes: int = 0
     class_tokens: int = 4
@@ -68,6 +71,11 @@ class ModelConfig:
     @property
     def num_image_tokens(self) -> int:
         return self.image_grid[0] * self.image_grid[1]
+
+    @property
+    def image_span(self) -> int:
+        """Rotary positions an image occupies in the sequence (text after it continues past them)."""
+        return max(self.image_grid) if self.image_rope else 1
 
     @property
     def num_condition_tokens(self) -> int:

@@ -36,16 +36,26 @@ class SwiGLU(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos / sin tables for rotary position embedding, indexed by per-token position ids."""
+    """cos / sin tables for rotary position embedding, indexed by per-token position ids.
+
+    Position ids (B, L) give plain 1-D rotary. Ids (B, L, 3) give multimodal rotary: frequency i
+    rotates by component i % 3 (sequence position, image row, image column); text tokens carry the
+    same value in all three, which is exactly 1-D rotary.
+    """
 
     def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("component", torch.arange(head_dim // 2) % 3, persistent=False)
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq  # (B, L, D/2)
+        if position_ids.dim() == 3:  # (B, L, 3) -> the component each frequency follows
+            pos = position_ids.float()[..., self.component]  # (B, L, D/2)
+            freqs = pos * self.inv_freq
+        else:
+            freqs = position_ids[..., None].float() * self.inv_freq  # (B, L, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, L, D)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

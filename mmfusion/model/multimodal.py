@@ -116,7 +116,16 @@ class MMFusionModel(nn.Module):
         """Hidden states (B, L, dim). `mask` defaults to the generalized causal mask of `batch`."""
         mask = batch.mask() if mask is None else mask
         x = self.embed(batch)
-        return self.backbone(x, batch.position_ids, mask, cache, store, valid=batch.valid())
+        return self.backbone(x, self.rotary_positions(batch), mask, cache, store, valid=batch.valid())
+
+    def rotary_positions(self, batch: TokenBatch) -> torch.Tensor:
+        """(B, L) sequence positions, or (B, L, 3) with image rows / columns under `image_rope`."""
+        if not self.cfg.image_rope:
+            return batch.position_ids
+        w = self.cfg.image_grid[1]
+        is_image = ((batch.kind == CLEAN) | (batch.kind == NOISY)).long()
+        p = batch.position_ids
+        return torch.stack([p, p + is_image * (batch.image_pos // w), p + is_image * (batch.image_pos % w)], -1)
 
     def _head(self, head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
         if not self.cfg.fp32_head:

@@ -48,9 +48,10 @@ class TokenBatch:
 class SequenceBuilder:
     """Builds one sample left to right: text pieces and image blocks."""
 
-    def __init__(self, token_dim: int, start_position: int = 0) -> None:
+    def __init__(self, token_dim: int, start_position: int = 0, image_span: int = 1) -> None:
         self.token_dim = token_dim
         self.position = start_position
+        self.image_span = image_span
         self.parts: dict[str, list[torch.Tensor]] = {f.name: [] for f in dataclasses.fields(TokenBatch)}
         self.last_text_loss_slot: int | None = None
         self.length = 0
@@ -136,8 +137,8 @@ class SequenceBuilder:
         return self
 
     def end_image(self) -> SequenceBuilder:
-        """Text after the image continues one position after the image's shared position."""
-        self.position += 1
+        """Text after the image continues after the rotary positions the image occupies."""
+        self.position += self.image_span
         return self
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -94,3 +94,15 @@ def test_presets():
     ) == (1280, 20, 32)
     with pytest.raises(ValueError, match="unknown model preset"):
         ModelConfig.from_name("huge")
+
+
+def test_image_rope_leaves_text_alone_and_sees_image_layout(tiny_cfg):
+    """Multimodal rotary equals 1-D rotary on text; on images it makes attention depend on rows / columns."""
+    plain = MMFusionModel(tiny_cfg).eval()
+    mrope = MMFusionModel(tiny_cfg.replace(image_rope=True)).eval()
+    mrope.load_state_dict(plain.state_dict())
+    text = text_batch([[1, 5, 9, 3, 7]])
+    torch.testing.assert_close(mrope(text), plain(text))
+    batch = collate([fusion_sample(tiny_cfg, [1, 5], [4, 4])])
+    assert not torch.allclose(mrope(batch), plain(batch))
+    assert mrope.rotary_positions(batch).shape == (*batch.kind.shape, 3)

@@ -1,0 +1,173 @@
+"""`mmfusion generate`, `mmfusion caption`, `mmfusion edit`."""
+
+from __future__ import annotations
+
+import json as jsonlib
+from pathlib import Path
+from typing import Literal
+
+
+def _load(model: str):  # noqa: ANN202
+    from mmfusion.pipeline import MMFusion
+
+    return MMFusion.from_pretrained(model)
+
+
+def _settings(ar_steps, order, sampler, steps, cfg, cfg_interval, cfg_until_step) -> dict:  # noqa: ANN001
+    s = {
+        "ar_steps": ar_steps,
+        "order": order,
+        "sampler": sampler,
+        "steps": steps,
+        "cfg_scale": cfg,
+        "cfg_until_step": cfg_until_step,
+    }
+    if cfg_interval is not None:
+        s["cfg_interval"] = (cfg_interval[0], cfg_interval[1])
+    return {k: v for k, v in s.items() if v is not None}
+
+
+def generate(
+    *,
+    model: str,
+    prompt: list[str],
+    out: str,
+    num_images: int = 1,
+    seed: int = 0,
+    ar_steps: int | None = None,
+    order: Literal["random", "raster", "block_raster"] | None = None,
+    sampler: Literal["ddpm", "ddim"] | None = None,
+    steps: int | None = None,
+    cfg: float | None = None,
+    cfg_interval: list[float] | None = None,
+    cfg_until_step: int | None = None,
+    batch_size: int = 16,
+    scale: int = 4,
+) -> None:
+    """Generate images from text prompts: one PNG per image, OUT/grid.png and OUT/index.json.
+
+    Sampler options default to those saved with the model.
+
+    Args:
+        model: a model folder (config.json, model.safetensors, tokenizer.json)
+        prompt: a text prompt; repeat --prompt for several (class-conditional models: a class name or index)
+        out: output folder
+        num_images: images per prompt
+        seed: image j of prompt i uses seed + i * num_images + j
+        ar_steps: AR steps S (1 = pure diffusion, N tokens = pure AR)
+        order: token order of the AR steps
+        sampler: ddpm or ddim
+        steps: denoising steps per AR step
+        cfg: classifier-free guidance scale (1 disables it)
+        cfg_interval: guide only for noise levels t/T in [LO, HI]: --cfg-interval LO --cfg-interval HI
+        cfg_until_step: no guidance after this AR step
+        batch_size: images sampled at once
+        scale: the grid is enlarged this many times (nearest neighbour) for viewing
+    """
+    from mmfusion.sampling.images import write_outputs
+
+    if cfg_interval is not None and len(cfg_interval) != 2:
+        from mmfusion.errors import UserError
+
+        raise UserError("--cfg-interval takes two values: --cfg-interval LO --cfg-interval HI")
+    pipe = _load(model)
+    settings = _settings(ar_steps, order, sampler, steps, cfg, cfg_interval, cfg_until_step)
+    images = pipe.generate(prompt, num_images=num_images, seed=seed, batch_size=batch_size, progress=True, **settings)
+    records = [
+        {"file": f"{k:04d}.png", "prompt": prompt[k // num_images], "seed": seed + k} for k in range(len(images))
+    ]
+    write_outputs(out, images, records, scale=scale)
+    print(f"wrote {len(images)} images, grid.png and index.json to {out}")
+
+
+def caption(
+    images: list[str],
+    *,
+    model: str,
+    json: str | None = None,
+    method: Literal["greedy", "beam", "nucleus"] = "greedy",
+    num_beams: int = 4,
+    top_p: float = 0.9,
+    temperature: float = 1.0,
+    max_new_tokens: int = 32,
+    seed: int = 0,
+) -> None:
+    """Caption images; prints `path: caption` lines and optionally writes a JSON {path: caption}.
+
+    Args:
+        images: image files
+        model: a model folder
+        json: write the captions here as JSON mapping each image path to its caption
+        method: greedy, beam or nucleus decoding
+        num_beams: beams for beam search
+        top_p: nucleus mass for nucleus sampling
+        temperature: softmax temperature for nucleus sampling
+        max_new_tokens: caption length limit in tokens
+        seed: seed of nucleus sampling
+    """
+    from mmfusion.sampling.images import open_image
+
+    pils = [open_image(p) for p in images]
+    pipe = _load(model)
+    kwargs = {"num_beams": num_beams} if method == "beam" else {}
+    if method == "nucleus":
+        kwargs = {"top_p": top_p, "temperature": temperature}
+    caps = pipe.caption(pils, method=method, seed=seed, max_new_tokens=max_new_tokens, **kwargs)
+    result = dict(zip(images, caps))
+    for path, cap in result.items():
+        print(f"{path}: {cap}")
+    if json:
+        tmp = Path(json).with_suffix(".tmp")
+        tmp.write_text(jsonlib.dumps(result, indent=2))
+        tmp.replace(json)
+
+
+def edit(
+    *,
+    model: str,
+    image: str,
+    mask: str,
+    prompt: str,
+    out: str,
+    num_images: int = 1,
+    seed: int = 0,
+    ar_steps: int | None = None,
+    sampler: Literal["ddpm", "ddim"] | None = None,
+    steps: int | None = None,
+    cfg: float | None = None,
+    scale: int = 4,
+) -> None:
+    """Zero-shot editing / inpainting: regenerate the masked region of an image under a prompt.
+
+    The visible tokens are given to the model as finished (clean) AR groups; only the tokens under
+    the mask are generated, as the next AR step(s). Writes the edits, grid.png (with the input and
+    the mask first) and index.json.
+
+    Args:
+        model: a model folder
+        image: the image to edit (resized to the model's image size)
+        mask: a mask image of the same size; white (nonzero) pixels are regenerated
+        prompt: the text prompt for the edited image
+        out: output folder
+        num_images: number of edits
+        seed: edit j uses seed + j
+        ar_steps: AR steps over the masked tokens
+        sampler: ddpm or ddim
+        steps: denoising steps per AR step
+        cfg: classifier-free guidance scale
+        scale: the grid is enlarged this many times for viewing
+    """
+    from mmfusion.sampling.images import open_image, write_outputs
+    from mmfusion.tokenizers.image import to_pil, to_tensor
+
+    pipe = _load(model)
+    size = pipe.image_cfg.image_size
+    img = open_image(image)
+    img = to_pil(to_tensor(img, size))
+    m = open_image(mask, "mask")
+    settings = _settings(ar_steps, None, sampler, steps, cfg, None, None)
+    edits = pipe.edit(img, m, prompt, seed=seed, num_images=num_images, **settings)
+    records = [{"file": f"{k:04d}.png", "prompt": prompt, "seed": seed + k} for k in range(len(edits))]
+    mask_rgb = m.convert("L").convert("RGB")
+    write_outputs(out, [img, mask_rgb, *edits], [{"file": "input.png"}, {"file": "mask.png"}, *records], scale=scale)
+    print(f"wrote {len(edits)} edits, grid.png and index.json to {out}")

@@ -1,0 +1,21 @@
+"""`mmfusion train`."""
+
+from __future__ import annotations
+
+
+def train(overrides: list[str] = [], *, config: str | None = None, resume: bool = False) -> None:  # noqa: B006
+    """Train a model from a YAML config, with `section.key=value` overrides; writes OUT/model.
+
+    Example: mmfusion train --config configs/demo.yaml train.max_steps=200 train.out=runs/try
+
+    Args:
+        overrides: dotted overrides such as train.lr=3e-4 model.preset=tiny data.batch_size=32
+        config: a YAML run config (see configs/); defaults are used where it is silent
+        resume: continue from OUT/checkpoints/last.ckpt (step, optimizer, EMA, LR schedule)
+    """
+    from mmfusion.config import load_config
+    from mmfusion.training.run import train as run
+
+    cfg = load_config(config, overrides)
+    folder = run(cfg, resume=resume)
+    print(f"model written to {folder}")

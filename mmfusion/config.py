@@ -1,0 +1,196 @@
+"""Run configuration: typed dataclasses, loaded from YAML with dotted overrides and strict checks.
+
+Unknown keys and values of the wrong type are refused with a one-line message that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmfusion.diffusion.config import DiffusionConfig
+from mmfusion.diffusion.sampler import SamplerSettings
+from mmfusion.errors import UserError
+from mmfusion.model.config import ModelConfig
+from mmfusion.tokenizers.image import ImageTokenizerConfig
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    condition: str = "text"  # text (T2I + captioning) | class (class-conditional generation)
+    t2i_fraction: float = 0.9  # share of samples in T2I order; the rest are in caption order
+    caption_dropout: float = 0.1  # T2I samples whose caption is dropped (unconditional stream for CFG)
+    text_loss_weight: float = 0.01  # text loss x this, in caption order
+    caption_image_loss_weight: float = 1.0  # image loss of caption-order samples (unconditional)
+    baseline: str = "causalfusion"  # causalfusion | transfusion (one AR step, text reads the noisy image)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "shapes"  # "shapes" (rendered on the fly into the run folder) or a data set path
+    image_root: str | None = None  # folder the image paths of a COCO / Karpathy JSON are relative to
+    shapes_n: int = 20000
+    shapes_seed: int = 0
+    shapes_pair_fraction: float = 0.5
+    train_split: str = "train"
+    val_split: str = "validation"
+    batch_size: int = 64
+    num_workers: int = 0
+    tokenizer: str | None = None  # a tokenizer.json; None trains a byte-level BPE on the captions
+    vocab_size: int = 512
+    max_text_len: int = 35
+    hflip: bool = False  # horizontal flip augmentation (never for shapes: it would swap left / right)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out: str = "runs/mmfusion"
+    seed: int = 0
+    max_steps: int = 1000
+    max_time_minutes: float | None = None  # stop after this wall time, whatever max_steps says
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1  # cosine schedule floor
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 100
+    lr_schedule: str = "constant"  # constant | cosine (both after linear warmup)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    precision: str = "auto"  # auto (measure bf16 vs fp32 matmul speed here) | 32-true | bf16-mixed
+    accumulate_grad_batches: int = 1
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | fsdp
+    activation_checkpointing: bool = False
+    log_every_n_steps: int = 25
+    checkpoint_every_n_steps: int = 500
+    logger: str = "csv"  # csv | tensorboard
+    threads: int | None = None  # torch CPU threads (default: torch's choice)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig.from_name("small"))
+    image: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SamplerSettings = field(default_factory=SamplerSettings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# loading ------------------------------------------------------------------------------------
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _check_type(key, value, arg)
+            except UserError as e:
+                errors.append(e)
+        raise errors[-1]
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is Any:
+        return value
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)) and len(value) == len(typing.get_args(tp)):
+            return tuple(_check_type(key, v, a) for v, a in zip(value, typing.get_args(tp)))
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise UserError(f"config key {key!r} must be of type {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise UserError(f"config section {prefix.rstrip('.')!r} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names - ({"preset"} if cls is ModelConfig else set()))
+    if unknown:
+        raise UserError(f"unknown config key {prefix + unknown[0]!r}; valid keys here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        if name == "preset":
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(prefix + name, value, tp)
+    try:
+        if cls is ModelConfig:
+            return ModelConfig.from_name(data.get("preset", "small"), **kwargs)
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"bad config section {prefix.rstrip('.') or 'root'!r}: {err}") from err
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override {dotted!r}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["train.lr=3e-4", "model.preset=tiny"]` -> nested dict; values are parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} must look like section.key=value, e.g. train.max_steps=200")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """RunConfig from a YAML file (or defaults) plus `section.key=value` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} not found (see configs/ for examples)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from err
+    data = _merge(data, parse_overrides(overrides or []))
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    return _build(RunConfig, data, "")

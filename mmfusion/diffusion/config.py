@@ -1,0 +1,54 @@
+"""Settings of the diffusion process and of CausalFusion's dual factorisation."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+ORDERS = ("random", "raster", "block_raster")
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"  # diffusers names: linear (DDPM), scaled_linear, squaredcos_cap_v2
+    prediction_type: str = "epsilon"  # epsilon (paper), v_prediction or sample
+    clip_sample: bool = False  # clip predicted x0 to [-1, 1] while sampling (pixel tokens)
+    gamma: float = 0.9  # P(S) ~ gamma^(S-1); 0 -> always S = 1 (in-context DiT); 1 -> uniform
+    max_ar_steps: int | None = None  # cap on S during training (default: N tokens)
+    ar_weight: float = 2.0  # loss weight on AR group 1, falling linearly to 1 on group S
+    order: str = "random"  # token order during training: random | raster | block_raster
+    block_size: int = 4  # block side for block_raster
+    per_group_t: bool = False  # draw one t per AR group instead of one per image
+    k_times: int = 1  # diffusion times per AR step, sharing one clean prefix
+
+    def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
+        if self.prediction_type not in PREDICTIONS:
+            raise ValueError(f"prediction_type must be one of {PREDICTIONS}, got {self.prediction_type!r}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
+        if self.k_times < 1:
+            raise ValueError(f"k_times must be >= 1, got {self.k_times}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def make_scheduler(self, kind: str = "ddpm"):  # noqa: ANN201
+        """A diffusers scheduler (DDPM for training and ancestral sampling, DDIM for few steps)."""
+        from diffusers import DDIMScheduler, DDPMScheduler
+
+        common = dict(
+            num_train_timesteps=self.num_train_timesteps,
+            beta_schedule=self.beta_schedule,
+            prediction_type=self.prediction_type,
+            clip_sample=self.clip_sample,
+        )
+        if kind == "ddpm":
+            return DDPMScheduler(**common, variance_type="fixed_small")
+        if kind == "ddim":
+            return DDIMScheduler(**common, set_alpha_to_one=True)
+        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {kind!r}")

@@ -1,0 +1,227 @@
+"""Next-token(s) diffusion sampling (CausalFusion): any number of AR steps, any order.
+
+For each AR step s the diffusion sampler (DDPM or DDIM) denoises group s only, attending to the
+cached clean prefix (condition plus finished groups); then the finished group is appended to the KV
+cache as clean tokens. Classifier-free guidance runs an unconditional stream beside the conditional
+one, only where it is switched on (an interval of noise levels, and up to a given AR step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from mmfusion.diffusion.causal import even_group_sizes, token_order
+from mmfusion.diffusion.config import DiffusionConfig
+from mmfusion.model.cache import KVCache
+from mmfusion.model.masks import CLEAN, NOISY
+from mmfusion.model.multimodal import MMFusionModel
+from mmfusion.model.sequence import SequenceBuilder, TokenBatch, collate
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    ar_steps: int = 1  # S: 1 is pure diffusion, N pure AR
+    order: str = "random"  # random | raster | block_raster
+    sampler: str = "ddpm"  # ddpm | ddim
+    steps: int = 50  # denoising steps per AR step
+    cfg_scale: float = 1.0  # 1 disables guidance
+    cfg_interval: tuple[float, float] = (0.0, 1.0)  # guide only where t / T lies in [lo, hi]
+    cfg_until_step: int | None = None  # no guidance after this AR step (1-based)
+    eta: float = 0.0  # DDIM stochasticity
+
+    def guides(self, t: int, ar_step: int, num_train_timesteps: int) -> bool:
+        if self.cfg_scale == 1.0:
+            return False
+        if self.cfg_until_step is not None and ar_step + 1 > self.cfg_until_step:
+            return False
+        lo, hi = self.cfg_interval
+        return lo <= t / num_train_timesteps <= hi
+
+
+@dataclass
+class _Plan:
+    """Per-sample generation plan: positions of the tokens of each AR group (padded with -1)."""
+
+    groups: list[list[torch.Tensor]]  # [sample][group] -> image positions
+    known: list[torch.Tensor]  # [sample] -> positions of given tokens (editing), may be empty
+
+
+class NextTokenDiffusionSampler:
+    def __init__(self, model: MMFusionModel, diffusion: DiffusionConfig, settings: SamplerSettings) -> None:
+        self.model = model
+        self.diffusion = diffusion
+        self.settings = settings
+        self.grid = model.cfg.image_grid
+        self.dim = model.cfg.image_token_dim
+
+    # planning -----------------------------------------------------------------------------
+    def _plan(self, batch: int, generators: list[torch.Generator], known_mask: torch.Tensor | None) -> _Plan:
+        groups, known = [], []
+        n = self.grid[0] * self.grid[1]
+        for i in range(batch):
+            order = token_order(self.grid, self.settings.order, generators[i])
+            if known_mask is not None:
+                keep = known_mask[i][order]
+                known.append(order[keep])
+                order = order[~keep]
+            else:
+                known.append(order[:0])
+            steps = min(self.settings.ar_steps, len(order))
+            sizes = even_group_sizes(len(order), steps) if len(order) else []
+            groups.append(list(order.split(sizes)) if sizes else [])
+        if known_mask is None and self.settings.ar_steps > n:
+            raise ValueError(f"ar_steps={self.settings.ar_steps} exceeds the {n} tokens of an image")
+        return _Plan(groups, known)
+
+    # batches ------------------------------------------------------------------------------
+    def _image_batch(
+        self, rows: list[tuple[torch.Tensor, torch.Tensor]], kind: int, group: int, t: int, img_pos: list[int]
+    ) -> TokenBatch:
+        """One block of image tokens per row: rows[i] = (positions (n_i,), values (n_i, C))."""
+        samples = []
+        for (pos, vals), p in zip(rows, img_pos):
+            b = SequenceBuilder(self.dim, start_position=p)
+            if len(pos):
+                n = len(pos)
+                b.image(vals, pos, kind=kind, group=torch.full((n,), group), t=torch.full((n,), t))
+            samples.append(b.tensors())
+        width = max(1, max(s["kind"].shape[0] for s in samples))
+        return collate(samples, pad_to=width)
+
+    # main ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        conds: list[list[int]],
+        unconds: list[list[int]] | None = None,
+        generators: list[torch.Generator] | None = None,
+        known: torch.Tensor | None = None,
+        known_mask: torch.Tensor | None = None,
+        use_cache: bool = True,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Sample image tokens (B, N, C) for condition prefixes `conds` (token ids, ending in <boi>).
+
+        `unconds` are the prefixes of the unconditional stream (needed when cfg_scale != 1);
+        `known` (B, N, C) with `known_mask` (B, N) fixes given tokens (editing / inpainting).
+        """
+        s = self.settings
+        b = len(conds)
+        generators = generators or [torch.Generator().manual_seed(i) for i in range(b)]
+        guided = s.cfg_scale != 1.0
+        if guided and (unconds is None or len(unconds) != b):
+            raise ValueError("classifier-free guidance needs one unconditional prefix per condition")
+        prefixes = conds + (unconds if guided else [])
+        img_pos = [len(p) for p in prefixes]
+        plan = self._plan(b, generators, known_mask)
+        out = known.clone().float() if known is not None else torch.zeros(b, self.grid[0] * self.grid[1], self.dim)
+        scheduler = self.diffusion.make_scheduler(s.sampler)
+        scheduler.set_timesteps(s.steps)
+        n_groups = max(len(g) for g in plan.groups)
+        dup = 2 if guided else 1
+        state = _State(self, prefixes, plan, out, img_pos, use_cache)
+        for step in tqdm(range(n_groups), desc="AR steps", disable=not progress, leave=False):
+            pos_rows = [g[step] if step < len(g) else g[0][:0] for g in plan.groups]
+            x = (
+                torch.stack([torch.randn(len(p), self.dim, generator=gen) for p, gen in zip(pos_rows, generators)])
+                if len({len(p) for p in pos_rows}) == 1
+                else self._ragged_noise(pos_rows, generators)
+            )
+            for t in scheduler.timesteps:
+                t = int(t)
+                guide = s.guides(t, step, self.diffusion.num_train_timesteps)
+                rows = dup if guide else 1
+                pred = state.predict(step, pos_rows * rows, torch.cat([x] * rows), t, rows * b)
+                if guide:
+                    cond, uncond = pred[:b], pred[b:]
+                    pred = uncond + s.cfg_scale * (cond - uncond)
+                kwargs = {"eta": s.eta} if s.sampler == "ddim" else {}
+                x = scheduler.step(pred, t, x, generator=generators, **kwargs).prev_sample
+            for i, p in enumerate(pos_rows):
+                out[i, p] = x[i, : len(p)]
+            state.finish_group(step, pos_rows * dup, torch.cat([x] * dup))
+        return out
+
+    def _ragged_noise(self, pos_rows: list[torch.Tensor], generators: list[torch.Generator]) -> torch.Tensor:
+        width = max(len(p) for p in pos_rows)
+        x = torch.zeros(len(pos_rows), width, self.dim)
+        for i, (p, gen) in enumerate(zip(pos_rows, generators)):
+            x[i, : len(p)] = torch.randn(len(p), self.dim, generator=gen)
+        return x
+
+
+class _State:
+    """The clean prefix: a KV cache, or (reference path) the clean tokens to re-run every step."""
+
+    def __init__(
+        self,
+        sampler: NextTokenDiffusionSampler,
+        prefixes: list[list[int]],
+        plan: _Plan,
+        out: torch.Tensor,
+        img_pos: list[int],
+        use_cache: bool,
+    ) -> None:
+        self.s, self.model, self.img_pos, self.use_cache = sampler, sampler.model, img_pos, use_cache
+        rows = len(prefixes)
+        b = len(plan.known)
+        self.prefixes = prefixes
+        known_rows = [(plan.known[i % b], out[i % b, plan.known[i % b]]) for i in range(rows)]
+        self.clean: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[r] for r in known_rows]
+        self.cache: KVCache | None = None
+        if use_cache:
+            self.cache = self.model.new_cache()
+            prefix = collate([SequenceBuilder(sampler.dim).text(p).tensors() for p in prefixes])
+            self.model(prefix, self.cache, store=True)
+            if any(len(k[0]) for k in known_rows):
+                self.model(sampler._image_batch(known_rows, CLEAN, 0, 0, img_pos), self.cache, store=True)
+
+    def predict(self, step: int, pos_rows: list[torch.Tensor], x: torch.Tensor, t: int, rows: int) -> torch.Tensor:
+        noisy = [(p, x[i, : len(p)]) for i, p in enumerate(pos_rows)]
+        if self.use_cache:
+            batch = self.s._image_batch(noisy, NOISY, 0, t, self.img_pos[:rows])
+            cache = self.cache if rows == len(self.prefixes) else _rows(self.cache, rows)
+            hidden = self.model(batch, cache, store=False)
+            return self.model.image_output(hidden)[:, : x.shape[1]].float()
+        return self._uncached(noisy, t, rows)
+
+    def _uncached(self, noisy: list[tuple[torch.Tensor, torch.Tensor]], t: int, rows: int) -> torch.Tensor:
+        samples, starts = [], []
+        for i in range(rows):
+            b = SequenceBuilder(self.s.dim).text(self.prefixes[i])
+            for g, (pos, vals) in enumerate(self.clean[i]):
+                if len(pos):
+                    b.image(vals, pos, kind=CLEAN, group=torch.full((len(pos),), g))
+            starts.append(b.length)
+            pos, vals = noisy[i]
+            if len(pos):
+                n = len(pos)
+                b.image(vals, pos, kind=NOISY, group=torch.full((n,), len(self.clean[i])), t=torch.full((n,), t))
+            samples.append(b.tensors())
+        batch = collate(samples)
+        pred = self.model.image_output(self.model(batch)).float()
+        width = max(len(p) for p, _ in noisy)
+        res = torch.zeros(rows, width, pred.shape[-1])
+        for i, (pos, _) in enumerate(noisy):
+            res[i, : len(pos)] = pred[i, starts[i] : starts[i] + len(pos)]
+        return res
+
+    def finish_group(self, step: int, pos_rows: list[torch.Tensor], x: torch.Tensor) -> None:
+        rows = [(p, x[i, : len(p)]) for i, p in enumerate(pos_rows)]
+        if self.use_cache:
+            self.model(self.s._image_batch(rows, CLEAN, 0, 0, self.img_pos), self.cache, store=True)
+        else:
+            for i, r in enumerate(rows):
+                self.clean[i].append(r)
+
+
+def _rows(cache: KVCache, rows: int) -> KVCache:
+    """A view of the first `rows` batch rows of a cache (the conditional stream), for reading only."""
+    view = KVCache(len(cache.keys))
+    view.keys = [k[:rows] for k in cache.keys]
+    view.values = [v[:rows] for v in cache.values]
+    view.valid = cache.valid[:rows]
+    return view

@@ -1,0 +1,1 @@
+"""Evaluation: the analytic shapes checker, caption metrics, generation metrics."""

@@ -1,0 +1,97 @@
+"""Caption metrics through pycocoevalcap: PTB tokenizer, then BLEU-1..4, METEOR, ROUGE-L, CIDEr, and
+SPICE where its Stanford models are present.
+
+`COCOEvalCap.evaluate()` always builds SPICE, which downloads Stanford CoreNLP and so fails offline
+before scoring anything; we run the same scorers on the same tokenized captions ourselves and add
+SPICE only when its jars are installed (a test checks equality with a direct COCOEvalCap call).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from mmfusion.errors import UserError
+
+METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+
+
+def java_available() -> bool:
+    return shutil.which("java") is not None
+
+
+def spice_available() -> bool:
+    """SPICE needs Stanford CoreNLP jars in pycocoevalcap's spice/lib (fetched by its get_stanford_models)."""
+    import pycocoevalcap.spice.spice as spice_mod
+
+    lib = Path(spice_mod.__file__).parent / "lib"
+    return any(lib.glob("stanford-corenlp-*-models.jar"))
+
+
+def _require_java() -> None:
+    if not java_available():
+        raise UserError(
+            "caption metrics need Java for the PTB tokenizer and METEOR: install it with "
+            "`apt-get install -y default-jre-headless` (Debian/Ubuntu)"
+        )
+
+
+def score_captions(
+    references: dict[Any, list[str]],
+    candidates: dict[Any, str],
+    spice: bool | None = None,
+    meteor: bool = True,
+    verbose: bool = False,
+) -> dict[str, float]:
+    """Corpus scores for candidates[id] against references[id] (pycocoevalcap scale: CIDEr 1.0 = "100").
+
+    `spice`: None runs SPICE only when its models are present (else it is skipped with a message).
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    _require_java()
+    missing = [k for k in candidates if k not in references]
+    if missing:
+        raise UserError(f"{len(missing)} candidate ids have no references (e.g. {missing[0]!r})")
+    ids = list(candidates)
+    tok = PTBTokenizer()
+    gts = tok.tokenize({i: [{"caption": c} for c in references[i]] for i in ids})
+    res = tok.tokenize({i: [{"caption": candidates[i]}] for i in ids})
+    scorers: list[tuple[Any, Any]] = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"])]
+    if meteor:
+        scorers.append((Meteor(), "METEOR"))
+    scorers += [(Rouge(), "ROUGE_L"), (Cider(), "CIDEr")]
+    if spice or (spice is None and spice_available()):
+        from pycocoevalcap.spice.spice import Spice
+
+        scorers.append((Spice(), "SPICE"))
+    elif spice is None and verbose:
+        print("SPICE skipped: its Stanford CoreNLP models are not installed (pycocoevalcap/spice/lib)")
+    out: dict[str, float] = {}
+    for scorer, names in scorers:
+        with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its internals
+            score, _ = scorer.compute_score(gts, res)
+        if isinstance(names, list):
+            out.update({n: float(s) for n, s in zip(names, score)})
+        else:
+            out[names] = float(score)
+    return out
+
+
+def score_coco_files(annotations: str | Path, results: str | Path, **kwargs: Any) -> dict[str, float]:
+    """Score a COCO results file ([{image_id, caption}]) against COCO caption annotations."""
+    ann = json.loads(Path(annotations).read_text())
+    res = json.loads(Path(results).read_text())
+    refs: dict[Any, list[str]] = {}
+    for a in ann["annotations"]:
+        refs.setdefault(a["image_id"], []).append(a["caption"])
+    cands = {r["image_id"]: r["caption"] for r in res}
+    return score_captions(refs, cands, **kwargs)

@@ -1,0 +1,237 @@
+"""`MMFusion`: a trained model with its tokenizers, for generation, captioning and editing.
+
+A model folder holds `config.json`, `model.safetensors` (the EMA weights) and `tokenizer.json`;
+it is separate from Lightning's resume checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmfusion.diffusion.config import DiffusionConfig
+from mmfusion.diffusion.sampler import NextTokenDiffusionSampler, SamplerSettings
+from mmfusion.errors import UserError
+from mmfusion.model.config import ModelConfig
+from mmfusion.model.multimodal import MMFusionModel
+from mmfusion.sampling.caption import CaptionDecoder, CaptionSettings
+from mmfusion.tokenizers.image import ImageTokenizerConfig, build_image_tokenizer, to_pil, to_tensor
+from mmfusion.tokenizers.text import TextTokenizer
+from mmfusion.training.objective import Prompts
+
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+class MMFusion:
+    def __init__(
+        self,
+        model: MMFusionModel,
+        text_tokenizer: TextTokenizer,
+        image: ImageTokenizerConfig,
+        diffusion: DiffusionConfig,
+        sample: SamplerSettings = SamplerSettings(),
+        condition: str = "text",
+        image_tokenizer: Any = None,
+    ) -> None:
+        self.model = model.eval()
+        self.text_tokenizer = text_tokenizer
+        self.image_cfg = image
+        self.image_tokenizer = image_tokenizer or build_image_tokenizer(image)
+        self.diffusion = diffusion
+        self.sample_defaults = sample
+        self.condition = condition
+        t = text_tokenizer
+        self.prompts = Prompts(model.cfg, t.bos_id, t.boi_id)
+
+    # files --------------------------------------------------------------------------------
+    @classmethod
+    def from_module(cls, module: Any) -> MMFusion:
+        """From a trained MMFusionModule; sampling uses its EMA weights."""
+        cfg = module.cfg
+        return cls(
+            module.ema,
+            module.text_tokenizer,
+            module.image_tokenizer.cfg,
+            cfg.diffusion,
+            cfg.sample,
+            cfg.objective.condition,
+            module.image_tokenizer,
+        )
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {
+            "format": "mmfusion",
+            "model": self.model.cfg.to_dict(),
+            "image": self.image_cfg.to_dict(),
+            "diffusion": self.diffusion.to_dict(),
+            "sample": dataclasses.asdict(self.sample_defaults),
+            "condition": self.condition,
+            "special_tokens": self.text_tokenizer.special,
+            "max_text_len": self.text_tokenizer.max_len,
+        }
+        state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+        if self.model.cfg.tie_embeddings:
+            state.pop("lm_head.weight", None)
+        _atomic(folder / "model.safetensors", lambda p: save_file(state, str(p)))
+        _atomic(folder / "tokenizer.json", lambda p: self.text_tokenizer.tokenizer.save(str(p)))
+        _atomic(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> MMFusion:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise UserError(
+                f"model folder {folder} does not exist (train one with `mmfusion train` or `mmfusion demo`)"
+            )
+        missing = [f for f in MODEL_FILES if not (folder / f).is_file()]
+        if missing:
+            raise UserError(
+                f"model folder {folder} is missing {', '.join(missing)}: re-export it with "
+                "`mmfusion train` or copy the whole folder"
+            )
+        config = json.loads((folder / "config.json").read_text())
+        model_cfg = ModelConfig.from_dict(config["model"])
+        model = MMFusionModel(model_cfg)
+        state = load_file(str(folder / "model.safetensors"))
+        if model_cfg.tie_embeddings:
+            state["lm_head.weight"] = state["embed_tokens.weight"]
+        model.load_state_dict(state, strict=True)
+        sample = config.get("sample", {})
+        if "cfg_interval" in sample:
+            sample["cfg_interval"] = tuple(sample["cfg_interval"])
+        tok = TextTokenizer.from_file(
+            folder / "tokenizer.json", special=config.get("special_tokens"), max_len=config.get("max_text_len", 35)
+        )
+        return cls(
+            model.to(device),
+            tok,
+            ImageTokenizerConfig(**config["image"]),
+            DiffusionConfig(**config["diffusion"]),
+            SamplerSettings(**sample),
+            config.get("condition", "text"),
+        )
+
+    # generation ---------------------------------------------------------------------------
+    def _condition(self, prompt: str | int) -> tuple[list[int], list[int]]:
+        if self.condition == "class":
+            return self.prompts.classes(int(prompt)), self.prompts.classes(None)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UserError("prompt is empty: give a text prompt such as 'a red circle'")
+        return self.prompts.text(self.text_tokenizer.encode(prompt)), self.prompts.text(None)
+
+    def generate_tokens(
+        self,
+        prompts: list[str | int],
+        seeds: list[int],
+        use_cache: bool = True,
+        progress: bool = False,
+        known: torch.Tensor | None = None,
+        known_mask: torch.Tensor | None = None,
+        **settings: Any,
+    ) -> torch.Tensor:
+        s = dataclasses.replace(self.sample_defaults, **{k: v for k, v in settings.items() if v is not None})
+        conds, unconds = zip(*(self._condition(p) for p in prompts))
+        gens = [torch.Generator().manual_seed(int(sd)) for sd in seeds]
+        sampler = NextTokenDiffusionSampler(self.model, self.diffusion, s)
+        return sampler(
+            list(conds), list(unconds), gens, known=known, known_mask=known_mask, use_cache=use_cache, progress=progress
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: str | int | list[str | int],
+        num_images: int = 1,
+        seed: int = 0,
+        batch_size: int = 16,
+        progress: bool = False,
+        **settings: Any,
+    ) -> list[Any]:
+        """PIL images: `num_images` per prompt; image j of prompt i uses seed `seed + i * num_images + j`.
+
+        `settings` override the model's sampler defaults: ar_steps, order, sampler, steps, cfg_scale,
+        cfg_interval, cfg_until_step, eta.
+        """
+        prompts = [prompts] if isinstance(prompts, (str, int)) else list(prompts)
+        jobs = [(p, seed + i * num_images + j) for i, p in enumerate(prompts) for j in range(num_images)]
+        images = []
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start : start + batch_size]
+            tokens = self.generate_tokens([p for p, _ in chunk], [s for _, s in chunk], progress=progress, **settings)
+            images += [to_pil(x) for x in self.image_tokenizer.decode(tokens)]
+        return images
+
+    # captioning ---------------------------------------------------------------------------
+    def encode_images(self, images: list[Any]) -> torch.Tensor:
+        size = self.image_cfg.image_size
+        return self.image_tokenizer.encode(torch.stack([to_tensor(im, size) for im in images]))
+
+    @torch.no_grad()
+    def caption(
+        self, images: Any | list[Any], method: str = "greedy", batch_size: int = 32, seed: int = 0, **settings: Any
+    ) -> list[str]:
+        """Captions for PIL images (greedy, beam or nucleus decoding)."""
+        if self.condition != "text":
+            raise UserError("this model is class-conditional: it has no captioning head trained")
+        images = images if isinstance(images, list) else [images]
+        s = CaptionSettings(method=method, **settings)
+        t = self.text_tokenizer
+        decoder = CaptionDecoder(self.model, t.bos_id, t.boi_id, t.eoi_id, t.eos_id)
+        out = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+            ids = decoder(self.encode_images(chunk), s, gens)
+            out += [t.decode(i) for i in ids]
+        return out
+
+    # editing ------------------------------------------------------------------------------
+    def token_mask(self, mask: Any) -> torch.Tensor:
+        """Pixel mask (PIL / array, nonzero = regenerate) -> (N,) bool over image tokens."""
+        size = self.image_cfg.image_size
+        m = np.asarray(mask.convert("L") if hasattr(mask, "convert") else mask)
+        if m.ndim == 3:
+            m = m.max(-1)
+        if m.shape != (size, size):
+            raise UserError(
+                f"mask is {m.shape[1]}x{m.shape[0]} pixels but the image is {size}x{size}: "
+                "give a mask of the image's size"
+            )
+        gh, gw = self.image_tokenizer.grid
+        cell = torch.from_numpy(m > 0).reshape(gh, size // gh, gw, size // gw)
+        return cell.any(dim=3).any(dim=1).reshape(-1)
+
+    @torch.no_grad()
+    def edit(
+        self, image: Any, mask: Any, prompt: str | int, seed: int = 0, num_images: int = 1, **settings: Any
+    ) -> list[Any]:
+        """Regenerate the masked tokens of `image` under `prompt`, conditioned on the visible ones."""
+        regen = self.token_mask(mask)
+        if not regen.any():
+            raise UserError("the mask selects nothing to regenerate: paint the region to change white")
+        tokens = self.encode_images([image]).expand(num_images, -1, -1)
+        known_mask = (~regen)[None].expand(num_images, -1)
+        out = self.generate_tokens(
+            [prompt] * num_images,
+            [seed + j for j in range(num_images)],
+            known=tokens,
+            known_mask=known_mask,
+            **settings,
+        )
+        return [to_pil(x) for x in self.image_tokenizer.decode(out)]
+
+
+def _atomic(path: Path, write) -> None:  # noqa: ANN001
+    """Write through a temporary file and rename, so a crash never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)

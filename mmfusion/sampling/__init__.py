@@ -1,0 +1,1 @@
+"""Sampling: text-to-image generation, captioning and editing."""

@@ -1,0 +1,144 @@
+"""Captioning: clean image tokens (timestep 0) as the prefix, then greedy, beam or nucleus decoding
+of text with a KV cache, batched.
+
+Prefix: `<bos> <boi> [image tokens, t = 0] <eoi>`; decoding stops at `<eos>`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mmfusion.model.masks import CLEAN
+from mmfusion.model.multimodal import MMFusionModel
+from mmfusion.model.sequence import SequenceBuilder, collate
+
+
+@dataclass(frozen=True)
+class CaptionSettings:
+    method: str = "greedy"  # greedy | beam | nucleus
+    max_new_tokens: int = 32
+    num_beams: int = 4
+    length_penalty: float = 1.0
+    top_p: float = 0.9
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.method not in ("greedy", "beam", "nucleus"):
+            raise ValueError(f"caption method must be greedy, beam or nucleus, got {self.method!r}")
+
+
+class CaptionDecoder:
+    def __init__(self, model: MMFusionModel, bos: int, boi: int, eoi: int, eos: int) -> None:
+        self.model, self.bos, self.boi, self.eoi, self.eos = model, bos, boi, eoi, eos
+
+    def _prefix_rows(self, tokens: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        n = tokens.shape[1]
+        rows = []
+        for x in tokens:
+            b = SequenceBuilder(tokens.shape[-1], image_span=self.model.cfg.image_span).text([self.bos, self.boi])
+            b.image(x, torch.arange(n), kind=CLEAN, group=torch.zeros(n, dtype=torch.long))
+            rows.append(b.end_image().text([self.eoi]).tensors())
+        return rows
+
+    def _step_batch(self, ids: torch.Tensor, position: int, dim: int):  # noqa: ANN202
+        return collate([SequenceBuilder(dim, start_position=position).text([int(i)]).tensors() for i in ids])
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        tokens: torch.Tensor,
+        settings: CaptionSettings = CaptionSettings(),
+        generators: list[torch.Generator] | None = None,
+        use_cache: bool = True,
+    ) -> list[list[int]]:
+        """Caption ids (without specials) for image tokens (B, N, C)."""
+        if settings.method == "beam":
+            return self._beam(tokens, settings)
+        b = tokens.shape[0]
+        rows = self._prefix_rows(tokens)
+        prefix = collate(rows)
+        position = int(prefix.position_ids[0, -1]) + 1
+        cache = self.model.new_cache() if use_cache else None
+        logits = self.model.text_logits(self.model(prefix, cache, store=True)[:, -1])
+        out = torch.full((b, 0), self.eos, dtype=torch.long)
+        done = torch.zeros(b, dtype=torch.bool)
+        for step in range(settings.max_new_tokens):
+            nxt = self._choose(logits.float(), settings, generators)
+            nxt = torch.where(done, torch.full_like(nxt, self.eos), nxt)
+            out = torch.cat([out, nxt[:, None]], 1)
+            done |= nxt == self.eos
+            if done.all():
+                break
+            if use_cache:
+                h = self.model(self._step_batch(nxt, position + step, tokens.shape[-1]), cache, store=True)
+                logits = self.model.text_logits(h[:, -1])
+            else:
+                full = collate([_extend(r, out[i].tolist(), position) for i, r in enumerate(rows)])
+                logits = self.model.text_logits(self.model(full)[:, -1])
+        return [_strip(r.tolist(), self.eos) for r in out]
+
+    def _choose(self, logits: torch.Tensor, s: CaptionSettings, generators: list[torch.Generator] | None):  # noqa: ANN202
+        if s.method == "greedy":
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / max(s.temperature, 1e-6), -1)
+        sorted_p, idx = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < s.top_p  # smallest set with mass >= top_p
+        sorted_p = sorted_p * keep
+        choice = []
+        for i in range(len(logits)):
+            g = generators[i] if generators else None
+            choice.append(idx[i, torch.multinomial(sorted_p[i], 1, generator=g)])
+        return torch.cat(choice)
+
+    def _beam(self, tokens: torch.Tensor, s: CaptionSettings) -> list[list[int]]:
+        b, k = tokens.shape[0], s.num_beams
+        cache = self.model.new_cache()
+        prefix = collate(self._prefix_rows(tokens))
+        position = int(prefix.position_ids[0, -1]) + 1
+        logp = torch.log_softmax(self.model.text_logits(self.model(prefix, cache, store=True)[:, -1]).float(), -1)
+        cache.select(torch.arange(b).repeat_interleave(k))
+        vocab = logp.shape[-1]
+        # start: top-k first tokens per image
+        scores, first = logp.topk(k, -1)  # (B, K)
+        seqs = first.reshape(b * k, 1)
+        scores = scores.reshape(b * k)
+        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
+        for step in range(1, s.max_new_tokens + 1):
+            last = seqs[:, -1]
+            is_eos = last == self.eos
+            for row in is_eos.nonzero().flatten().tolist():
+                seq = seqs[row, :-1].tolist()
+                finished[row // k].append((scores[row].item() / max(1, len(seq) + 1) ** s.length_penalty, seq))
+            scores = scores.masked_fill(is_eos, float("-inf"))
+            if step == s.max_new_tokens or all(len(f) >= k for f in finished):
+                break
+            h = self.model(self._step_batch(last, position + step - 1, tokens.shape[-1]), cache, store=True)
+            logp = torch.log_softmax(self.model.text_logits(h[:, -1]).float(), -1)
+            cand = (scores[:, None] + logp).view(b, k * vocab)
+            top, flat = cand.topk(k, -1)
+            beam = flat // vocab + torch.arange(b)[:, None] * k
+            seqs = torch.cat([seqs[beam.flatten()], (flat % vocab).reshape(-1, 1)], 1)
+            scores = top.flatten()
+            cache.select(beam.flatten())
+        results = []
+        for i in range(b):
+            alive = [
+                (scores[i * k + j].item() / max(1, seqs.shape[1]) ** s.length_penalty, seqs[i * k + j].tolist())
+                for j in range(k)
+                if torch.isfinite(scores[i * k + j])
+            ]
+            best = max(finished[i] or alive, key=lambda x: x[0])
+            results.append(_strip(best[1], self.eos))
+        return results
+
+
+def _extend(row: dict[str, torch.Tensor], ids: list[int], position: int) -> dict[str, torch.Tensor]:
+    """Prefix row plus decoded ids (the uncached reference path)."""
+    tail = SequenceBuilder(row["values"].shape[-1], start_position=position).text(ids).tensors()
+    return {k: torch.cat([row[k], tail[k]]) for k in row}
+
+
+def _strip(ids: list[int], eos: int) -> list[int]:
+    return ids[: ids.index(eos)] if eos in ids else ids

@@ -1,0 +1,177 @@
+"""Continuous image tokenizers behind one interface: image (B, 3, H, W) in [-1, 1] <-> tokens (B, N, C).
+
+* `PixelTokenizer`: p x p patches of raw pixels, for tiny CPU runs.
+* `VAETokenizer`: a diffusers AutoencoderKL (e.g. the SD VAE, from a local folder or hub id); latents are
+  scaled by the VAE's scaling factor and then patchified p x p (paper: f8, 4 channels, p = 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmfusion.errors import UserError
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/p * W/p, p * p * C), row-major over patches."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(tokens: torch.Tensor, p: int, grid: tuple[int, int], channels: int) -> torch.Tensor:
+    """Inverse of `patchify`."""
+    b = tokens.shape[0]
+    gh, gw = grid
+    x = tokens.reshape(b, gh, gw, p, p, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, gh * p, gw * p)
+
+
+@dataclass(frozen=True)
+class ImageTokenizerConfig:
+    kind: str = "pixels"  # pixels | vae | vq (discrete, see mmfusion.tokenizers.vq)
+    image_size: int = 32
+    patch_size: int = 4  # p: tokens are p x p patches (of pixels, or of VAE latents)
+    path: str | None = None  # VAE / VQ model: a local folder or a hub id
+    channels: int = 3  # pixel channels, or latent channels (read from the VAE when loaded)
+    downsample: int = 1  # pixels per latent cell (8 for the SD VAE)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // (self.downsample * self.patch_size)
+        return side, side
+
+    @property
+    def token_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.channels
+
+
+class PixelTokenizer(nn.Module):
+    """p x p patches of raw pixels in [-1, 1]."""
+
+    def __init__(self, cfg: ImageTokenizerConfig) -> None:
+        super().__init__()
+        if cfg.image_size % cfg.patch_size:
+            raise UserError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+        self.cfg = cfg
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.cfg.grid
+
+    @property
+    def token_dim(self) -> int:
+        return self.cfg.token_dim
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return patchify(images, self.cfg.patch_size)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        return unpatchify(tokens, self.cfg.patch_size, self.grid, self.cfg.channels).clamp(-1, 1)
+
+
+class VAETokenizer(nn.Module):
+    """Latents of a diffusers AutoencoderKL, scaled (and shifted) by its config, then patchified."""
+
+    def __init__(self, cfg: ImageTokenizerConfig, vae: nn.Module | None = None) -> None:
+        super().__init__()
+        if vae is None:
+            vae = load_autoencoder(cfg.path)
+        vae.requires_grad_(False).eval()
+        self.vae = vae
+        vcfg = vae.config
+        self.scale = float(getattr(vcfg, "scaling_factor", 1.0) or 1.0)
+        self.shift = float(getattr(vcfg, "shift_factor", 0.0) or 0.0)
+        down = 2 ** (len(vcfg.block_out_channels) - 1)
+        self.cfg = ImageTokenizerConfig(
+            kind="vae",
+            image_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+            path=cfg.path,
+            channels=vcfg.latent_channels,
+            downsample=down,
+        )
+        if cfg.image_size % (down * cfg.patch_size):
+            raise UserError(
+                f"image_size {cfg.image_size} must be a multiple of {down * cfg.patch_size} "
+                f"(VAE downsampling {down} x patch {cfg.patch_size})"
+            )
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.cfg.grid
+
+    @property
+    def token_dim(self) -> int:
+        return self.cfg.token_dim
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        z = dist.sample() if sample else dist.mode()
+        return patchify((z.float() - self.shift) * self.scale, self.cfg.patch_size)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        z = unpatchify(tokens, self.cfg.patch_size, (self.grid[0], self.grid[1]), self.cfg.channels)
+        z = z / self.scale + self.shift
+        return self.vae.decode(z.to(self.vae.dtype)).sample.float().clamp(-1, 1)
+
+
+def load_autoencoder(path: str | None):  # noqa: ANN201
+    """An AutoencoderKL from a local folder (with or without a `vae/` sub-folder) or a hub id."""
+    from diffusers import AutoencoderKL
+
+    if not path:
+        raise UserError(
+            "the vae image tokenizer needs `path`: a local AutoencoderKL folder or a hub id "
+            "(train a small one with `mmfusion vae train`)"
+        )
+    local = Path(path)
+    if local.is_dir() and (local / "vae" / "config.json").exists():
+        return AutoencoderKL.from_pretrained(local / "vae")
+    if local.is_dir() and not (local / "config.json").exists():
+        raise UserError(f"{path} has no config.json: expected a diffusers AutoencoderKL folder")
+    try:
+        return AutoencoderKL.from_pretrained(path)
+    except OSError as err:
+        raise UserError(
+            f"cannot load an AutoencoderKL from {path!r} ({err}); pass a local folder, or a hub "
+            "id on a machine with internet access"
+        ) from err
+
+
+def build_image_tokenizer(cfg: ImageTokenizerConfig) -> nn.Module:
+    if cfg.kind == "pixels":
+        return PixelTokenizer(cfg)
+    if cfg.kind == "vae":
+        return VAETokenizer(cfg)
+    raise UserError(f"unknown image tokenizer kind {cfg.kind!r}: use pixels or vae (vq for Token-Shuffle)")
+
+
+def to_tensor(image: Any, size: int) -> torch.Tensor:
+    """A PIL image -> (3, size, size) float tensor in [-1, 1] (RGB, resized with bicubic filter)."""
+    import numpy as np
+    from PIL import Image
+
+    img = image.convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC)
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    return arr.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def to_pil(image: torch.Tensor):  # noqa: ANN201
+    """(3, H, W) in [-1, 1] -> PIL RGB image."""
+    from PIL import Image
+
+    arr = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)

@@ -1,0 +1,1 @@
+"""Training: the joint objective, the LightningModule, EMA, optimisers, LoRA."""

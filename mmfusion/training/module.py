@@ -1,0 +1,109 @@
+"""The LightningModule: joint objective, AdamW with warmup, EMA weights for sampling."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import Counter
+from typing import Any
+
+import lightning as L
+import torch
+
+from mmfusion.config import RunConfig
+from mmfusion.model.config import ModelConfig
+from mmfusion.model.multimodal import MMFusionModel
+from mmfusion.tokenizers.image import build_image_tokenizer
+from mmfusion.tokenizers.text import TextTokenizer
+from mmfusion.training.objective import JointObjective
+
+
+def resolve_model_config(cfg: RunConfig, image_tokenizer: Any, vocab_size: int) -> ModelConfig:
+    """The model config with the dimensions that follow from the tokenizers filled in."""
+    num_classes = cfg.model.num_classes
+    if cfg.objective.condition == "class" and not num_classes:
+        raise ValueError("class-conditional training needs model.num_classes > 0")
+    return cfg.model.replace(
+        vocab_size=vocab_size, image_token_dim=image_tokenizer.token_dim, image_grid=image_tokenizer.grid
+    )
+
+
+class MMFusionModule(L.LightningModule):
+    def __init__(self, cfg: RunConfig, text_tokenizer: TextTokenizer) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.text_tokenizer = text_tokenizer
+        # the image tokenizer (a frozen VAE, say) is not part of the trained state
+        self.aux = {"image_tokenizer": build_image_tokenizer(cfg.image)}
+        model_cfg = resolve_model_config(cfg, self.image_tokenizer, len(text_tokenizer))
+        self.model = MMFusionModel(model_cfg)
+        self.model.backbone.gradient_checkpointing = cfg.train.activation_checkpointing
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        t = text_tokenizer
+        self.objective = JointObjective(model_cfg, cfg.diffusion, cfg.objective, t.bos_id, t.eos_id, t.boi_id, t.eoi_id)
+        self.skipped: Counter[str] = Counter()
+
+    @property
+    def image_tokenizer(self) -> Any:
+        return self.aux["image_tokenizer"]
+
+    def on_fit_start(self) -> None:
+        self.image_tokenizer.to(self.device)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        self.skipped.update(batch["skipped"])
+        if batch["size"] == 0:
+            return None
+        tokens = batch.get("tokens")
+        if tokens is None:
+            tokens = self.image_tokenizer.encode(batch["images"])
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.global_step)
+        seq = self.objective.build(tokens.float().cpu(), batch["captions"], batch["labels"], g).to(self.device)
+        losses = self.objective.loss(self.model, seq)
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=True, batch_size=batch["size"])
+        return losses["loss"]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.update_ema()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        # warm-up of the decay so that short runs still get a useful average
+        step = self.global_step
+        decay = min(self.cfg.train.ema_decay, (1 + step) / (10 + step))
+        ema = [p for p in self.ema.parameters()]
+        live = [p.detach() for p in self.model.parameters()]
+        torch._foreach_lerp_(ema, live, 1.0 - decay)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        t = self.cfg.train
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=t.lr,
+            betas=t.betas,
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(t.warmup_steps, t.max_steps, t.lr_schedule, t.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def lr_lambda(warmup: int, total: int, schedule: str, floor: float):  # noqa: ANN201
+    """Linear warmup, then constant or cosine down to `floor` x the base rate."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be constant or cosine, got {schedule!r}")
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f

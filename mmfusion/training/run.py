@@ -1,0 +1,124 @@
+"""`mmfusion train`: build the data, the module and a Lightning Trainer from a RunConfig, fit, export."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from mmfusion.config import RunConfig
+from mmfusion.data.datamodule import MMFusionDataModule
+from mmfusion.data.encode import check_encoded
+from mmfusion.training.module import MMFusionModule
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.3) -> float:
+    """Dense matmul throughput of this machine for `dtype` (GFLOP/s), measured now."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def choose_precision(requested: str, accelerator: str = "auto") -> str:
+    """`auto`: bf16-mixed on GPUs; on CPU, bf16-mixed only where bf16 matmuls are measured faster."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"):
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
+    choice = "bf16-mixed" if bf16 > 1.2 * fp32 else "32-true"
+    print(f"precision auto: matmul fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s -> {choice}")
+    return choice
+
+
+class StopAfter(L.Callback):
+    """Stop training after a wall-clock budget (checked every step)."""
+
+    def __init__(self, minutes: float) -> None:
+        self.seconds = minutes * 60
+        self.start = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if time.perf_counter() - self.start > self.seconds:
+            trainer.should_stop = True
+
+
+def build_trainer(cfg: RunConfig, out: Path, precision: str, extra_callbacks: list | None = None) -> L.Trainer:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    t = cfg.train
+    callbacks: list[L.Callback] = [
+        ModelCheckpoint(
+            dirpath=out / "checkpoints", every_n_train_steps=t.checkpoint_every_n_steps, save_last=True, save_top_k=0
+        )
+    ]
+    if t.max_time_minutes:
+        callbacks.append(StopAfter(t.max_time_minutes))
+    callbacks += extra_callbacks or []
+    logger = TensorBoardLogger(out, name="logs") if t.logger == "tensorboard" else CSVLogger(out, name="logs")
+    return L.Trainer(
+        max_steps=t.max_steps,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=precision,
+        gradient_clip_val=t.grad_clip or None,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        callbacks=callbacks,
+        logger=logger,
+        enable_model_summary=False,
+        default_root_dir=out,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        max_epochs=-1,
+    )
+
+
+def train(cfg: RunConfig, resume: bool = False) -> Path:
+    """Train, then write the model folder (`OUT/model`); returns that folder."""
+    from mmfusion.pipeline import MMFusion
+
+    out = Path(cfg.train.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    if cfg.data.source != "shapes":
+        check_encoded(cfg.data.source, cfg.image)
+    data = MMFusionDataModule(cfg.data, cfg.image.image_size, out, need_text=cfg.objective.condition == "text")
+    tok = data.text_tokenizer() if cfg.objective.condition == "text" else _class_tokenizer()
+    tok.save(out / "tokenizer.json")
+    module = MMFusionModule(cfg, tok)
+    precision = choose_precision(cfg.train.precision, cfg.train.accelerator)
+    trainer = build_trainer(cfg, out, precision)
+    ckpt = out / "checkpoints" / "last.ckpt"
+    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if resume and ckpt.exists() else None)
+    if module.skipped:
+        print("skipped rows: " + ", ".join(f"{k}: {v}" for k, v in module.skipped.items()))
+    model_dir = out / "model"
+    if trainer.is_global_zero:
+        MMFusion.from_module(module).save_pretrained(model_dir)
+    return model_dir
+
+
+def _class_tokenizer():  # noqa: ANN202
+    """Class-conditional models still carry a (trivial) text tokenizer for the special tokens."""
+    from mmfusion.tokenizers.text import TextTokenizer
+
+    return TextTokenizer.train(["class"], vocab_size=300)

@@ -1,0 +1,104 @@
+"""`mmfusion vae train`: a small diffusers AutoencoderKL for users without a pretrained one.
+
+Loss: L1 reconstruction + `kl_weight` x KL to N(0, I). After training, the scaling factor is set to
+1 / std of the latents (as Stable Diffusion's 0.18215 was chosen), so diffusion sees unit variance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from mmfusion.data.datamodule import CaptionedImages, collate_items
+from mmfusion.data.datasets import load_captioned
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    image_size: int = 32
+    channels: tuple[int, ...] = (32, 64)  # one down-sampling per extra level: f = 2^(levels-1)
+    latent_channels: int = 4
+    layers_per_block: int = 1
+    kl_weight: float = 1e-6
+    lr: float = 2e-4
+    batch_size: int = 32
+    steps: int = 2000
+
+
+def build_autoencoder(cfg: VAEConfig):  # noqa: ANN201
+    from diffusers import AutoencoderKL
+
+    levels = len(cfg.channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=cfg.channels,
+        latent_channels=cfg.latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        layers_per_block=cfg.layers_per_block,
+        norm_num_groups=min(32, cfg.channels[0]),
+        sample_size=cfg.image_size,
+    )
+
+
+class VAEModule(L.LightningModule):
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vae = build_autoencoder(cfg)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if batch["size"] == 0:
+            return None
+        x = batch["images"]
+        dist = self.vae.encode(x).latent_dist
+        recon = self.vae.decode(dist.sample()).sample
+        rec = (recon - x).abs().mean()
+        kl = dist.kl().mean() / x[0].numel()
+        loss = rec + self.cfg.kl_weight * kl
+        self.log_dict({"train/recon_l1": rec, "train/kl": kl}, prog_bar=True, batch_size=len(x))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.vae.parameters(), lr=self.cfg.lr, weight_decay=0.0)
+
+
+@torch.no_grad()
+def latent_std(vae: Any, loader: DataLoader, batches: int = 8) -> float:
+    zs = []
+    for i, batch in enumerate(loader):
+        if i == batches:
+            break
+        zs.append(vae.encode(batch["images"]).latent_dist.mode())
+    return float(torch.cat(zs).std())
+
+
+def train_vae(data: str, out: str | Path, cfg: VAEConfig, split: str = "train", seed: int = 0) -> Path:
+    """Train on the images of `data` (any source `load_captioned` reads); save a diffusers folder."""
+    L.seed_everything(seed, verbose=False)
+    ds = CaptionedImages(load_captioned(data)[split], None, cfg.image_size, 0)
+    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate_items, drop_last=True)
+    module = VAEModule(cfg)
+    trainer = L.Trainer(
+        max_steps=cfg.steps,
+        max_epochs=-1,
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=str(out),
+    )
+    trainer.fit(module, loader)
+    vae = module.vae.eval()
+    std = latent_std(vae, DataLoader(ds, batch_size=64, collate_fn=collate_items))
+    vae.register_to_config(scaling_factor=1.0 / max(std, 1e-6))
+    vae.save_pretrained(str(out))
+    print(f"latent std {std:.4f} -> scaling_factor {1 / std:.4f}")
+    return Path(out)

@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from mmfusion.diffusion.config import DiffusionConfig
+from mmfusion.diffusion.sampler import NextTokenDiffusionSampler, SamplerSettings
+from mmfusion.model.config import ModelConfig
+from mmfusion.model.multimodal import MMFusionModel
+
+CONDS, UNCONDS = [[1, 5, 6, 3], [1, 7, 3]], [[1, 3], [1, 3]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = MMFusionModel(ModelConfig.from_name("tiny", image_grid=(4, 4), image_token_dim=12)).eval()
+    torch.nn.init.normal_(m.image_head.weight, std=0.05)  # non-zero predictions
+    return m
+
+
+def _gens(seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+@pytest.mark.parametrize("ar_steps", [1, 4, 16])
+@pytest.mark.parametrize("sampler,cfg", [("ddpm", 1.0), ("ddim", 3.0)])
+def test_cached_equals_uncached(model, ar_steps, sampler, cfg):
+    s = SamplerSettings(
+        ar_steps=ar_steps, sampler=sampler, steps=4, cfg_scale=cfg, cfg_interval=(0.1, 0.9), cfg_until_step=2
+    )
+    smp = NextTokenDiffusionSampler(model, DiffusionConfig(), s)
+    cached = smp(CONDS, UNCONDS, _gens([0, 1]))
+    uncached = smp(CONDS, UNCONDS, _gens([0, 1]), use_cache=False)
+    assert cached.shape == (2, 16, 12)
+    torch.testing.assert_close(cached, uncached, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("order", ["random", "raster"])
+def test_batched_equals_one_by_one_and_seeded(model, order):
+    smp = NextTokenDiffusionSampler(
+        model, DiffusionConfig(), SamplerSettings(ar_steps=4, steps=3, order=order, cfg_scale=2.0)
+    )
+    both = smp(CONDS, UNCONDS, _gens([5, 6]))
+    for i in range(2):
+        alone = smp(CONDS[i : i + 1], UNCONDS[i : i + 1], _gens([5 + i]))
+        torch.testing.assert_close(both[i : i + 1], alone, atol=1e-5, rtol=1e-5)
+    assert torch.equal(both, smp(CONDS, UNCONDS, _gens([5, 6])))
+    assert not torch.allclose(both, smp(CONDS, UNCONDS, _gens([7, 8])))
+
+
+def test_guidance_switches():
+    s = SamplerSettings(cfg_scale=3.0, cfg_interval=(0.2, 0.8), cfg_until_step=2)
+    assert s.guides(500, 0, 1000) and s.guides(500, 1, 1000)
+    assert not s.guides(500, 2, 1000)  # after AR step 2
+    assert not s.guides(900, 0, 1000) and not s.guides(100, 0, 1000)  # outside the interval
+    assert not SamplerSettings(cfg_scale=1.0).guides(500, 0, 1000)
+
+
+def test_known_tokens_are_kept(model):
+    known = torch.randn(2, 16, 12)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, :10] = True
+    mask[1, 5:] = True
+    smp = NextTokenDiffusionSampler(model, DiffusionConfig(), SamplerSettings(ar_steps=3, steps=3))
+    out = smp(CONDS, UNCONDS, _gens([0, 1]), known=known, known_mask=mask)
+    assert torch.equal(out[mask], known[mask])
+    assert not torch.allclose(out[~mask], known[~mask])
+    ref = smp(CONDS, UNCONDS, _gens([0, 1]), known=known, known_mask=mask, use_cache=False)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_too_many_ar_steps_is_refused(model):
+    smp = NextTokenDiffusionSampler(model, DiffusionConfig(), SamplerSettings(ar_steps=17))
+    with pytest.raises(ValueError, match="exceeds"):
+        smp(CONDS, None, _gens([0, 1]))

@@ -1,0 +1,44 @@
+from pathlib import Path
+
+import pytest
+
+from mmfusion.config import load_config, parse_overrides
+from mmfusion.errors import UserError
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.model.dim > 0 and cfg.train.lr > 0
+
+
+def test_paper_L_setting():
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "L.yaml")
+    assert (cfg.model.dim, cfg.model.n_heads, cfg.model.n_layers) == (1024, 16, 24)
+    assert (cfg.image.image_size, cfg.image.patch_size, cfg.image.kind) == (256, 2, "vae")
+    assert cfg.train.lr == 1e-4 and cfg.data.max_text_len == 35 and cfg.objective.text_loss_weight == 0.01
+    assert cfg.data.batch_size * cfg.train.devices * cfg.train.num_nodes == 2048
+
+
+def test_overrides_and_types():
+    cfg = load_config(None, ["train.lr=3e-4", "model.preset=tiny", "train.betas=[0.9, 0.99]", "sample.ar_steps=4"])
+    assert cfg.train.lr == 3e-4 and cfg.model.dim == 64 and cfg.train.betas == (0.9, 0.99)
+    assert parse_overrides(["a.b.c=1"]) == {"a": {"b": {"c": 1}}}
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (["train.lrr=1"], "unknown config key 'train.lrr'"),
+        (["train.lr=abc"], "'train.lr' must be of type float"),
+        (["model.dim=1.5"], "'model.dim' must be of type int"),
+        (["model.preset=huge"], "unknown model preset"),
+        (["diffusion.order=spiral"], "order must be one of"),
+        (["train"], "must look like section.key=value"),
+    ],
+)
+def test_bad_config_is_one_clear_line(bad, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, bad)

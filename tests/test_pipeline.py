@@ -1,0 +1,154 @@
+"""End to end on CPU: train -> save -> load -> generate -> caption -> edit, with the tiny config."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmfusion.errors import UserError
+from mmfusion.pipeline import MMFusion
+
+
+def test_model_folder_round_trip(trained_tiny, tmp_path):
+    assert sorted(p.name for p in trained_tiny.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    pipe = MMFusion.from_pretrained(trained_tiny)
+    pipe.save_pretrained(tmp_path / "again")
+    again = MMFusion.from_pretrained(tmp_path / "again")
+    for (n, a), (_, b) in zip(pipe.model.state_dict().items(), again.model.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_generate_is_deterministic_and_seeded(trained_tiny):
+    pipe = MMFusion.from_pretrained(trained_tiny)
+    a = pipe.generate(["a red circle", "a blue square above a red circle"], num_images=2, seed=3, ar_steps=2)
+    b = pipe.generate(["a red circle", "a blue square above a red circle"], num_images=2, seed=3, ar_steps=2)
+    assert len(a) == 4 and a[0].size == (32, 32)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    c = pipe.generate(["a red circle"], seed=4)
+    assert not np.array_equal(np.asarray(a[0]), np.asarray(c[0]))
+    # batching does not change an image: image 2 alone (seed 3 + 2) equals image 2 of the batch
+    alone = pipe.generate(["a blue square above a red circle"], seed=5, ar_steps=2)
+    assert np.array_equal(np.asarray(alone[0]), np.asarray(a[2]))
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam", "nucleus"])
+def test_caption_is_deterministic(trained_tiny, method):
+    pipe = MMFusion.from_pretrained(trained_tiny)
+    images = pipe.generate(["a red circle", "a green square"], seed=0)
+    a = pipe.caption(images, method=method, seed=1, max_new_tokens=8)
+    b = pipe.caption(images, method=method, seed=1, max_new_tokens=8)
+    assert a == b and len(a) == 2 and all(isinstance(c, str) for c in a)
+
+
+def test_edit_keeps_unmasked_pixels(trained_tiny):
+    pipe = MMFusion.from_pretrained(trained_tiny)
+    src = pipe.generate(["a red circle"], seed=0)[0]
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[:16, :16] = 255  # top-left quarter = 4 of the 16 tokens of 8x8 pixels
+    out = pipe.edit(src, Image.fromarray(mask), "a blue square", seed=1, num_images=2)
+    for im in out:
+        a, b = np.asarray(im), np.asarray(src)
+        assert np.array_equal(a[16:], b[16:]) and np.array_equal(a[:, 16:], b[:, 16:])  # pixels: exact
+    assert not np.array_equal(np.asarray(out[0])[:16, :16], np.asarray(src)[:16, :16])
+    with pytest.raises(UserError, match="mask is 8x8"):
+        pipe.edit(src, Image.new("L", (8, 8)), "a red circle")
+    with pytest.raises(UserError, match="selects nothing"):
+        pipe.edit(src, Image.new("L", (32, 32)), "a red circle")
+
+
+def test_missing_model_file_is_a_clear_error(trained_tiny, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(trained_tiny, broken)
+    (broken / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match="missing tokenizer.json"):
+        MMFusion.from_pretrained(broken)
+    with pytest.raises(UserError, match="empty"):
+        MMFusion.from_pretrained(trained_tiny).generate(["  "])
+
+
+def test_cli_generate_caption_edit(trained_tiny, tmp_path, capsys):
+    from mmfusion.cli.main import main
+
+    out = tmp_path / "gen"
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(trained_tiny),
+                "--prompt",
+                "a red circle",
+                "--prompt",
+                "a blue square",
+                "--num-images",
+                "2",
+                "--seed",
+                "7",
+                "--ar-steps",
+                "2",
+                "--order",
+                "raster",
+                "--sampler",
+                "ddim",
+                "--steps",
+                "3",
+                "--cfg",
+                "2.0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    index = json.loads((out / "index.json").read_text())
+    assert [r["prompt"] for r in index] == ["a red circle"] * 2 + ["a blue square"] * 2
+    assert [r["seed"] for r in index] == [7, 8, 9, 10]
+    assert all((out / r["file"]).exists() for r in index) and (out / "grid.png").exists()
+    files = [str(out / r["file"]) for r in index[:2]]
+    assert main(["caption", "--model", str(trained_tiny), *files, "--json", str(tmp_path / "c.json")]) == 0
+    caps = json.loads((tmp_path / "c.json").read_text())
+    assert sorted(caps) == sorted(files)
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.pad(np.full((8, 8), 255, np.uint8), ((0, 24), (0, 24)))).save(mask)
+    assert (
+        main(
+            [
+                "edit",
+                "--model",
+                str(trained_tiny),
+                "--image",
+                files[0],
+                "--mask",
+                str(mask),
+                "--prompt",
+                "a green circle",
+                "--out",
+                str(tmp_path / "edit"),
+                "--steps",
+                "3",
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "edit" / "grid.png").exists() and (tmp_path / "edit" / "0000.png").exists()
+    # a bad request: one line, non-zero exit, nothing written
+    code = main(
+        [
+            "edit",
+            "--model",
+            str(trained_tiny),
+            "--image",
+            files[0],
+            "--mask",
+            files[0] + ".nope",
+            "--prompt",
+            "x",
+            "--out",
+            str(tmp_path / "bad"),
+        ]
+    )
+    assert code == 2 and not (tmp_path / "bad").exists()

@@ -1,0 +1,90 @@
+"""`vae train` -> `data encode` -> training on the stored tokens (the VAE never runs in training)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mmfusion.cli.main import main
+from tests.conftest import TINY_RUN
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shapes")
+    assert main(["data", "shapes", "--out", str(d / "data"), "--n", "32", "--n-val", "4", "--n-test", "4"]) == 0
+    return d / "data"
+
+
+def test_vae_train_encode_and_train_on_tokens(shapes_dir, tmp_path, monkeypatch):
+    vae = tmp_path / "vae"
+    assert (
+        main(
+            [
+                "vae",
+                "train",
+                "--data",
+                str(shapes_dir),
+                "--out",
+                str(vae),
+                "--steps",
+                "3",
+                "--batch-size",
+                "8",
+                "--channels",
+                "8",
+                "--channels",
+                "16",
+            ]
+        )
+        == 0
+    )
+    cfg = json.loads((vae / "config.json").read_text())
+    assert cfg["latent_channels"] == 4 and cfg["scaling_factor"] > 0
+    enc = tmp_path / "enc"
+    assert (
+        main(
+            [
+                "data",
+                "encode",
+                "--data",
+                str(shapes_dir),
+                "--out",
+                str(enc),
+                "--vae",
+                str(vae),
+                "--image-size",
+                "32",
+                "--patch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
+    import datasets
+
+    ds = datasets.load_from_disk(str(enc))
+    tokens = np.asarray(ds["train"][0]["tokens"])
+    assert tokens.shape == (64, 16)  # (32 / 2 / 2)^2 tokens of 2 * 2 * 4 channels
+
+    # training reads the tokens: the VAE's encoder must never be called
+    from diffusers import AutoencoderKL
+
+    def forbidden(*a, **k):
+        raise AssertionError("the VAE encoder ran during training")
+
+    monkeypatch.setattr(AutoencoderKL, "encode", forbidden)
+    run = [
+        *TINY_RUN,
+        "train.max_steps=2",
+        f"data.source={enc}",
+        "image.kind=vae",
+        f"image.path={vae}",
+        "image.patch_size=2",
+        f"train.out={tmp_path / 'run'}",
+    ]
+    assert main(["train", *run]) == 0
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+    # a run whose image config differs from the encoded one is refused with one line
+    code = main(["train", *run, "image.patch_size=4", f"train.out={tmp_path / 'run2'}"])
+    assert code == 2
