@@ -71,6 +71,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     log_every_n_steps: int = 25
     checkpoint_every_n_steps: int = 500
+    keep_all_checkpoints: bool = False  # keep one checkpoint per interval instead of only the last
     logger: str = "csv"  # csv | tensorboard
     threads: int | None = None  # torch CPU threads (default: torch's choice)
 

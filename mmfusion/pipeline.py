@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from mmfusion.diffusion.config import DiffusionConfig
 from mmfusion.diffusion.sampler import NextTokenDiffusionSampler, SamplerSettings
@@ -38,6 +39,8 @@ class MMFusion:
         sample: SamplerSettings = SamplerSettings(),
         condition: str = "text",
         image_tokenizer: Any = None,
+        class_names: list[str] | None = None,
+        objective: dict[str, Any] | None = None,
     ) -> None:
         self.model = model.eval()
         self.text_tokenizer = text_tokenizer
@@ -46,6 +49,8 @@ class MMFusion:
         self.diffusion = diffusion
         self.sample_defaults = sample
         self.condition = condition
+        self.class_names = list(class_names or [])
+        self.objective = dict(objective or {})  # the training objective, reused by `mmfusion finetune`
         t = text_tokenizer
         self.prompts = Prompts(model.cfg, t.bos_id, t.boi_id)
 
@@ -55,13 +60,15 @@ class MMFusion:
         """From a trained MMFusionModule; sampling uses its EMA weights."""
         cfg = module.cfg
         return cls(
-            module.ema,
+            module.sampling_model,
             module.text_tokenizer,
             module.image_tokenizer.cfg,
             cfg.diffusion,
             cfg.sample,
             cfg.objective.condition,
             module.image_tokenizer,
+            module.class_names,
+            dataclasses.asdict(cfg.objective),
         )
 
     def save_pretrained(self, folder: str | Path) -> Path:
@@ -74,6 +81,8 @@ class MMFusion:
             "diffusion": self.diffusion.to_dict(),
             "sample": dataclasses.asdict(self.sample_defaults),
             "condition": self.condition,
+            "class_names": self.class_names,
+            "objective": self.objective,
             "special_tokens": self.text_tokenizer.special,
             "max_text_len": self.text_tokenizer.max_len,
         }
@@ -86,7 +95,9 @@ class MMFusion:
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> MMFusion:
+    def from_pretrained(
+        cls, folder: str | Path, device: str | torch.device = "cpu", adapters: list[str | Path] | None = None
+    ) -> MMFusion:
         folder = Path(folder)
         if not folder.is_dir():
             raise UserError(
@@ -111,19 +122,42 @@ class MMFusion:
         tok = TextTokenizer.from_file(
             folder / "tokenizer.json", special=config.get("special_tokens"), max_len=config.get("max_text_len", 35)
         )
-        return cls(
+        pipe = cls(
             model.to(device),
             tok,
             ImageTokenizerConfig(**config["image"]),
             DiffusionConfig(**config["diffusion"]),
             SamplerSettings(**sample),
             config.get("condition", "text"),
+            class_names=config.get("class_names"),
+            objective=config.get("objective"),
         )
+        return pipe.load_adapters(adapters) if adapters else pipe
+
+    def load_adapters(self, adapters: list[str | Path]) -> MMFusion:
+        """Apply one or more LoRA adapters (folders from `mmfusion finetune`), merged into the weights."""
+        from mmfusion.training.lora import merge_adapters
+
+        self.model = merge_adapters(self.model, adapters).eval()
+        return self
 
     # generation ---------------------------------------------------------------------------
+    def class_index(self, prompt: str | int) -> int:
+        """A class index from an int, a digit string or a class name (`red circle`, `a red circle`)."""
+        if isinstance(prompt, int) or str(prompt).strip().isdigit():
+            index = int(prompt)
+        else:
+            name = str(prompt).strip().lower().removeprefix("a ").removeprefix("an ")
+            if name not in self.class_names:
+                raise UserError(f"unknown class {prompt!r}; this model knows: {', '.join(self.class_names)}")
+            index = self.class_names.index(name)
+        if not 0 <= index < self.model.cfg.num_classes:
+            raise UserError(f"class index {index} out of range 0..{self.model.cfg.num_classes - 1}")
+        return index
+
     def _condition(self, prompt: str | int) -> tuple[list[int], list[int]]:
         if self.condition == "class":
-            return self.prompts.classes(int(prompt)), self.prompts.classes(None)
+            return self.prompts.classes(self.class_index(prompt)), self.prompts.classes(None)
         if not isinstance(prompt, str) or not prompt.strip():
             raise UserError("prompt is empty: give a text prompt such as 'a red circle'")
         return self.prompts.text(self.text_tokenizer.encode(prompt)), self.prompts.text(None)
@@ -154,20 +188,31 @@ class MMFusion:
         seed: int = 0,
         batch_size: int = 16,
         progress: bool = False,
+        seeds: list[int] | None = None,
         **settings: Any,
     ) -> list[Any]:
-        """PIL images: `num_images` per prompt; image j of prompt i uses seed `seed + i * num_images + j`.
+        """PIL images: `num_images` per prompt; image j of prompt i uses seed `seed + i * num_images + j`
+        (or `seeds[i]`, one image per prompt, when `seeds` is given). An image depends only on its
+        prompt, seed and settings, never on the batch it was sampled in.
 
         `settings` override the model's sampler defaults: ar_steps, order, sampler, steps, cfg_scale,
         cfg_interval, cfg_until_step, eta.
         """
         prompts = [prompts] if isinstance(prompts, (str, int)) else list(prompts)
-        jobs = [(p, seed + i * num_images + j) for i, p in enumerate(prompts) for j in range(num_images)]
+        if seeds is not None:
+            if len(seeds) != len(prompts):
+                raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+            jobs = list(zip(prompts, seeds))
+        else:
+            jobs = [(p, seed + i * num_images + j) for i, p in enumerate(prompts) for j in range(num_images)]
         images = []
+        bar = tqdm(total=len(jobs), desc="images", disable=not progress or len(jobs) <= batch_size)
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start : start + batch_size]
             tokens = self.generate_tokens([p for p, _ in chunk], [s for _, s in chunk], progress=progress, **settings)
             images += [to_pil(x) for x in self.image_tokenizer.decode(tokens)]
+            bar.update(len(chunk))
+        bar.close()
         return images
 
     # captioning ---------------------------------------------------------------------------
@@ -235,3 +280,19 @@ def _atomic(path: Path, write) -> None:  # noqa: ANN001
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     tmp.replace(path)
+
+
+def load_run_checkpoint(ckpt: str | Path) -> MMFusion:
+    """An MMFusion (EMA weights) from a Lightning checkpoint of `mmfusion train`, read safely
+    (`weights_only=True`); the run folder two levels up supplies config.json and tokenizer.json."""
+    from mmfusion.config import config_from_dict
+    from mmfusion.training.module import MMFusionModule
+
+    ckpt = Path(ckpt)
+    run = ckpt.parent.parent
+    cfg = config_from_dict(json.loads((run / "config.json").read_text()))
+    tok = TextTokenizer.from_file(run / "tokenizer.json", max_len=cfg.data.max_text_len)
+    module = MMFusionModule(cfg, tok)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    module.load_state_dict(state)
+    return MMFusion.from_module(module)

@@ -152,3 +152,31 @@ def test_cli_generate_caption_edit(trained_tiny, tmp_path, capsys):
         ]
     )
     assert code == 2 and not (tmp_path / "bad").exists()
+
+
+def test_class_conditional_model(tmp_path):
+    from mmfusion.config import load_config
+    from mmfusion.training.run import train
+    from tests.conftest import TINY_RUN
+
+    cfg = load_config(
+        None,
+        [
+            *TINY_RUN,
+            "objective.condition=class",
+            "model.num_classes=12",
+            "model.class_repeat=2",
+            "data.shapes_pair_fraction=0.0",
+            "train.max_steps=3",
+            f"train.out={tmp_path}",
+        ],
+    )
+    pipe = MMFusion.from_pretrained(train(cfg))
+    assert pipe.class_names[0] == "red circle" and len(pipe.class_names) == 12
+    by_name = pipe.generate(["a red circle", "blue square"], seed=1)
+    by_index = pipe.generate([0, pipe.class_names.index("blue square")], seed=1)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(by_name, by_index))
+    with pytest.raises(UserError, match="unknown class"):
+        pipe.generate(["a purple circle"])
+    with pytest.raises(UserError, match="no captioning"):
+        pipe.caption(by_name)

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Literal
 
 
-def _load(model: str):  # noqa: ANN202
+def _load(model: str, adapter: list[str] | None):  # noqa: ANN202
     from mmfusion.pipeline import MMFusion
 
-    return MMFusion.from_pretrained(model)
+    return MMFusion.from_pretrained(model, adapters=adapter)
 
 
 def _settings(ar_steps, order, sampler, steps, cfg, cfg_interval, cfg_until_step) -> dict:  # noqa: ANN001
@@ -43,6 +43,7 @@ def generate(
     cfg_until_step: int | None = None,
     batch_size: int = 16,
     scale: int = 4,
+    adapter: list[str] | None = None,
 ) -> None:
     """Generate images from text prompts: one PNG per image, OUT/grid.png and OUT/index.json.
 
@@ -63,6 +64,7 @@ def generate(
         cfg_until_step: no guidance after this AR step
         batch_size: images sampled at once
         scale: the grid is enlarged this many times (nearest neighbour) for viewing
+        adapter: a LoRA adapter folder from `mmfusion finetune` (repeat for several; they are merged)
     """
     from mmfusion.sampling.images import write_outputs
 
@@ -70,7 +72,7 @@ def generate(
         from mmfusion.errors import UserError
 
         raise UserError("--cfg-interval takes two values: --cfg-interval LO --cfg-interval HI")
-    pipe = _load(model)
+    pipe = _load(model, adapter)
     settings = _settings(ar_steps, order, sampler, steps, cfg, cfg_interval, cfg_until_step)
     images = pipe.generate(prompt, num_images=num_images, seed=seed, batch_size=batch_size, progress=True, **settings)
     records = [
@@ -91,6 +93,7 @@ def caption(
     temperature: float = 1.0,
     max_new_tokens: int = 32,
     seed: int = 0,
+    adapter: list[str] | None = None,
 ) -> None:
     """Caption images; prints `path: caption` lines and optionally writes a JSON {path: caption}.
 
@@ -104,11 +107,12 @@ def caption(
         temperature: softmax temperature for nucleus sampling
         max_new_tokens: caption length limit in tokens
         seed: seed of nucleus sampling
+        adapter: a LoRA adapter folder from `mmfusion finetune` (repeat for several; they are merged)
     """
     from mmfusion.sampling.images import open_image
 
     pils = [open_image(p) for p in images]
-    pipe = _load(model)
+    pipe = _load(model, adapter)
     kwargs = {"num_beams": num_beams} if method == "beam" else {}
     if method == "nucleus":
         kwargs = {"top_p": top_p, "temperature": temperature}
@@ -136,6 +140,7 @@ def edit(
     steps: int | None = None,
     cfg: float | None = None,
     scale: int = 4,
+    adapter: list[str] | None = None,
 ) -> None:
     """Zero-shot editing / inpainting: regenerate the masked region of an image under a prompt.
 
@@ -156,11 +161,12 @@ def edit(
         steps: denoising steps per AR step
         cfg: classifier-free guidance scale
         scale: the grid is enlarged this many times for viewing
+        adapter: a LoRA adapter folder from `mmfusion finetune` (repeat for several; they are merged)
     """
     from mmfusion.sampling.images import open_image, write_outputs
     from mmfusion.tokenizers.image import to_pil, to_tensor
 
-    pipe = _load(model)
+    pipe = _load(model, adapter)
     size = pipe.image_cfg.image_size
     img = open_image(image)
     img = to_pil(to_tensor(img, size))

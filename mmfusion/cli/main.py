@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from mmfusion.cli import data, demo, infer, train
+from mmfusion.cli import data, demo, evaluate, finetune, infer, train
 from mmfusion.cli.app import build_parser, run
 from mmfusion.errors import UserError
 
@@ -18,9 +18,16 @@ COMMANDS = {
     "vae": {"__doc__": "train a small AutoencoderKL image tokenizer", "train": data.vae_train},
     "tokenizer": {"__doc__": "train text tokenizers", "train": data.tokenizer_train},
     "train": train.train,
+    "finetune": finetune.finetune,
     "generate": infer.generate,
     "caption": infer.caption,
     "edit": infer.edit,
+    "eval": {
+        "__doc__": "evaluate: caption metrics, the shapes benchmark, FID / CLIP score",
+        "caption": evaluate.caption,
+        "shapes": evaluate.shapes,
+        "generation": evaluate.generation,
+    },
     "demo": demo.demo,
 }
 

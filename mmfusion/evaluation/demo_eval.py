@@ -30,3 +30,18 @@ def evaluate_captions(
     if not java_available():
         return {"skipped": "Java is not installed (apt-get install -y default-jre-headless)"}, candidates
     return score_captions(refs, candidates), candidates
+
+
+def evaluate_classes(pipe: Any, per_class: int = 8, seed: int = 0, **settings: Any) -> tuple[dict[str, Any], list[Any]]:
+    """Class-conditional shapes: generate per class, judge "a <class name>" with the checker."""
+    names = pipe.class_names
+    labels = [c for c in range(len(names)) for _ in range(per_class)]
+    images = pipe.generate(labels, seed=seed, batch_size=48, **settings)
+    prompts = [f"a {names[c]}" for c in labels]
+    verdicts = [check_image(im, p) for im, p in zip(images, prompts)]
+    per_class_acc = {
+        names[c]: sum(v.correct for v, lab in zip(verdicts, labels) if lab == c) / per_class for c in range(len(names))
+    }
+    summary = summarize(verdicts, prompts)["single"]
+    summary["per_class"] = per_class_acc
+    return summary, images

@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
 
 from mmfusion.config import RunConfig
 from mmfusion.model.config import ModelConfig
@@ -29,19 +30,29 @@ def resolve_model_config(cfg: RunConfig, image_tokenizer: Any, vocab_size: int) 
 
 
 class MMFusionModule(L.LightningModule):
-    def __init__(self, cfg: RunConfig, text_tokenizer: TextTokenizer) -> None:
+    """Trains `model` (built from `cfg.model` unless given, e.g. a pretrained one wrapped with LoRA).
+
+    EMA weights are kept for sampling when `train.ema_decay > 0`; with 0 the live weights are used.
+    """
+
+    def __init__(
+        self, cfg: RunConfig, text_tokenizer: TextTokenizer, model: nn.Module | None = None, image_tokenizer: Any = None
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.text_tokenizer = text_tokenizer
         # the image tokenizer (a frozen VAE, say) is not part of the trained state
-        self.aux = {"image_tokenizer": build_image_tokenizer(cfg.image)}
-        model_cfg = resolve_model_config(cfg, self.image_tokenizer, len(text_tokenizer))
-        self.model = MMFusionModel(model_cfg)
+        self.aux = {"image_tokenizer": image_tokenizer or build_image_tokenizer(cfg.image)}
+        if model is None:
+            model = MMFusionModel(resolve_model_config(cfg, self.image_tokenizer, len(text_tokenizer)))
+        model_cfg = model.cfg
+        self.model = model
         self.model.backbone.gradient_checkpointing = cfg.train.activation_checkpointing
-        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False) if cfg.train.ema_decay > 0 else None
         t = text_tokenizer
         self.objective = JointObjective(model_cfg, cfg.diffusion, cfg.objective, t.bos_id, t.eos_id, t.boi_id, t.eoi_id)
         self.skipped: Counter[str] = Counter()
+        self.class_names: list[str] = []
 
     @property
     def image_tokenizer(self) -> Any:
@@ -64,7 +75,12 @@ class MMFusionModule(L.LightningModule):
         return losses["loss"]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.update_ema()
+        if self.ema is not None:
+            self.update_ema()
+
+    @property
+    def sampling_model(self) -> nn.Module:
+        return self.ema if self.ema is not None else self.model
 
     @torch.no_grad()
     def update_ema(self) -> None:

@@ -55,16 +55,25 @@ class StopAfter(L.Callback):
             trainer.should_stop = True
 
 
-def build_trainer(cfg: RunConfig, out: Path, precision: str, extra_callbacks: list | None = None) -> L.Trainer:
+def build_trainer(
+    cfg: RunConfig, out: Path, precision: str, extra_callbacks: list | None = None, enable_checkpointing: bool = True
+) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     t = cfg.train
-    callbacks: list[L.Callback] = [
-        ModelCheckpoint(
-            dirpath=out / "checkpoints", every_n_train_steps=t.checkpoint_every_n_steps, save_last=True, save_top_k=0
+    callbacks: list[L.Callback] = []
+    if enable_checkpointing:
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=out / "checkpoints",
+                every_n_train_steps=t.checkpoint_every_n_steps,
+                save_last=True,
+                save_top_k=-1 if t.keep_all_checkpoints else 0,
+                filename="step{step}",
+                auto_insert_metric_name=False,
+            )
         )
-    ]
     if t.max_time_minutes:
         callbacks.append(StopAfter(t.max_time_minutes))
     callbacks += extra_callbacks or []
@@ -81,6 +90,7 @@ def build_trainer(cfg: RunConfig, out: Path, precision: str, extra_callbacks: li
         log_every_n_steps=t.log_every_n_steps,
         callbacks=callbacks,
         logger=logger,
+        enable_checkpointing=enable_checkpointing,
         enable_model_summary=False,
         default_root_dir=out,
         num_sanity_val_steps=0,
@@ -105,6 +115,10 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     tok = data.text_tokenizer() if cfg.objective.condition == "text" else _class_tokenizer()
     tok.save(out / "tokenizer.json")
     module = MMFusionModule(cfg, tok)
+    if cfg.objective.condition == "class" and cfg.data.source == "shapes":
+        from mmfusion.data.shapes import class_names
+
+        module.class_names = class_names()
     precision = choose_precision(cfg.train.precision, cfg.train.accelerator)
     trainer = build_trainer(cfg, out, precision)
     ckpt = out / "checkpoints" / "last.ckpt"

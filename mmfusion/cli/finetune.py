@@ -1,0 +1,76 @@
+"""`mmfusion finetune`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+
+def finetune(
+    *,
+    model: str,
+    data: str,
+    out: str,
+    task: Literal["t2i", "caption", "joint"] = "joint",
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    target: str = "q_proj,k_proj,v_proj,o_proj",
+    modules_to_save: str | None = None,
+    full: bool = False,
+    merge: bool = False,
+    steps: int = 300,
+    minutes: float | None = None,
+    lr: float = 1e-3,
+    batch_size: int = 32,
+    seed: int = 0,
+    image_root: str | None = None,
+    precision: str = "auto",
+) -> None:
+    """Fine-tune a trained model with LoRA (peft) on new captioned images; saves the adapter alone.
+
+    Only the adapter weights (plus --modules-to-save) train; the trainable / total parameter counts are
+    printed. OUT gets adapter_config.json and adapter_model.safetensors; with --merge also OUT/merged,
+    a full model folder with the adapter folded in. Use the adapter with `mmfusion generate --adapter OUT`.
+
+    Args:
+        model: the model folder to adapt
+        data: captioned data (saved data set, imagefolder with metadata.jsonl, COCO / Karpathy JSON)
+        out: adapter output folder
+        task: t2i (image loss, T2I order), caption (text loss, caption order) or joint (the training objective)
+        lora_r: LoRA rank
+        lora_alpha: LoRA alpha (scale = alpha / r)
+        target: comma-separated projections to adapt (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)
+        modules_to_save: comma-separated modules trained fully and saved with the adapter (e.g. image_head)
+        full: full fine-tuning instead of LoRA (saves a whole model folder; for comparison)
+        merge: also write OUT/merged, the model with the adapter merged in
+        steps: training steps
+        minutes: stop after this many minutes even if steps remain
+        lr: learning rate
+        batch_size: images per step
+        seed: random seed
+        image_root: folder that the image paths of a COCO / Karpathy JSON are relative to
+        precision: auto, 32-true or bf16-mixed
+    """
+    from mmfusion.training.finetune import finetune as run
+
+    targets = tuple(t.strip() for t in target.split(",") if t.strip())
+    save = [m.strip() for m in modules_to_save.split(",")] if modules_to_save else None
+    report = run(
+        model,
+        data,
+        out,
+        task=task,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        targets=targets,
+        modules_to_save=save,
+        full=full,
+        steps=steps,
+        minutes=minutes,
+        lr=lr,
+        batch_size=batch_size,
+        merge=merge,
+        seed=seed,
+        image_root=image_root,
+        precision=precision,
+    )
+    print(f"{report['mode']} fine-tuning: {report['steps']} steps in {report['seconds']:.0f} s; saved to {out}")

@@ -1,0 +1,58 @@
+"""LoRA adapters on mmfusion models with peft: add, count, save alone (safetensors), merge.
+
+Our projections carry LLaMA's names, so `target_modules` are the usual `q_proj,k_proj,v_proj,o_proj`
+(plus `gate_proj,up_proj,down_proj` for the MLP).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from mmfusion.errors import UserError
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def add_lora(
+    model: nn.Module,
+    r: int = 8,
+    alpha: int = 16,
+    targets: Sequence[str] = ATTENTION,
+    dropout: float = 0.0,
+    modules_to_save: Sequence[str] | None = None,
+) -> PeftModel:
+    """Wrap `model` with fresh LoRA adapters; only they (and `modules_to_save`) stay trainable."""
+    unknown = [t for t in targets if t not in ATTENTION + MLP]
+    if unknown:
+        raise UserError(f"unknown LoRA target {unknown[0]!r}; choose from {', '.join(ATTENTION + MLP)}")
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        lora_dropout=dropout,
+        modules_to_save=list(modules_to_save) if modules_to_save else None,
+    )
+    return get_peft_model(model, cfg)
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def merge_adapters(model: nn.Module, adapters: Sequence[str | Path]) -> nn.Module:
+    """Fold one or more saved adapters into the weights of `model` (their deltas add up)."""
+    for path in adapters:
+        path = Path(path)
+        if not (path / "adapter_config.json").is_file():
+            raise UserError(
+                f"{path} is not a LoRA adapter folder (no adapter_config.json); make one with `mmfusion finetune`"
+            )
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    return model

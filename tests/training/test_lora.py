@@ -1,0 +1,154 @@
+import copy
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+from mmfusion.config import ObjectiveConfig
+from mmfusion.diffusion.config import DiffusionConfig
+from mmfusion.errors import UserError
+from mmfusion.model.multimodal import MMFusionModel
+from mmfusion.training.lora import MLP, add_lora, parameter_counts
+from mmfusion.training.objective import JointObjective
+
+CAPTIONS = [[10, 11, 12], [13, 14], [15, 16, 17, 18]]
+
+
+def _batch(cfg, t2i: float):
+    obj = JointObjective(cfg, DiffusionConfig(), ObjectiveConfig(t2i_fraction=t2i, caption_dropout=0.0), 1, 2, 3, 4)
+    tokens = torch.randn(3, cfg.num_image_tokens, cfg.image_token_dim)
+    return obj, obj.build(tokens, CAPTIONS, None, torch.Generator().manual_seed(0))
+
+
+def _perturb(model):
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(std=0.05)
+
+
+@pytest.mark.parametrize("t2i", [1.0, 0.0], ids=["image-path", "text-only"])
+def test_gradients_reach_adapters_only(tiny_cfg, t2i):
+    net = MMFusionModel(tiny_cfg)
+    torch.nn.init.normal_(net.image_head.weight, std=0.02)  # as after training (it starts at zero)
+    model = add_lora(net, r=4, alpha=8, targets=("q_proj", "v_proj", *MLP))
+    trainable, total = parameter_counts(model)
+    assert 0 < trainable < total / 5
+    _perturb(model)
+    obj, batch = _batch(tiny_cfg, t2i)
+    losses = obj.loss(model, batch)
+    (losses["image_loss"] if t2i else losses["text_loss"]).backward()
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+def test_save_load_gives_identical_outputs(tiny_cfg, tmp_path):
+    base = MMFusionModel(tiny_cfg).eval()
+    model = add_lora(copy.deepcopy(base), r=4, alpha=8)
+    _perturb(model)
+    model.save_pretrained(str(tmp_path))
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"] or files == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    _, batch = _batch(tiny_cfg, 0.5)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(batch), loaded(batch))
+
+
+def test_merged_equals_unmerged(tiny_cfg):
+    model = add_lora(MMFusionModel(tiny_cfg), r=4, alpha=8, targets=("q_proj", "k_proj", "v_proj", "o_proj", *MLP))
+    _perturb(model)
+    _, batch = _batch(tiny_cfg, 0.5)
+    with torch.no_grad():
+        unmerged = model.eval()(batch)
+        merged = model.merge_and_unload().eval()(batch)
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_target_is_refused(tiny_cfg):
+    with pytest.raises(UserError, match="unknown LoRA target"):
+        add_lora(MMFusionModel(tiny_cfg), targets=("qkv",))
+
+
+@pytest.mark.parametrize("task", ["caption", "t2i"])
+def test_finetune_cli_end_to_end(trained_tiny, tmp_path, task, capsys):
+    from mmfusion.cli.main import main
+    from mmfusion.pipeline import MMFusion
+
+    out = tmp_path / "adapter"
+    data = str(trained_tiny.parent / "data")
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(trained_tiny),
+                "--data",
+                data,
+                "--task",
+                task,
+                "--lora-r",
+                "4",
+                "--lora-alpha",
+                "8",
+                "--target",
+                "q_proj,v_proj,up_proj",
+                "--out",
+                str(out),
+                "--steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--merge",
+                "--precision",
+                "32-true",
+                "--lr",
+                "0.05",
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "trainable parameters:" in printed
+    assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
+    report = json.loads((out / "finetune_report.json").read_text())
+    assert report["trainable_parameters"] < report["total_parameters"] / 5 and report["steps"] == 3
+    base = MMFusion.from_pretrained(trained_tiny)
+    adapted = MMFusion.from_pretrained(trained_tiny, adapters=[out])
+    merged = MMFusion.from_pretrained(out / "merged")
+    for (n, a), (_, b) in zip(adapted.model.state_dict().items(), merged.model.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=n)
+    changed = [
+        n
+        for (n, a), (_, b) in zip(base.model.state_dict().items(), adapted.model.state_dict().items())
+        if not torch.equal(a, b)
+    ]
+    assert changed and all(any(t in n for t in ("q_proj", "v_proj", "up_proj")) for n in changed)
+    gen = tmp_path / "gen"
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(trained_tiny),
+                "--adapter",
+                str(out),
+                "--prompt",
+                "a red circle",
+                "--out",
+                str(gen),
+                "--steps",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert (gen / "0000.png").exists()
+    assert main(["caption", "--model", str(trained_tiny), "--adapter", str(out), str(gen / "0000.png")]) == 0
