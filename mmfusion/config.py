@@ -29,6 +29,7 @@ class ObjectiveConfig:
     text_loss_weight: float = 0.01  # text loss x this, in caption order
     caption_image_loss_weight: float = 1.0  # image loss of caption-order samples (unconditional)
     baseline: str = "causalfusion"  # causalfusion | transfusion (one AR step, text reads the noisy image)
+    bit_flip: float = 0.0  # binary codes: Infinity's bitwise self-correction, input bits flipped at this rate
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ class TrainConfig:
     keep_all_checkpoints: bool = False  # keep one checkpoint per interval instead of only the last
     logger: str = "csv"  # csv | tensorboard
     threads: int | None = None  # torch CPU threads (default: torch's choice)
+    max_nonfinite: int = 20  # stop after this many non-finite losses in a row (each is skipped)
+    init_from_llm: str | None = None  # a Hugging Face LLaMA / Qwen3 folder: backbone, text weights, tokenizer
 
 
 @dataclass(frozen=True)

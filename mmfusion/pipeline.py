@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import init_empty_weights
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -21,6 +22,7 @@ from mmfusion.diffusion.sampler import NextTokenDiffusionSampler, SamplerSetting
 from mmfusion.errors import UserError
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel
+from mmfusion.sampling.autoregressive import ARImageSampler
 from mmfusion.sampling.caption import CaptionDecoder, CaptionSettings
 from mmfusion.tokenizers.image import ImageTokenizerConfig, build_image_tokenizer, to_pil, to_tensor
 from mmfusion.tokenizers.text import TextTokenizer
@@ -111,11 +113,14 @@ class MMFusion:
             )
         config = json.loads((folder / "config.json").read_text())
         model_cfg = ModelConfig.from_dict(config["model"])
-        model = MMFusionModel(model_cfg)
+        # parameters on the meta device: the loaded tensors become the weights, so a large model is
+        # never held twice in memory
+        with init_empty_weights():
+            model = MMFusionModel(model_cfg)
         state = load_file(str(folder / "model.safetensors"))
         if model_cfg.tie_embeddings:
             state["lm_head.weight"] = state["embed_tokens.weight"]
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
         sample = config.get("sample", {})
         if "cfg_interval" in sample:
             sample["cfg_interval"] = tuple(sample["cfg_interval"])
@@ -175,6 +180,11 @@ class MMFusion:
         s = dataclasses.replace(self.sample_defaults, **{k: v for k, v in settings.items() if v is not None})
         conds, unconds = zip(*(self._condition(p) for p in prompts))
         gens = [torch.Generator().manual_seed(int(sd)) for sd in seeds]
+        if self.model.cfg.discrete:  # Token-Shuffle: autoregressive codes
+            if known is not None:
+                raise UserError("editing works on the continuous (CausalFusion) image path only")
+            ar = ARImageSampler(self.model, s.temperature, s.top_k, s.top_p, s.cfg_scale, s.cfg_schedule)
+            return ar(list(conds), list(unconds), gens, use_cache=use_cache)
         sampler = NextTokenDiffusionSampler(self.model, self.diffusion, s)
         return sampler(
             list(conds), list(unconds), gens, known=known, known_mask=known_mask, use_cache=use_cache, progress=progress
@@ -286,6 +296,7 @@ def load_run_checkpoint(ckpt: str | Path) -> MMFusion:
     """An MMFusion (EMA weights) from a Lightning checkpoint of `mmfusion train`, read safely
     (`weights_only=True`); the run folder two levels up supplies config.json and tokenizer.json."""
     from mmfusion.config import config_from_dict
+    from mmfusion.training.checkpoint import safe_torch_load
     from mmfusion.training.module import MMFusionModule
 
     ckpt = Path(ckpt)
@@ -293,6 +304,6 @@ def load_run_checkpoint(ckpt: str | Path) -> MMFusion:
     cfg = config_from_dict(json.loads((run / "config.json").read_text()))
     tok = TextTokenizer.from_file(run / "tokenizer.json", max_len=cfg.data.max_text_len)
     module = MMFusionModule(cfg, tok)
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    state = safe_torch_load(ckpt)["state_dict"]
     module.load_state_dict(state)
     return MMFusion.from_module(module)

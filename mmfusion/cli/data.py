@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from mmfusion.errors import UserError
+
 
 def shapes(
     *,
@@ -15,6 +17,7 @@ def shapes(
     n_val: int | None = None,
     n_test: int | None = None,
     pair_fraction: float = 0.5,
+    colours: str = "red,green,blue,yellow",
 ) -> None:
     """Render the built-in captioned "shapes" data set and save it as a `datasets` DatasetDict.
 
@@ -29,10 +32,17 @@ def shapes(
         n_val: validation images (default: max(100, n / 20))
         n_test: test images (default: max(200, n / 20))
         pair_fraction: fraction of images with two objects
+        colours: comma-separated palette (also purple, orange: a shifted set for fine-tuning)
     """
     from mmfusion.data.shapes import build_shapes
 
-    ds = build_shapes(n=n, size=size, seed=seed, n_val=n_val, n_test=n_test, pair_fraction=pair_fraction)
+    palette = tuple(c.strip() for c in colours.split(",") if c.strip())
+    try:
+        ds = build_shapes(
+            n=n, size=size, seed=seed, n_val=n_val, n_test=n_test, pair_fraction=pair_fraction, colours=palette
+        )
+    except ValueError as err:
+        raise UserError(str(err)) from err
     ds.save_to_disk(out)
     counts = ", ".join(f"{k}: {len(v)}" for k, v in ds.items())
     print(f"wrote shapes ({counts}) to {out}")
@@ -92,7 +102,7 @@ def encode(
     *,
     data: str,
     out: str,
-    image_tokenizer: Literal["vae", "pixels"] = "vae",
+    image_tokenizer: Literal["vae", "pixels", "vq"] = "vae",
     vae: str | None = None,
     image_size: int = 256,
     patch_size: int = 2,
@@ -107,8 +117,8 @@ def encode(
     Args:
         data: any captioned source (saved data set, imagefolder, COCO / Karpathy JSON)
         out: folder for the encoded data set
-        image_tokenizer: vae (AutoencoderKL latents) or pixels
-        vae: AutoencoderKL folder or hub id (for vae)
+        image_tokenizer: vae (AutoencoderKL latents), vq (VQ codes) or pixels
+        vae: AutoencoderKL or VQModel folder or hub id (for vae and vq)
         image_size: images are resized to this side first
         patch_size: tokens are patch x patch cells of the latent (or pixel) grid
         batch_size: images encoded at once
@@ -164,3 +174,54 @@ def vae_train(
     )
     train_vae(data, out, cfg, seed=seed)
     print(f"wrote AutoencoderKL to {out}")
+
+
+def vq_train(
+    *,
+    data: str,
+    out: str,
+    quantizer: Literal["vq", "binary"] = "vq",
+    image_size: int = 32,
+    channels: list[int] | None = None,
+    codebook_size: int = 256,
+    bits: int = 8,
+    embed_dim: int = 8,
+    steps: int = 2000,
+    batch_size: int = 32,
+    lr: float = 5e-4,
+    seed: int = 0,
+) -> None:
+    """Train a small VQ image tokenizer (diffusers VQModel) for the discrete Token-Shuffle path.
+
+    Use it with `image.kind=vq image.path=OUT`. With --quantizer binary, the codebook is replaced by a
+    lookup-free binary quantiser: each code is `bits` bits (pair it with bitwise heads).
+
+    Args:
+        data: any captioned source (saved data set, imagefolder, COCO / Karpathy JSON)
+        out: output folder
+        quantizer: vq (learned codebook) or binary (lookup-free, d-bit codes)
+        image_size: training image side
+        channels: channels per level, repeat the flag per level (default 32, 64, 64: 8 x 8 codes at 32 px)
+        codebook_size: codebook entries (vq)
+        bits: bits per code (binary)
+        embed_dim: code vector width (vq)
+        steps: training steps
+        batch_size: images per step
+        lr: learning rate
+        seed: random seed
+    """
+    from mmfusion.training.vae import VQConfig, train_vq
+
+    cfg = VQConfig(
+        image_size=image_size,
+        channels=tuple(channels or (32, 64, 64)),
+        quantizer=quantizer,
+        codebook_size=codebook_size,
+        bits=bits,
+        embed_dim=embed_dim,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+    )
+    train_vq(data, out, cfg, seed=seed)
+    print(f"wrote VQModel ({quantizer}) to {out}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 from mmfusion.cli import data, demo, evaluate, finetune, infer, train
@@ -16,6 +18,7 @@ COMMANDS = {
         "encode": data.encode,
     },
     "vae": {"__doc__": "train a small AutoencoderKL image tokenizer", "train": data.vae_train},
+    "vq": {"__doc__": "train a small VQ image tokenizer (Token-Shuffle path)", "train": data.vq_train},
     "tokenizer": {"__doc__": "train text tokenizers", "train": data.tokenizer_train},
     "train": train.train,
     "finetune": finetune.finetune,
@@ -32,7 +35,16 @@ COMMANDS = {
 }
 
 
+def _quiet() -> None:
+    """Keep the terminal for our own progress bars and messages."""
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet()
     parser = build_parser(COMMANDS, "mmfusion", "mmfusion: one transformer for text-to-image and captioning.")
     try:
         run(parser, argv)

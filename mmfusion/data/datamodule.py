@@ -1,37 +1,41 @@
 """LightningDataModule over `datasets`: shapes, an imagefolder with captions, or COCO / Karpathy JSON.
 
-Rows that cannot be used (unreadable or truncated image files, empty captions, ...) are skipped and
-counted, never fatal; `DataModule.skipped` holds the counts by reason.
+The order of training batches is a pure function of (seed, step): batch k is slice k of a seeded
+permutation of the data (a new permutation per epoch), and under DDP each rank takes its share of
+that global batch. A resumed run therefore continues exactly where the killed one stopped, and a
+2-process run sees the same global batches as a 1-process run.
+
+Rows that cannot be used (unreadable, truncated or missing image files, no usable caption) are
+skipped and counted, never fatal; each batch reports its skipped rows (`skipped`: [(row, reason)]).
 """
 
 from __future__ import annotations
 
-import random
-from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mmfusion.config import DataConfig
 from mmfusion.data.datasets import load_captioned
+from mmfusion.errors import UserError
 from mmfusion.tokenizers.image import to_tensor
 from mmfusion.tokenizers.text import TextTokenizer, clean_text
 
 
 class CaptionedImages(Dataset):
-    """Image tensor in [-1, 1], one caption (token ids) drawn at random per access, label, skip reason."""
+    """Row i -> image tensor in [-1, 1] (or precomputed tokens), every usable caption as token ids,
+    label and index; or `{"skip": reason}` for a row that cannot be used."""
 
-    def __init__(
-        self, ds: Any, tokenizer: TextTokenizer | None, image_size: int, max_text_len: int, hflip: bool = False
-    ) -> None:
+    def __init__(self, ds: Any, tokenizer: TextTokenizer | None, image_size: int, max_text_len: int) -> None:
         self.has_tokens = "tokens" in ds.column_names
         if self.has_tokens and "image" in ds.column_names:
             ds = ds.remove_columns("image")  # precomputed tokens: never decode the image again
-        self.ds, self.tok, self.size, self.max_len, self.hflip = ds, tokenizer, image_size, max_text_len, hflip
+        self.ds, self.tok, self.size, self.max_len = ds, tokenizer, image_size, max_text_len
         self.has_label = "label" in ds.column_names
 
     def __len__(self) -> int:
@@ -41,39 +45,82 @@ class CaptionedImages(Dataset):
         try:
             row = self.ds[i]
         except Exception as err:  # unreadable / truncated / missing image file
-            return {"skip": f"unreadable image ({type(err).__name__})"}
-        item: dict[str, Any] = {"label": int(row["label"]) if self.has_label else -1}
+            return {"skip": f"unreadable image ({type(err).__name__})", "index": i}
+        item: dict[str, Any] = {"index": i, "label": int(row["label"]) if self.has_label else -1}
         if self.has_tokens:
             item["tokens"] = torch.as_tensor(np.asarray(row["tokens"], dtype=np.float32))
         else:
             try:
-                image = row["image"]
-                image.load()
-                item["image"] = to_tensor(image, self.size)
+                item["image"] = to_tensor(row["image"], self.size)
             except Exception as err:
-                return {"skip": f"unreadable image ({type(err).__name__})"}
-            if self.hflip and random.random() < 0.5:
-                item["image"] = item["image"].flip(-1)
-        captions = [c for c in (clean_text(c) for c in row.get("captions") or []) if c]
+                return {"skip": f"unreadable image ({type(err).__name__})", "index": i}
         if self.tok is not None:
-            if not captions:
-                return {"skip": "no usable caption"}
-            item["caption"] = self.tok.encode(random.choice(captions), self.max_len)
+            texts = [c for c in (clean_text(c) for c in (row.get("captions") or [])) if c]
+            if not texts:
+                return {"skip": "no usable caption", "index": i}
+            item["captions"] = [self.tok.encode(c, self.max_len) for c in texts]
         return item
 
 
 def collate_items(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack usable items; skipped ones are only counted (`skipped`: reason -> count)."""
+    """Stack usable items; skipped ones are only reported (`skipped`: [(row index, reason)])."""
     good = [x for x in items if "skip" not in x]
-    batch: dict[str, Any] = {"skipped": Counter(x["skip"] for x in items if "skip" in x)}
+    batch: dict[str, Any] = {"skipped": [(x["index"], x["skip"]) for x in items if "skip" in x]}
     if good and "image" in good[0]:
         batch["images"] = torch.stack([x["image"] for x in good])
     if good and "tokens" in good[0]:
         batch["tokens"] = torch.stack([x["tokens"] for x in good])
-    batch["captions"] = [x.get("caption", []) for x in good]
+    batch["captions"] = [x.get("captions", [[]]) for x in good]
     batch["labels"] = [x["label"] for x in good]
+    batch["index"] = [x["index"] for x in good]
     batch["size"] = len(good)
     return batch
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Batches of indices as a pure function of the step: batch k of rank r is the r-th share of
+    slice k of permutation(seed, epoch = k // steps_per_epoch).
+
+    Iteration starts at `start_step` and never goes back: a second pass (Lightning starting a new
+    "epoch") continues where the first one stopped. `len` is the run's nominal total, so a resumed
+    run, which Lightning counts from its restored batch position, ends its epoch where the
+    uninterrupted run would.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        start_step: int = 0,
+        total_steps: int = 10**9,
+        world_size: int = 1,
+        rank: int = 0,
+    ) -> None:
+        self.n, self.batch, self.seed = n, batch_size, seed
+        self.start, self.total, self.world, self.rank = start_step, total_steps, world_size, rank
+        self.global_batch = batch_size * world_size
+        if n < self.global_batch:
+            raise UserError(
+                f"the training split has {n} usable rows, fewer than one global batch "
+                f"({self.global_batch}): lower data.batch_size"
+            )
+        self.steps_per_epoch = n // self.global_batch
+
+    def indices(self, step: int) -> list[int]:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        chunk = perm[k * self.global_batch : (k + 1) * self.global_batch]
+        return chunk[self.rank * self.batch : (self.rank + 1) * self.batch].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            step = self.start
+            self.start += 1
+            yield self.indices(step)
+
+    def __len__(self) -> int:
+        return self.total
 
 
 class MMFusionDataModule(L.LightningDataModule):
@@ -84,10 +131,13 @@ class MMFusionDataModule(L.LightningDataModule):
         run_dir: str | Path,
         tokenizer: TextTokenizer | None = None,
         need_text: bool = True,
+        seed: int = 0,
+        total_steps: int = 10**9,
     ) -> None:
         super().__init__()
         self.cfg, self.image_size, self.run_dir = cfg, image_size, Path(run_dir)
         self.tokenizer, self.need_text = tokenizer, need_text
+        self.seed, self.total_steps = seed, total_steps
         self.data = None
 
     def load(self) -> Any:
@@ -117,30 +167,27 @@ class MMFusionDataModule(L.LightningDataModule):
                 self.tokenizer = TextTokenizer.from_file(self.cfg.tokenizer, max_len=self.cfg.max_text_len)
             else:
                 train = self.load()[self.cfg.train_split]
-                texts = (c for caps in train["captions"] for c in caps)
+                texts = (clean_text(c) for caps in train["captions"] for c in (caps or []))
                 self.tokenizer = TextTokenizer.train(texts, self.cfg.vocab_size, self.cfg.max_text_len)
         return self.tokenizer
 
     def dataset(self, split: str) -> CaptionedImages:
         data = self.load()
         if split not in data:
-            raise KeyError(f"split {split!r} not in data set (has: {', '.join(data)})")
+            raise UserError(f"split {split!r} not in the data set (it has: {', '.join(data)}); set data.train_split")
         tok = self.text_tokenizer() if self.need_text else None
-        return CaptionedImages(
-            data[split],
-            tok,
-            self.image_size,
-            self.cfg.max_text_len,
-            hflip=self.cfg.hflip and split == self.cfg.train_split,
-        )
+        return CaptionedImages(data[split], tok, self.image_size, self.cfg.max_text_len)
 
     def train_dataloader(self) -> DataLoader:
+        ds = self.dataset(self.cfg.train_split)
+        trainer = getattr(self, "trainer", None)
+        start = trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else 0
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = StepBatchSampler(len(ds), self.cfg.batch_size, self.seed, start, self.total_steps, world, rank)
         return DataLoader(
-            self.dataset(self.cfg.train_split),
-            batch_size=self.cfg.batch_size,
-            shuffle=True,
+            ds,
+            batch_sampler=sampler,
             num_workers=self.cfg.num_workers,
             collate_fn=collate_items,
-            drop_last=True,
             persistent_workers=self.cfg.num_workers > 0,
         )

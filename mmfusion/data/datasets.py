@@ -58,12 +58,15 @@ def _imagefolder(path: Path) -> datasets.DatasetDict:
     for meta in metas:
         split = meta.parent.name if meta.parent != path else "train"
         split = KARPATHY_SPLITS.get(split, split)
-        for line in meta.read_text().splitlines():
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            caps = row.get("captions") or [row.get("text", "")]
-            splits[split].append({"image": str(meta.parent / row["file_name"]), "captions": caps})
+        for line in meta.read_bytes().decode("utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+                name = row["file_name"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a blank or malformed metadata line: no row
+            caps = row.get("captions") or [row.get("text") or ""]
+            caps = [c if isinstance(c, str) else str(c) for c in (caps if isinstance(caps, list) else [caps])]
+            splits[split].append({"image": str(meta.parent / name), "captions": caps})
     return datasets.DatasetDict({k: _with_images(v) for k, v in splits.items()})
 
 

@@ -19,6 +19,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "blue": (40, 80, 220),
     "yellow": (235, 200, 30),
 }
+# colours outside the default palette, for shifted data sets (e.g. LoRA on a new colour)
+EXTRA_COLOURS: dict[str, tuple[int, int, int]] = {"purple": (150, 40, 170), "orange": (245, 130, 20)}
+ALL_COLOURS = {**COLOURS, **EXTRA_COLOURS}
 SHAPES = ("circle", "square", "triangle")
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
@@ -92,7 +95,7 @@ def draw_scene(scene: Scene, size: int) -> Image.Image:
     draw = ImageDraw.Draw(img)
     for obj in scene.objects:
         x0, y0, x1, y1 = obj.bbox()
-        fill = COLOURS[obj.colour]
+        fill = ALL_COLOURS[obj.colour]
         if obj.shape == "circle":
             draw.ellipse((x0, y0, x1, y1), fill=fill)
         elif obj.shape == "square":
@@ -103,24 +106,26 @@ def draw_scene(scene: Scene, size: int) -> Image.Image:
 
 
 def _object(
-    rng: np.random.Generator, size: int, lo: float, hi: float, colour: str | None = None, shape: str | None = None
+    rng: np.random.Generator, size: int, lo: float, hi: float, colours: tuple[str, ...]
 ) -> tuple[str, str, int]:
-    colour = colour or str(rng.choice(list(COLOURS)))
-    shape = shape or str(rng.choice(SHAPES))
+    colour = str(rng.choice(list(colours)))
+    shape = str(rng.choice(SHAPES))
     side = int(rng.integers(round(lo * size), round(hi * size) + 1))
     return colour, shape, side
 
 
-def random_scene(rng: np.random.Generator, size: int = 32, pair_fraction: float = 0.5) -> Scene:
+def random_scene(
+    rng: np.random.Generator, size: int = 32, pair_fraction: float = 0.5, colours: tuple[str, ...] = tuple(COLOURS)
+) -> Scene:
     """One or two objects at random; a pair is placed so that its relation is unambiguous."""
     if rng.random() >= pair_fraction:
-        colour, shape, side = _object(rng, size, 0.34, 0.56)
+        colour, shape, side = _object(rng, size, 0.34, 0.56, colours)
         cx = rng.uniform(side / 2 + 1, size - side / 2 - 1)
         cy = rng.uniform(side / 2 + 1, size - side / 2 - 1)
         return Scene((ShapeObject(colour, shape, cx, cy, side),))
-    (ca, sa, da), (cb, sb, db) = _object(rng, size, 0.25, 0.38), _object(rng, size, 0.25, 0.38)
+    (ca, sa, da), (cb, sb, db) = _object(rng, size, 0.25, 0.38, colours), _object(rng, size, 0.25, 0.38, colours)
     while (cb, sb) == (ca, sa):  # two identical objects would make the caption ambiguous
-        cb, sb, db = _object(rng, size, 0.25, 0.38)
+        cb, sb, db = _object(rng, size, 0.25, 0.38, colours)
     relation = str(rng.choice(RELATIONS))
     gap = max(2.0, 0.08 * size)
     # along the relation axis: a first, then b, at least `gap` apart; across it: nearly aligned
@@ -142,7 +147,7 @@ def random_scene(rng: np.random.Generator, size: int = 32, pair_fraction: float 
 
 def class_label(scene: Scene) -> int:
     """Class index colour x shape (0..11) of a one-object scene, -1 for pairs."""
-    if len(scene.objects) != 1:
+    if len(scene.objects) != 1 or scene.objects[0].colour not in COLOURS:
         return -1
     obj = scene.objects[0]
     return list(COLOURS).index(obj.colour) * len(SHAPES) + SHAPES.index(obj.shape)
@@ -152,10 +157,20 @@ def class_names() -> list[str]:
     return [f"{c} {s}" for c in COLOURS for s in SHAPES]
 
 
-def render_example(seed: int, split: str, index: int, size: int = 32, pair_fraction: float = 0.5) -> dict:
+def render_example(
+    seed: int,
+    split: str,
+    index: int,
+    size: int = 32,
+    pair_fraction: float = 0.5,
+    colours: tuple[str, ...] = tuple(COLOURS),
+) -> dict:
     """Example `index` of `split`: image, captions and the scene that produced them."""
+    unknown = [c for c in colours if c not in ALL_COLOURS]
+    if unknown:
+        raise ValueError(f"unknown colour {unknown[0]!r}; known: {', '.join(ALL_COLOURS)}")
     rng = np.random.default_rng([seed, SPLIT_OFFSET[split], index])
-    scene = random_scene(rng, size, pair_fraction)
+    scene = random_scene(rng, size, pair_fraction, tuple(colours))
     return {
         "image": draw_scene(scene, size),
         "captions": scene.captions(rng),
@@ -173,8 +188,10 @@ def build_shapes(
     n_val: int | None = None,
     n_test: int | None = None,
     pair_fraction: float = 0.5,
+    colours: tuple[str, ...] = tuple(COLOURS),
 ):  # noqa: ANN201
-    """A `datasets.DatasetDict` with train / validation / test splits of rendered scenes."""
+    """A `datasets.DatasetDict` with train / validation / test splits of rendered scenes
+    (`colours`: the palette drawn from, e.g. ("purple",) for a shifted set)."""
     import datasets
 
     if size not in (32, 64):
@@ -204,7 +221,7 @@ def build_shapes(
     )
     splits = {}
     for split, count in sizes.items():
-        rows = [render_example(seed, split, i, size, pair_fraction) for i in range(count)]
+        rows = [render_example(seed, split, i, size, pair_fraction, colours) for i in range(count)]
         splits[split] = datasets.Dataset.from_list(rows, features=features)
     return datasets.DatasetDict(splits)
 

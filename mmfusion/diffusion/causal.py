@@ -91,6 +91,7 @@ def add_image(
     reads the whole clean image). `loss_scale` multiplies the loss weights of this image. Returns the
     builder, positioned after the image.
     """
+    tokens = tokens.float()
     n = tokens.shape[0]
     steps = ar_steps or sample_ar_steps(n, cfg.gamma, generator, cfg.max_ar_steps)
     sizes = random_group_sizes(n, steps, generator)

@@ -31,6 +31,11 @@ class SamplerSettings:
     cfg_interval: tuple[float, float] = (0.0, 1.0)  # guide only where t / T lies in [lo, hi]
     cfg_until_step: int | None = None  # no guidance after this AR step (1-based)
     eta: float = 0.0  # DDIM stochasticity
+    # discrete (Token-Shuffle) path: autoregressive sampling of codes
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1: no nucleus filter
+    cfg_schedule: str = "constant"  # constant | linear | cosine ramp of the guidance over the token index
 
     def guides(self, t: int, ar_step: int, num_train_timesteps: int) -> bool:
         if self.cfg_scale == 1.0:

@@ -15,10 +15,8 @@ from itertools import permutations
 
 import numpy as np
 
-from mmfusion.data.shapes import COLOURS, RELATIONS, SHAPES
+from mmfusion.data.shapes import ALL_COLOURS, COLOURS, RELATIONS, SHAPES
 
-_PALETTE = np.array([(255, 255, 255), *COLOURS.values()], dtype=np.float32)  # 0 = white
-_NAMES = ["white", *COLOURS]
 _PROMPT = re.compile(
     r"^a (?P<c1>\w+) (?P<s1>\w+)(?: (?P<rel>" + "|".join(RELATIONS) + r") a (?P<c2>\w+) (?P<s2>\w+))?$"
 )
@@ -33,11 +31,11 @@ class Prompt:
     def parse(cls, text: str) -> Prompt:
         """Parse a plain shapes prompt: `a red circle` or `a red circle to the left of a blue square`."""
         m = _PROMPT.match(text.strip().lower())
-        if not m or m["c1"] not in COLOURS or m["s1"] not in SHAPES:
+        if not m or m["c1"] not in ALL_COLOURS or m["s1"] not in SHAPES:
             raise ValueError(f"not a plain shapes prompt: {text!r}")
         if m["rel"] is None:
             return cls(((m["c1"], m["s1"]),))
-        if m["c2"] not in COLOURS or m["s2"] not in SHAPES:
+        if m["c2"] not in ALL_COLOURS or m["s2"] not in SHAPES:
             raise ValueError(f"not a plain shapes prompt: {text!r}")
         return cls(((m["c1"], m["s1"]), (m["c2"], m["s2"])), m["rel"])
 
@@ -71,9 +69,15 @@ class Verdict:
         return d
 
 
-def classify_pixels(img: np.ndarray, max_dist: float = 110.0) -> np.ndarray:
-    """(H, W, 3) uint8 -> labels: 0 white, 1..4 palette colours, -1 anything else."""
-    d = np.linalg.norm(img[:, :, None, :].astype(np.float32) - _PALETTE[None, None], axis=-1)
+def palette_for(prompt: Prompt) -> list[str]:
+    """The default colours, plus any extra colour (purple, ...) the prompt names."""
+    return [*COLOURS, *sorted({c for c, _ in prompt.objects if c not in COLOURS})]
+
+
+def classify_pixels(img: np.ndarray, names: list[str], max_dist: float = 110.0) -> np.ndarray:
+    """(H, W, 3) uint8 -> labels: 0 white, i >= 1 the colour names[i - 1], -1 anything else."""
+    palette = np.array([(255, 255, 255), *(ALL_COLOURS[n] for n in names)], dtype=np.float32)
+    d = np.linalg.norm(img[:, :, None, :].astype(np.float32) - palette[None, None], axis=-1)
     labels = d.argmin(-1)
     labels[d.min(-1) > max_dist] = -1
     return labels
@@ -129,19 +133,20 @@ def classify_shape(pts: np.ndarray) -> str:
     return "?"
 
 
-def find_blobs(img: np.ndarray, min_area_frac: float = 0.02) -> tuple[list[Blob], int]:
+def find_blobs(img: np.ndarray, names: list[str] | None = None, min_area_frac: float = 0.02) -> tuple[list[Blob], int]:
     """Objects of plausible size, and the number of stray coloured pixels away from them."""
-    labels = classify_pixels(img)
+    names = names or list(COLOURS)
+    labels = classify_pixels(img, names)
     h, w = labels.shape
     blobs, keep = [], np.zeros((h, w), dtype=bool)
-    for lab in range(1, len(_NAMES)):
+    for lab in range(1, len(names) + 1):
         for pts in _components(labels == lab):
             if len(pts) < min_area_frac * h * w:
                 continue
             keep[pts[:, 0], pts[:, 1]] = True
             blobs.append(
                 Blob(
-                    _NAMES[lab],
+                    names[lab - 1],
                     len(pts),
                     float(pts[:, 1].mean()),
                     float(pts[:, 0].mean()),
@@ -172,7 +177,7 @@ def check_image(img: np.ndarray | object, prompt: str | Prompt, max_stray_frac: 
     """Judge one generated image (H, W, 3 uint8 array or PIL image) against a plain shapes prompt."""
     img = np.asarray(img.convert("RGB") if hasattr(img, "convert") else img)
     p = Prompt.parse(prompt) if isinstance(prompt, str) else prompt
-    blobs, stray = find_blobs(img)
+    blobs, stray = find_blobs(img, palette_for(p))
     size = img.shape[0]
     clean = stray <= max_stray_frac * img.shape[0] * img.shape[1]
     count = len(blobs) == len(p.objects)

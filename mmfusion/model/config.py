@@ -41,8 +41,12 @@ class ModelConfig:
     num_classes: int = 0
     class_tokens: int = 4
     class_repeat: int = 16
-    # discrete image path (Token-Shuffle); 0 disables it
-    image_codebook_size: int = 0
+    # discrete image path (Token-Shuffle): set from the VQ tokenizer; 0 means continuous tokens
+    image_codebook_size: int = 0  # K codes (2^bits for a binary quantiser)
+    code_bits: int = 0  # d > 0: codes are d-bit binary codes (lookup-free quantiser)
+    bitwise_head: bool = True  # with bits: d binary classifiers (Infinity) instead of a 2^d-way softmax
+    shuffle: int = 1  # s: each transformer token fuses an s x s window of codes
+    code_dim: int | None = None  # width of one code's embedding (default: dim // s^2, at least 16)
 
     def __post_init__(self) -> None:
         if self.attn_head_dim is None and self.dim % self.n_heads:
@@ -52,6 +56,8 @@ class ModelConfig:
         if self.image_pos_embed not in ("sincos", "learned"):
             raise ValueError(f"image_pos_embed must be 'sincos' or 'learned', got {self.image_pos_embed!r}")
         object.__setattr__(self, "image_grid", tuple(self.image_grid))
+        if self.shuffle not in (1, 2, 4):
+            raise ValueError(f"shuffle must be 1, 2 or 4, got {self.shuffle}")
 
     @property
     def head_dim(self) -> int:
@@ -67,6 +73,19 @@ class ModelConfig:
             return self.hidden_dim
         hidden = int(8 * self.dim / 3)
         return self.multiple_of * -(-hidden // self.multiple_of)
+
+    @property
+    def discrete(self) -> bool:
+        return self.image_codebook_size > 0
+
+    @property
+    def code_width(self) -> int:
+        """Codes per fused token: s^2 (0 for continuous tokens)."""
+        return self.shuffle * self.shuffle if self.discrete else 0
+
+    @property
+    def code_embed_dim(self) -> int:
+        return self.code_dim or max(16, self.dim // (self.shuffle * self.shuffle))
 
     @property
     def num_image_tokens(self) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-PAD, TEXT, CLEAN, NOISY = 0, 1, 2, 3
+PAD, TEXT, CLEAN, NOISY, CODE = 0, 1, 2, 3, 4  # CODE: a fused token of discrete image codes (causal)
 
 
 def generalized_causal_mask(kind: torch.Tensor, group: torch.Tensor, text_sees_noisy: bool = False) -> torch.Tensor:
@@ -22,6 +22,7 @@ def generalized_causal_mask(kind: torch.Tensor, group: torch.Tensor, text_sees_n
         noisy group s (bidirectional), never its own clean copy nor any later group;
       * text after the image sees the clean image tokens, and the noisy ones only when
         `text_sees_noisy` (the Transfusion baseline, which has no clean copy);
+      * discrete image tokens (CODE, Token-Shuffle) are plain next-token tokens, causal like text;
       * padding is seen by nobody and sees only itself, so no row of the mask is empty.
     """
     n = kind.shape[1]
@@ -29,8 +30,8 @@ def generalized_causal_mask(kind: torch.Tensor, group: torch.Tensor, text_sees_n
     causal = (idx[:, None] >= idx[None, :])[None]  # (1, L, L): key at or before query
     qk, kk = kind[:, :, None], kind[:, None, :]
     qg, kg = group[:, :, None], group[:, None, :]
-    q_text, q_clean, q_noisy = qk == TEXT, qk == CLEAN, qk == NOISY
-    sees_text = (kk == TEXT) & causal & (qk != PAD)
+    q_text, q_clean, q_noisy = (qk == TEXT) | (qk == CODE), qk == CLEAN, qk == NOISY
+    sees_text = ((kk == TEXT) | (kk == CODE)) & causal & (qk != PAD)
     sees_clean = (kk == CLEAN) & ((q_text & causal) | (q_clean & (kg <= qg)) | (q_noisy & (kg < qg)))
     sees_noisy = (kk == NOISY) & ((q_noisy & (kg == qg)) | (q_text & causal & text_sees_noisy))
     eye = torch.eye(n, dtype=torch.bool, device=kind.device)[None]

@@ -10,8 +10,9 @@ from torch import nn
 
 from mmfusion.model.cache import KVCache
 from mmfusion.model.config import ModelConfig
-from mmfusion.model.masks import CLEAN, NOISY
+from mmfusion.model.masks import CLEAN, CODE, NOISY
 from mmfusion.model.sequence import TokenBatch
+from mmfusion.model.token_shuffle import TokenShuffle, TokenUnshuffle
 from mmfusion.model.transformer import Transformer
 
 
@@ -69,6 +70,9 @@ class MMFusionModel(nn.Module):
         self.backbone = Transformer(cfg)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.image_head = nn.Linear(cfg.dim, cfg.image_token_dim)
+        if cfg.discrete:  # Token-Shuffle path for discrete image codes
+            self.shuffle_in = TokenShuffle(cfg)
+            self.shuffle_out = TokenUnshuffle(cfg)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -104,6 +108,10 @@ class MMFusionModel(nn.Module):
                 + self.time_embed(batch.t[is_image])
             )
             x = x.index_put((is_image,), img.to(x.dtype))
+        is_code = batch.kind == CODE
+        if is_code.any():
+            code = self.shuffle_in(batch.codes[is_code]) + self.pos_embed[batch.image_pos[is_code]]
+            x = x.index_put((is_code,), code.to(x.dtype))
         return x
 
     def forward(
@@ -139,6 +147,10 @@ class MMFusionModel(nn.Module):
 
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._head(self.lm_head, hidden)
+
+    def code_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, dim) -> logits (n, s^2, K) over the codebook, or (n, s^2, d) bit logits (bitwise heads)."""
+        return self._head(self.shuffle_out.head, self.shuffle_out.slots(hidden))
 
     def image_output(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._head(self.image_head, hidden)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmfusion.model.masks import CLEAN, NOISY, PAD, TEXT, generalized_causal_mask
+from mmfusion.model.masks import CLEAN, CODE, NOISY, PAD, TEXT, generalized_causal_mask
 
 IGNORE = -100
 
@@ -21,7 +21,7 @@ IGNORE = -100
 class TokenBatch:
     """A padded batch of interleaved sequences (B, L); image fields are zero at text positions."""
 
-    kind: torch.Tensor  # (B, L) PAD / TEXT / CLEAN / NOISY
+    kind: torch.Tensor  # (B, L) PAD / TEXT / CLEAN / NOISY / CODE
     ids: torch.Tensor  # (B, L) text (or class-token) ids
     values: torch.Tensor  # (B, L, C) continuous image tokens (clean or noised)
     image_pos: torch.Tensor  # (B, L) index of the token in the image grid
@@ -31,6 +31,8 @@ class TokenBatch:
     labels: torch.Tensor | None = None  # (B, L) next text token to predict, IGNORE elsewhere
     targets: torch.Tensor | None = None  # (B, L, C) diffusion regression targets at noisy tokens
     weights: torch.Tensor | None = None  # (B, L) image loss weights, 0 where there is no image loss
+    codes: torch.Tensor | None = None  # (B, L, W) the s*s image codes a CODE token fuses (Token-Shuffle)
+    code_labels: torch.Tensor | None = None  # (B, L, W) codes of the next fused token, IGNORE elsewhere
 
     def mask(self, text_sees_noisy: bool = False) -> torch.Tensor:
         return generalized_causal_mask(self.kind, self.group, text_sees_noisy)
@@ -48,12 +50,12 @@ class TokenBatch:
 class SequenceBuilder:
     """Builds one sample left to right: text pieces and image blocks."""
 
-    def __init__(self, token_dim: int, start_position: int = 0, image_span: int = 1) -> None:
+    def __init__(self, token_dim: int, start_position: int = 0, image_span: int = 1, code_width: int = 0) -> None:
         self.token_dim = token_dim
+        self.code_width = code_width
         self.position = start_position
         self.image_span = image_span
         self.parts: dict[str, list[torch.Tensor]] = {f.name: [] for f in dataclasses.fields(TokenBatch)}
-        self.last_text_loss_slot: int | None = None
         self.length = 0
 
     def _add(
@@ -70,6 +72,8 @@ class SequenceBuilder:
         labels=None,
         targets=None,
         weights=None,
+        codes=None,
+        code_labels=None,
     ) -> None:
         def full(v, fill, dtype=torch.long):  # noqa: ANN001, ANN202
             return torch.full((n,), fill, dtype=dtype) if v is None else torch.as_tensor(v)
@@ -85,6 +89,9 @@ class SequenceBuilder:
         p["labels"].append(full(labels, IGNORE))
         p["targets"].append(torch.zeros(n, self.token_dim) if targets is None else targets.float())
         p["weights"].append(full(weights, 0.0, torch.float))
+        w = self.code_width
+        p["codes"].append(torch.zeros(n, w, dtype=torch.long) if codes is None else codes.long())
+        p["code_labels"].append(torch.full((n, w), IGNORE, dtype=torch.long) if code_labels is None else code_labels)
         self.length += n
 
     def text(self, ids: list[int], loss: bool = False) -> SequenceBuilder:
@@ -95,18 +102,52 @@ class SequenceBuilder:
         if loss:
             if self.length == 0:
                 raise ValueError("a text loss needs at least one token before the predicted text")
-            self._set_last_label(ids[0])
+            self._set_last("labels", ids[0])
         labels = list(ids[1:]) + [IGNORE] if loss else None
         positions = torch.arange(self.position, self.position + n)
         self._add(n, kind=TEXT, ids=torch.tensor(ids, dtype=torch.long), positions=positions, labels=labels)
         self.position += n
         return self
 
-    def _set_last_label(self, token: int) -> None:
-        for part in reversed(self.parts["labels"]):
+    def _set_last(self, name: str, value: object) -> None:
+        """Set field `name` of the last token appended so far."""
+        for part in reversed(self.parts[name]):
             if len(part):
-                part[-1] = token
+                part[-1] = torch.as_tensor(value)
                 return
+
+    def codes(
+        self,
+        codes: torch.Tensor,
+        image_pos: torch.Tensor,
+        loss_weight: float | None = None,
+        inputs: torch.Tensor | None = None,
+    ) -> SequenceBuilder:
+        """Append fused discrete image tokens (n, W) at consecutive positions, like text. With
+        `loss_weight`, the token before each learns to predict its W codes (next-token loss);
+        `inputs` replaces the codes fed in (e.g. with flipped bits) while the targets stay `codes`."""
+        n = codes.shape[0]
+        labels, weights = None, None
+        if loss_weight is not None:
+            if self.length == 0:
+                raise ValueError("an image-code loss needs at least one token before the codes")
+            self._set_last("code_labels", codes[0])
+            self._set_last("weights", loss_weight)
+            labels = torch.cat([codes[1:], torch.full((1, codes.shape[1]), IGNORE, dtype=torch.long)])
+            weights = torch.full((n,), float(loss_weight))
+            weights[-1] = 0.0
+        positions = torch.arange(self.position, self.position + n)
+        self._add(
+            n,
+            kind=CODE,
+            image_pos=image_pos,
+            positions=positions,
+            codes=codes if inputs is None else inputs,
+            code_labels=labels,
+            weights=weights,
+        )
+        self.position += n
+        return self
 
     def image(
         self,
@@ -150,6 +191,7 @@ def collate(samples: list[dict[str, torch.Tensor]], pad_to: int | None = None) -
     length = max(s["kind"].shape[0] for s in samples)
     length = max(length, pad_to or 0)
     fills = {
+        "code_labels": IGNORE,
         "kind": PAD,
         "ids": 0,
         "image_pos": 0,
@@ -160,7 +202,7 @@ def collate(samples: list[dict[str, torch.Tensor]], pad_to: int | None = None) -
         "weights": 0.0,
     }
     out = {}
-    for name in fills | {"values": 0, "targets": 0}:
+    for name in fills | {"values": 0, "targets": 0, "codes": 0}:
         rows = []
         for s in samples:
             v = s[name]
@@ -172,4 +214,4 @@ def collate(samples: list[dict[str, torch.Tensor]], pad_to: int | None = None) -
     return TokenBatch(**out)
 
 
-__all__ = ["CLEAN", "IGNORE", "NOISY", "PAD", "TEXT", "SequenceBuilder", "TokenBatch", "collate"]
+__all__ = ["CLEAN", "CODE", "IGNORE", "NOISY", "PAD", "TEXT", "SequenceBuilder", "TokenBatch", "collate"]

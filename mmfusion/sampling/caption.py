@@ -13,6 +13,7 @@ import torch
 from mmfusion.model.masks import CLEAN
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.model.sequence import SequenceBuilder, collate
+from mmfusion.model.token_shuffle import fuse_grid
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,17 @@ class CaptionDecoder:
         self.model, self.bos, self.boi, self.eoi, self.eos = model, bos, boi, eoi, eos
 
     def _prefix_rows(self, tokens: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        cfg = self.model.cfg
+        if cfg.discrete:  # code grids (B, h, w) -> fused code tokens
+            fused = fuse_grid(tokens.long(), cfg.shuffle)
+            return [
+                SequenceBuilder(0, code_width=cfg.code_width)
+                .text([self.bos, self.boi])
+                .codes(x, torch.arange(len(x)))
+                .text([self.eoi])
+                .tensors()
+                for x in fused
+            ]
         n = tokens.shape[1]
         rows = []
         for x in tokens:
@@ -136,7 +148,8 @@ class CaptionDecoder:
 
 def _extend(row: dict[str, torch.Tensor], ids: list[int], position: int) -> dict[str, torch.Tensor]:
     """Prefix row plus decoded ids (the uncached reference path)."""
-    tail = SequenceBuilder(row["values"].shape[-1], start_position=position).text(ids).tensors()
+    tail = SequenceBuilder(row["values"].shape[-1], start_position=position, code_width=row["codes"].shape[-1])
+    tail = tail.text(ids).tensors()
     return {k: torch.cat([row[k], tail[k]]) for k in row}
 
 

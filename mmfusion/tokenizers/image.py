@@ -154,15 +154,39 @@ def build_image_tokenizer(cfg: ImageTokenizerConfig) -> nn.Module:
         return PixelTokenizer(cfg)
     if cfg.kind == "vae":
         return VAETokenizer(cfg)
+    if cfg.kind == "vq":
+        from mmfusion.tokenizers.vq import VQTokenizer
+
+        return VQTokenizer(cfg)
     raise UserError(f"unknown image tokenizer kind {cfg.kind!r}: use pixels or vae (vq for Token-Shuffle)")
 
 
-def to_tensor(image: Any, size: int) -> torch.Tensor:
-    """A PIL image -> (3, size, size) float tensor in [-1, 1] (RGB, resized with bicubic filter)."""
+def to_rgb(image: Any) -> Any:
+    """Any PIL image -> 8-bit RGB: transparency is composited on white, 16-bit / float images are
+    rescaled to 0..255, palette and grayscale images are expanded."""
     import numpy as np
     from PIL import Image
 
-    img = image.convert("RGB")
+    image.load()
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        image = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def to_tensor(image: Any, size: int) -> torch.Tensor:
+    """A PIL image -> (3, size, size) float tensor in [-1, 1] (RGB, resized with a bicubic filter)."""
+    import numpy as np
+    from PIL import Image
+
+    img = to_rgb(image)
     if img.size != (size, size):
         img = img.resize((size, size), Image.BICUBIC)
     arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())

@@ -91,7 +91,9 @@ def finetune(
     trainable, total = parameter_counts(net)
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     module = MMFusionModule(cfg, pipe.text_tokenizer, model=net, image_tokenizer=pipe.image_tokenizer)
-    datamodule = MMFusionDataModule(cfg.data, cfg.image.image_size, out / "run", tokenizer=pipe.text_tokenizer)
+    datamodule = MMFusionDataModule(
+        cfg.data, cfg.image.image_size, out / "run", tokenizer=pipe.text_tokenizer, seed=seed, total_steps=steps
+    )
     start = time.perf_counter()
     trainer = build_trainer(cfg, out / "run", choose_precision(precision), enable_checkpointing=False)
     trainer.fit(module, datamodule=datamodule)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections import Counter
+from collections import defaultdict
 from typing import Any
 
 import lightning as L
@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from mmfusion.config import RunConfig
+from mmfusion.errors import UserError
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.tokenizers.image import build_image_tokenizer
@@ -19,11 +20,26 @@ from mmfusion.tokenizers.text import TextTokenizer
 from mmfusion.training.objective import JointObjective
 
 
+class TrainingDiverged(UserError):
+    """Too many non-finite losses in a row."""
+
+
 def resolve_model_config(cfg: RunConfig, image_tokenizer: Any, vocab_size: int) -> ModelConfig:
     """The model config with the dimensions that follow from the tokenizers filled in."""
     num_classes = cfg.model.num_classes
     if cfg.objective.condition == "class" and not num_classes:
         raise ValueError("class-conditional training needs model.num_classes > 0")
+    if getattr(image_tokenizer, "codebook_size", 0):  # discrete codes: Token-Shuffle path
+        (h, w), s = image_tokenizer.grid, cfg.model.shuffle
+        if h % s or w % s:
+            raise ValueError(f"the {h}x{w} code grid is not divisible by shuffle={s}")
+        return cfg.model.replace(
+            vocab_size=vocab_size,
+            image_codebook_size=image_tokenizer.codebook_size,
+            code_bits=image_tokenizer.bits,
+            image_grid=(h // s, w // s),
+            image_token_dim=1,
+        )
     return cfg.model.replace(
         vocab_size=vocab_size, image_token_dim=image_tokenizer.token_dim, image_grid=image_tokenizer.grid
     )
@@ -51,7 +67,9 @@ class MMFusionModule(L.LightningModule):
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if cfg.train.ema_decay > 0 else None
         t = text_tokenizer
         self.objective = JointObjective(model_cfg, cfg.diffusion, cfg.objective, t.bos_id, t.eos_id, t.boi_id, t.eoi_id)
-        self.skipped: Counter[str] = Counter()
+        self.skipped: dict[str, set[int]] = defaultdict(set)  # reason -> rows skipped for it
+        self.nonfinite_total = 0
+        self.nonfinite_run = 0
         self.class_names: list[str] = []
 
     @property
@@ -61,20 +79,75 @@ class MMFusionModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.image_tokenizer.to(self.device)
 
+    def sample_generators(self, indices: list[int]) -> list[torch.Generator]:
+        """One generator per sample, seeded by (seed, step, row): the randomness of a sample does not
+        depend on the batch or the process it lands in, nor on whether the run was resumed."""
+        base = (self.cfg.train.seed * 1_000_003 + self.global_step) * 10_000_019
+        return [torch.Generator().manual_seed(base + int(i)) for i in indices]
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        self.skipped.update(batch["skipped"])
+        for row, reason in batch["skipped"]:
+            self.skipped[reason].add(int(row))
         if batch["size"] == 0:
             return None
+        gens = self.sample_generators(batch["index"])
         tokens = batch.get("tokens")
         if tokens is None:
-            tokens = self.image_tokenizer.encode(batch["images"])
-        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.global_step)
-        seq = self.objective.build(tokens.float().cpu(), batch["captions"], batch["labels"], g).to(self.device)
+            images = batch["images"]
+            if self.cfg.data.hflip:
+                flip = torch.tensor([bool(torch.rand(1, generator=g) < 0.5) for g in gens], device=images.device)
+                images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+            tokens = self.image_tokenizer.encode(images)
+        captions = [caps[int(torch.randint(len(caps), (1,), generator=g))] for caps, g in zip(batch["captions"], gens)]
+        seq = self.objective.build(tokens.cpu(), captions, batch["labels"], gens).to(self.device)
         losses = self.objective.loss(self.model, seq)
+        if self._non_finite(losses["loss"]):
+            return None
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=True, batch_size=batch["size"])
         return losses["loss"]
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def _non_finite(self, loss: torch.Tensor) -> bool:
+        """Skip (and count) a step whose loss is NaN / inf on any rank; stop after too many in a row."""
+        bad = torch.tensor(0.0 if torch.isfinite(loss.detach()) else 1.0, device=loss.device)
+        if self._trainer is not None:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="max")
+        if not bad:
+            self.nonfinite_run = 0
+            return False
+        self.nonfinite_total += 1
+        self.nonfinite_run += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_total))
+        limit = self.cfg.train.max_nonfinite
+        if self.nonfinite_run >= limit:
+            raise TrainingDiverged(
+                f"the loss was not finite for {limit} steps in a row (step {self.global_step}); stopped. The last "
+                "checkpoint before it is intact: lower train.lr or raise train.grad_clip and resume with --resume"
+            )
+        return True
+
+    def skipped_summary(self) -> str:
+        """One line: how many distinct rows were skipped, and why."""
+        rows = set().union(*self.skipped.values()) if self.skipped else set()
+        reasons = ", ".join(f"{reason}: {len(r)}" for reason, r in sorted(self.skipped.items()))
+        return f"skipped {len(rows)} unusable rows ({reasons})" if rows else "no rows skipped"
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        skipped = {reason: sorted(rows) for reason, rows in self.skipped.items()}
+        checkpoint["mmfusion"] = {
+            "skipped": skipped,
+            "nonfinite_total": self.nonfinite_total,
+            "nonfinite_run": self.nonfinite_run,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        extra = checkpoint.get("mmfusion", {})
+        self.skipped = defaultdict(set, {k: set(v) for k, v in extra.get("skipped", {}).items()})
+        self.nonfinite_total = extra.get("nonfinite_total", 0)
+        self.nonfinite_run = extra.get("nonfinite_run", 0)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # the EMA moves right after the weights, before any callback (checkpointing) sees the step
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.update_ema()
 

@@ -18,6 +18,7 @@ from mmfusion.diffusion.config import DiffusionConfig
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.model.sequence import IGNORE, SequenceBuilder, TokenBatch, collate
+from mmfusion.model.token_shuffle import code_bits, fuse_grid
 
 
 class Prompts:
@@ -67,14 +68,21 @@ class JointObjective:
         tokens: torch.Tensor,
         captions: list[list[int]] | None = None,
         labels: list[int] | None = None,
-        generator: torch.Generator | None = None,
+        generators: torch.Generator | list[torch.Generator] | None = None,
     ) -> TokenBatch:
-        """A training batch from image tokens (B, N, C) and captions (token ids) or class labels."""
-        g = generator or torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+        """A training batch from image tokens (B, N, C) -- or, on the discrete path, code grids
+        (B, h, w) -- and captions (token ids) or class labels. `generators`: one per sample (or one
+        shared by all) for the random choices of the objective."""
+        if not isinstance(generators, list):
+            shared = generators or torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+            generators = [shared] * tokens.shape[0]
+        if self.model_cfg.discrete:
+            tokens = fuse_grid(tokens.long(), self.model_cfg.shuffle)  # (B, N', s^2)
         rows = []
         for i in range(tokens.shape[0]):
+            g = generators[i]
             u = torch.rand(2, generator=g).tolist()
-            b = SequenceBuilder(tokens.shape[-1], image_span=self.model_cfg.image_span)
+            b = self.builder(tokens.shape[-1])
             if self.obj.condition == "class":
                 drop = u[1] < self.obj.caption_dropout
                 b.text(self.prompts.classes(None if drop else labels[i]))
@@ -90,9 +98,19 @@ class JointObjective:
             rows.append(b.tensors())
         return collate(rows)
 
+    def builder(self, token_dim: int) -> SequenceBuilder:
+        cfg = self.model_cfg
+        if cfg.discrete:
+            return SequenceBuilder(0, code_width=cfg.code_width)
+        return SequenceBuilder(token_dim, image_span=cfg.image_span)
+
     def _image(
         self, b: SequenceBuilder, tokens: torch.Tensor, g: torch.Generator, caption_order: bool, weight: float = 1.0
     ) -> None:
+        if self.model_cfg.discrete:  # plain next-token prediction over fused code tokens
+            inputs = self._self_correction(tokens, g)
+            b.codes(tokens, torch.arange(tokens.shape[0]), loss_weight=weight, inputs=inputs)
+            return
         clean_last = caption_order and not self.text_sees_noisy
         add_image(
             b,
@@ -105,13 +123,23 @@ class JointObjective:
             loss_scale=weight,
         )
 
+    def _self_correction(self, codes: torch.Tensor, g: torch.Generator) -> torch.Tensor | None:
+        """Infinity's bitwise self-correction: flip a fraction of the input bits; targets stay true."""
+        p, d = self.obj.bit_flip, self.model_cfg.code_bits
+        if not (p and d):
+            return None
+        flips = torch.rand((*codes.shape, d), generator=g) < p
+        return codes ^ (flips.long() * (2 ** torch.arange(d))).sum(-1)
+
     def loss(self, model: MMFusionModel, batch: TokenBatch) -> dict[str, torch.Tensor]:
-        """Weighted diffusion loss on noisy tokens plus the weighted text loss."""
+        """Weighted image loss (diffusion regression, or code cross-entropy) plus the weighted text loss."""
         hidden = model(batch, mask=batch.mask(self.text_sees_noisy))
         out: dict[str, torch.Tensor] = {}
         noisy = batch.weights > 0
         zero = hidden.sum() * 0.0
-        if noisy.any():
+        if self.model_cfg.discrete:
+            out["image_loss"] = self._code_loss(model, hidden, batch) if noisy.any() else zero
+        elif noisy.any():
             pred = model.image_output(hidden[noisy])
             mse = (pred - batch.targets[noisy].to(pred.dtype)).pow(2).mean(-1)
             out["image_loss"] = (mse * batch.weights[noisy]).sum() / noisy.sum()
@@ -125,3 +153,15 @@ class JointObjective:
             out["text_loss"] = zero
         out["loss"] = out["image_loss"] + self.obj.text_loss_weight * out["text_loss"]
         return out
+
+    def _code_loss(self, model: MMFusionModel, hidden: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+        """Cross-entropy over all s^2 codes of the next fused token (bitwise: binary CE over the d bits)."""
+        at = batch.weights > 0
+        logits = model.code_logits(hidden[at]).float()  # (n, W, K) or (n, W, d)
+        target = batch.code_labels[at]  # (n, W)
+        if model.shuffle_out.bitwise:
+            bits = code_bits(target, self.model_cfg.code_bits).clamp(min=0)  # +-1 -> {0, 1}
+            per_code = F.binary_cross_entropy_with_logits(logits, bits, reduction="none").mean(-1)
+        else:
+            per_code = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (n, W)
+        return (per_code.mean(-1) * batch.weights[at]).sum() / at.sum()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -13,6 +14,8 @@ import torch
 from mmfusion.config import RunConfig
 from mmfusion.data.datamodule import MMFusionDataModule
 from mmfusion.data.encode import check_encoded
+from mmfusion.errors import UserError
+from mmfusion.training.checkpoint import AtomicCheckpointIO
 from mmfusion.training.module import MMFusionModule
 
 
@@ -90,12 +93,14 @@ def build_trainer(
         log_every_n_steps=t.log_every_n_steps,
         callbacks=callbacks,
         logger=logger,
+        plugins=[AtomicCheckpointIO()],
         enable_checkpointing=enable_checkpointing,
         enable_model_summary=False,
         default_root_dir=out,
         num_sanity_val_steps=0,
         limit_val_batches=0,
         max_epochs=-1,
+        use_distributed_sampler=False,  # StepBatchSampler shards the global batch itself
     )
 
 
@@ -111,10 +116,22 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     if cfg.data.source != "shapes":
         check_encoded(cfg.data.source, cfg.image)
-    data = MMFusionDataModule(cfg.data, cfg.image.image_size, out, need_text=cfg.objective.condition == "text")
+    llm = cfg.train.init_from_llm
+    if llm:
+        cfg = with_llm_backbone(cfg, llm)
+    data = MMFusionDataModule(
+        cfg.data,
+        cfg.image.image_size,
+        out,
+        need_text=cfg.objective.condition == "text",
+        seed=cfg.train.seed,
+        total_steps=cfg.train.max_steps * cfg.train.accumulate_grad_batches,
+    )
     tok = data.text_tokenizer() if cfg.objective.condition == "text" else _class_tokenizer()
     tok.save(out / "tokenizer.json")
     module = MMFusionModule(cfg, tok)
+    if llm:
+        init_from_llm(module, llm)
     if cfg.objective.condition == "class" and cfg.data.source == "shapes":
         from mmfusion.data.shapes import class_names
 
@@ -122,13 +139,52 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     precision = choose_precision(cfg.train.precision, cfg.train.accelerator)
     trainer = build_trainer(cfg, out, precision)
     ckpt = out / "checkpoints" / "last.ckpt"
-    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if resume and ckpt.exists() else None)
-    if module.skipped:
-        print("skipped rows: " + ", ".join(f"{k}: {v}" for k, v in module.skipped.items()))
+    if resume and not ckpt.exists():
+        raise UserError(f"--resume: no checkpoint at {ckpt}; start the run without --resume")
+    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if resume else None, weights_only=True)
+    print(module.skipped_summary())
+    if module.nonfinite_total:
+        print(f"skipped {module.nonfinite_total} steps with a non-finite loss")
     model_dir = out / "model"
     if trainer.is_global_zero:
         MMFusion.from_module(module).save_pretrained(model_dir)
     return model_dir
+
+
+def with_llm_backbone(cfg: RunConfig, folder: str) -> RunConfig:
+    """The run config with the backbone shape of a Hugging Face LLaMA / Qwen3 folder and its tokenizer."""
+    from mmfusion.model.hf import config_from_hf, read_hf_config
+
+    keep = (
+        "image_token_dim",
+        "image_grid",
+        "image_pos_embed",
+        "image_rope",
+        "num_classes",
+        "class_tokens",
+        "class_repeat",
+        "image_codebook_size",
+        "code_bits",
+        "bitwise_head",
+        "shuffle",
+        "code_dim",
+        "fp32_head",
+    )
+    model = config_from_hf(read_hf_config(folder), **{k: getattr(cfg.model, k) for k in keep})
+    data = cfg.data
+    if not data.tokenizer:
+        data = dataclasses.replace(data, tokenizer=str(Path(folder) / "tokenizer.json"))
+    return dataclasses.replace(cfg, model=model, data=data)
+
+
+def init_from_llm(module: MMFusionModule, folder: str) -> None:
+    """Load the LLM's weights into the backbone and text embeddings / head (the EMA copy too)."""
+    from mmfusion.model.hf import load_hf_backbone
+
+    loaded = load_hf_backbone(module.model, folder)
+    if module.ema is not None:
+        module.ema.load_state_dict(module.model.state_dict())
+    print(f"initialised {len(loaded)} tensors from {folder}")
 
 
 def _class_tokenizer():  # noqa: ANN202

@@ -102,3 +102,93 @@ def train_vae(data: str, out: str | Path, cfg: VAEConfig, split: str = "train", 
     vae.save_pretrained(str(out))
     print(f"latent std {std:.4f} -> scaling_factor {1 / std:.4f}")
     return Path(out)
+
+
+@dataclass(frozen=True)
+class VQConfig:
+    image_size: int = 32
+    channels: tuple[int, ...] = (32, 64, 64)  # f = 2^(levels-1): 4 -> 8 x 8 codes at 32 px
+    quantizer: str = "vq"  # vq (codebook) | binary (lookup-free, codes of `bits` bits)
+    codebook_size: int = 256
+    bits: int = 8
+    embed_dim: int = 8
+    layers_per_block: int = 1
+    lr: float = 5e-4
+    batch_size: int = 32
+    steps: int = 2000
+
+
+def build_vq(cfg: VQConfig):  # noqa: ANN201
+    from diffusers import VQModel
+
+    from mmfusion.tokenizers.vq import BinaryQuantizer
+
+    if cfg.quantizer not in ("vq", "binary"):
+        raise ValueError(f"quantizer must be vq or binary, got {cfg.quantizer!r}")
+    levels = len(cfg.channels)
+    dim = cfg.bits if cfg.quantizer == "binary" else cfg.embed_dim
+    vq = VQModel(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=cfg.channels,
+        latent_channels=dim,
+        vq_embed_dim=dim,
+        num_vq_embeddings=cfg.codebook_size,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        layers_per_block=cfg.layers_per_block,
+        norm_num_groups=min(32, cfg.channels[0]),
+        sample_size=cfg.image_size,
+    )
+    if cfg.quantizer == "binary":
+        vq.quantize = BinaryQuantizer(cfg.bits)
+    return vq
+
+
+class VQModule(L.LightningModule):
+    def __init__(self, cfg: VQConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vq = build_vq(cfg)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if batch["size"] == 0:
+            return None
+        x = batch["images"]
+        out = self.vq(x)
+        rec = (out.sample - x).abs().mean()
+        commit = out.commit_loss.mean()
+        self.log_dict({"train/recon_l1": rec, "train/commit": commit}, prog_bar=True, batch_size=len(x))
+        return rec + commit
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.vq.parameters(), lr=self.cfg.lr, weight_decay=0.0)
+
+
+def train_vq(data: str, out: str | Path, cfg: VQConfig, split: str = "train", seed: int = 0) -> Path:
+    """Train a small VQ autoencoder on `data`; save a diffusers VQModel folder (plus the binary
+    quantiser's settings, which VQModel does not know about)."""
+    import json
+
+    from mmfusion.tokenizers.vq import QUANTIZER_FILE
+
+    L.seed_everything(seed, verbose=False)
+    ds = CaptionedImages(load_captioned(data)[split], None, cfg.image_size, 0)
+    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate_items, drop_last=True)
+    module = VQModule(cfg)
+    trainer = L.Trainer(
+        max_steps=cfg.steps,
+        max_epochs=-1,
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=str(out),
+    )
+    trainer.fit(module, loader)
+    out = Path(out)
+    module.vq.save_pretrained(str(out))
+    if cfg.quantizer == "binary":
+        (out / QUANTIZER_FILE).write_text(json.dumps({"kind": "binary", "bits": cfg.bits}))
+    return out

@@ -62,8 +62,17 @@ def test_prompt_parsing():
     assert Prompt.parse("a red circle") == Prompt((("red", "circle"),))
     p = Prompt.parse("A blue square to the left of a green triangle")
     assert p.objects == (("blue", "square"), ("green", "triangle")) and p.relation == "to the left of"
+    assert Prompt.parse("a purple circle").objects == (("purple", "circle"),)  # an extra colour
     with pytest.raises(ValueError):
-        Prompt.parse("a purple circle")
+        Prompt.parse("a pink circle")
+
+
+def test_extra_colours_are_checked_too():
+    exs = [render_example(0, "test", i, colours=("purple", "red")) for i in range(N)]
+    assert np.mean([check_image(e["image"], e["text"]).correct for e in exs]) >= 0.99
+    purple = [e for e in exs if e["text"].startswith("a purple")]
+    wrong = [check_image(e["image"], e["text"].replace("a purple", "a blue", 1)).correct for e in purple]
+    assert purple and np.mean(wrong) <= 0.02
 
 
 def test_summary_and_intervals():

@@ -88,3 +88,62 @@ def test_vae_train_encode_and_train_on_tokens(shapes_dir, tmp_path, monkeypatch)
     # a run whose image config differs from the encoded one is refused with one line
     code = main(["train", *run, "image.patch_size=4", f"train.out={tmp_path / 'run2'}"])
     assert code == 2
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "binary"])
+def test_vq_train_then_token_shuffle_end_to_end(shapes_dir, tmp_path, quantizer):
+    """`vq train` -> `train` on the discrete path (s = 2) -> generate -> caption, with the tiny config."""
+    from mmfusion.pipeline import MMFusion
+
+    vq = tmp_path / "vq"
+    assert (
+        main(
+            [
+                "vq",
+                "train",
+                "--data",
+                str(shapes_dir),
+                "--out",
+                str(vq),
+                "--steps",
+                "2",
+                "--batch-size",
+                "8",
+                "--channels",
+                "8",
+                "--channels",
+                "16",
+                "--channels",
+                "16",
+                "--quantizer",
+                quantizer,
+                "--codebook-size",
+                "64",
+                "--bits",
+                "6",
+            ]
+        )
+        == 0
+    )
+    run = [
+        *TINY_RUN,
+        "train.max_steps=3",
+        f"data.source={shapes_dir}",
+        "image.kind=vq",
+        f"image.path={vq}",
+        "model.shuffle=2",
+        f"train.out={tmp_path / 'run'}",
+        "objective.bit_flip=0.05",
+        "sample.cfg_schedule=cosine",
+        "sample.cfg_scale=2.0",
+        "sample.top_k=10",
+    ]
+    assert main(["train", *run]) == 0
+    pipe = MMFusion.from_pretrained(tmp_path / "run" / "model")
+    assert pipe.model.cfg.discrete and pipe.model.cfg.image_grid == (4, 4)
+    assert pipe.model.cfg.code_bits == (6 if quantizer == "binary" else 0)
+    a = pipe.generate(["a red circle", "a blue square"], seed=0)
+    b = pipe.generate(["a red circle", "a blue square"], seed=0)
+    assert a[0].size == (32, 32) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    caps = pipe.caption(a, max_new_tokens=5)
+    assert len(caps) == 2

@@ -1,0 +1,64 @@
+"""Token-Shuffle (Meta, 2025): fuse s x s windows of discrete image codes into one transformer token,
+and expand each output back to s^2 codes.
+
+token-shuffle: embed each code, concatenate the s^2 embeddings along channels, MLP -> one token.
+token-unshuffle: MLP -> s^2 slots, each with its own logits: a softmax over the codebook, or, for
+d-bit binary codes, d independent binary classifiers (Infinity's bitwise heads).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmfusion.model.config import ModelConfig
+
+
+def fuse_grid(codes: torch.Tensor, s: int) -> torch.Tensor:
+    """Code grid (B, h, w) -> fused tokens (B, h/s * w/s, s*s), raster order over windows."""
+    b, h, w = codes.shape
+    x = codes.reshape(b, h // s, s, w // s, s).permute(0, 1, 3, 2, 4)
+    return x.reshape(b, (h // s) * (w // s), s * s)
+
+
+def unfuse_grid(tokens: torch.Tensor, s: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Inverse of `fuse_grid`: (B, N, s*s) -> (B, h, w) with (h, w) the code grid."""
+    b = tokens.shape[0]
+    h, w = grid
+    x = tokens.reshape(b, h // s, w // s, s, s).permute(0, 1, 3, 2, 4)
+    return x.reshape(b, h, w)
+
+
+def code_bits(codes: torch.Tensor, d: int) -> torch.Tensor:
+    """Integer codes (...) -> bits as +-1 floats (..., d)."""
+    bits = (codes[..., None] >> torch.arange(d, device=codes.device)) & 1
+    return bits.float() * 2 - 1
+
+
+class TokenShuffle(nn.Module):
+    """(n, s^2) codes -> (n, dim) transformer inputs."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        e, w = cfg.code_embed_dim, cfg.code_width
+        self.bits = cfg.code_bits
+        self.embed = nn.Linear(cfg.code_bits, e) if cfg.code_bits else nn.Embedding(cfg.image_codebook_size, e)
+        self.fuse = nn.Sequential(nn.Linear(w * e, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        x = self.embed(code_bits(codes, self.bits)) if self.bits else self.embed(codes)  # (n, W, e)
+        return self.fuse(x.flatten(1))  # (n, dim)
+
+
+class TokenUnshuffle(nn.Module):
+    """(n, dim) outputs -> per-slot logits (n, s^2, K), or bit logits (n, s^2, d) with bitwise heads."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        e, self.width = cfg.code_embed_dim, cfg.code_width
+        self.expand = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, self.width * e))
+        self.bitwise = bool(cfg.code_bits) and cfg.bitwise_head
+        self.head = nn.Linear(e, cfg.code_bits if self.bitwise else cfg.image_codebook_size)
+
+    def slots(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.expand(hidden).view(hidden.shape[0], self.width, -1)  # (n, W, e)

@@ -1,0 +1,135 @@
+"""Autoregressive sampling of discrete image codes (Token-Shuffle path) with a KV cache.
+
+One fused token (s x s codes) per step, raster order. Each of its s^2 codes is drawn with
+temperature, top-k and top-p (softmax heads), or bit by bit (bitwise heads). Classifier-free
+guidance mixes conditional and unconditional logits with a scale that may change over the token
+index (Token-Shuffle's CFG scheduler): constant, a linear ramp or a cosine ramp from 1 to the scale.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mmfusion.model.cache import KVCache
+from mmfusion.model.multimodal import MMFusionModel
+from mmfusion.model.sequence import SequenceBuilder, collate
+from mmfusion.model.token_shuffle import unfuse_grid
+
+CFG_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def cfg_scale_at(schedule: str, scale: float, index: int, total: int) -> float:
+    """Guidance scale for token `index` of `total`: constant, or ramping from 1 up to `scale`."""
+    if schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg schedule must be one of {CFG_SCHEDULES}, got {schedule!r}")
+    if schedule == "constant" or total <= 1:
+        return scale
+    frac = index / (total - 1)
+    ramp = frac if schedule == "linear" else (1 - math.cos(math.pi * frac)) / 2
+    return 1.0 + (scale - 1.0) * ramp
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Keep the top-k logits and the smallest set with probability mass >= top_p; -inf elsewhere."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return logits
+
+
+class ARImageSampler:
+    def __init__(
+        self,
+        model: MMFusionModel,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        cfg_scale: float = 1.0,
+        cfg_schedule: str = "constant",
+    ) -> None:
+        self.model, self.temperature, self.top_k, self.top_p = model, temperature, top_k, top_p
+        self.cfg_scale, self.cfg_schedule = cfg_scale, cfg_schedule
+        cfg_scale_at(cfg_schedule, cfg_scale, 0, 1)  # validate early
+
+    def _draw(self, logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """logits (B, W, K) -> codes (B, W); bitwise heads: (B, W, d) bit logits -> integer codes."""
+        t = max(self.temperature, 1e-6)
+        out = []
+        if self.model.shuffle_out.bitwise:
+            probs = torch.sigmoid(logits / t)
+            d = probs.shape[-1]
+            for p, g in zip(probs, generators):
+                bits = torch.rand(p.shape, generator=g) < p
+                out.append((bits.long() * 2 ** torch.arange(d)).sum(-1))
+            return torch.stack(out)
+        probs = filter_logits(logits / t, self.top_k, self.top_p).softmax(-1)
+        for p, g in zip(probs, generators):
+            out.append(torch.multinomial(p, 1, generator=g).squeeze(-1))
+        return torch.stack(out)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        conds: list[list[int]],
+        unconds: list[list[int]] | None = None,
+        generators: list[torch.Generator] | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Code grids (B, h, w) for condition prefixes ending in <boi>."""
+        cfg = self.model.cfg
+        b = len(conds)
+        generators = generators or [torch.Generator().manual_seed(i) for i in range(b)]
+        guided = self.cfg_scale != 1.0
+        if guided and (unconds is None or len(unconds) != b):
+            raise ValueError("classifier-free guidance needs one unconditional prefix per condition")
+        prefixes = conds + (unconds if guided else [])
+        n = cfg.num_image_tokens
+        width = cfg.code_width
+        fused = torch.zeros(b, n, width, dtype=torch.long)
+        cache = self.model.new_cache() if use_cache else None
+        logits = self._next(prefixes, fused[:, :0], cache)
+        for i in range(n):
+            if guided:
+                scale = cfg_scale_at(self.cfg_schedule, self.cfg_scale, i, n)
+                logits = logits[b:] + scale * (logits[:b] - logits[b:])
+            fused[:, i] = self._draw(logits.float(), generators)
+            if i + 1 < n:
+                logits = self._next(prefixes, fused[:, : i + 1], cache)
+        h, w = cfg.image_grid
+        return unfuse_grid(fused, cfg.shuffle, (h * cfg.shuffle, w * cfg.shuffle))
+
+    def _next(self, prefixes: list[list[int]], done: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """Logits for the next fused token, from the prefix plus the `done` tokens (B, i, W)."""
+        rows = len(prefixes)
+        codes = torch.cat([done] * (rows // len(done))) if len(done) else done
+        width = self.model.cfg.code_width
+        if cache is None:  # reference path: the whole sequence every time
+            samples = [
+                SequenceBuilder(0, code_width=width).text(p).codes(codes[r], torch.arange(codes.shape[1])).tensors()
+                for r, p in enumerate(prefixes)
+            ]
+            batch = collate(samples)
+            last = torch.tensor([len(p) + codes.shape[1] - 1 for p in prefixes])
+        elif done.shape[1] == 0:
+            batch = collate([SequenceBuilder(0, code_width=width).text(p).tensors() for p in prefixes])
+            last = torch.tensor([len(p) - 1 for p in prefixes])
+        else:
+            i = done.shape[1] - 1
+            batch = collate(
+                [
+                    SequenceBuilder(0, start_position=len(p) + i, code_width=width)
+                    .codes(codes[r, i:], torch.tensor([i]))
+                    .tensors()
+                    for r, p in enumerate(prefixes)
+                ]
+            )
+            last = torch.zeros(rows, dtype=torch.long)
+        hidden = self.model(batch, cache, store=cache is not None)
+        return self.model.code_logits(hidden[torch.arange(rows), last])

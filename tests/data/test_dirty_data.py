@@ -1,0 +1,78 @@
+"""Dirty data never crashes training: bad rows are skipped and counted, odd images are converted."""
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from mmfusion.data.shapes import render_example
+from mmfusion.tokenizers.image import to_tensor
+
+
+def _dirty_folder(root):
+    root.mkdir()
+    rows = []
+    for i in range(24):  # good rows
+        ex = render_example(0, "train", i)
+        ex["image"].save(root / f"good{i}.png")
+        rows.append({"file_name": f"good{i}.png", "captions": ex["captions"]})
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
+    good = (root / "good0.png").read_bytes()
+    (root / "truncated.png").write_bytes(good[: len(good) // 2])
+    Image.new("L", (32, 32), 128).save(root / "gray.png")
+    Image.new("RGBA", (32, 32), (255, 0, 0, 0)).save(root / "rgba.png")
+    Image.new("P", (32, 32), 3).save(root / "palette.png")
+    Image.fromarray(np.full((32, 32), 40000, dtype=np.uint16)).save(root / "deep16.png")
+    Image.new("RGB", (1, 1), (0, 0, 255)).save(root / "tiny.png")
+    Image.new("RGB", (2000, 1500), (0, 255, 0)).save(root / "huge.png")
+    odd = [
+        ("corrupt.png", ["a red circle"]),
+        ("truncated.png", ["a red circle"]),
+        ("missing.png", ["a red circle"]),
+        ("gray.png", ["a gray square"]),
+        ("rgba.png", ["a clear image"]),
+        ("palette.png", ["a palette image"]),
+        ("deep16.png", ["a 16 bit image"]),
+        ("tiny.png", ["a tiny image"]),
+        ("huge.png", ["a huge image"]),
+        ("good1.png", [""]),
+        ("good2.png", ["   \t "]),
+        ("good3.png", ["word " * 3000]),
+    ]
+    rows += [{"file_name": f, "captions": c} for f, c in odd]
+    lines = [json.dumps(r).encode() for r in rows]
+    lines.append(b'{"file_name": "good4.png", "text": "bad bytes \xff\xfe here"}')  # not UTF-8
+    lines.append(b"{not json")
+    (root / "metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    return root
+
+
+def test_odd_image_modes_become_rgb():
+    assert to_tensor(Image.new("RGBA", (8, 8), (255, 0, 0, 0)), 8).min() == 1.0  # transparent -> white
+    deep = to_tensor(Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)), 8)
+    assert deep.shape == (3, 8, 8) and deep.min() == 1.0
+    assert to_tensor(Image.new("P", (3, 5)), 16).shape == (3, 16, 16)
+    assert to_tensor(Image.new("L", (1, 1), 0), 4).max() == -1.0
+
+
+def test_training_survives_dirty_data(tmp_path, capsys):
+    from mmfusion.cli.main import main
+    from tests.conftest import TINY_RUN
+
+    data = _dirty_folder(tmp_path / "dirty")
+    code = main(
+        [
+            "train",
+            *TINY_RUN,
+            f"data.source={data}",
+            "data.batch_size=12",
+            "train.max_steps=8",
+            f"train.out={tmp_path / 'run'}",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and (tmp_path / "run" / "model" / "model.safetensors").exists()
+    line = next(x for x in out.splitlines() if x.startswith("skipped"))
+    # corrupt, truncated and missing files; empty and whitespace-only captions
+    assert "skipped 5 unusable rows" in line, line
+    assert "no usable caption: 2" in line and "unreadable image" in line

@@ -1,0 +1,121 @@
+"""Token-Shuffle: fusing codes, shapes of the heads, the CFG scheduler, AR sampling with a cache."""
+
+import math
+
+import pytest
+import torch
+
+from mmfusion.config import ObjectiveConfig
+from mmfusion.diffusion.config import DiffusionConfig
+from mmfusion.model.config import ModelConfig
+from mmfusion.model.multimodal import MMFusionModel
+from mmfusion.model.token_shuffle import fuse_grid, unfuse_grid
+from mmfusion.sampling.autoregressive import ARImageSampler, cfg_scale_at, filter_logits
+from mmfusion.training.objective import JointObjective
+
+
+@pytest.mark.parametrize("s", [1, 2, 4])
+def test_shuffle_then_unshuffle_is_identity(s):
+    codes = torch.randint(0, 512, (3, 8, 8))
+    fused = fuse_grid(codes, s)
+    assert fused.shape == (3, 64 // (s * s), s * s)
+    assert torch.equal(unfuse_grid(fused, s, (8, 8)), codes)
+    if s == 2:  # the first fused token is the top-left 2 x 2 window
+        assert fused[0, 0].tolist() == [codes[0, 0, 0], codes[0, 0, 1], codes[0, 1, 0], codes[0, 1, 1]]
+
+
+def _cfg(s=2, bits=0, bitwise=True):
+    k = 2**bits if bits else 64
+    return ModelConfig.from_name(
+        "tiny", image_codebook_size=k, code_bits=bits, bitwise_head=bitwise, shuffle=s, image_grid=(8 // s, 8 // s)
+    )
+
+
+def test_heads_shapes_and_bitwise_size():
+    soft, bitwise = MMFusionModel(_cfg(bits=12, bitwise=False)), MMFusionModel(_cfg(bits=12))
+    h = torch.randn(5, 64)
+    assert soft.code_logits(h).shape == (5, 4, 4096)
+    assert bitwise.code_logits(h).shape == (5, 4, 12)
+    count = lambda m: sum(p.numel() for p in m.shuffle_out.head.parameters())  # noqa: E731
+    assert count(bitwise) * 100 < count(soft)  # d binary classifiers instead of a 2^d-way softmax
+
+
+def test_cfg_schedules():
+    assert [cfg_scale_at("constant", 4.0, i, 5) for i in range(5)] == [4.0] * 5
+    assert [cfg_scale_at("linear", 4.0, i, 5) for i in range(5)] == [1.0, 1.75, 2.5, 3.25, 4.0]
+    cos = [cfg_scale_at("cosine", 4.0, i, 5) for i in range(5)]
+    assert cos[0] == 1.0 and cos[-1] == pytest.approx(4.0) and cos[2] == pytest.approx(2.5)
+    assert cos[1] == pytest.approx(1 + 3 * (1 - math.cos(math.pi / 4)) / 2)
+    with pytest.raises(ValueError):
+        cfg_scale_at("exp", 2.0, 0, 3)
+
+
+def test_filter_logits():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
+    kept = ~torch.isinf(filter_logits(logits, top_p=0.8))
+    assert kept.tolist() == [[True, True, False, False]]
+
+
+@pytest.mark.parametrize("bits", [0, 6], ids=["softmax", "bitwise"])
+@pytest.mark.parametrize("s", [1, 2])
+def test_cached_equals_uncached_and_batched_equals_single(bits, s):
+    torch.manual_seed(0)
+    model = MMFusionModel(_cfg(s=s, bits=bits)).eval()
+    conds, unconds = [[1, 5, 6, 3], [1, 7, 3]], [[1, 3], [1, 3]]
+    sampler = ARImageSampler(model, temperature=1.0, top_k=20 if not bits else 0, cfg_scale=3.0, cfg_schedule="linear")
+    gens = lambda seeds: [torch.Generator().manual_seed(x) for x in seeds]  # noqa: E731
+    cached = sampler(conds, unconds, gens([0, 1]))
+    uncached = sampler(conds, unconds, gens([0, 1]), use_cache=False)
+    assert cached.shape == (2, 8, 8)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(sampler(conds[1:], unconds[1:], gens([1])), cached[1:])
+    assert not torch.equal(sampler(conds, unconds, gens([2, 3])), cached)
+
+
+@pytest.mark.parametrize("bits", [0, 6], ids=["softmax", "bitwise"])
+def test_loss_falls_on_shapes(bits):
+    """A tiny Token-Shuffle model learns the codes of shapes images (from a fixed random VQ)."""
+    from diffusers import VQModel
+
+    from mmfusion.data.shapes import render_example
+    from mmfusion.tokenizers.image import ImageTokenizerConfig, to_tensor
+    from mmfusion.tokenizers.vq import BinaryQuantizer, VQTokenizer
+
+    torch.manual_seed(0)
+    vq = VQModel(
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=6,
+        vq_embed_dim=6,
+        num_vq_embeddings=64,
+        norm_num_groups=4,
+    )
+    if bits:
+        vq.quantize = BinaryQuantizer(bits)
+    tok = VQTokenizer(ImageTokenizerConfig(kind="vq", image_size=32), vq)
+    images = torch.stack([to_tensor(render_example(0, "train", i)["image"], 32) for i in range(32)])
+    codes = tok.encode(images)
+    cfg = _cfg(s=2, bits=bits)
+    model = MMFusionModel(cfg)
+    obj = JointObjective(
+        cfg,
+        DiffusionConfig(),
+        ObjectiveConfig(t2i_fraction=1.0, caption_dropout=0.0, bit_flip=0.05 if bits else 0.0),
+        1,
+        2,
+        3,
+        4,
+    )
+    caps = [[10 + i % 7, 20] for i in range(32)]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(40):
+        batch = obj.build(codes, caps, None, torch.Generator().manual_seed(step))
+        loss = obj.loss(model, batch)["image_loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
