@@ -1,3 +1,15 @@
 """mmfusion: one decoder-only transformer for text-to-image generation and image captioning."""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # lazy: `import mmfusion` stays fast for the CLI
+    if name == "MMFusion":
+        from mmfusion.pipeline import MMFusion
+
+        return MMFusion
+    if name == "ModelConfig":
+        from mmfusion.model.config import ModelConfig
+
+        return ModelConfig
+    raise AttributeError(name)

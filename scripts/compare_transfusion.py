@@ -14,12 +14,13 @@ with the same sampler: T2I accuracy from the shapes checker, captions on the tes
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from mmfusion.config import load_config
 from mmfusion.evaluation.demo_eval import evaluate_captions, evaluate_t2i
+from mmfusion.evaluation.report import write_report
 from mmfusion.pipeline import MMFusion
+from mmfusion.training.checkpoint import safe_torch_load
 from mmfusion.training.run import train
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -36,11 +37,7 @@ def run(name: str, baseline: str, out: Path, minutes: float, extra: list[str]) -
 
     test = datasets.load_from_disk(str(out / name / "data"))["test"]
     caps, _ = evaluate_captions(pipe, test)
-    steps = max(
-        int(line.split(",")[1])
-        for line in (out / name / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[1:]
-        if line.split(",")[1].isdigit()
-    )
+    steps = safe_torch_load(out / name / "checkpoints" / "last.ckpt")["global_step"]
     return {
         "t2i_single": t2i["single"]["accuracy"],
         "t2i_pair": t2i["pair"]["accuracy"],
@@ -61,18 +58,23 @@ def main() -> None:
         name: run(name, base, out, args.minutes, args.overrides)
         for name, base in (("causalfusion", "causalfusion"), ("transfusion", "transfusion"))
     }
-    (out / "comparison.json").write_text(json.dumps(rows, indent=2))
-    lines = [
-        "| model | T2I one object | T2I two objects | caption CIDEr | BLEU-4 | train steps |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, r in rows.items():
-        lines.append(
-            f"| {name} | {r['t2i_single']:.1%} | {r['t2i_pair']:.1%} | {r['cider']:.3f} | "
-            f"{r['bleu4']:.3f} | {r['train_steps']} |"
-        )
-    (out / "comparison.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(
+        out,
+        "comparison",
+        rows,
+        ["model", "T2I one object", "T2I two objects", "caption CIDEr", "BLEU-4", "train steps"],
+        [
+            [
+                name,
+                f"{r['t2i_single']:.1%}",
+                f"{r['t2i_pair']:.1%}",
+                f"{r['cider']:.3f}",
+                f"{r['bleu4']:.3f}",
+                r["train_steps"],
+            ]
+            for name, r in rows.items()
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -179,3 +179,20 @@ def generation(
     outdir.mkdir(parents=True, exist_ok=True)
     _write_json(outdir / "generation_metrics.json", metrics)
     print(" ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+
+def bench(*, quick: bool = False, only: list[str] | None = None, no_doc: bool = False) -> None:
+    """Run the benchmark suite: matmul peak, training throughput and MFU, sampling and captioning with
+    and without the KV cache, Token-Shuffle s = 1, 2, 4, FlexAttention vs SDPA. Writes
+    docs/benchmarks.json and the tables of docs/BENCHMARKS.md under the current folder.
+
+    Args:
+        quick: fewer repetitions and smaller batches
+        only: run only this benchmark (repeat): matmul, train_tiny, train_small, sampling, caption,
+            token_shuffle, attention
+        no_doc: do not update docs/BENCHMARKS.md
+    """
+    from mmfusion.bench import main
+
+    argv = (["--quick"] if quick else []) + (["--only", *only] if only else []) + (["--no-doc"] if no_doc else [])
+    main(argv)

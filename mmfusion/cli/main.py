@@ -31,6 +31,7 @@ COMMANDS = {
         "shapes": evaluate.shapes,
         "generation": evaluate.generation,
     },
+    "bench": evaluate.bench,
     "demo": demo.demo,
 }
 

@@ -106,7 +106,7 @@ def add_image(
     weights = ar_loss_weights(sizes, cfg.ar_weight) * loss_scale
     for copy in range(k):
         shape = (steps,) if cfg.per_group_t else (1,)
-        t = torch.randint(0, cfg.num_train_timesteps, shape, generator=generator)
+        t = sample_timesteps(cfg, shape, generator)
         t = t[group] if cfg.per_group_t else t.expand(n)
         noise = torch.randn(x0.shape, generator=generator)
         noisy = scheduler.add_noise(x0, noise, t)
@@ -120,6 +120,15 @@ def add_image(
             weights=weights,
         )
     return builder.end_image()
+
+
+def sample_timesteps(cfg: DiffusionConfig, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Training timesteps: uniform over [0, T), or logit-normal (SD3), which trains the middle noise
+    levels, where layout and shape are decided, more often than the ends."""
+    if cfg.t_sampling == "logit_normal":
+        u = torch.sigmoid(torch.randn(shape, generator=generator))
+        return (u * (cfg.num_train_timesteps - 1)).round().long()
+    return torch.randint(0, cfg.num_train_timesteps, shape, generator=generator)
 
 
 def diffusion_target(

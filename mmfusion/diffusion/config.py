@@ -23,6 +23,7 @@ class DiffusionConfig:
     block_size: int = 4  # block side for block_raster
     per_group_t: bool = False  # draw one t per AR group instead of one per image
     k_times: int = 1  # diffusion times per AR step, sharing one clean prefix
+    t_sampling: str = "uniform"  # training timesteps: uniform | logit_normal
 
     def __post_init__(self) -> None:
         if self.order not in ORDERS:
@@ -31,6 +32,8 @@ class DiffusionConfig:
             raise ValueError(f"prediction_type must be one of {PREDICTIONS}, got {self.prediction_type!r}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
+        if self.t_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"t_sampling must be uniform or logit_normal, got {self.t_sampling!r}")
         if self.k_times < 1:
             raise ValueError(f"k_times must be >= 1, got {self.k_times}")
 

@@ -8,6 +8,7 @@ one, only where it is switched on (an interval of noise levels, and up to a give
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,20 @@ class _Plan:
 
     groups: list[list[torch.Tensor]]  # [sample][group] -> image positions
     known: list[torch.Tensor]  # [sample] -> positions of given tokens (editing), may be empty
+
+
+def guided_prefixes(
+    conds: list[list[int]],
+    unconds: list[list[int]] | None,
+    generators: list[torch.Generator] | None,
+    guided: bool,
+) -> tuple[list[list[int]], list[torch.Generator]]:
+    """The rows to run (conditional, then unconditional when guiding) and one generator per image."""
+    b = len(conds)
+    if guided and (unconds is None or len(unconds) != b):
+        raise ValueError("classifier-free guidance needs one unconditional prefix per condition")
+    generators = generators or [torch.Generator().manual_seed(i) for i in range(b)]
+    return conds + (unconds if guided else []), generators
 
 
 class NextTokenDiffusionSampler:
@@ -115,11 +130,8 @@ class NextTokenDiffusionSampler:
         """
         s = self.settings
         b = len(conds)
-        generators = generators or [torch.Generator().manual_seed(i) for i in range(b)]
         guided = s.cfg_scale != 1.0
-        if guided and (unconds is None or len(unconds) != b):
-            raise ValueError("classifier-free guidance needs one unconditional prefix per condition")
-        prefixes = conds + (unconds if guided else [])
+        prefixes, generators = guided_prefixes(conds, unconds, generators, guided)
         img_pos = [len(p) for p in prefixes]
         plan = self._plan(b, generators, known_mask)
         out = known.clone().float() if known is not None else torch.zeros(b, self.grid[0] * self.grid[1], self.dim)
@@ -177,6 +189,7 @@ class _State:
         known_rows = [(plan.known[i % b], out[i % b, plan.known[i % b]]) for i in range(rows)]
         self.clean: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[r] for r in known_rows]
         self.cache: KVCache | None = None
+        self._template_key: tuple[int, int] | None = None
         if use_cache:
             self.cache = self.model.new_cache()
             prefix = collate([SequenceBuilder(sampler.dim).text(p).tensors() for p in prefixes])
@@ -185,13 +198,19 @@ class _State:
                 self.model(sampler._image_batch(known_rows, CLEAN, 0, 0, img_pos), self.cache, store=True)
 
     def predict(self, step: int, pos_rows: list[torch.Tensor], x: torch.Tensor, t: int, rows: int) -> torch.Tensor:
-        noisy = [(p, x[i, : len(p)]) for i, p in enumerate(pos_rows)]
-        if self.use_cache:
-            batch = self.s._image_batch(noisy, NOISY, 0, t, self.img_pos[:rows])
-            cache = self.cache if rows == len(self.prefixes) else _rows(self.cache, rows)
-            hidden = self.model(batch, cache, store=False)
-            return self.model.image_output(hidden)[:, : x.shape[1]].float()
-        return self._uncached(noisy, t, rows)
+        if not self.use_cache:
+            return self._uncached([(p, x[i, : len(p)]) for i, p in enumerate(pos_rows)], t, rows)
+        if self._template_key != (step, rows):  # the layout of this AR step's noisy tokens, built once
+            zeros = [(p, x.new_zeros(len(p), x.shape[-1])) for p in pos_rows]
+            self._template = self.s._image_batch(zeros, NOISY, 0, 0, self.img_pos[:rows])
+            self._template_mask = self._template.mask()
+            self._template_key = (step, rows)
+        tpl = self._template
+        values = x if x.shape[1] == tpl.kind.shape[1] else tpl.values
+        batch = dataclasses.replace(tpl, values=values, t=(tpl.kind == NOISY).long() * t)
+        cache = self.cache if rows == len(self.prefixes) else self.cache.rows(rows)
+        hidden = self.model(batch, cache, store=False, mask=self._template_mask)
+        return self.model.image_output(hidden)[:, : x.shape[1]].float()
 
     def _uncached(self, noisy: list[tuple[torch.Tensor, torch.Tensor]], t: int, rows: int) -> torch.Tensor:
         samples, starts = [], []
@@ -221,12 +240,3 @@ class _State:
         else:
             for i, r in enumerate(rows):
                 self.clean[i].append(r)
-
-
-def _rows(cache: KVCache, rows: int) -> KVCache:
-    """A view of the first `rows` batch rows of a cache (the conditional stream), for reading only."""
-    view = KVCache(len(cache.keys))
-    view.keys = [k[:rows] for k in cache.keys]
-    view.values = [v[:rows] for v in cache.values]
-    view.valid = cache.valid[:rows]
-    return view

@@ -8,32 +8,58 @@ import torch
 class KVCache:
     """Per-layer keys and values of the tokens already processed, plus which of them are real.
 
-    `valid` (B, T) marks the cached positions that later queries may attend to; padding in a
-    batched prefix is cached but never valid. New queries see every valid cached position: the
-    cache only ever holds a prefix that all later tokens are allowed to read (the condition, the
-    finished clean groups, or the text decoded so far).
+    Buffers grow by doubling, and new keys / values are written in place after the stored ones: a
+    step costs no copy of the prefix. A forward pass that does not `store` (a denoising step of the
+    current group) writes its keys past the stored length, where the next pass overwrites them.
+
+    `valid` (B, T) marks the cached positions that later queries may attend to; padding in a batched
+    prefix is cached but never valid. New queries see every valid cached position: the cache only
+    ever holds a prefix that all later tokens may read (the condition, finished clean groups, or the
+    text decoded so far).
     """
 
     def __init__(self, n_layers: int) -> None:
         self.keys: list[torch.Tensor | None] = [None] * n_layers
         self.values: list[torch.Tensor | None] = [None] * n_layers
         self.valid: torch.Tensor | None = None
+        self.length = 0
 
     def __len__(self) -> int:
-        return 0 if self.valid is None else self.valid.shape[1]
+        return self.length
 
-    def get(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        return self.keys[layer], self.values[layer]
+    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H, n, D) after the stored tokens; return all keys / values so far."""
+        end = self.length + k.shape[2]
+        buf_k, buf_v = self.keys[layer], self.values[layer]
+        if buf_k is None or buf_k.shape[2] < end or buf_k.shape[0] != k.shape[0] or buf_k.dtype != k.dtype:
+            capacity = max(end, 2 * (buf_k.shape[2] if buf_k is not None else 0), 16)
+            new_k = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])
+            new_v = v.new_empty(v.shape[0], v.shape[1], capacity, v.shape[3])
+            if buf_k is not None and self.length:
+                new_k[:, :, : self.length] = buf_k[:, :, : self.length]
+                new_v[:, :, : self.length] = buf_v[:, :, : self.length]
+            self.keys[layer], self.values[layer] = buf_k, buf_v = new_k, new_v
+        buf_k[:, :, self.length : end] = k
+        buf_v[:, :, self.length : end] = v
+        return buf_k[:, :, :end], buf_v[:, :, :end]
 
-    def set(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.keys[layer], self.values[layer] = keys, values
-
-    def extend_valid(self, valid: torch.Tensor) -> None:
+    def commit(self, valid: torch.Tensor) -> None:
+        """Keep the tokens of the last pass (`valid` (B, n): which of them later tokens may read)."""
+        self.length += valid.shape[1]
         self.valid = valid if self.valid is None else torch.cat([self.valid, valid], dim=1)
+
+    def rows(self, n: int) -> KVCache:
+        """A view of the first `n` batch rows (the conditional stream), for passes that do not store."""
+        view = KVCache(len(self.keys))
+        view.keys = [None if k is None else k[:n] for k in self.keys]
+        view.values = [None if v is None else v[:n] for v in self.values]
+        view.valid = None if self.valid is None else self.valid[:n]
+        view.length = self.length
+        return view
 
     def select(self, index: torch.Tensor) -> None:
         """Keep / reorder / repeat batch rows in place (beam search, CFG stream duplication)."""
-        self.keys = [None if k is None else k.index_select(0, index) for k in self.keys]
-        self.values = [None if v is None else v.index_select(0, index) for v in self.values]
+        self.keys = [None if k is None else k[:, :, : self.length].index_select(0, index) for k in self.keys]
+        self.values = [None if v is None else v[:, :, : self.length].index_select(0, index) for v in self.values]
         if self.valid is not None:
             self.valid = self.valid.index_select(0, index)

@@ -186,6 +186,23 @@ class SequenceBuilder:
         return {k: torch.cat(v) if v else torch.zeros(0) for k, v in self.parts.items()}
 
 
+def text_step(ids: torch.Tensor, positions: torch.Tensor | int, token_dim: int = 0, code_width: int = 0) -> TokenBatch:
+    """One new text token per row (B,) at `positions`, built directly as tensors (decoding loops)."""
+    b = ids.shape[0]
+    pos = torch.as_tensor(positions, dtype=torch.long).expand(b).reshape(b, 1)
+    zeros = torch.zeros(b, 1, dtype=torch.long)
+    return TokenBatch(
+        kind=torch.full((b, 1), TEXT, dtype=torch.long),
+        ids=ids.reshape(b, 1).long(),
+        values=torch.zeros(b, 1, token_dim),
+        image_pos=zeros,
+        t=zeros,
+        group=torch.full((b, 1), -1),
+        position_ids=pos.clone(),
+        codes=torch.zeros(b, 1, code_width, dtype=torch.long),
+    )
+
+
 def collate(samples: list[dict[str, torch.Tensor]], pad_to: int | None = None) -> TokenBatch:
     """Right-pad per-sample tensors (from `SequenceBuilder.tensors`) into one TokenBatch."""
     length = max(s["kind"].shape[0] for s in samples)

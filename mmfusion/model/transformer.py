@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mmfusion.model.attention_backends import flex_attention_masked
 from mmfusion.model.cache import KVCache
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
@@ -22,6 +23,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.use_flex = cfg.attention == "flex"
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
@@ -32,7 +34,6 @@ class Attention(nn.Module):
         mask: torch.Tensor,
         cache: KVCache | None = None,
         layer: int = 0,
-        store: bool = False,
     ) -> torch.Tensor:
         b, n, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, n, self.n_heads, self.head_dim)).transpose(1, 2)
@@ -40,15 +41,15 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)  # (B, H, N, D)
         if cache is not None:
-            past_k, past_v = cache.get(layer)
-            if past_k is not None:
-                k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-            if store:
-                cache.set(layer, k, v)
+            k, v = cache.attend(layer, k, v)
         if self.n_kv != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None])
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        if self.use_flex and not (torch.is_grad_enabled() and q.device.type == "cpu"):
+            out = flex_attention_masked(q, k, v, mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -64,8 +65,8 @@ class Block(nn.Module):
         self.attn_out_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cfg.sandwich_norm else nn.Identity()
         self.mlp_out_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cfg.sandwich_norm else nn.Identity()
 
-    def forward(self, x, rope, mask, cache=None, layer=0, store=False):  # noqa: ANN001, ANN201
-        h = self.self_attn(self.input_layernorm(x), rope, mask, cache, layer, store)
+    def forward(self, x, rope, mask, cache=None, layer=0):  # noqa: ANN001, ANN201
+        h = self.self_attn(self.input_layernorm(x), rope, mask, cache, layer)
         x = x + self.attn_out_norm(h)
         return x + self.mlp_out_norm(self.mlp(self.post_attention_layernorm(x)))
 
@@ -108,7 +109,7 @@ class Transformer(nn.Module):
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, rope, mask, use_reentrant=False)
             else:
-                x = block(x, rope, mask, cache, i, store)
+                x = block(x, rope, mask, cache, i)
         if cache is not None and store:
-            cache.extend_valid(valid if valid is not None else torch.ones_like(position_ids, dtype=torch.bool))
+            cache.commit(valid if valid is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
         return self.norm(x)

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from mmfusion.diffusion.sampler import guided_prefixes
 from mmfusion.model.cache import KVCache
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.model.sequence import SequenceBuilder, collate
@@ -85,11 +86,8 @@ class ARImageSampler:
         """Code grids (B, h, w) for condition prefixes ending in <boi>."""
         cfg = self.model.cfg
         b = len(conds)
-        generators = generators or [torch.Generator().manual_seed(i) for i in range(b)]
         guided = self.cfg_scale != 1.0
-        if guided and (unconds is None or len(unconds) != b):
-            raise ValueError("classifier-free guidance needs one unconditional prefix per condition")
-        prefixes = conds + (unconds if guided else [])
+        prefixes, generators = guided_prefixes(conds, unconds, generators, guided)
         n = cfg.num_image_tokens
         width = cfg.code_width
         fused = torch.zeros(b, n, width, dtype=torch.long)

@@ -12,7 +12,7 @@ import torch
 
 from mmfusion.model.masks import CLEAN
 from mmfusion.model.multimodal import MMFusionModel
-from mmfusion.model.sequence import SequenceBuilder, collate
+from mmfusion.model.sequence import SequenceBuilder, collate, text_step
 from mmfusion.model.token_shuffle import fuse_grid
 
 
@@ -20,6 +20,7 @@ from mmfusion.model.token_shuffle import fuse_grid
 class CaptionSettings:
     method: str = "greedy"  # greedy | beam | nucleus
     max_new_tokens: int = 32
+    min_new_tokens: int = 0  # <eos> is not allowed before this many tokens (benchmarks use it)
     num_beams: int = 4
     length_penalty: float = 1.0
     top_p: float = 0.9
@@ -55,7 +56,7 @@ class CaptionDecoder:
         return rows
 
     def _step_batch(self, ids: torch.Tensor, position: int, dim: int):  # noqa: ANN202
-        return collate([SequenceBuilder(dim, start_position=position).text([int(i)]).tensors() for i in ids])
+        return text_step(ids, position, dim, self.model.cfg.code_width)
 
     @torch.no_grad()
     def __call__(
@@ -77,7 +78,10 @@ class CaptionDecoder:
         out = torch.full((b, 0), self.eos, dtype=torch.long)
         done = torch.zeros(b, dtype=torch.bool)
         for step in range(settings.max_new_tokens):
-            nxt = self._choose(logits.float(), settings, generators)
+            logits = logits.float()
+            if step < settings.min_new_tokens:
+                logits[:, self.eos] = float("-inf")
+            nxt = self._choose(logits, settings, generators)
             nxt = torch.where(done, torch.full_like(nxt, self.eos), nxt)
             out = torch.cat([out, nxt[:, None]], 1)
             done |= nxt == self.eos

@@ -54,14 +54,10 @@ class ImageTokenizerConfig:
         return self.patch_size * self.patch_size * self.channels
 
 
-class PixelTokenizer(nn.Module):
-    """p x p patches of raw pixels in [-1, 1]."""
+class ContinuousTokenizer(nn.Module):
+    """Shared surface: `cfg` (an ImageTokenizerConfig) fixes the token grid and the token width."""
 
-    def __init__(self, cfg: ImageTokenizerConfig) -> None:
-        super().__init__()
-        if cfg.image_size % cfg.patch_size:
-            raise UserError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
-        self.cfg = cfg
+    cfg: ImageTokenizerConfig
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -71,6 +67,16 @@ class PixelTokenizer(nn.Module):
     def token_dim(self) -> int:
         return self.cfg.token_dim
 
+
+class PixelTokenizer(ContinuousTokenizer):
+    """p x p patches of raw pixels in [-1, 1]."""
+
+    def __init__(self, cfg: ImageTokenizerConfig) -> None:
+        super().__init__()
+        if cfg.image_size % cfg.patch_size:
+            raise UserError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+        self.cfg = cfg
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return patchify(images, self.cfg.patch_size)
 
@@ -78,7 +84,7 @@ class PixelTokenizer(nn.Module):
         return unpatchify(tokens, self.cfg.patch_size, self.grid, self.cfg.channels).clamp(-1, 1)
 
 
-class VAETokenizer(nn.Module):
+class VAETokenizer(ContinuousTokenizer):
     """Latents of a diffusers AutoencoderKL, scaled (and shifted) by its config, then patchified."""
 
     def __init__(self, cfg: ImageTokenizerConfig, vae: nn.Module | None = None) -> None:
@@ -104,14 +110,6 @@ class VAETokenizer(nn.Module):
                 f"image_size {cfg.image_size} must be a multiple of {down * cfg.patch_size} "
                 f"(VAE downsampling {down} x patch {cfg.patch_size})"
             )
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.cfg.grid
-
-    @property
-    def token_dim(self) -> int:
-        return self.cfg.token_dim
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -43,19 +44,31 @@ def choose_precision(requested: str, accelerator: str = "auto") -> str:
     return choice
 
 
-class StopAfter(L.Callback):
-    """Stop training after a wall-clock budget (checked every step)."""
+def make_strategy(t: Any) -> Any:
+    """Lightning strategy from its name. DDP looks for unused parameters: a batch without captions
+    leaves the text head out of the graph, a class-conditional one the text embeddings."""
+    if t.strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
 
-    def __init__(self, minutes: float) -> None:
-        self.seconds = minutes * 60
-        self.start = 0.0
+        return DDPStrategy(find_unused_parameters=True)
+    if t.strategy == "fsdp":
+        return fsdp_strategy(t)
+    return t.strategy
 
-    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if time.perf_counter() - self.start > self.seconds:
-            trainer.should_stop = True
+def fsdp_strategy(t: Any) -> Any:
+    """FSDP sharding whole transformer blocks, with sharded checkpoints and optional activation
+    checkpointing of the blocks."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from mmfusion.model.transformer import Block
+
+    return FSDPStrategy(
+        auto_wrap_policy={Block},
+        activation_checkpointing_policy={Block} if t.activation_checkpointing else None,
+        state_dict_type="sharded",
+        use_orig_params=True,
+    )
 
 
 def build_trainer(
@@ -77,16 +90,16 @@ def build_trainer(
                 auto_insert_metric_name=False,
             )
         )
-    if t.max_time_minutes:
-        callbacks.append(StopAfter(t.max_time_minutes))
     callbacks += extra_callbacks or []
     logger = TensorBoardLogger(out, name="logs") if t.logger == "tensorboard" else CSVLogger(out, name="logs")
     return L.Trainer(
         max_steps=t.max_steps,
+        # Lightning's timer agrees across processes on when to stop (one rank alone would hang DDP)
+        max_time=timedelta(minutes=t.max_time_minutes) if t.max_time_minutes else None,
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=make_strategy(t),
         precision=precision,
         gradient_clip_val=t.grad_clip or None,
         accumulate_grad_batches=t.accumulate_grad_batches,
@@ -142,13 +155,38 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     if resume and not ckpt.exists():
         raise UserError(f"--resume: no checkpoint at {ckpt}; start the run without --resume")
     trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if resume else None, weights_only=True)
+    trainer.save_checkpoint(ckpt)  # the final state, so that a time-limited run can be resumed from its end
     print(module.skipped_summary())
     if module.nonfinite_total:
         print(f"skipped {module.nonfinite_total} steps with a non-finite loss")
     model_dir = out / "model"
-    if trainer.is_global_zero:
+    if cfg.train.strategy == "fsdp":
+        export_fsdp(trainer, module, model_dir)
+    elif trainer.is_global_zero:
         MMFusion.from_module(module).save_pretrained(model_dir)
     return model_dir
+
+
+def export_fsdp(trainer: L.Trainer, module: MMFusionModule, model_dir: Path) -> None:
+    """Under FSDP the weights are sharded: gather the full state on rank 0 (CPU), then export the
+    EMA (or live) weights as a normal model folder. Not exercised by the CPU test suite: Lightning's
+    FSDP needs GPUs."""
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from mmfusion.model.multimodal import MMFusionModel
+    from mmfusion.pipeline import MMFusion
+
+    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+    with FSDP.state_dict_type(module, StateDictType.FULL_STATE_DICT, config):
+        state = module.state_dict()
+    if trainer.is_global_zero:
+        prefix = "ema." if module.ema is not None else "model."
+        model = MMFusionModel(module.model.cfg)
+        model.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        pipe = MMFusion.from_module(module)
+        pipe.model = model.eval()
+        pipe.save_pretrained(model_dir)
 
 
 def with_llm_backbone(cfg: RunConfig, folder: str) -> RunConfig:

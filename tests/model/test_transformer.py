@@ -106,3 +106,17 @@ def test_image_rope_leaves_text_alone_and_sees_image_layout(tiny_cfg):
     batch = collate([fusion_sample(tiny_cfg, [1, 5], [4, 4])])
     assert not torch.allclose(mrope(batch), plain(batch))
     assert mrope.rotary_positions(batch).shape == (*batch.kind.shape, 3)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny_cfg):
+    model = MMFusionModel(tiny_cfg)
+    torch.nn.init.normal_(model.image_head.weight, std=0.02)
+    batch = collate([fusion_sample(tiny_cfg, [1, 5, 6], [3, 2, 4], caption=[4, 9, 10, 2])])
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.backbone.gradient_checkpointing = ckpt
+        model.image_output(model(batch)).pow(2).mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

@@ -1,0 +1,426 @@
+"""mmfusion benchmarks: every figure measured in one run, on this machine.
+
+    python scripts/bench.py [--quick] [--only NAME ...] [--json docs/benchmarks.json]
+    mmfusion bench [--quick] [--only NAME ...]        (the same)
+
+Each benchmark runs in its own subprocess, so its peak memory (peak RSS of that process) is its own.
+Results go to a JSON file and to the tables of docs/BENCHMARKS.md (between the generated markers;
+the rest of that file is prose kept by hand). Measured items:
+
+* the dense matmul peak of this machine (fp32 and bf16 GFLOP/s): the reference for utilisation;
+* training throughput (tokens/s) and model-FLOPs utilisation of the `tiny` and `small` configs;
+* CausalFusion sampling time for S = 1, 4, 16 AR steps, with and without the KV cache;
+* captioning tokens/s with and without the KV cache (32 new tokens);
+* Token-Shuffle s = 1, 2, 4: tokens per image, training step time, sampling time;
+* FlexAttention (block-sparse, compiled) against dense masked SDPA on the generalized causal mask.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(os.environ.get("MMFUSION_ROOT", Path.cwd()))
+DOC = ROOT / "docs" / "BENCHMARKS.md"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+# --- helpers ---------------------------------------------------------------------------------
+def timed(fn, repeat: int, warmup: int = 1) -> float:  # noqa: ANN001
+    """Median seconds of `repeat` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def tiny_tokenizer():  # noqa: ANN201
+    from mmfusion.data.shapes import render_example
+    from mmfusion.tokenizers.text import TextTokenizer
+
+    caps = [c for i in range(400) for c in render_example(0, "train", i)["captions"]]
+    return TextTokenizer.train(caps, vocab_size=400)
+
+
+def shapes_images(n: int, size: int = 32):  # noqa: ANN201
+    import torch
+
+    from mmfusion.data.shapes import render_example
+    from mmfusion.tokenizers.image import to_tensor
+
+    rows = [render_example(0, "train", i, size=size) for i in range(n)]
+    return torch.stack([to_tensor(r["image"], size) for r in rows]), [r["captions"][0] for r in rows]
+
+
+def model_flops_per_token(cfg: Any, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x the matmul parameters of the blocks and heads, plus attention
+    scores and values (12 x layers x dim x sequence length)."""
+    d, f, layers = cfg.dim, cfg.ffn_dim, cfg.n_layers
+    kv = cfg.kv_heads * cfg.head_dim
+    per_layer = d * cfg.n_heads * cfg.head_dim * 2 + 2 * d * kv + 3 * d * f
+    return 6 * layers * per_layer + 12 * layers * d * seq_len
+
+
+# --- benchmarks --------------------------------------------------------------------------------
+def bench_matmul(quick: bool) -> dict:
+    from mmfusion.training.run import matmul_gflops
+
+    n = 1024 if quick else 2048
+    return {
+        "n": n,
+        "fp32_gflops": matmul_gflops(__import__("torch").float32, n, 1.0),
+        "bf16_gflops": matmul_gflops(__import__("torch").bfloat16, n, 1.0),
+    }
+
+
+def bench_train(preset: str, quick: bool) -> dict:
+    """Steps of the joint objective on shapes (pixels, patch 8), fp32 and bf16 autocast."""
+    import torch
+
+    from mmfusion.config import ObjectiveConfig
+    from mmfusion.diffusion.config import DiffusionConfig
+    from mmfusion.model.config import ModelConfig
+    from mmfusion.model.multimodal import MMFusionModel
+    from mmfusion.tokenizers.image import ImageTokenizerConfig, PixelTokenizer
+    from mmfusion.training.objective import JointObjective
+    from mmfusion.training.run import matmul_gflops
+
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    pix = PixelTokenizer(ImageTokenizerConfig(image_size=32, patch_size=8))
+    cfg = ModelConfig.from_name(
+        preset, vocab_size=len(tok), image_token_dim=pix.token_dim, image_grid=pix.grid, image_rope=True
+    )
+    model = MMFusionModel(cfg)
+    batch_size = 64
+    images, caps = shapes_images(batch_size)
+    obj = JointObjective(
+        cfg, DiffusionConfig(gamma=0.5), ObjectiveConfig(), tok.bos_id, tok.eos_id, tok.boi_id, tok.eoi_id
+    )
+    batch = obj.build(pix.encode(images), [tok.encode(c) for c in caps], None, torch.Generator().manual_seed(0))
+    tokens = int(batch.valid().sum())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    out = {
+        "preset": preset,
+        "parameters": model.num_parameters(),
+        "batch": batch_size,
+        "tokens_per_step": tokens,
+        "seq_len": batch.kind.shape[1],
+    }
+    flops = model_flops_per_token(cfg, batch.kind.shape[1]) * tokens
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+
+        def step() -> None:
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                loss = obj.loss(model, batch)["loss"]
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+        sec = timed(step, repeat=3 if quick else 10, warmup=2)
+        peak = matmul_gflops(dtype or torch.float32, 2048, 1.0)
+        out[name] = {
+            "step_s": sec,
+            "tokens_per_s": tokens / sec,
+            "achieved_gflops": flops / sec / 1e9,
+            "matmul_peak_gflops": peak,
+            "mfu": flops / sec / 1e9 / peak,
+        }
+    return out
+
+
+def _sampling_model():  # noqa: ANN202
+    import torch
+
+    from mmfusion.model.config import ModelConfig
+    from mmfusion.model.multimodal import MMFusionModel
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name("small", image_grid=(4, 4), image_token_dim=192, image_rope=True, vocab_size=400)
+    model = MMFusionModel(cfg).eval()
+    torch.nn.init.normal_(model.image_head.weight, std=0.02)
+    return model
+
+
+def bench_sampling(quick: bool) -> dict:
+    """CausalFusion sampling of 32 images, 20 denoising steps per AR step, CFG on."""
+    import torch
+
+    from mmfusion.diffusion.config import DiffusionConfig
+    from mmfusion.diffusion.sampler import NextTokenDiffusionSampler, SamplerSettings
+
+    model = _sampling_model()
+    b = 8 if quick else 32
+    conds = [[1, 10 + i % 50, 20, 30, 3] for i in range(b)]
+    unconds = [[1, 3]] * b
+    out = {"images": b, "denoising_steps": 20, "tokens_per_image": 16}
+    for steps in (1, 4, 16):
+        smp = NextTokenDiffusionSampler(
+            model, DiffusionConfig(), SamplerSettings(ar_steps=steps, sampler="ddim", steps=20, cfg_scale=3.0)
+        )
+        for cached in (True, False):
+            if not cached and quick and steps == 16:
+                continue
+            gens = lambda: [torch.Generator().manual_seed(i) for i in range(b)]  # noqa: E731
+            sec = timed(lambda: smp(conds, unconds, gens(), use_cache=cached), repeat=1 if not cached else 3)
+            out[f"S={steps}_{'cached' if cached else 'uncached'}_s"] = sec
+    out["S16_over_S1_cached"] = out["S=16_cached_s"] / out["S=1_cached_s"]
+    return out
+
+
+def bench_caption(quick: bool) -> dict:
+    import torch
+
+    from mmfusion.sampling.caption import CaptionDecoder, CaptionSettings
+
+    model = _sampling_model()
+    dec = CaptionDecoder(model, bos=1, boi=3, eoi=4, eos=2)
+    b = 8 if quick else 32
+    tokens = torch.randn(b, 16, 192)
+    s = CaptionSettings(max_new_tokens=32, min_new_tokens=32)
+    out = {"images": b, "new_tokens": 32}
+    for cached in (True, False):
+        sec = timed(lambda: dec(tokens, s, use_cache=cached), repeat=3)
+        out[f"{'cached' if cached else 'uncached'}_tokens_per_s"] = b * 32 / sec
+    out["speedup"] = out["cached_tokens_per_s"] / out["uncached_tokens_per_s"]
+    return out
+
+
+def bench_token_shuffle(quick: bool) -> dict:
+    """Discrete path at 64 px with an f4 VQ: 16 x 16 codes, fused s x s; train step and sampling."""
+    import torch
+
+    from mmfusion.config import ObjectiveConfig
+    from mmfusion.diffusion.config import DiffusionConfig
+    from mmfusion.model.config import ModelConfig
+    from mmfusion.model.multimodal import MMFusionModel
+    from mmfusion.sampling.autoregressive import ARImageSampler
+    from mmfusion.training.objective import JointObjective
+
+    torch.manual_seed(0)
+    grid = 16
+    out: dict[str, Any] = {"image_size": 64, "codes_per_image": grid * grid}
+    for s in (1, 2, 4):
+        cfg = ModelConfig.from_name(
+            "small", image_codebook_size=1024, shuffle=s, image_grid=(grid // s, grid // s), vocab_size=400
+        )
+        model = MMFusionModel(cfg)
+        obj = JointObjective(cfg, DiffusionConfig(), ObjectiveConfig(t2i_fraction=1.0), 1, 2, 3, 4)
+        codes = torch.randint(0, 1024, (16, grid, grid))
+        batch = obj.build(codes, [[10, 11, 12, 13, 14, 15, 16, 17]] * 16, None, torch.Generator().manual_seed(0))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step() -> None:
+            obj.loss(model, batch)["loss"].backward()
+            opt.step()
+            opt.zero_grad()
+
+        train_s = timed(step, repeat=2 if quick else 5, warmup=1)
+        sampler = ARImageSampler(model.eval(), top_k=100, cfg_scale=2.0, cfg_schedule="linear")
+        b = 4
+        gens = lambda: [torch.Generator().manual_seed(i) for i in range(b)]  # noqa: E731
+        sample_s = timed(lambda: sampler([[1, 10, 11, 3]] * b, [[1, 3]] * b, gens()), repeat=1 if quick else 2)
+        model.train()
+        out[f"s={s}"] = {"tokens_per_image": (grid // s) ** 2, "train_step_s": train_s, "sample_s": sample_s}
+    out["train_speedup_s2_vs_s1"] = out["s=1"]["train_step_s"] / out["s=2"]["train_step_s"]
+    out["sample_speedup_s2_vs_s1"] = out["s=1"]["sample_s"] / out["s=2"]["sample_s"]
+    return out
+
+
+def bench_attention(quick: bool) -> dict:
+    """Generalized causal mask at L = 1024 (condition 32 + clean and noisy groups): dense masked SDPA
+    against FlexAttention with a block mask (compiled), forward only, 8 heads of 64."""
+    import torch
+    import torch.nn.functional as F
+
+    from mmfusion.model.attention_backends import flex_attention_masked, flex_available
+    from mmfusion.model.masks import generalized_causal_mask, layout
+
+    n_groups = 8
+    kind, group = layout(32, [62] * n_groups, clean_last_group=False)
+    kind, group = kind[:, :1024], group[:, :1024]
+    mask = generalized_causal_mask(kind, group)
+    length = kind.shape[1]
+    q, k, v = (torch.randn(1, 8, length, 64) for _ in range(3))
+    out: dict[str, Any] = {"seq_len": length, "fraction_of_pairs_attended": float(mask.float().mean())}
+    out["sdpa_s"] = timed(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None]), repeat=10)
+    if flex_available():
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+        got = flex_attention_masked(q, k, v, mask)  # compiles on first use
+        out["max_abs_diff"] = float((ref - got).abs().max())
+        out["flex_s"] = timed(lambda: flex_attention_masked(q, k, v, mask), repeat=10, warmup=2)
+        out["flex_speedup"] = out["sdpa_s"] / out["flex_s"]
+    return out
+
+
+BENCHES = {
+    "matmul": bench_matmul,
+    "train_tiny": lambda quick: bench_train("tiny", quick),
+    "train_small": lambda quick: bench_train("small", quick),
+    "sampling": bench_sampling,
+    "caption": bench_caption,
+    "token_shuffle": bench_token_shuffle,
+    "attention": bench_attention,
+}
+
+
+# --- driver ------------------------------------------------------------------------------------
+def run_one(name: str, quick: bool) -> dict:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("MMFUSION_BENCH_THREADS", torch.get_num_threads())))
+    baseline = peak_rss_mb()
+    result = BENCHES[name](quick)
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["baseline_rss_mb"] = baseline
+    return result
+
+
+def run_all(names: list[str], quick: bool) -> dict:
+    results: dict[str, Any] = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": __import__("torch").__version__,
+        },
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "quick": quick,
+    }
+    for name in names:
+        print(f"[bench] {name} ...", flush=True)
+        cmd = [sys.executable, "-m", "mmfusion.bench", "--child", name] + (["--quick"] if quick else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            results[name] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+        else:
+            results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"[bench] {name}: {json.dumps(results[name])[:300]}", flush=True)
+    return results
+
+
+def render_markdown(r: dict) -> str:
+    def f(x: Any, fmt: str = ".3g") -> str:
+        return format(x, fmt) if isinstance(x, (int, float)) else "n/a"
+
+    lines = [
+        f"Measured {r['date']} on {r['machine']['cores']} cores ({r['machine']['cpu']}), torch "
+        f"{r['machine']['torch']}{' (quick mode)' if r.get('quick') else ''}.",
+        "",
+    ]
+    m = r.get("matmul", {})
+    lines += [
+        "| matmul peak | GFLOP/s |",
+        "|---|---|",
+        f"| fp32 {m.get('n')}^3 | {f(m.get('fp32_gflops'), '.0f')} |",
+        f"| bf16 {m.get('n')}^3 | {f(m.get('bf16_gflops'), '.0f')} |",
+        "",
+    ]
+    lines += [
+        "| training (batch 64, shapes, patch 8) | params | tokens/step | precision | step s | tokens/s | "
+        "achieved GFLOP/s | matmul peak | MFU | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in ("train_tiny", "train_small"):
+        t = r.get(key, {})
+        for prec in ("fp32", "bf16"):
+            p = t.get(prec, {})
+            lines.append(
+                f"| {t.get('preset', key)} | {f(t.get('parameters'), ',')} | {t.get('tokens_per_step')} | "
+                f"{prec} | {f(p.get('step_s'))} | {f(p.get('tokens_per_s'), '.0f')} | "
+                f"{f(p.get('achieved_gflops'), '.0f')} | {f(p.get('matmul_peak_gflops'), '.0f')} | "
+                f"{f(p.get('mfu'), '.1%')} | {f(t.get('peak_rss_mb'), '.0f')} |"
+            )
+    s = r.get("sampling", {})
+    lines += [
+        "",
+        f"| sampling ({s.get('images')} images, {s.get('denoising_steps')} DDIM steps per AR step, CFG) | "
+        "cached s | uncached s |",
+        "|---|---|---|",
+    ]
+    for steps in (1, 4, 16):
+        lines.append(f"| S = {steps} | {f(s.get(f'S={steps}_cached_s'))} | {f(s.get(f'S={steps}_uncached_s'))} |")
+    lines += [f"| S = 16 / S = 1, cached | {f(s.get('S16_over_S1_cached'))} | |", ""]
+    c = r.get("caption", {})
+    lines += [
+        "| captioning (32 new tokens) | tokens/s |",
+        "|---|---|",
+        f"| KV cache | {f(c.get('cached_tokens_per_s'), '.0f')} |",
+        f"| no cache | {f(c.get('uncached_tokens_per_s'), '.0f')} |",
+        f"| speed-up | {f(c.get('speedup'), '.1f')}x |",
+        "",
+    ]
+    ts = r.get("token_shuffle", {})
+    lines += [
+        "| Token-Shuffle (64 px, 16 x 16 codes) | tokens / image | train step s | sampling s (4 images) |",
+        "|---|---|---|---|",
+    ]
+    for s_ in (1, 2, 4):
+        e = ts.get(f"s={s_}", {})
+        lines.append(
+            f"| s = {s_} | {e.get('tokens_per_image')} | {f(e.get('train_step_s'))} | {f(e.get('sample_s'))} |"
+        )
+    lines += [
+        f"| s = 2 speed-up over s = 1 | | {f(ts.get('train_speedup_s2_vs_s1'), '.1f')}x | "
+        f"{f(ts.get('sample_speedup_s2_vs_s1'), '.1f')}x |",
+        "",
+    ]
+    a = r.get("attention", {})
+    lines += [
+        f"| generalized causal mask, L = {a.get('seq_len')}, forward | seconds |",
+        "|---|---|",
+        f"| dense masked SDPA | {f(a.get('sdpa_s'))} |",
+        f"| FlexAttention block mask (compiled) | {f(a.get('flex_s'))} |",
+        f"| speed-up of flex | {f(a.get('flex_speedup'), '.2f')}x (max abs diff {f(a.get('max_abs_diff'), '.1e')}) |",
+    ]
+    return "\n".join(lines)
+
+
+def write_doc(results: dict) -> None:
+    table = render_markdown(results)
+    text = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text:
+        text += f"\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    DOC.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="mmfusion benchmarks (see module docstring)")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and smaller batches")
+    ap.add_argument("--only", nargs="*", default=None, choices=list(BENCHES), help="run only these")
+    ap.add_argument("--json", default=str(ROOT / "docs" / "benchmarks.json"), help="where to write the results")
+    ap.add_argument("--no-doc", action="store_true", help="do not update docs/BENCHMARKS.md (in the current folder)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_one(args.child, args.quick)))
+        return
+    results = run_all(args.only or list(BENCHES), args.quick)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2))
+    if not args.no_doc:
+        write_doc(results)
+    print(render_markdown(results))
+
+
+if __name__ == "__main__":
+    main()

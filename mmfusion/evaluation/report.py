@@ -1,0 +1,19 @@
+"""Write an experiment's results as JSON plus a Markdown table, the form the README quotes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def write_report(out: Path, stem: str, results: dict[str, Any], header: list[str], rows: list[list[Any]]) -> str:
+    """Save ``results`` to ``out/stem.json`` and a table to ``out/stem.md``; return (and print) the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    table = "\n".join(lines) + "\n"
+    (out / f"{stem}.md").write_text(table)
+    print(table, end="")
+    return table

@@ -1,0 +1,59 @@
+"""Caption decoding: cached == uncached, batched == one by one, beam(1) == greedy."""
+
+import pytest
+import torch
+
+from mmfusion.model.config import ModelConfig
+from mmfusion.model.multimodal import MMFusionModel
+from mmfusion.sampling.caption import CaptionDecoder, CaptionSettings
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["sincos", "image-rope"])
+def decoder(request):
+    torch.manual_seed(0)
+    model = MMFusionModel(
+        ModelConfig.from_name("tiny", image_grid=(4, 4), image_token_dim=12, image_rope=request.param)
+    ).eval()
+    return CaptionDecoder(model, bos=1, boi=3, eoi=4, eos=2)
+
+
+def _gens(n, seed=0):
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+@pytest.mark.parametrize("method", ["greedy", "nucleus"])
+def test_cached_equals_uncached(decoder, method):
+    tokens = torch.randn(3, 16, 12)
+    s = CaptionSettings(method=method, max_new_tokens=12, min_new_tokens=12, top_p=0.8)
+    cached = decoder(tokens, s, _gens(3))
+    assert all(len(c) == 12 for c in cached)
+    assert decoder(tokens, s, _gens(3), use_cache=False) == cached
+
+
+def test_batched_equals_one_by_one_and_beam1_is_greedy(decoder):
+    tokens = torch.randn(3, 16, 12)
+    greedy = decoder(tokens, CaptionSettings(max_new_tokens=10))
+    for i in range(3):
+        assert decoder(tokens[i : i + 1], CaptionSettings(max_new_tokens=10)) == greedy[i : i + 1]
+    assert decoder(tokens, CaptionSettings(method="beam", num_beams=1, max_new_tokens=10)) == greedy
+
+
+def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(decoder):
+    tokens = torch.randn(2, 16, 12)
+    greedy = decoder(tokens, CaptionSettings(max_new_tokens=6, min_new_tokens=6))
+    beam = decoder(tokens, CaptionSettings(method="beam", num_beams=4, max_new_tokens=6, length_penalty=0.0))
+
+    def logprob(row, ids):
+        from mmfusion.model.sequence import collate
+
+        prefix = decoder._prefix_rows(tokens[row : row + 1])[0]
+        from mmfusion.sampling.caption import _extend
+
+        batch = collate([_extend(prefix, ids, int(prefix["position_ids"][-1]) + 1)])
+        logits = decoder.model.text_logits(decoder.model(batch))[0].log_softmax(-1)
+        start = prefix["kind"].shape[0] - 1
+        return sum(logits[start + j, t].item() for j, t in enumerate(ids))
+
+    for row in range(2):
+        if len(beam[row]) == len(greedy[row]) == 6:
+            assert logprob(row, beam[row]) >= logprob(row, greedy[row]) - 1e-5

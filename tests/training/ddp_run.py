@@ -1,0 +1,53 @@
+"""Helper for test_ddp.py: train the tiny config with N processes (Lightning DDP, gloo on CPU) and
+save every rank's final weights to OUT/rank{r}.pt."""
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from mmfusion.config import load_config
+from mmfusion.data.datamodule import MMFusionDataModule
+from mmfusion.training.module import MMFusionModule
+from mmfusion.training.run import build_trainer
+
+
+class SaveRankWeights(L.Callback):
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        torch.save(state, self.out / f"rank{trainer.global_rank}.pt")
+
+
+def main(out: str, devices: int, batch: int, overrides: list[str], strategy: str = "ddp") -> None:
+    out_path = Path(out)
+    out_path.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(
+        None,
+        [
+            *overrides,
+            f"train.out={out}",
+            f"train.devices={devices}",
+            f"data.batch_size={batch}",
+            "train.accelerator=cpu",
+            f"train.strategy={strategy if devices > 1 else 'auto'}",
+        ],
+    )
+    L.seed_everything(cfg.train.seed, verbose=False)
+    data = MMFusionDataModule(
+        cfg.data,
+        cfg.image.image_size,
+        Path(out).parent / "data_run",
+        seed=cfg.train.seed,
+        total_steps=cfg.train.max_steps,
+    )
+    module = MMFusionModule(cfg, data.text_tokenizer())
+    trainer = build_trainer(cfg, out_path, "32-true", [SaveRankWeights(out_path)], enable_checkpointing=False)
+    trainer.fit(module, datamodule=data)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
