@@ -6,6 +6,8 @@ trainable parameters, peak memory and time.
 
 Both fine-tunings run as `mmfusion finetune` in their own process (so each peak-memory figure is its
 own), on the same shifted data (purple shapes only), for the same number of steps and learning rate.
+With --replay the fine-tuning data mixes purple with the old colours (purple is then one colour in
+five), the usual cure for forgetting.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mmfusion.data.shapes import SHAPES, build_shapes
+from mmfusion.data.shapes import COLOURS, SHAPES, build_shapes
 from mmfusion.evaluation.demo_eval import evaluate_t2i
 from mmfusion.evaluation.report import write_report
 from mmfusion.evaluation.shapes import check_image, summarize
@@ -73,11 +75,13 @@ def main() -> None:
     ap.add_argument("--out", default="runs/lora_purple")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--replay", action="store_true", help="mix the old colours into the fine-tuning data")
     args = ap.parse_args()
     out = Path(args.out)
     data = out / "purple_data"
     if not (data / "dataset_dict.json").exists():
-        build_shapes(n=2000, seed=7, colours=("purple",)).save_to_disk(str(data))
+        colours = (*COLOURS, "purple") if args.replay else ("purple",)
+        build_shapes(n=2000, seed=7, colours=colours).save_to_disk(str(data))
     results = {"before": evaluate(args.model)}
     lora = finetune(args.model, data, out / "lora", full=False, steps=args.steps, lr=args.lr)
     results["lora"] = {**lora, **evaluate(args.model, [str(out / "lora")])}

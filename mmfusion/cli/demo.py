@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -35,7 +36,11 @@ def demo(*, out: str = "demo", minutes: float | None = None, seed: int = 0, thre
         minutes: training time budget (default: the demo config's, chosen so that everything takes at
             most 15 minutes on 2 CPU cores)
         seed: random seed of data, training and sampling
-        threads: torch CPU threads (default: all cores)
+        threads: torch CPU threads per training process. By default a machine with two or more cores
+            trains with two data-parallel processes (Lightning DDP, gloo), each using half the cores:
+            measured here, that reaches a far better model in the same 12 minutes than one process
+            with two threads (73% vs. 46% one-object accuracy), because small matrices use two
+            threads poorly.
     """
     from mmfusion.config import load_config
     from mmfusion.evaluation.demo_eval import evaluate_captions, evaluate_t2i
@@ -47,16 +52,25 @@ def demo(*, out: str = "demo", minutes: float | None = None, seed: int = 0, thre
     overrides = [f"train.out={out}", f"train.seed={seed}", f"data.shapes_seed={seed}"]
     if minutes is not None:
         overrides.append(f"train.max_time_minutes={minutes}")
-    if threads is not None:
+    cores = os.cpu_count() or 1
+    if cores >= 2:
+        overrides += ["train.devices=2", "train.strategy=ddp", "train.accelerator=cpu"]
+        overrides.append(f"train.threads={threads or max(1, cores // 2)}")
+    elif threads is not None:
         overrides.append(f"train.threads={threads}")
     cfg = load_config(DEMO_CONFIG, overrides)
     model_dir = train(cfg)
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return  # a DDP worker that Lightning launched: rank 0 evaluates
+    import torch
+
+    torch.set_num_threads(threads or cores)
     trained = time.perf_counter()
     pipe = MMFusion.from_pretrained(model_dir)
     outdir = Path(out)
     images = pipe.generate(FIXED_PROMPTS, num_images=4, seed=seed)
     records = [{"file": f"{k:04d}.png", "prompt": FIXED_PROMPTS[k // 4], "seed": seed + k} for k in range(len(images))]
-    write_outputs(outdir / "samples", images, records, scale=4)
+    write_outputs(outdir / "samples", images, records, scale=4, cols=4)  # one row per prompt
     t2i, eval_images, _ = evaluate_t2i(pipe, seed=seed)
     make_grid(eval_images, cols=16, scale=3).save(outdir / "eval_grid.png")
     import datasets

@@ -78,7 +78,8 @@ def generate(
     records = [
         {"file": f"{k:04d}.png", "prompt": prompt[k // num_images], "seed": seed + k} for k in range(len(images))
     ]
-    write_outputs(out, images, records, scale=scale)
+    cols = num_images if num_images > 1 and len(prompt) > 1 else None  # one row per prompt
+    write_outputs(out, images, records, scale=scale, cols=cols)
     print(f"wrote {len(images)} images, grid.png and index.json to {out}")
 
 

@@ -48,6 +48,7 @@ def write_outputs(
     records: list[dict[str, Any]],
     scale: int = 1,
     extra: dict[str, Image.Image] | None = None,
+    cols: int | None = None,
 ) -> Path:
     """Write `NNNN.png` per image, `grid.png` and `index.json` into `out`, all or nothing: files go to
     a temporary folder first and are moved into place once every one of them is written."""
@@ -59,7 +60,7 @@ def write_outputs(
             im.save(tmp / rec["file"])
         for name, im in (extra or {}).items():
             im.save(tmp / name)
-        make_grid(images, scale=scale).save(tmp / "grid.png")
+        make_grid(images, cols=cols, scale=scale).save(tmp / "grid.png")
         (tmp / "index.json").write_text(json.dumps(records, indent=2))
         for f in tmp.iterdir():
             shutil.move(str(f), out / f.name)
