@@ -39,7 +39,7 @@ def demo(*, out: str = "demo", minutes: float | None = None, seed: int = 0, thre
         threads: torch CPU threads per training process. By default a machine with two or more cores
             trains with two data-parallel processes (Lightning DDP, gloo), each using half the cores:
             measured here, that reaches a far better model in the same 12 minutes than one process
-            with two threads (73% vs. 46% one-object accuracy), because small matrices use two
+            with two threads (73 vs. 46 percent one-object accuracy), because small matrices use two
             threads poorly.
     """
     from mmfusion.config import load_config
