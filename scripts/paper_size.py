@@ -39,7 +39,7 @@ def forward_backward(model: MMFusionModel) -> dict:
     start = time.perf_counter()
     loss = obj.loss(model, batch)["loss"]
     loss.backward()
-    return {"sequence_length": batch.kind.shape[1], "loss": float(loss), "seconds": time.perf_counter() - start}
+    return {"sequence_length": batch.kind.shape[1], "loss": loss.item(), "seconds": time.perf_counter() - start}
 
 
 def main() -> None:

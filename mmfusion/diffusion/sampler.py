@@ -206,7 +206,7 @@ class _State:
             self._template_mask = self._template.mask()
             self._template_key = (step, rows)
         tpl = self._template
-        values = x if x.shape[1] == tpl.kind.shape[1] else tpl.values
+        values = x if x.shape[1] == tpl.kind.shape[1] else tpl.values  # x is empty when editing gives every token
         batch = dataclasses.replace(tpl, values=values, t=(tpl.kind == NOISY).long() * t)
         cache = self.cache if rows == len(self.prefixes) else self.cache.rows(rows)
         hidden = self.model(batch, cache, store=False, mask=self._template_mask)

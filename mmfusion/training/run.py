@@ -155,7 +155,8 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     if resume and not ckpt.exists():
         raise UserError(f"--resume: no checkpoint at {ckpt}; start the run without --resume")
     trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if resume else None, weights_only=True)
-    trainer.save_checkpoint(ckpt, weights_only=False)  # the final state, so that a time-limited run can be resumed from its end
+    # the final state (full, not weights only), so that a time-limited run can be resumed from its end
+    trainer.save_checkpoint(ckpt, weights_only=False)
     print(module.skipped_summary())
     if module.nonfinite_total:
         print(f"skipped {module.nonfinite_total} steps with a non-finite loss")

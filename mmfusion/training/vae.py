@@ -80,21 +80,15 @@ def latent_std(vae: Any, loader: DataLoader, batches: int = 8) -> float:
 
 
 def fit_autoencoder(
-    module: L.LightningModule,
-    data: str,
-    split: str,
-    image_size: int,
-    batch_size: int,
-    steps: int,
-    seed: int,
-    out: str | Path,
+    module: L.LightningModule, data: str, split: str, cfg: VAEConfig | VQConfig, seed: int, out: str | Path
 ) -> CaptionedImages:
-    """Fit an image autoencoder module on the images of any source `load_captioned` reads."""
+    """Fit an image autoencoder module on the images of any source `load_captioned` reads, with the
+    image size, batch size and steps of its config."""
     L.seed_everything(seed, verbose=False)
-    ds = CaptionedImages(load_captioned(data)[split], None, image_size, 0)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=True, collate_fn=collate_items, drop_last=True)
+    ds = CaptionedImages(load_captioned(data)[split], None, cfg.image_size, 0)
+    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate_items, drop_last=True)
     trainer = L.Trainer(
-        max_steps=steps,
+        max_steps=cfg.steps,
         max_epochs=-1,
         accelerator="auto",
         devices=1,
@@ -110,7 +104,7 @@ def fit_autoencoder(
 def train_vae(data: str, out: str | Path, cfg: VAEConfig, split: str = "train", seed: int = 0) -> Path:
     """Train on the images of `data` (any source `load_captioned` reads); save a diffusers folder."""
     module = VAEModule(cfg)
-    ds = fit_autoencoder(module, data, split, cfg.image_size, cfg.batch_size, cfg.steps, seed, out)
+    ds = fit_autoencoder(module, data, split, cfg, seed, out)
     vae = module.vae.eval()
     std = latent_std(vae, DataLoader(ds, batch_size=64, collate_fn=collate_items))
     vae.register_to_config(scaling_factor=1.0 / max(std, 1e-6))
@@ -188,7 +182,7 @@ def train_vq(data: str, out: str | Path, cfg: VQConfig, split: str = "train", se
     from mmfusion.tokenizers.vq import QUANTIZER_FILE
 
     module = VQModule(cfg)
-    fit_autoencoder(module, data, split, cfg.image_size, cfg.batch_size, cfg.steps, seed, out)
+    fit_autoencoder(module, data, split, cfg, seed, out)
     out = Path(out)
     module.vq.save_pretrained(str(out))
     if cfg.quantizer == "binary":
