@@ -9,7 +9,8 @@ the rest of that file is prose kept by hand). Measured items:
 
 * the dense matmul peak of this machine (fp32 and bf16 GFLOP/s): the reference for utilisation;
 * training throughput (tokens/s) and model-FLOPs utilisation of the `tiny` and `small` configs;
-* CausalFusion sampling time for S = 1, 4, 16 AR steps, with and without the KV cache;
+* CausalFusion sampling time for S = 1, 4, 16 AR steps, with and without the KV cache, for the demo's
+  model (16 tokens per image) and, cached, for a wider one at the paper's 256 tokens per image;
 * captioning tokens/s with and without the KV cache (32 new tokens);
 * Token-Shuffle s = 1, 2, 4: tokens per image, training step time, sampling time;
 * FlexAttention (block-sparse, compiled) against dense masked SDPA on the generalized causal mask.
@@ -79,14 +80,31 @@ def model_flops_per_token(cfg: Any, seq_len: int) -> float:
 
 
 # --- benchmarks --------------------------------------------------------------------------------
+def bf16_native() -> tuple[bool, float, float]:
+    """Whether this CPU multiplies bf16 natively: a 512^3 bf16 matmul at no less than a fifth of the fp32
+    rate (where it is emulated it runs some 100x slower, and timing 2048^3 products would take minutes).
+    Returns (native, bf16 GFLOP/s, fp32 GFLOP/s) at 512^3."""
+    import torch
+
+    from mmfusion.training.run import matmul_gflops
+
+    fp32, bf16 = matmul_gflops(torch.float32, 512, 0.3), matmul_gflops(torch.bfloat16, 512, 0.3)
+    return bf16 >= 0.2 * fp32, bf16, fp32
+
+
 def bench_matmul(quick: bool) -> dict:
+    import torch
+
     from mmfusion.training.run import matmul_gflops
 
     n = 1024 if quick else 2048
+    native, bf16_512, _ = bf16_native()
     return {
         "n": n,
-        "fp32_gflops": matmul_gflops(__import__("torch").float32, n, 1.0),
-        "bf16_gflops": matmul_gflops(__import__("torch").bfloat16, n, 1.0),
+        "fp32_gflops": matmul_gflops(torch.float32, n, 1.0),
+        "bf16_gflops": matmul_gflops(torch.bfloat16, n, 1.0) if native else bf16_512,
+        "bf16_n": n if native else 512,
+        "bf16_native": native,
     }
 
 
@@ -125,7 +143,13 @@ def bench_train(preset: str, quick: bool) -> dict:
         "seq_len": batch.kind.shape[1],
     }
     flops = model_flops_per_token(cfg, batch.kind.shape[1]) * tokens
-    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+    precisions = [("fp32", None)]
+    native, bf16_gflops, fp32_gflops = bf16_native()
+    if native:
+        precisions.append(("bf16", torch.bfloat16))
+    else:
+        out["bf16"] = {"skipped": f"no native bf16 ({bf16_gflops:.0f} vs {fp32_gflops:.0f} GFLOP/s fp32 at 512^3)"}
+    for name, dtype in precisions:
 
         def step() -> None:
             with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
@@ -146,43 +170,55 @@ def bench_train(preset: str, quick: bool) -> dict:
     return out
 
 
-def _sampling_model():  # noqa: ANN202
+def _sampling_model(grid: int = 4, token_dim: int = 192, **overrides: Any):  # noqa: ANN202
     import torch
 
     from mmfusion.model.config import ModelConfig
     from mmfusion.model.multimodal import MMFusionModel
 
     torch.manual_seed(0)
-    cfg = ModelConfig.from_name("small", image_grid=(4, 4), image_token_dim=192, image_rope=True, vocab_size=400)
+    cfg = ModelConfig.from_name(
+        "small", image_grid=(grid, grid), image_token_dim=token_dim, image_rope=True, vocab_size=400, **overrides
+    )
     model = MMFusionModel(cfg).eval()
     torch.nn.init.normal_(model.image_head.weight, std=0.02)
     return model
 
 
-def bench_sampling(quick: bool) -> dict:
-    """CausalFusion sampling of 32 images, 20 denoising steps per AR step, CFG on."""
+def _sampling_times(model: Any, images: int, uncached: bool) -> dict:
+    """Seconds to sample `images` images with S = 1, 4, 16 AR steps (20 DDIM steps each, CFG 3), with
+    the KV cache and, if `uncached`, without it."""
     import torch
 
     from mmfusion.diffusion.config import DiffusionConfig
     from mmfusion.diffusion.sampler import NextTokenDiffusionSampler, SamplerSettings
 
-    model = _sampling_model()
-    b = 8 if quick else 32
-    conds = [[1, 10 + i % 50, 20, 30, 3] for i in range(b)]
-    unconds = [[1, 3]] * b
-    out = {"images": b, "denoising_steps": 20, "tokens_per_image": 16}
+    conds = [[1, 10 + i % 50, 20, 30, 3] for i in range(images)]
+    unconds = [[1, 3]] * images
+    h, w = model.cfg.image_grid
+    out = {"images": images, "denoising_steps": 20, "tokens_per_image": h * w, "parameters": model.num_parameters()}
     for steps in (1, 4, 16):
         smp = NextTokenDiffusionSampler(
             model, DiffusionConfig(), SamplerSettings(ar_steps=steps, sampler="ddim", steps=20, cfg_scale=3.0)
         )
-        for cached in (True, False):
-            if not cached and quick and steps == 16:
-                continue
-            gens = lambda: [torch.Generator().manual_seed(i) for i in range(b)]  # noqa: E731
+        for cached in (True, False) if uncached else (True,):
+            gens = lambda: [torch.Generator().manual_seed(i) for i in range(images)]  # noqa: E731
             sec = timed(lambda: smp(conds, unconds, gens(), use_cache=cached), repeat=1 if not cached else 3)
             out[f"S={steps}_{'cached' if cached else 'uncached'}_s"] = sec
     out["S16_over_S1_cached"] = out["S=16_cached_s"] / out["S=1_cached_s"]
     return out
+
+
+def bench_sampling(quick: bool) -> dict:
+    """CausalFusion sampling with the demo's model and token count: `small`, 4 x 4 pixel tokens."""
+    return _sampling_times(_sampling_model(), 8 if quick else 32, uncached=True)
+
+
+def bench_sampling_paper_tokens(quick: bool) -> dict:
+    """CausalFusion sampling at the paper's token count (16 x 16 latent tokens of 16 dims, as for 256 px
+    with an f8 VAE and patch 2) with a wider model (256 wide, 6 layers), cached only."""
+    model = _sampling_model(grid=16, token_dim=16, dim=256, n_layers=6, n_heads=4)
+    return _sampling_times(model, 2 if quick else 8, uncached=False)
 
 
 def bench_caption(quick: bool) -> dict:
@@ -275,6 +311,7 @@ BENCHES = {
     "train_tiny": lambda quick: bench_train("tiny", quick),
     "train_small": lambda quick: bench_train("small", quick),
     "sampling": bench_sampling,
+    "sampling_paper_tokens": bench_sampling_paper_tokens,
     "caption": bench_caption,
     "token_shuffle": bench_token_shuffle,
     "attention": bench_attention,
@@ -330,7 +367,8 @@ def render_markdown(r: dict) -> str:
         "| matmul peak | GFLOP/s |",
         "|---|---|",
         f"| fp32 {m.get('n')}^3 | {f(m.get('fp32_gflops'), '.0f')} |",
-        f"| bf16 {m.get('n')}^3 | {f(m.get('bf16_gflops'), '.0f')} |",
+        f"| bf16 {m.get('bf16_n', m.get('n'))}^3 | {f(m.get('bf16_gflops'), '.0f')}"
+        f"{'' if m.get('bf16_native', True) else ' (emulated: this CPU has no native bf16)'} |",
         "",
     ]
     lines += [
@@ -342,6 +380,9 @@ def render_markdown(r: dict) -> str:
         t = r.get(key, {})
         for prec in ("fp32", "bf16"):
             p = t.get(prec, {})
+            if "skipped" in p:
+                lines.append(f"| {t.get('preset', key)} | | | {prec} | skipped: {p['skipped']} | | | | | |")
+                continue
             lines.append(
                 f"| {t.get('preset', key)} | {f(t.get('parameters'), ',')} | {t.get('tokens_per_step')} | "
                 f"{prec} | {f(p.get('step_s'))} | {f(p.get('tokens_per_s'), '.0f')} | "
@@ -358,6 +399,14 @@ def render_markdown(r: dict) -> str:
     for steps in (1, 4, 16):
         lines.append(f"| S = {steps} | {f(s.get(f'S={steps}_cached_s'))} | {f(s.get(f'S={steps}_uncached_s'))} |")
     lines += [f"| S = 16 / S = 1, cached | {f(s.get('S16_over_S1_cached'))} | |", ""]
+    sp = r.get("sampling_paper_tokens", {})
+    lines += [
+        f"| sampling at the paper's token count ({sp.get('tokens_per_image')} tokens per image, "
+        f"{f(sp.get('parameters'), ',')} params, {sp.get('images')} images, 20 DDIM steps, CFG) | cached s |",
+        "|---|---|",
+    ]
+    lines += [f"| S = {steps} | {f(sp.get(f'S={steps}_cached_s'))} |" for steps in (1, 4, 16)]
+    lines += [f"| S = 16 / S = 1 | {f(sp.get('S16_over_S1_cached'))} |", ""]
     c = r.get("caption", {})
     lines += [
         "| captioning (32 new tokens) | tokens/s |",

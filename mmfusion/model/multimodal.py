@@ -148,9 +148,10 @@ class MMFusionModel(nn.Module):
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._head(self.lm_head, hidden)
 
-    def code_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(n, dim) -> logits (n, s^2, K) over the codebook, or (n, s^2, d) bit logits (bitwise heads)."""
-        return self._head(self.shuffle_out.head, self.shuffle_out.slots(hidden))
+    def code_logits(self, hidden: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, dim) -> logits (n, s^2, K) over the codebook, or (n, s^2, d) bit logits (bitwise heads).
+        `codes` (n, s^2): the window's codes, read by the autoregressive window head only."""
+        return self._head(self.shuffle_out.head, self.shuffle_out.slots(hidden, codes))
 
     def image_output(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._head(self.image_head, hidden)

@@ -3,7 +3,10 @@ and expand each output back to s^2 codes.
 
 token-shuffle: embed each code, concatenate the s^2 embeddings along channels, MLP -> one token.
 token-unshuffle: MLP -> s^2 slots, each with its own logits: a softmax over the codebook, or, for
-d-bit binary codes, d independent binary classifiers (Infinity's bitwise heads).
+d-bit binary codes, d independent binary classifiers (Infinity's bitwise heads). With
+`window_head="autoregressive"` (an mmfusion option, not in the paper) slot j also reads the codes of
+slots < j of its own window, so the s^2 codes of a window are drawn one after another rather than
+independently of each other.
 """
 
 from __future__ import annotations
@@ -60,5 +63,27 @@ class TokenUnshuffle(nn.Module):
         self.bitwise = bool(cfg.code_bits) and cfg.bitwise_head
         self.head = nn.Linear(e, cfg.code_bits if self.bitwise else cfg.image_codebook_size)
 
-    def slots(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.expand(hidden).view(hidden.shape[0], self.width, -1)  # (n, W, e)
+        self.context: nn.Module | None = None
+        self.bits = cfg.code_bits
+        if cfg.window_head == "autoregressive" and self.width > 1:
+            self.prev_embed = nn.Linear(cfg.code_bits, e) if cfg.code_bits else nn.Embedding(cfg.image_codebook_size, e)
+            self.context = nn.Sequential(nn.Linear(self.width * e, e), nn.SiLU(), nn.Linear(e, e))
+            # earlier[j, i]: slot j reads the code of slot i
+            self.register_buffer("earlier", torch.ones(self.width, self.width).tril(-1), persistent=False)
+
+    @property
+    def autoregressive(self) -> bool:
+        return self.context is not None
+
+    def slots(self, hidden: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, dim) -> slot features (n, W, e). The autoregressive head needs the window's codes (n, W):
+        the true ones in training; in sampling, those drawn so far (slot j reads slots < j only, so
+        the later entries may hold anything)."""
+        out = self.expand(hidden).view(hidden.shape[0], self.width, -1)
+        if self.context is None:
+            return out
+        if codes is None:
+            raise ValueError("the autoregressive window head needs the codes of the window (slots before each)")
+        prev = self.prev_embed(code_bits(codes, self.bits)) if self.bits else self.prev_embed(codes.clamp(min=0))
+        seen = prev[:, None, :, :] * self.earlier[None, :, :, None]  # (n, W slots, W codes, e)
+        return out + self.context(seen.flatten(2).to(out.dtype))

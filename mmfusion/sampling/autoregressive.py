@@ -92,19 +92,39 @@ class ARImageSampler:
         width = cfg.code_width
         fused = torch.zeros(b, n, width, dtype=torch.long)
         cache = self.model.new_cache() if use_cache else None
-        logits = self._next(prefixes, fused[:, :0], cache)
+        hidden = self._next(prefixes, fused[:, :0], cache)
         for i in range(n):
-            if guided:
-                scale = cfg_scale_at(self.cfg_schedule, self.cfg_scale, i, n)
-                logits = logits[b:] + scale * (logits[:b] - logits[b:])
-            fused[:, i] = self._draw(logits.float(), generators)
+            scale = cfg_scale_at(self.cfg_schedule, self.cfg_scale, i, n) if guided else None
+            fused[:, i] = self._draw_window(hidden, scale, generators)
             if i + 1 < n:
-                logits = self._next(prefixes, fused[:, : i + 1], cache)
+                hidden = self._next(prefixes, fused[:, : i + 1], cache)
         h, w = cfg.image_grid
         return unfuse_grid(fused, cfg.shuffle, (h * cfg.shuffle, w * cfg.shuffle))
 
+    def _draw_window(
+        self, hidden: torch.Tensor, scale: float | None, generators: list[torch.Generator]
+    ) -> torch.Tensor:
+        """The s^2 codes (B, W) of the next fused token from its hidden states (B rows, or 2B with the
+        unconditional rows after the conditional ones when `scale` is set): all at once, or one slot
+        after another with the autoregressive window head."""
+        b = len(generators)
+
+        def logits_of(codes: torch.Tensor | None) -> torch.Tensor:
+            if codes is not None:
+                codes = torch.cat([codes] * (hidden.shape[0] // b))
+            logits = self.model.code_logits(hidden, codes).float()
+            return logits if scale is None else logits[b:] + scale * (logits[:b] - logits[b:])
+
+        if not self.model.shuffle_out.autoregressive:
+            return self._draw(logits_of(None), generators)
+        codes = torch.zeros(b, self.model.cfg.code_width, dtype=torch.long)
+        for j in range(codes.shape[1]):
+            codes[:, j : j + 1] = self._draw(logits_of(codes)[:, j : j + 1], generators)
+        return codes
+
     def _next(self, prefixes: list[list[int]], done: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        """Logits for the next fused token, from the prefix plus the `done` tokens (B, i, W)."""
+        """Hidden states (rows, dim) that predict the next fused token, from the prefix plus the `done`
+        tokens (B, i, W)."""
         rows = len(prefixes)
         codes = torch.cat([done] * (rows // len(done))) if len(done) else done
         width = self.model.cfg.code_width
@@ -130,4 +150,4 @@ class ARImageSampler:
             )
             last = torch.zeros(rows, dtype=torch.long)
         hidden = self.model(batch, cache, store=cache is not None)
-        return self.model.code_logits(hidden[torch.arange(rows), last])
+        return hidden[torch.arange(rows), last]

@@ -157,8 +157,8 @@ class JointObjective:
     def _code_loss(self, model: MMFusionModel, hidden: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
         """Cross-entropy over all s^2 codes of the next fused token (bitwise: binary CE over the d bits)."""
         at = batch.weights > 0
-        logits = model.code_logits(hidden[at]).float()  # (n, W, K) or (n, W, d)
         target = batch.code_labels[at]  # (n, W)
+        logits = model.code_logits(hidden[at], codes=target).float()  # (n, W, K) or (n, W, d)
         if model.shuffle_out.bitwise:
             bits = code_bits(target, self.model_cfg.code_bits).clamp(min=0)  # +-1 -> {0, 1}
             per_code = F.binary_cross_entropy_with_logits(logits, bits, reduction="none").mean(-1)

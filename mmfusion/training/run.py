@@ -207,6 +207,7 @@ def with_llm_backbone(cfg: RunConfig, folder: str) -> RunConfig:
         "bitwise_head",
         "shuffle",
         "code_dim",
+        "window_head",
         "fp32_head",
     )
     model = config_from_hf(read_hf_config(folder), **{k: getattr(cfg.model, k) for k in keep})

@@ -24,10 +24,16 @@ def test_shuffle_then_unshuffle_is_identity(s):
         assert fused[0, 0].tolist() == [codes[0, 0, 0], codes[0, 0, 1], codes[0, 1, 0], codes[0, 1, 1]]
 
 
-def _cfg(s=2, bits=0, bitwise=True):
+def _cfg(s=2, bits=0, bitwise=True, window="independent"):
     k = 2**bits if bits else 64
     return ModelConfig.from_name(
-        "tiny", image_codebook_size=k, code_bits=bits, bitwise_head=bitwise, shuffle=s, image_grid=(8 // s, 8 // s)
+        "tiny",
+        image_codebook_size=k,
+        code_bits=bits,
+        bitwise_head=bitwise,
+        shuffle=s,
+        image_grid=(8 // s, 8 // s),
+        window_head=window,
     )
 
 
@@ -38,6 +44,28 @@ def test_heads_shapes_and_bitwise_size():
     assert bitwise.code_logits(h).shape == (5, 4, 12)
     count = lambda m: sum(p.numel() for p in m.shuffle_out.head.parameters())  # noqa: E731
     assert count(bitwise) * 100 < count(soft)  # d binary classifiers instead of a 2^d-way softmax
+
+
+@pytest.mark.parametrize("bits", [0, 6], ids=["softmax", "bitwise"])
+def test_autoregressive_window_head_reads_earlier_slots_only(bits):
+    torch.manual_seed(0)
+    model = MMFusionModel(_cfg(s=2, bits=bits, window="autoregressive"))
+    torch.nn.init.normal_(model.shuffle_out.context[-1].weight, std=0.5)  # make the context's effect visible
+    h = torch.randn(3, 64)
+    codes = torch.randint(0, 2**bits if bits else 64, (3, 4))
+    base = model.code_logits(h, codes)
+    for j in range(4):
+        changed = codes.clone()
+        changed[:, j] = (changed[:, j] + 1) % (2**bits if bits else 64)
+        moved = (model.code_logits(h, changed) - base).abs().amax(dim=(0, 2))  # per slot
+        assert torch.all(moved[: j + 1] == 0), f"slot <= {j} saw the code of slot {j}"
+        assert torch.all(moved[j + 1 :] > 0), f"later slots did not see the code of slot {j}"
+    with pytest.raises(ValueError, match="codes of the window"):
+        model.code_logits(h)
+    # the independent head ignores codes; s = 1 has nothing to condition on and builds no context
+    independent = MMFusionModel(_cfg(s=2, bits=bits))
+    assert torch.equal(independent.code_logits(h, codes), independent.code_logits(h))
+    assert MMFusionModel(_cfg(s=1, bits=bits, window="autoregressive")).shuffle_out.context is None
 
 
 def test_cfg_schedules():
@@ -58,10 +86,10 @@ def test_filter_logits():
 
 
 @pytest.mark.parametrize("bits", [0, 6], ids=["softmax", "bitwise"])
-@pytest.mark.parametrize("s", [1, 2])
-def test_cached_equals_uncached_and_batched_equals_single(bits, s):
+@pytest.mark.parametrize("s,window", [(1, "independent"), (2, "independent"), (2, "autoregressive")])
+def test_cached_equals_uncached_and_batched_equals_single(bits, s, window):
     torch.manual_seed(0)
-    model = MMFusionModel(_cfg(s=s, bits=bits)).eval()
+    model = MMFusionModel(_cfg(s=s, bits=bits, window=window)).eval()
     conds, unconds = [[1, 5, 6, 3], [1, 7, 3]], [[1, 3], [1, 3]]
     sampler = ARImageSampler(model, temperature=1.0, top_k=20 if not bits else 0, cfg_scale=3.0, cfg_schedule="linear")
     gens = lambda seeds: [torch.Generator().manual_seed(x) for x in seeds]  # noqa: E731
@@ -73,8 +101,8 @@ def test_cached_equals_uncached_and_batched_equals_single(bits, s):
     assert not torch.equal(sampler(conds, unconds, gens([2, 3])), cached)
 
 
-@pytest.mark.parametrize("bits", [0, 6], ids=["softmax", "bitwise"])
-def test_loss_falls_on_shapes(bits):
+@pytest.mark.parametrize("bits,window", [(0, "independent"), (6, "independent"), (0, "autoregressive")])
+def test_loss_falls_on_shapes(bits, window):
     """A tiny Token-Shuffle model learns the codes of shapes images (from a fixed random VQ)."""
     from diffusers import VQModel
 
@@ -97,7 +125,7 @@ def test_loss_falls_on_shapes(bits):
     tok = VQTokenizer(ImageTokenizerConfig(kind="vq", image_size=32), vq)
     images = torch.stack([to_tensor(render_example(0, "train", i)["image"], 32) for i in range(32)])
     codes = tok.encode(images)
-    cfg = _cfg(s=2, bits=bits)
+    cfg = _cfg(s=2, bits=bits, window=window)
     model = MMFusionModel(cfg)
     obj = JointObjective(
         cfg,

@@ -1,5 +1,5 @@
 """Helper for test_ddp.py: train the tiny config with N processes (Lightning DDP, gloo on CPU) and
-save every rank's final weights to OUT/rank{r}.pt."""
+save every rank's initial and final weights to OUT/rank{r}_init.pt and OUT/rank{r}.pt."""
 
 import sys
 from pathlib import Path
@@ -17,9 +17,15 @@ class SaveRankWeights(L.Callback):
     def __init__(self, out: Path) -> None:
         self.out = out
 
-    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+    def _save(self, trainer: L.Trainer, module: L.LightningModule, suffix: str) -> None:
         state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        torch.save(state, self.out / f"rank{trainer.global_rank}.pt")
+        torch.save(state, self.out / f"rank{trainer.global_rank}{suffix}.pt")
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._save(trainer, module, "_init")
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._save(trainer, module, "")
 
 
 def main(out: str, devices: int, batch: int, overrides: list[str], strategy: str = "ddp") -> None:

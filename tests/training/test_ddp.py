@@ -29,15 +29,19 @@ def _run(out, devices, batch):
 def test_two_process_ddp_matches_one_process(tmp_path):
     _run(tmp_path / "one", 1, 8)
     _run(tmp_path / "two", 2, 4)  # same global batch of 8
-    single = torch.load(tmp_path / "one" / "rank0.pt", weights_only=True)
-    r0 = torch.load(tmp_path / "two" / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "two" / "rank1.pt", weights_only=True)
-    start = None
+    load = lambda run, name: torch.load(tmp_path / run / f"{name}.pt", weights_only=True)  # noqa: E731
+    init, single = load("one", "rank0_init"), load("one", "rank0")
+    r0, r1 = load("two", "rank0"), load("two", "rank1")
     for name, w in single.items():
+        assert torch.equal(load("two", "rank0_init")[name], init[name]), name  # the same start
         assert torch.equal(r0[name], r1[name]), name  # ranks never drift apart
-        torch.testing.assert_close(r0[name], w, atol=2e-5, rtol=1e-4, msg=name)  # same training as one process
-        if name.endswith("q_proj.weight") and start is None:
-            start = name
-    # and training did move the weights (so the comparison is not vacuous)
-    fresh = torch.load(tmp_path / "one" / "rank0.pt", weights_only=True)[start]
-    assert fresh.abs().sum() > 0
+        # same training as one process, up to the order of float sums (the all-reduce adds the two
+        # half-batch gradients, one process sums the whole batch). Adam divides each update by the
+        # gradient's running size, which turns that last-bit noise into differences of up to 1.6e-3 of
+        # how far the weights moved (measured on 2026-11-24), so the bound is relative to that.
+        moved = (w - init[name]).abs().max().item()
+        diff = (r0[name] - w).abs().max().item()
+        assert diff <= 1e-2 * moved + 1e-6, f"{name}: differs by {diff:.2e} after moving {moved:.2e}"
+    # training did move the weights, so the comparison is not vacuous
+    q = next(n for n in single if n.endswith("q_proj.weight"))
+    assert (single[q] - init[q]).abs().max() > 1e-3
