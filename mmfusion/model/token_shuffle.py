@@ -38,6 +38,16 @@ def code_bits(codes: torch.Tensor, d: int) -> torch.Tensor:
     return bits.float() * 2 - 1
 
 
+def code_embedding(cfg: ModelConfig, width: int) -> nn.Module:
+    """Embedding of one code: a linear map of its bits (binary codes) or a lookup table."""
+    return nn.Linear(cfg.code_bits, width) if cfg.code_bits else nn.Embedding(cfg.image_codebook_size, width)
+
+
+def embed_codes(embed: nn.Module, codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes (...) -> embeddings (..., width) through a `code_embedding` module."""
+    return embed(code_bits(codes, bits)) if bits else embed(codes)
+
+
 class TokenShuffle(nn.Module):
     """(n, s^2) codes -> (n, dim) transformer inputs."""
 
@@ -45,11 +55,11 @@ class TokenShuffle(nn.Module):
         super().__init__()
         e, w = cfg.code_embed_dim, cfg.code_width
         self.bits = cfg.code_bits
-        self.embed = nn.Linear(cfg.code_bits, e) if cfg.code_bits else nn.Embedding(cfg.image_codebook_size, e)
+        self.embed = code_embedding(cfg, e)
         self.fuse = nn.Sequential(nn.Linear(w * e, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        x = self.embed(code_bits(codes, self.bits)) if self.bits else self.embed(codes)  # (n, W, e)
+        x = embed_codes(self.embed, codes, self.bits)  # (n, W, e)
         return self.fuse(x.flatten(1))  # (n, dim)
 
 
@@ -66,7 +76,7 @@ class TokenUnshuffle(nn.Module):
         self.context: nn.Module | None = None
         self.bits = cfg.code_bits
         if cfg.window_head == "autoregressive" and self.width > 1:
-            self.prev_embed = nn.Linear(cfg.code_bits, e) if cfg.code_bits else nn.Embedding(cfg.image_codebook_size, e)
+            self.prev_embed = code_embedding(cfg, e)
             self.context = nn.Sequential(nn.Linear(self.width * e, e), nn.SiLU(), nn.Linear(e, e))
             # earlier[j, i]: slot j reads the code of slot i
             self.register_buffer("earlier", torch.ones(self.width, self.width).tril(-1), persistent=False)
@@ -84,6 +94,6 @@ class TokenUnshuffle(nn.Module):
             return out
         if codes is None:
             raise ValueError("the autoregressive window head needs the codes of the window (slots before each)")
-        prev = self.prev_embed(code_bits(codes, self.bits)) if self.bits else self.prev_embed(codes.clamp(min=0))
+        prev = embed_codes(self.prev_embed, codes, self.bits)
         seen = prev[:, None, :, :] * self.earlier[None, :, :, None]  # (n, W slots, W codes, e)
         return out + self.context(seen.flatten(2).to(out.dtype))

@@ -31,9 +31,9 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     _run(tmp_path / "two", 2, 4)  # same global batch of 8
     load = lambda run, name: torch.load(tmp_path / run / f"{name}.pt", weights_only=True)  # noqa: E731
     init, single = load("one", "rank0_init"), load("one", "rank0")
-    r0, r1 = load("two", "rank0"), load("two", "rank1")
+    init2, r0, r1 = load("two", "rank0_init"), load("two", "rank0"), load("two", "rank1")
     for name, w in single.items():
-        assert torch.equal(load("two", "rank0_init")[name], init[name]), name  # the same start
+        assert torch.equal(init2[name], init[name]), name  # the same start
         assert torch.equal(r0[name], r1[name]), name  # ranks never drift apart
         # same training as one process, up to the order of float sums (the all-reduce adds the two
         # half-batch gradients, one process sums the whole batch). Adam divides each update by the
