@@ -47,6 +47,9 @@ class DataConfig:
     vocab_size: int = 512
     max_text_len: int = 35
     hflip: bool = False  # horizontal flip augmentation (never for shapes: it would swap left / right)
+    # keep decoded rows in memory (images as uint8) when the training split fits in this many MB;
+    # 0 decodes every row on every read
+    cache_mb: int = 1024
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,10 @@ class TrainConfig:
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | fsdp
     activation_checkpointing: bool = False
+    # torch.compile each transformer block (inductor; needs a C++ compiler on CPU, skipped with a
+    # message where there is none). Measured on 2 CPU cores with bf16: training steps 1.5x faster,
+    # after about 10 s of compiling
+    compile: bool = False
     log_every_n_steps: int = 25
     checkpoint_every_n_steps: int = 500
     keep_all_checkpoints: bool = False  # keep one checkpoint per interval instead of only the last

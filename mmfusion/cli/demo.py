@@ -24,7 +24,14 @@ FIXED_PROMPTS = [
 ]
 
 
-def demo(*, out: str = "demo", minutes: float | None = None, seed: int = 0, threads: int | None = None) -> None:
+def demo(
+    overrides: list[str] = [],  # noqa: B006
+    *,
+    out: str = "demo",
+    minutes: float | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+) -> None:
     """The CPU demo: render the shapes data, train the small joint T2I + captioning model, evaluate it.
 
     Writes OUT/model (the model folder), OUT/samples (grid.png for fixed prompts, index.json),
@@ -32,6 +39,7 @@ def demo(*, out: str = "demo", minutes: float | None = None, seed: int = 0, thre
     caption BLEU-4 / METEOR / ROUGE-L / CIDEr from pycocoevalcap) and OUT/eval_grid.png.
 
     Args:
+        overrides: dotted changes to the demo config (configs/demo.yaml), e.g. model.dim=192 train.lr=1e-3
         out: output folder
         minutes: training time budget (default: the demo config's, chosen so that everything takes at
             most 15 minutes on 2 CPU cores)
@@ -49,7 +57,7 @@ def demo(*, out: str = "demo", minutes: float | None = None, seed: int = 0, thre
     from mmfusion.training.run import train
 
     start = time.perf_counter()
-    overrides = [f"train.out={out}", f"train.seed={seed}", f"data.shapes_seed={seed}"]
+    overrides = [*overrides, f"train.out={out}", f"train.seed={seed}", f"data.shapes_seed={seed}"]
     if minutes is not None:
         overrides.append(f"train.max_time_minutes={minutes}")
     cores = os.cpu_count() or 1

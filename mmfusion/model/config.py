@@ -30,7 +30,9 @@ class ModelConfig:
     fp32_head: bool = True  # Switti: output heads in float32 under bf16 autocast
     tie_embeddings: bool = False
     init_std: float = 0.02
-    attention: str = "sdpa"  # sdpa (dense masked, any device, training) | flex (block-sparse, no-grad on CPU)
+    # auto (SDPA; the explicit form for short bf16 training on CPU, where it is faster) | sdpa | math |
+    # flex (block-sparse, no-grad on CPU); see model/attention_backends.py
+    attention: str = "auto"
     # image tokens
     image_token_dim: int = 48  # C: channels of one continuous image token (p * p * channels)
     image_grid: tuple[int, int] = (8, 8)  # tokens per image side (h, w)
@@ -64,8 +66,8 @@ class ModelConfig:
         if self.image_pos_embed not in ("sincos", "learned"):
             raise ValueError(f"image_pos_embed must be 'sincos' or 'learned', got {self.image_pos_embed!r}")
         object.__setattr__(self, "image_grid", tuple(self.image_grid))
-        if self.attention not in ("sdpa", "flex"):
-            raise ValueError(f"attention must be sdpa or flex, got {self.attention!r}")
+        if self.attention not in ("auto", "sdpa", "math", "flex"):
+            raise ValueError(f"attention must be auto, sdpa, math or flex, got {self.attention!r}")
         if self.shuffle not in (1, 2, 4):
             raise ValueError(f"shuffle must be 1, 2 or 4, got {self.shuffle}")
         if self.window_head not in ("independent", "autoregressive"):

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mmfusion.model.attention_backends import flex_attention_masked
+from mmfusion.model.attention_backends import masked_attention
 from mmfusion.model.cache import KVCache
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
@@ -23,7 +22,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.use_flex = cfg.attention == "flex"
+        self.backend = cfg.attention
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
@@ -46,10 +45,7 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
         k, v = k.to(q.dtype), v.to(q.dtype)
-        if self.use_flex and not (torch.is_grad_enabled() and q.device.type == "cpu"):
-            out = flex_attention_masked(q, k, v, mask)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+        out = masked_attention(q, k, v, mask, self.backend)  # (B, H, N, D)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 

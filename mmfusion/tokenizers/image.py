@@ -179,16 +179,20 @@ def to_rgb(image: Any) -> Any:
     return image.convert("RGB")
 
 
-def to_tensor(image: Any, size: int) -> torch.Tensor:
-    """A PIL image -> (3, size, size) float tensor in [-1, 1] (RGB, resized with a bicubic filter)."""
+def to_uint8(image: Any, size: int) -> torch.Tensor:
+    """A PIL image -> (3, size, size) uint8 tensor (RGB, resized with a bicubic filter)."""
     import numpy as np
     from PIL import Image
 
     img = to_rgb(image)
     if img.size != (size, size):
         img = img.resize((size, size), Image.BICUBIC)
-    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
-    return arr.permute(2, 0, 1).float() / 127.5 - 1.0
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def to_tensor(image: Any, size: int) -> torch.Tensor:
+    """A PIL image -> (3, size, size) float tensor in [-1, 1] (RGB, resized with a bicubic filter)."""
+    return to_uint8(image, size).float() / 127.5 - 1.0
 
 
 def to_pil(image: torch.Tensor):  # noqa: ANN201

@@ -78,6 +78,8 @@ class MMFusionModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.image_tokenizer.to(self.device)
+        if self.cfg.train.compile:
+            compile_blocks(self.model)
 
     def sample_generators(self, indices: list[int]) -> list[torch.Generator]:
         """One generator per sample, seeded by (seed, step, row): the randomness of a sample does not
@@ -180,6 +182,23 @@ class MMFusionModule(L.LightningModule):
             opt, lr_lambda(t.warmup_steps, t.max_steps, t.lr_schedule, t.min_lr_ratio)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def compile_blocks(model: nn.Module) -> bool:
+    """torch.compile every transformer block in place (state-dict keys unchanged; the EMA copy, used
+    only for sampling, stays eager). Shapes are dynamic: the sequence length changes from batch to
+    batch. Returns False, with a message, where inductor has no C++ compiler to use on CPU."""
+    import shutil
+
+    if not torch.cuda.is_available() and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        print("train.compile: no C++ compiler found (install g++), training uncompiled")
+        return False
+    from mmfusion.model.transformer import Block
+
+    for block in model.modules():
+        if isinstance(block, Block):
+            block.compile(dynamic=True)
+    return True
 
 
 def lr_lambda(warmup: int, total: int, schedule: str, floor: float):  # noqa: ANN201

@@ -74,11 +74,13 @@ def fsdp_strategy(t: Any) -> Any:
 def build_trainer(
     cfg: RunConfig, out: Path, precision: str, extra_callbacks: list | None = None, enable_checkpointing: bool = True
 ) -> L.Trainer:
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     t = cfg.train
-    callbacks: list[L.Callback] = []
+    # a plain tqdm bar redrawn every 10 steps: Rich's live display refreshes from a thread that
+    # took 4% of a small model's training time (py-spy)
+    callbacks: list[L.Callback] = [TQDMProgressBar(refresh_rate=10)]
     if enable_checkpointing:
         callbacks.append(
             ModelCheckpoint(

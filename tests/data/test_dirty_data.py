@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import torch
 from PIL import Image
 
 from mmfusion.data.shapes import render_example
@@ -76,3 +77,24 @@ def test_training_survives_dirty_data(tmp_path, capsys):
     # corrupt, truncated and missing files; empty and whitespace-only captions
     assert "skipped 5 unusable rows" in line, line
     assert "no usable caption: 2" in line and "unreadable image" in line
+
+
+def test_row_cache_returns_what_uncached_reads_return(tmp_path):
+    """Cached rows (decoded once, image kept as uint8) equal fresh reads, skipped rows included."""
+    from mmfusion.data.datamodule import CaptionedImages
+    from mmfusion.data.datasets import load_captioned
+    from mmfusion.tokenizers.text import TextTokenizer
+
+    split = load_captioned(_dirty_folder(tmp_path / "dirty"))["train"]
+    tok = TextTokenizer.train(["a red circle", "a blue square"], vocab_size=300)
+    plain, cached = (CaptionedImages(split, tok, 16, 35, cache=c) for c in (False, True))
+    for _ in range(2):  # the second pass is served from the cache
+        for i in range(len(split)):
+            a, b = plain[i], cached[i]
+            assert a.keys() == b.keys(), i
+            for key in a:
+                if key == "image":
+                    assert torch.equal(a[key], b[key]), i
+                else:
+                    assert a[key] == b[key], (i, key)
+    assert len(cached.cache) == len(split) and plain.cache is None
