@@ -8,7 +8,8 @@ Results go to a JSON file and to the tables of docs/BENCHMARKS.md (between the g
 the rest of that file is prose kept by hand). Measured items:
 
 * the dense matmul peak of this machine (fp32 and bf16 GFLOP/s): the reference for utilisation;
-* training throughput (tokens/s) and model-FLOPs utilisation of the `tiny` and `small` configs;
+* training throughput (tokens/s) and model-FLOPs utilisation of the `tiny` and `small` configs, in
+  fp32 and bf16, eager and with compiled blocks;
 * CausalFusion sampling time for S = 1, 4, 16 AR steps, with and without the KV cache, for the demo's
   model (16 tokens per image) and, cached, for a wider one at the paper's 256 tokens per image;
 * captioning tokens/s with and without the KV cache (32 new tokens);
@@ -109,7 +110,8 @@ def bench_matmul(quick: bool) -> dict:
 
 
 def bench_train(preset: str, quick: bool) -> dict:
-    """Steps of the joint objective on shapes (pixels, patch 8), fp32 and bf16 autocast."""
+    """Steps of the joint objective on shapes (pixels, patch 8): fp32 and bf16 autocast, each eager and
+    with compiled blocks (`train.compile`)."""
     import torch
 
     from mmfusion.config import ObjectiveConfig
@@ -117,6 +119,7 @@ def bench_train(preset: str, quick: bool) -> dict:
     from mmfusion.model.config import ModelConfig
     from mmfusion.model.multimodal import MMFusionModel
     from mmfusion.tokenizers.image import ImageTokenizerConfig, PixelTokenizer
+    from mmfusion.training.module import compile_blocks
     from mmfusion.training.objective import JointObjective
     from mmfusion.training.run import matmul_gflops
 
@@ -126,7 +129,6 @@ def bench_train(preset: str, quick: bool) -> dict:
     cfg = ModelConfig.from_name(
         preset, vocab_size=len(tok), image_token_dim=pix.token_dim, image_grid=pix.grid, image_rope=True
     )
-    model = MMFusionModel(cfg)
     batch_size = 64
     images, caps = shapes_images(batch_size)
     obj = JointObjective(
@@ -134,10 +136,9 @@ def bench_train(preset: str, quick: bool) -> dict:
     )
     batch = obj.build(pix.encode(images), [tok.encode(c) for c in caps], None, torch.Generator().manual_seed(0))
     tokens = int(batch.valid().sum())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    out = {
+    out: dict[str, Any] = {
         "preset": preset,
-        "parameters": model.num_parameters(),
+        "parameters": MMFusionModel(cfg).num_parameters(),
         "batch": batch_size,
         "tokens_per_step": tokens,
         "seq_len": batch.kind.shape[1],
@@ -150,23 +151,29 @@ def bench_train(preset: str, quick: bool) -> dict:
     else:
         out["bf16"] = {"skipped": f"no native bf16 ({bf16_gflops:.0f} vs {fp32_gflops:.0f} GFLOP/s fp32 at 512^3)"}
     for name, dtype in precisions:
-
-        def step() -> None:
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-                loss = obj.loss(model, batch)["loss"]
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-
-        sec = timed(step, repeat=3 if quick else 10, warmup=2)
         peak = matmul_gflops(dtype or torch.float32, 2048, 1.0)
-        out[name] = {
-            "step_s": sec,
-            "tokens_per_s": tokens / sec,
-            "achieved_gflops": flops / sec / 1e9,
-            "matmul_peak_gflops": peak,
-            "mfu": flops / sec / 1e9 / peak,
-        }
+        for compiled in (False, True):
+            torch.manual_seed(0)
+            model = MMFusionModel(cfg)
+            if compiled and not compile_blocks(model):
+                continue
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+            def step() -> None:
+                with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                    loss = obj.loss(model, batch)["loss"]  # noqa: B023
+                loss.backward()
+                opt.step()  # noqa: B023
+                opt.zero_grad()  # noqa: B023
+
+            sec = timed(step, repeat=3 if quick else 10, warmup=3 if compiled else 2)
+            out[name + (" compiled" if compiled else "")] = {
+                "step_s": sec,
+                "tokens_per_s": tokens / sec,
+                "achieved_gflops": flops / sec / 1e9,
+                "matmul_peak_gflops": peak,
+                "mfu": flops / sec / 1e9 / peak,
+            }
     return out
 
 
@@ -378,8 +385,10 @@ def render_markdown(r: dict) -> str:
     ]
     for key in ("train_tiny", "train_small"):
         t = r.get(key, {})
-        for prec in ("fp32", "bf16"):
+        for prec in ("fp32", "fp32 compiled", "bf16", "bf16 compiled"):
             p = t.get(prec, {})
+            if not p:
+                continue
             if "skipped" in p:
                 lines.append(f"| {t.get('preset', key)} | | | {prec} | skipped: {p['skipped']} | | | | | |")
                 continue

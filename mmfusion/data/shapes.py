@@ -196,10 +196,11 @@ def build_shapes(
 
     if size not in (32, 64):
         raise ValueError(f"shapes are rendered at 32 or 64 pixels, got size={size}")
+    held_out = min(1000, n // 20)  # held-out splits stop growing at 1,000 images
     sizes = {
         "train": n,
-        "validation": n_val if n_val is not None else max(100, n // 20),
-        "test": n_test if n_test is not None else max(200, n // 20),
+        "validation": n_val if n_val is not None else max(100, held_out),
+        "test": n_test if n_test is not None else max(200, held_out),
     }
     features = datasets.Features(
         {
