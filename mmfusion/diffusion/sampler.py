@@ -8,7 +8,6 @@ one, only where it is switched on (an interval of noise levels, and up to a give
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -170,6 +169,18 @@ class NextTokenDiffusionSampler:
         return x
 
 
+@dataclass
+class _Pass:
+    """The parts of a denoising pass that stay fixed over one AR step: the layout of the noisy
+    tokens, the cache rows they read, the mask joined with the cache, the rotary tables."""
+
+    template: TokenBatch
+    cache: KVCache
+    mask: torch.Tensor
+    rope: tuple[torch.Tensor, torch.Tensor]
+    dtype: torch.dtype
+
+
 class _State:
     """The clean prefix: a KV cache, or (reference path) the clean tokens to re-run every step."""
 
@@ -200,16 +211,26 @@ class _State:
     def predict(self, step: int, pos_rows: list[torch.Tensor], x: torch.Tensor, t: int, rows: int) -> torch.Tensor:
         if not self.use_cache:
             return self._uncached([(p, x[i, : len(p)]) for i, p in enumerate(pos_rows)], t, rows)
-        if self._template_key != (step, rows):  # the layout of this AR step's noisy tokens, built once
+        if self._template_key != (step, rows):  # what all denoising steps of this AR step share, built once
             zeros = [(p, x.new_zeros(len(p), x.shape[-1])) for p in pos_rows]
-            self._template = self.s._image_batch(zeros, NOISY, 0, 0, self.img_pos[:rows])
-            self._template_mask = self._template.mask()
+            tpl = self.s._image_batch(zeros, NOISY, 0, 0, self.img_pos[:rows])
+            cache = self.cache if rows == len(self.prefixes) else self.cache.rows(rows)
+            dtype = self.model.embed_tokens.weight.dtype
+            self._pass = _Pass(
+                tpl,
+                cache,
+                self.model.backbone.full_mask(tpl.mask(), cache),
+                self.model.backbone.rotary(self.model.rotary_positions(tpl), dtype),
+                dtype,
+            )
             self._template_key = (step, rows)
-        tpl = self._template
-        values = x if x.shape[1] == tpl.kind.shape[1] else tpl.values  # x is empty when editing gives every token
-        batch = dataclasses.replace(tpl, values=values, t=(tpl.kind == NOISY).long() * t)
-        cache = self.cache if rows == len(self.prefixes) else self.cache.rows(rows)
-        hidden = self.model(batch, cache, store=False, mask=self._template_mask)
+        p = self._pass
+        # x is empty when editing gives every token
+        values = x if x.shape[1] == p.template.kind.shape[1] else p.template.values
+        # only the values and the timestep change between denoising steps: embed just those (padding
+        # slots get image embeddings too; they see only themselves and nobody reads them)
+        emb = self.model.image_embedding(values, p.template.image_pos, torch.tensor([t])).to(p.dtype)
+        hidden = self.model.backbone(emb, p.template.position_ids, p.mask, p.cache, rope=p.rope)
         return self.model.image_output(hidden)[:, : x.shape[1]].float()
 
     def _uncached(self, noisy: list[tuple[torch.Tensor, torch.Tensor]], t: int, rows: int) -> torch.Tensor:

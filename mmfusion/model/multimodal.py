@@ -102,17 +102,18 @@ class MMFusionModel(nn.Module):
                 x = torch.where(is_class[..., None], self.class_embed((ids - vocab).clamp(min=0)), x)
         is_image = (batch.kind == CLEAN) | (batch.kind == NOISY)
         if is_image.any():
-            img = (
-                self.image_in(batch.values[is_image])
-                + self.pos_embed[batch.image_pos[is_image]]
-                + self.time_embed(batch.t[is_image])
-            )
+            img = self.image_embedding(batch.values[is_image], batch.image_pos[is_image], batch.t[is_image])
             x = x.index_put((is_image,), img.to(x.dtype))
         is_code = batch.kind == CODE
         if is_code.any():
             code = self.shuffle_in(batch.codes[is_code]) + self.pos_embed[batch.image_pos[is_code]]
             x = x.index_put((is_code,), code.to(x.dtype))
         return x
+
+    def image_embedding(self, values: torch.Tensor, image_pos: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of continuous image tokens: values (..., C), grid positions (...) and
+        timesteps (...) -> (..., dim). `t` may also be one timestep for all tokens (shape (1,))."""
+        return self.image_in(values) + self.pos_embed[image_pos] + self.time_embed(t.reshape(-1)).view(*t.shape, -1)
 
     def forward(
         self,

@@ -90,17 +90,20 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         store: bool = False,
         valid: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x (B, N, dim), position_ids (B, N), attn_mask (B, N, N) bool -> (B, N, dim).
 
         `store` appends the new tokens to `cache`; `valid` (B, N) marks which of them later
-        queries may read (default: all).
+        queries may read (default: all). Callers that run many passes over one layout (the
+        denoising steps of an AR group) may pass the mask already joined with the T cached
+        positions, (B, N, T + N), from `full_mask`, and the rotary tables from `self.rotary`.
         """
         mask = attn_mask
-        if cache is not None and len(cache):
-            past = cache.valid[:, None, :].expand(-1, x.shape[1], -1)
-            mask = torch.cat([past, attn_mask], dim=-1)  # (B, N, T + N)
-        rope = self.rotary(position_ids, x.dtype)
+        if cache is not None and mask.shape[-1] != len(cache) + x.shape[1]:
+            mask = self.full_mask(mask, cache)
+        if rope is None:
+            rope = self.rotary(position_ids, x.dtype)
         for i, block in enumerate(self.layers):
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, rope, mask, use_reentrant=False)
@@ -109,3 +112,12 @@ class Transformer(nn.Module):
         if cache is not None and store:
             cache.commit(valid if valid is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
         return self.norm(x)
+
+    @staticmethod
+    def full_mask(attn_mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The mask of N new tokens (B, N, N) joined with the cached positions: (B, N, T + N); every
+        new token sees every valid cached one."""
+        if not len(cache):
+            return attn_mask
+        past = cache.valid[:, None, :].expand(-1, attn_mask.shape[1], -1)
+        return torch.cat([past, attn_mask], dim=-1)

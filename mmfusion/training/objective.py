@@ -163,5 +163,7 @@ class JointObjective:
             bits = code_bits(target, self.model_cfg.code_bits).clamp(min=0)  # +-1 -> {0, 1}
             per_code = F.binary_cross_entropy_with_logits(logits, bits, reduction="none").mean(-1)
         else:
-            per_code = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (n, W)
+            # flattened (n * W, K): a class dim that is not last (logits.transpose(1, 2)) gives the same
+            # numbers but a strided log-softmax, 2.5x slower, a quarter of an s = 2 step
+            per_code = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view_as(target)
         return (per_code.mean(-1) * batch.weights[at]).sum() / at.sum()

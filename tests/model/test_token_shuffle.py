@@ -147,3 +147,27 @@ def test_loss_falls_on_shapes(bits, window):
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+def test_code_loss_is_the_mean_cross_entropy_over_each_window_slot():
+    """The fused-token loss equals an explicit loop: per predicted token, the mean over its s^2 slots of
+    the slot's cross-entropy, weighted, averaged over predicted tokens."""
+    torch.manual_seed(0)
+    cfg = _cfg(s=2, bits=0, window="independent")
+    model = MMFusionModel(cfg)
+    torch.nn.init.normal_(model.shuffle_out.head.weight, std=1.0)  # logits far from uniform
+    obj = JointObjective(cfg, DiffusionConfig(), ObjectiveConfig(t2i_fraction=1.0, caption_dropout=0.0), 1, 2, 3, 4)
+    codes = torch.randint(0, cfg.image_codebook_size, (3, *[g * 2 for g in cfg.image_grid]))
+    batch = obj.build(codes, [[10, 11], [12], [13, 14, 15]], None, torch.Generator().manual_seed(0))
+    hidden = model(batch)
+    got = obj._code_loss(model, hidden, batch)
+    at = (batch.weights > 0).nonzero().tolist()
+    total = 0.0
+    for b, i in at:
+        logits = model.code_logits(hidden[b, i][None])[0]  # (W, K)
+        slots = [
+            torch.nn.functional.cross_entropy(logits[j][None], batch.code_labels[b, i, j][None])
+            for j in range(logits.shape[0])
+        ]
+        total = total + torch.stack(slots).mean() * batch.weights[b, i]
+    torch.testing.assert_close(got, total / len(at), atol=1e-6, rtol=1e-5)

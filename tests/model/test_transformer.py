@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from mmfusion.model.config import ModelConfig
+from mmfusion.model.masks import NOISY
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.model.sequence import SequenceBuilder, collate
 from tests.helpers import fusion_sample, text_batch
@@ -53,6 +54,27 @@ def test_kv_cache_decoding_equals_full_recomputation(tiny_cfg):
         step = collate([SequenceBuilder(48, start_position=i).text([r[i]]).tensors() for r in ids])
         steps.append(model.text_logits(model(step, cache, store=True)))
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_precomputed_mask_rope_and_image_embedding_equal_the_plain_pass(tiny_cfg):
+    """What the sampler reuses over denoising steps (the mask joined with the cache, the rotary tables,
+    one timestep embedding for all image tokens) gives the same hidden states as a plain pass."""
+    cfg = tiny_cfg.replace(image_rope=True)
+    model = MMFusionModel(cfg).eval()
+    cache = model.new_cache()
+    model(text_batch([[1, 5, 6, 3], [1, 7, 3]], cfg.image_token_dim), cache, store=True)
+    rows = [SequenceBuilder(cfg.image_token_dim, start_position=4) for _ in range(2)]
+    values, pos = torch.randn(2, 3, cfg.image_token_dim), torch.tensor([[0, 5, 2], [7, 1, 3]])
+    for b, v, p in zip(rows, values, pos):
+        b.image(v, p, kind=NOISY, group=torch.zeros(3, dtype=torch.long), t=torch.full((3,), 250))
+    batch = collate([b.tensors() for b in rows])
+    plain = model(batch, cache)
+    emb = model.image_embedding(batch.values, batch.image_pos, torch.tensor([250]))
+    rope = model.backbone.rotary(model.rotary_positions(batch), emb.dtype)
+    mask = model.backbone.full_mask(batch.mask(), cache)
+    assert mask.shape == (2, 3, len(cache) + 3)
+    reused = model.backbone(emb, batch.position_ids, mask, cache, rope=rope)
+    torch.testing.assert_close(reused, plain, atol=1e-6, rtol=1e-5)
 
 
 def test_cached_prefix_with_padding_equals_unpadded(tiny_cfg):
