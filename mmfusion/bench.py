@@ -9,7 +9,7 @@ the rest of that file is prose kept by hand). Measured items:
 
 * the dense matmul peak of this machine (fp32 and bf16 GFLOP/s): the reference for utilisation;
 * training throughput (tokens/s) and model-FLOPs utilisation of the `tiny` and `small` configs, in
-  fp32 and bf16, eager and with compiled blocks;
+  fp32 and bf16: eager, with compiled blocks, and compiled on packed rows (`objective.pack_length`);
 * CausalFusion sampling time for S = 1, 4, 16 AR steps, with and without the KV cache, for the demo's
   model (16 tokens per image) and, cached, for a wider one at the paper's 256 tokens per image;
 * captioning tokens/s with and without the KV cache (32 new tokens);
@@ -69,6 +69,9 @@ def shapes_images(n: int, size: int = 32):  # noqa: ANN201
 
     rows = [render_example(0, "train", i, size=size) for i in range(n)]
     return torch.stack([to_tensor(r["image"], size) for r in rows]), [r["captions"][0] for r in rows]
+
+
+PACK_LENGTH = 96  # training rows: samples packed into rows of this many tokens (objective.pack_length)
 
 
 def model_flops_per_token(cfg: Any, seq_len: int) -> float:
@@ -131,10 +134,20 @@ def bench_train(preset: str, quick: bool) -> dict:
     )
     batch_size = 64
     images, caps = shapes_images(batch_size)
-    obj = JointObjective(
-        cfg, DiffusionConfig(gamma=0.5), ObjectiveConfig(), tok.bos_id, tok.eos_id, tok.boi_id, tok.eoi_id
-    )
-    batch = obj.build(pix.encode(images), [tok.encode(c) for c in caps], None, torch.Generator().manual_seed(0))
+    batches = {}
+    for pack_length in (0, PACK_LENGTH):  # one padded row per sample; samples packed into rows
+        obj = JointObjective(
+            cfg,
+            DiffusionConfig(gamma=0.5),
+            ObjectiveConfig(pack_length=pack_length),
+            tok.bos_id,
+            tok.eos_id,
+            tok.boi_id,
+            tok.eoi_id,
+        )
+        captions = [tok.encode(c) for c in caps]
+        batches[pack_length] = obj.build(pix.encode(images), captions, None, torch.Generator().manual_seed(0))
+    batch = batches[0]
     tokens = int(batch.valid().sum())
     out: dict[str, Any] = {
         "preset": preset,
@@ -142,7 +155,9 @@ def bench_train(preset: str, quick: bool) -> dict:
         "batch": batch_size,
         "tokens_per_step": tokens,
         "seq_len": batch.kind.shape[1],
+        "packed_rows": f"{len(batches[PACK_LENGTH])} x {batches[PACK_LENGTH].kind.shape[1]}",
     }
+    # the same model FLOPs for packed rows: attention counted over the longest sample, not the row
     flops = model_flops_per_token(cfg, batch.kind.shape[1]) * tokens
     precisions = [("fp32", None)]
     native, bf16_gflops, fp32_gflops = bf16_native()
@@ -152,22 +167,23 @@ def bench_train(preset: str, quick: bool) -> dict:
         out["bf16"] = {"skipped": f"no native bf16 ({bf16_gflops:.0f} vs {fp32_gflops:.0f} GFLOP/s fp32 at 512^3)"}
     for name, dtype in precisions:
         peak = matmul_gflops(dtype or torch.float32, 2048, 1.0)
-        for compiled in (False, True):
+        for compiled, pack_length in ((False, 0), (True, 0), (True, PACK_LENGTH)):
             torch.manual_seed(0)
             model = MMFusionModel(cfg)
             if compiled and not compile_blocks(model):
                 continue
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            rows = batches[pack_length]
 
             def step() -> None:
                 with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-                    loss = obj.loss(model, batch)["loss"]  # noqa: B023
+                    loss = obj.loss(model, rows)["loss"]  # noqa: B023
                 loss.backward()
                 opt.step()  # noqa: B023
                 opt.zero_grad()  # noqa: B023
 
             sec = timed(step, repeat=3 if quick else 10, warmup=3 if compiled else 2)
-            out[name + (" compiled" if compiled else "")] = {
+            out[name + (" compiled" if compiled else "") + (" packed" if pack_length else "")] = {
                 "step_s": sec,
                 "tokens_per_s": tokens / sec,
                 "achieved_gflops": flops / sec / 1e9,
@@ -379,13 +395,13 @@ def render_markdown(r: dict) -> str:
         "",
     ]
     lines += [
-        "| training (batch 64, shapes, patch 8) | params | tokens/step | precision | step s | tokens/s | "
-        "achieved GFLOP/s | matmul peak | MFU | peak RSS MB |",
+        f"| training (batch 64, shapes, patch 8; packed: rows of {PACK_LENGTH} tokens) | params | tokens/step | "
+        "precision | step s | tokens/s | achieved GFLOP/s | matmul peak | MFU | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key in ("train_tiny", "train_small"):
         t = r.get(key, {})
-        for prec in ("fp32", "fp32 compiled", "bf16", "bf16 compiled"):
+        for prec in ("fp32", "fp32 compiled", "fp32 compiled packed", "bf16", "bf16 compiled", "bf16 compiled packed"):
             p = t.get(prec, {})
             if not p:
                 continue

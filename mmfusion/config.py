@@ -30,6 +30,9 @@ class ObjectiveConfig:
     caption_image_loss_weight: float = 1.0  # image loss of caption-order samples (unconditional)
     baseline: str = "causalfusion"  # causalfusion | transfusion (one AR step, text reads the noisy image)
     bit_flip: float = 0.0  # binary codes: Infinity's bitwise self-correction, input bits flipped at this rate
+    # pack samples into rows of this many tokens (the mask keeps them apart) instead of padding each to
+    # the longest; 0 turns packing off
+    pack_length: int = 0
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,13 @@ class TokenBatch:
     weights: torch.Tensor | None = None  # (B, L) image loss weights, 0 where there is no image loss
     codes: torch.Tensor | None = None  # (B, L, W) the s*s image codes a CODE token fuses (Token-Shuffle)
     code_labels: torch.Tensor | None = None  # (B, L, W) codes of the next fused token, IGNORE elsewhere
+    segment: torch.Tensor | None = None  # (B, L) packed rows: index of the token's sample in its row, -1 at padding
 
     def mask(self, text_sees_noisy: bool = False) -> torch.Tensor:
-        return generalized_causal_mask(self.kind, self.group, text_sees_noisy)
+        mask = generalized_causal_mask(self.kind, self.group, text_sees_noisy)
+        if self.segment is not None:  # packed samples never see each other
+            mask = mask & (self.segment[:, :, None] == self.segment[:, None, :])
+        return mask
 
     def to(self, device: torch.device | str) -> TokenBatch:
         return TokenBatch(**{k: None if v is None else v.to(device) for k, v in self.__dict__.items()})
@@ -55,7 +59,8 @@ class SequenceBuilder:
         self.code_width = code_width
         self.position = start_position
         self.image_span = image_span
-        self.parts: dict[str, list[torch.Tensor]] = {f.name: [] for f in dataclasses.fields(TokenBatch)}
+        fields = [f.name for f in dataclasses.fields(TokenBatch) if f.name != "segment"]  # segment: set by `pack`
+        self.parts: dict[str, list[torch.Tensor]] = {name: [] for name in fields}
         self.length = 0
 
     def _add(
@@ -218,6 +223,8 @@ def collate(samples: list[dict[str, torch.Tensor]], pad_to: int | None = None) -
         "labels": IGNORE,
         "weights": 0.0,
     }
+    if "segment" in samples[0]:
+        fills["segment"] = -1
     out = {}
     for name in fills | {"values": 0, "targets": 0, "codes": 0}:
         rows = []
@@ -231,4 +238,32 @@ def collate(samples: list[dict[str, torch.Tensor]], pad_to: int | None = None) -
     return TokenBatch(**out)
 
 
-__all__ = ["CLEAN", "CODE", "IGNORE", "NOISY", "PAD", "TEXT", "SequenceBuilder", "TokenBatch", "collate"]
+def pack(samples: list[dict[str, torch.Tensor]], length: int) -> TokenBatch:
+    """Pack per-sample tensors into rows of at most `length` tokens instead of one padded row each.
+
+    Samples go, longest first, into the first row with room (first-fit decreasing; a sample longer
+    than `length` gets a row of its own); each
+    token is tagged with its sample's index in the row (`segment`), and `TokenBatch.mask` keeps samples
+    apart. Rotary positions restart with every sample, so a packed sample computes exactly what it
+    would alone; only the padding, and its compute, shrinks.
+    """
+    rows: list[list[dict[str, torch.Tensor]]] = []
+    room: list[int] = []
+    for sample in sorted(samples, key=lambda x: -x["kind"].shape[0]):
+        n = sample["kind"].shape[0]
+        row = next((r for r, free in enumerate(room) if n <= free), None)
+        if row is None:
+            rows.append([])
+            room.append(length)
+            row = len(rows) - 1
+        rows[row].append(sample)
+        room[row] -= n
+    merged = []
+    for row in rows:
+        m = {name: torch.cat([s[name] for s in row]) for name in row[0]}
+        m["segment"] = torch.cat([torch.full((s["kind"].shape[0],), j, dtype=torch.long) for j, s in enumerate(row)])
+        merged.append(m)
+    return collate(merged)
+
+
+__all__ = ["CLEAN", "CODE", "IGNORE", "NOISY", "PAD", "TEXT", "SequenceBuilder", "TokenBatch", "collate", "pack"]

@@ -17,7 +17,7 @@ from mmfusion.diffusion.causal import add_image
 from mmfusion.diffusion.config import DiffusionConfig
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel
-from mmfusion.model.sequence import IGNORE, SequenceBuilder, TokenBatch, collate
+from mmfusion.model.sequence import IGNORE, SequenceBuilder, TokenBatch, collate, pack
 from mmfusion.model.token_shuffle import code_bits, fuse_grid
 
 
@@ -96,7 +96,7 @@ class JointObjective:
                 self._image(b, tokens[i], g, caption_order=True, weight=self.obj.caption_image_loss_weight)
                 b.text([self.eoi]).text([*captions[i], self.eos], loss=True)
             rows.append(b.tensors())
-        return collate(rows)
+        return pack(rows, self.obj.pack_length) if self.obj.pack_length else collate(rows)
 
     def builder(self, token_dim: int) -> SequenceBuilder:
         cfg = self.model_cfg

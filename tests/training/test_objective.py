@@ -1,0 +1,79 @@
+"""The joint objective's batches: packing several samples into one row changes nothing but padding."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from mmfusion.config import ObjectiveConfig
+from mmfusion.diffusion.config import DiffusionConfig
+from mmfusion.model.config import ModelConfig
+from mmfusion.model.masks import PAD
+from mmfusion.model.multimodal import MMFusionModel
+from mmfusion.training.objective import JointObjective
+
+
+def _objective(cfg, pack_length):
+    return JointObjective(
+        cfg,
+        DiffusionConfig(gamma=0.5),
+        ObjectiveConfig(t2i_fraction=0.5, caption_dropout=0.2, pack_length=pack_length),
+        1,
+        2,
+        3,
+        4,
+    )
+
+
+def _inputs(cfg, n):
+    g = torch.Generator().manual_seed(0)
+    captions = [
+        torch.randint(10, cfg.vocab_size, (int(k),), generator=g).tolist()
+        for k in torch.randint(1, 9, (n,), generator=g)
+    ]
+    if cfg.discrete:
+        grid = [x * cfg.shuffle for x in cfg.image_grid]
+        return torch.randint(0, cfg.image_codebook_size, (n, *grid), generator=g), captions
+    return torch.randn(n, cfg.num_image_tokens, cfg.image_token_dim, generator=g), captions
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_packed_batch_gives_the_padded_batch_losses(discrete):
+    torch.manual_seed(0)
+    extra = {"image_codebook_size": 64, "shuffle": 2, "image_grid": (2, 2)} if discrete else {"image_grid": (4, 4)}
+    cfg = ModelConfig.from_name("tiny", image_rope=True, **extra)
+    model = MMFusionModel(cfg)
+    torch.nn.init.normal_(model.image_head.weight, std=0.05)
+    tokens, captions = _inputs(cfg, 12)
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(12)]  # noqa: E731
+    padded = _objective(cfg, 0).build(tokens, captions, None, gens())
+    packed = _objective(cfg, 96).build(tokens, captions, None, gens())
+    assert len(packed) < len(padded)  # fewer rows ...
+    assert int(packed.valid().sum()) == int(padded.valid().sum())  # ... holding the same tokens
+    assert (packed.kind == PAD).sum() < (padded.kind == PAD).sum()
+    assert packed.kind.shape[1] <= 96
+    want, got = _objective(cfg, 0).loss(model, padded), _objective(cfg, 96).loss(model, packed)
+    for key in ("image_loss", "text_loss", "loss"):
+        torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=1e-5)
+    assert want["text_loss"] > 0 and want["image_loss"] > 0
+
+
+def test_packed_samples_do_not_see_each_other():
+    cfg = ModelConfig.from_name("tiny", image_grid=(4, 4))
+    tokens, captions = _inputs(cfg, 6)
+    gens = [torch.Generator().manual_seed(i) for i in range(6)]
+    packed = _objective(cfg, 128).build(tokens, captions, None, gens)
+    assert len(packed) < 6
+    mask, seg = packed.mask(), packed.segment
+    across = (seg[:, :, None] != seg[:, None, :]) & (seg[:, :, None] >= 0) & (seg[:, None, :] >= 0)
+    assert across.any() and not (mask & across).any()
+    # inside a sample, the mask is that sample's own generalized causal mask
+    for r in range(len(packed)):
+        for s in seg[r].unique().tolist():
+            if s < 0:
+                continue
+            idx = (seg[r] == s).nonzero()[:, 0]
+            alone = dataclasses.replace(
+                packed, segment=None, kind=packed.kind[r : r + 1, idx], group=packed.group[r : r + 1, idx]
+            )
+            assert torch.equal(mask[r][idx][:, idx], alone.mask()[0])
