@@ -134,6 +134,7 @@ def bench_train(preset: str, quick: bool) -> dict:
     )
     batch_size = 64
     images, caps = shapes_images(batch_size)
+    tokens_in, captions = pix.encode(images), [tok.encode(c) for c in caps]
     batches = {}
     for pack_length in (0, PACK_LENGTH):  # one padded row per sample; samples packed into rows
         obj = JointObjective(
@@ -145,8 +146,7 @@ def bench_train(preset: str, quick: bool) -> dict:
             tok.boi_id,
             tok.eoi_id,
         )
-        captions = [tok.encode(c) for c in caps]
-        batches[pack_length] = obj.build(pix.encode(images), captions, None, torch.Generator().manual_seed(0))
+        batches[pack_length] = obj.build(tokens_in, captions, None, torch.Generator().manual_seed(0))
     batch = batches[0]
     tokens = int(batch.valid().sum())
     out: dict[str, Any] = {

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from mmfusion.model.attention_backends import BACKENDS
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -66,8 +68,8 @@ class ModelConfig:
         if self.image_pos_embed not in ("sincos", "learned"):
             raise ValueError(f"image_pos_embed must be 'sincos' or 'learned', got {self.image_pos_embed!r}")
         object.__setattr__(self, "image_grid", tuple(self.image_grid))
-        if self.attention not in ("auto", "sdpa", "math", "flex"):
-            raise ValueError(f"attention must be auto, sdpa, math or flex, got {self.attention!r}")
+        if self.attention not in BACKENDS:
+            raise ValueError(f"attention must be one of {', '.join(BACKENDS)}, got {self.attention!r}")
         if self.shuffle not in (1, 2, 4):
             raise ValueError(f"shuffle must be 1, 2 or 4, got {self.shuffle}")
         if self.window_head not in ("independent", "autoregressive"):

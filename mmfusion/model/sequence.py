@@ -242,10 +242,10 @@ def pack(samples: list[dict[str, torch.Tensor]], length: int) -> TokenBatch:
     """Pack per-sample tensors into rows of at most `length` tokens instead of one padded row each.
 
     Samples go, longest first, into the first row with room (first-fit decreasing; a sample longer
-    than `length` gets a row of its own); each
-    token is tagged with its sample's index in the row (`segment`), and `TokenBatch.mask` keeps samples
-    apart. Rotary positions restart with every sample, so a packed sample computes exactly what it
-    would alone; only the padding, and its compute, shrinks.
+    than `length` gets a row of its own); each token is tagged with its sample's index in the row
+    (`segment`), and `TokenBatch.mask` keeps samples apart. Rotary positions restart with every
+    sample, so a packed sample computes exactly what it would alone; only the padding, and its
+    compute, shrinks.
     """
     rows: list[list[dict[str, torch.Tensor]]] = []
     room: list[int] = []
