@@ -9,6 +9,7 @@ import sys
 from mmfusion.cli import data, demo, evaluate, finetune, infer, train
 from mmfusion.cli.app import build_parser, run
 from mmfusion.errors import UserError
+from mmfusion.runtime import tune_malloc
 
 COMMANDS = {
     "data": {
@@ -46,6 +47,7 @@ def _quiet() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet()
+    tune_malloc()
     parser = build_parser(COMMANDS, "mmfusion", "mmfusion: one transformer for text-to-image and captioning.")
     try:
         run(parser, argv)

@@ -112,8 +112,12 @@ class MMFusionModel(nn.Module):
 
     def image_embedding(self, values: torch.Tensor, image_pos: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Input embeddings of continuous image tokens: values (..., C), grid positions (...) and
-        timesteps (...) -> (..., dim). `t` may also be one timestep for all tokens (shape (1,))."""
-        return self.image_in(values) + self.pos_embed[image_pos] + self.time_embed(t.reshape(-1)).view(*t.shape, -1)
+        timesteps (...) -> (..., dim). `t` may also be one timestep for all tokens (shape (1,)).
+        The timestep MLP runs once per distinct timestep, not once per token (a training batch has
+        a few timesteps per image over its 16-256 tokens)."""
+        steps, which = torch.unique(t.reshape(-1), return_inverse=True)
+        time = self.time_embed(steps)[which].view(*t.shape, -1)
+        return self.image_in(values) + self.pos_embed[image_pos] + time
 
     def forward(
         self,

@@ -166,6 +166,32 @@ class MMFusionModule(L.LightningModule):
         live = [p.detach() for p in self.model.parameters()]
         torch._foreach_lerp_(ema, live, 1.0 - decay)
 
+    def _fused_optimizer(self, params: list[nn.Parameter]) -> bool:
+        """Whether to use AdamW's fused kernel: one pass over all parameters (0.75 against 4.3 ms of a
+        70 ms `small` step on 2 CPU cores, foreach). Not under FSDP (sharded flat parameters) nor with
+        fp16's grad scaler, and only on the devices the kernel exists for."""
+        trainer = self._trainer
+        if trainer is None or str(trainer.precision) == "16-mixed" or "FSDP" in type(trainer.strategy).__name__:
+            return False
+        return all(p.device.type in ("cpu", "cuda") for p in params)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: Any = None,
+    ) -> None:
+        """Lightning's mixed-precision plugin refuses to clip for a fused optimizer (it may unscale fp16
+        gradients itself). Fused AdamW is only chosen where there is no grad scaler (fp32, bf16), so the
+        gradients are final here and are clipped directly."""
+        if not (gradient_clip_val and any(g.get("fused") for g in optimizer.param_groups)):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
     def configure_optimizers(self) -> dict[str, Any]:
         t = self.cfg.train
         decay, no_decay = [], []
@@ -177,6 +203,7 @@ class MMFusionModule(L.LightningModule):
             [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=t.lr,
             betas=t.betas,
+            fused=self._fused_optimizer(decay + no_decay),
         )
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(t.warmup_steps, t.max_steps, t.lr_schedule, t.min_lr_ratio)

@@ -16,6 +16,7 @@ from mmfusion.config import RunConfig
 from mmfusion.data.datamodule import MMFusionDataModule
 from mmfusion.data.encode import check_encoded
 from mmfusion.errors import UserError
+from mmfusion.runtime import tune_malloc
 from mmfusion.training.checkpoint import AtomicCheckpointIO
 from mmfusion.training.module import MMFusionModule
 
@@ -123,6 +124,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     """Train, then write the model folder (`OUT/model`); returns that folder."""
     from mmfusion.pipeline import MMFusion
 
+    tune_malloc()
     out = Path(cfg.train.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:

@@ -1,0 +1,53 @@
+"""The malloc tuning: a training step's freed activations stay in the process instead of faulting in again."""
+
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = """
+import resource, sys
+import torch
+from mmfusion.runtime import tune_malloc
+tuned = tune_malloc() if sys.argv[1] == "tune" else False
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256))
+opt = torch.optim.AdamW(model.parameters())
+x = torch.randn(2048, 256)  # 8 MiB activations, allocated and freed every step
+def step():
+    model(x).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+for _ in range(3):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    step()
+print(tuned, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+"""
+
+
+def faults_per_step(mode: str) -> tuple[bool, float]:
+    env = {"PATH": "/usr/bin:/bin"}  # no MALLOC_* or LD_PRELOAD from the caller
+    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, env=env, check=True)
+    tuned, faults = out.stdout.split()
+    return tuned == "True", float(faults)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_tuned_malloc_keeps_freed_activations() -> None:
+    tuned, with_tuning = faults_per_step("tune")
+    assert tuned
+    _, without = faults_per_step("plain")
+    # by default the freed activations go back to the kernel and fault in again every step (some
+    # 3,500 pages measured); tuned, the pages stay (0-300 measured)
+    assert without > 1000
+    assert with_tuning < without / 4
+
+
+def test_user_choice_is_respected(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mmfusion.runtime as runtime
+
+    monkeypatch.setattr(runtime, "_tuned", None)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert runtime.tune_malloc() is False
