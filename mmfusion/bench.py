@@ -11,7 +11,8 @@ the rest of that file is prose kept by hand). Measured items:
 * training throughput (tokens/s) and model-FLOPs utilisation of the `tiny` and `small` configs, in
   fp32 and bf16: eager, with compiled blocks, and compiled on packed rows (`objective.pack_length`);
 * CausalFusion sampling time for S = 1, 4, 16 AR steps, with and without the KV cache, for the demo's
-  model (16 tokens per image) and, cached, for a wider one at the paper's 256 tokens per image;
+  model (16 tokens per image), cached S = 16 against S = 1 for that model at 32, 128 and 512 images
+  per batch, and, cached, for a wider model at the paper's 256 tokens per image;
 * captioning tokens/s with and without the KV cache (32 new tokens);
 * Token-Shuffle s = 1, 2, 4: tokens per image, training step time, sampling time;
 * FlexAttention (block-sparse, compiled) against dense masked SDPA on the generalized causal mask.
@@ -71,16 +72,28 @@ def shapes_images(n: int, size: int = 32):  # noqa: ANN201
     return torch.stack([to_tensor(r["image"], size) for r in rows]), [r["captions"][0] for r in rows]
 
 
-PACK_LENGTH = 96  # training rows: samples packed into rows of this many tokens (objective.pack_length)
+PACK_LENGTH = 64  # training rows: samples packed into rows of this many tokens (objective.pack_length)
 
 
-def model_flops_per_token(cfg: Any, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x the matmul parameters of the blocks and heads, plus attention
-    scores and values (12 x layers x dim x sequence length)."""
+def model_flops(cfg: Any, batch: Any) -> float:
+    """Training FLOPs of one step over `batch` (padded, one sample per row): 6 x the matmul parameters
+    of the blocks per token, plus attention scores and values (12 x layers x dim x sequence length per
+    token), plus the image input projection (4 x its parameters per image token: its input needs no
+    gradient), the image head (6 x per noisy token) and the text head (6 x per text target). The
+    timestep MLP runs once per distinct timestep and is left out."""
+    from mmfusion.model.masks import CLEAN, NOISY
+    from mmfusion.model.sequence import IGNORE
+
     d, f, layers = cfg.dim, cfg.ffn_dim, cfg.n_layers
     kv = cfg.kv_heads * cfg.head_dim
     per_layer = d * cfg.n_heads * cfg.head_dim * 2 + 2 * d * kv + 3 * d * f
-    return 6 * layers * per_layer + 12 * layers * d * seq_len
+    tokens = int(batch.valid().sum())
+    image = int(((batch.kind == CLEAN) | (batch.kind == NOISY)).sum())
+    noisy, text = int((batch.weights > 0).sum()), int((batch.labels != IGNORE).sum())
+    seq_len = batch.kind.shape[1]
+    blocks = (6 * layers * per_layer + 12 * layers * d * seq_len) * tokens
+    heads = 4 * cfg.image_token_dim * d * image + 6 * d * cfg.image_token_dim * noisy + 6 * d * cfg.vocab_size * text
+    return float(blocks + heads)
 
 
 # --- benchmarks --------------------------------------------------------------------------------
@@ -158,7 +171,8 @@ def bench_train(preset: str, quick: bool) -> dict:
         "packed_rows": f"{len(batches[PACK_LENGTH])} x {batches[PACK_LENGTH].kind.shape[1]}",
     }
     # the same model FLOPs for packed rows: attention counted over the longest sample, not the row
-    flops = model_flops_per_token(cfg, batch.kind.shape[1]) * tokens
+    flops = model_flops(cfg, batch)
+    out["model_gflops_per_step"] = flops / 1e9
     precisions = [("fp32", None)]
     native, bf16_gflops, fp32_gflops = bf16_native()
     if native:
@@ -172,13 +186,15 @@ def bench_train(preset: str, quick: bool) -> dict:
             model = MMFusionModel(cfg)
             if compiled and not compile_blocks(model):
                 continue
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            # as `mmfusion train` steps: fused AdamW, gradients clipped to norm 1 (MMFusionModule)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
             rows = batches[pack_length]
 
             def step() -> None:
                 with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
                     loss = obj.loss(model, rows)["loss"]  # noqa: B023
                 loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # noqa: B023
                 opt.step()  # noqa: B023
                 opt.zero_grad()  # noqa: B023
 
@@ -208,7 +224,7 @@ def _sampling_model(grid: int = 4, token_dim: int = 192, **overrides: Any):  # n
     return model
 
 
-def _sampling_times(model: Any, images: int, uncached: tuple[int, ...]) -> dict:
+def _sampling_times(model: Any, images: int, uncached: tuple[int, ...], ar_steps: tuple[int, ...] = (1, 4, 16)) -> dict:
     """Seconds to sample `images` images with S = 1, 4, 16 AR steps (20 DDIM steps each, CFG 3), with
     the KV cache, and without it for the S in `uncached`."""
     import torch
@@ -220,7 +236,7 @@ def _sampling_times(model: Any, images: int, uncached: tuple[int, ...]) -> dict:
     unconds = [[1, 3]] * images
     h, w = model.cfg.image_grid
     out = {"images": images, "denoising_steps": 20, "tokens_per_image": h * w, "parameters": model.num_parameters()}
-    for steps in (1, 4, 16):
+    for steps in ar_steps:
         smp = NextTokenDiffusionSampler(
             model, DiffusionConfig(), SamplerSettings(ar_steps=steps, sampler="ddim", steps=20, cfg_scale=3.0)
         )
@@ -235,6 +251,16 @@ def _sampling_times(model: Any, images: int, uncached: tuple[int, ...]) -> dict:
 def bench_sampling(quick: bool) -> dict:
     """CausalFusion sampling with the demo's model and token count: `small`, 4 x 4 pixel tokens."""
     return _sampling_times(_sampling_model(), 8 if quick else 32, uncached=(1, 4) if quick else (1, 4, 16))
+
+
+def bench_sampling_batch(quick: bool) -> dict:
+    """Cached S = 16 against S = 1 for the demo's model as the batch grows: the S = 16 passes carry one
+    token per image, so their matrices have 2 x images rows (CFG) against 32 x images for S = 1."""
+    model = _sampling_model()
+    return {
+        str(images): _sampling_times(model, images, uncached=(), ar_steps=(1, 16))
+        for images in ((8, 32) if quick else (32, 128, 512))
+    }
 
 
 def bench_sampling_paper_tokens(quick: bool) -> dict:
@@ -334,6 +360,7 @@ BENCHES = {
     "train_tiny": lambda quick: bench_train("tiny", quick),
     "train_small": lambda quick: bench_train("small", quick),
     "sampling": bench_sampling,
+    "sampling_batch": bench_sampling_batch,
     "sampling_paper_tokens": bench_sampling_paper_tokens,
     "caption": bench_caption,
     "token_shuffle": bench_token_shuffle,
@@ -345,6 +372,9 @@ BENCHES = {
 def run_one(name: str, quick: bool) -> dict:
     import torch
 
+    from mmfusion.runtime import tune_malloc
+
+    tune_malloc()  # as `mmfusion train` and the CLI do
     torch.set_num_threads(int(os.environ.get("MMFUSION_BENCH_THREADS", torch.get_num_threads())))
     baseline = peak_rss_mb()
     result = BENCHES[name](quick)
@@ -424,6 +454,17 @@ def render_markdown(r: dict) -> str:
     for steps in (1, 4, 16):
         lines.append(f"| S = {steps} | {f(s.get(f'S={steps}_cached_s'))} | {f(s.get(f'S={steps}_uncached_s'))} |")
     lines += [f"| S = 16 / S = 1, cached | {f(s.get('S16_over_S1_cached'))} | |", ""]
+    sb = r.get("sampling_batch", {})
+    if sb:
+        lines += ["| sampling with the demo's model, by batch (cached) | S = 1 s | S = 16 s | S = 16 / S = 1 |"]
+        lines += ["|---|---|---|---|"]
+        lines += [
+            f"| {images} images | {f(e.get('S=1_cached_s'))} | {f(e.get('S=16_cached_s'))} | "
+            f"{f(e.get('S16_over_S1_cached'))} |"
+            for images, e in sb.items()
+            if isinstance(e, dict)
+        ]
+        lines.append("")
     sp = r.get("sampling_paper_tokens", {})
     lines += [
         f"| sampling at the paper's token count ({sp.get('tokens_per_image')} tokens per image, "
