@@ -81,14 +81,13 @@ def model_flops(cfg: Any, batch: Any) -> float:
     token), plus the image input projection (4 x its parameters per image token: its input needs no
     gradient), the image head (6 x per noisy token) and the text head (6 x per text target). The
     timestep MLP runs once per distinct timestep and is left out."""
-    from mmfusion.model.masks import CLEAN, NOISY
     from mmfusion.model.sequence import IGNORE
 
     d, f, layers = cfg.dim, cfg.ffn_dim, cfg.n_layers
     kv = cfg.kv_heads * cfg.head_dim
     per_layer = d * cfg.n_heads * cfg.head_dim * 2 + 2 * d * kv + 3 * d * f
     tokens = int(batch.valid().sum())
-    image = int(((batch.kind == CLEAN) | (batch.kind == NOISY)).sum())
+    image = int(batch.is_image().sum())
     noisy, text = int((batch.weights > 0).sum()), int((batch.labels != IGNORE).sum())
     seq_len = batch.kind.shape[1]
     blocks = (6 * layers * per_layer + 12 * layers * d * seq_len) * tokens

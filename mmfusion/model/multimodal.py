@@ -10,7 +10,7 @@ from torch import nn
 
 from mmfusion.model.cache import KVCache
 from mmfusion.model.config import ModelConfig
-from mmfusion.model.masks import CLEAN, CODE, NOISY
+from mmfusion.model.masks import CODE
 from mmfusion.model.sequence import TokenBatch
 from mmfusion.model.token_shuffle import TokenShuffle, TokenUnshuffle
 from mmfusion.model.transformer import Transformer
@@ -100,7 +100,7 @@ class MMFusionModel(nn.Module):
             is_class = ids >= vocab
             if is_class.any():
                 x = torch.where(is_class[..., None], self.class_embed((ids - vocab).clamp(min=0)), x)
-        is_image = (batch.kind == CLEAN) | (batch.kind == NOISY)
+        is_image = batch.is_image()
         if is_image.any():
             img = self.image_embedding(batch.values[is_image], batch.image_pos[is_image], batch.t[is_image])
             x = x.index_put((is_image,), img.to(x.dtype))
@@ -136,7 +136,7 @@ class MMFusionModel(nn.Module):
         if not self.cfg.image_rope:
             return batch.position_ids
         w = self.cfg.image_grid[1]
-        is_image = ((batch.kind == CLEAN) | (batch.kind == NOISY)).long()
+        is_image = batch.is_image().long()
         p = batch.position_ids
         return torch.stack([p, p + is_image * (batch.image_pos // w), p + is_image * (batch.image_pos % w)], -1)
 

@@ -50,6 +50,10 @@ class TokenBatch:
     def valid(self) -> torch.Tensor:
         return self.kind != PAD
 
+    def is_image(self) -> torch.Tensor:
+        """(B, L) bool: the continuous image tokens, clean or noisy."""
+        return (self.kind == CLEAN) | (self.kind == NOISY)
+
 
 class SequenceBuilder:
     """Builds one sample left to right: text pieces and image blocks."""
