@@ -51,6 +51,15 @@ def timed(fn, repeat: int, warmup: int = 1) -> float:  # noqa: ANN001
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process (MB). On Linux the high-water mark of this process's own
+    address space (VmHWM): getrusage's maximum is inherited over fork and exec, so a spawned worker
+    would report its parent's peak when that is larger."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -73,6 +82,8 @@ def shapes_images(n: int, size: int = 32):  # noqa: ANN201
 
 
 PACK_LENGTH = 64  # training rows: samples packed into rows of this many tokens (objective.pack_length)
+TRAIN_BATCH = 64  # samples per training step (global: split between the processes of the DDP row)
+DDP_ROW = " compiled packed, 2 processes (DDP)"  # suffix of the data-parallel training rows
 
 
 def model_flops(cfg: Any, batch: Any) -> float:
@@ -124,19 +135,17 @@ def bench_matmul(quick: bool) -> dict:
     }
 
 
-def bench_train(preset: str, quick: bool) -> dict:
-    """Steps of the joint objective on shapes (pixels, patch 8): fp32 and bf16 autocast, each eager and
-    with compiled blocks (`train.compile`)."""
+def _train_setup(preset: str, rank: int = 0, world: int = 1) -> tuple:
+    """The training benchmark's data: 64 shapes samples (this process's share of them when `world`
+    processes split the batch), padded one per row and packed into rows of PACK_LENGTH, with the model
+    config and the objective. Returns (cfg, objective, {pack_length: TokenBatch})."""
     import torch
 
     from mmfusion.config import ObjectiveConfig
     from mmfusion.diffusion.config import DiffusionConfig
     from mmfusion.model.config import ModelConfig
-    from mmfusion.model.multimodal import MMFusionModel
     from mmfusion.tokenizers.image import ImageTokenizerConfig, PixelTokenizer
-    from mmfusion.training.module import compile_blocks
     from mmfusion.training.objective import JointObjective
-    from mmfusion.training.run import matmul_gflops
 
     torch.manual_seed(0)
     tok = tiny_tokenizer()
@@ -144,9 +153,9 @@ def bench_train(preset: str, quick: bool) -> dict:
     cfg = ModelConfig.from_name(
         preset, vocab_size=len(tok), image_token_dim=pix.token_dim, image_grid=pix.grid, image_rope=True
     )
-    batch_size = 64
-    images, caps = shapes_images(batch_size)
-    tokens_in, captions = pix.encode(images), [tok.encode(c) for c in caps]
+    images, caps = shapes_images(TRAIN_BATCH)
+    share = slice(rank * TRAIN_BATCH // world, (rank + 1) * TRAIN_BATCH // world)
+    tokens_in, captions = pix.encode(images[share]), [tok.encode(c) for c in caps[share]]
     batches = {}
     for pack_length in (0, PACK_LENGTH):  # one padded row per sample; samples packed into rows
         obj = JointObjective(
@@ -158,13 +167,107 @@ def bench_train(preset: str, quick: bool) -> dict:
             tok.boi_id,
             tok.eoi_id,
         )
-        batches[pack_length] = obj.build(tokens_in, captions, None, torch.Generator().manual_seed(0))
+        batches[pack_length] = obj.build(tokens_in, captions, None, torch.Generator().manual_seed(rank))
+    return cfg, obj, batches
+
+
+def _train_step(cfg: Any, obj: Any, rows: Any, dtype: Any, compiled: bool, ddp: bool = False):  # noqa: ANN202
+    """A fresh model and one training step over `rows` as `mmfusion train` takes it: fused AdamW,
+    gradients clipped to norm 1 (MMFusionModule); under `ddp`, through DistributedDataParallel with the
+    unused-parameter search of mmfusion's DDP strategy. None where blocks cannot be compiled."""
+    import torch
+
+    from mmfusion.model.multimodal import MMFusionModel
+    from mmfusion.training.module import compile_blocks
+
+    torch.manual_seed(0)
+    model = MMFusionModel(cfg)
+    if compiled and not compile_blocks(model):
+        return None
+
+    class Loss(torch.nn.Module):  # DDP synchronises the gradients of what its forward computes
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                return obj.loss(self.model, rows)["loss"]
+
+    loss_of = Loss()
+    if ddp:
+        loss_of = torch.nn.parallel.DistributedDataParallel(loss_of, find_unused_parameters=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step() -> None:
+        loss_of().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
+def _ddp_train_worker(
+    rank: int, world: int, preset: str, dtype_name: str, quick: bool, compiled: bool, port: int, out: str
+) -> None:
+    """One of `world` processes of the data-parallel timing (torch.multiprocessing.spawn target)."""
+    import torch
+    import torch.distributed as dist
+
+    from mmfusion.runtime import tune_malloc
+
+    tune_malloc()
+    torch.set_num_threads(int(os.environ["MMFUSION_BENCH_THREADS_PER_PROCESS"]))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        cfg, obj, batches = _train_setup(preset, rank, world)
+        dtype = torch.bfloat16 if dtype_name == "bf16" else None
+        step = _train_step(cfg, obj, batches[PACK_LENGTH], dtype, compiled, ddp=True)
+        sec = timed(step, repeat=3 if quick else 10, warmup=3 if compiled else 2) if step is not None else None
+        if rank == 0:
+            Path(out).write_text(json.dumps({"step_s": sec, "rank0_peak_rss_mb": peak_rss_mb()}))
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_step_seconds(
+    preset: str, dtype_name: str, quick: bool, threads: int, world: int = 2, compiled: bool = True
+) -> dict:
+    """Median step seconds of `world` DDP processes (gloo) of threads // world threads each, each with
+    its share of the batch, packed (and compiled): how the demo trains on a CPU of two or more cores.
+    Returns {"step_s": seconds or None where blocks cannot be compiled, "rank0_peak_rss_mb": ...}."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ["MMFUSION_BENCH_THREADS_PER_PROCESS"] = str(max(1, threads // world))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "ddp.json")
+        mp.spawn(_ddp_train_worker, args=(world, preset, dtype_name, quick, compiled, port, out), nprocs=world)
+        return json.loads(Path(out).read_text())
+
+
+def bench_train(preset: str, quick: bool) -> dict:
+    """Steps of the joint objective on shapes (pixels, patch 8): fp32 and bf16 autocast, each eager and
+    with compiled blocks (`train.compile`), on padded and on packed rows; and packed with compiled blocks
+    in 2 data-parallel processes that share the threads (the demo's layout on 2 cores)."""
+    import torch
+
+    from mmfusion.model.multimodal import MMFusionModel
+    from mmfusion.training.run import matmul_gflops
+
+    cfg, obj, batches = _train_setup(preset)
     batch = batches[0]
     tokens = int(batch.valid().sum())
     out: dict[str, Any] = {
         "preset": preset,
         "parameters": MMFusionModel(cfg).num_parameters(),
-        "batch": batch_size,
+        "batch": TRAIN_BATCH,
         "tokens_per_step": tokens,
         "seq_len": batch.kind.shape[1],
         "packed_rows": f"{len(batches[PACK_LENGTH])} x {batches[PACK_LENGTH].kind.shape[1]}",
@@ -178,32 +281,28 @@ def bench_train(preset: str, quick: bool) -> dict:
         precisions.append(("bf16", torch.bfloat16))
     else:
         out["bf16"] = {"skipped": f"no native bf16 ({bf16_gflops:.0f} vs {fp32_gflops:.0f} GFLOP/s fp32 at 512^3)"}
+    threads = torch.get_num_threads()
     for name, dtype in precisions:
         peak = matmul_gflops(dtype or torch.float32, 2048, 1.0)
+        secs, rss = {}, {}
         for compiled, pack_length in ((False, 0), (True, 0), (True, PACK_LENGTH)):
-            torch.manual_seed(0)
-            model = MMFusionModel(cfg)
-            if compiled and not compile_blocks(model):
-                continue
-            # as `mmfusion train` steps: fused AdamW, gradients clipped to norm 1 (MMFusionModule)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-            rows = batches[pack_length]
-
-            def step() -> None:
-                with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-                    loss = obj.loss(model, rows)["loss"]  # noqa: B023
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # noqa: B023
-                opt.step()  # noqa: B023
-                opt.zero_grad()  # noqa: B023
-
-            sec = timed(step, repeat=3 if quick else 10, warmup=3 if compiled else 2)
-            out[name + (" compiled" if compiled else "") + (" packed" if pack_length else "")] = {
+            step = _train_step(cfg, obj, batches[pack_length], dtype, compiled)
+            if step is not None:
+                key = name + (" compiled" if compiled else "") + (" packed" if pack_length else "")
+                secs[key] = timed(step, repeat=3 if quick else 10, warmup=3 if compiled else 2)
+        if threads >= 2 and secs.get(name + " compiled packed"):
+            ddp = ddp_step_seconds(preset, name, quick, threads)
+            if ddp["step_s"]:
+                secs[name + DDP_ROW] = ddp["step_s"]
+                rss[name + DDP_ROW] = ddp["rank0_peak_rss_mb"]  # of one of the two processes
+        for key, sec in secs.items():
+            out[key] = {
                 "step_s": sec,
                 "tokens_per_s": tokens / sec,
                 "achieved_gflops": flops / sec / 1e9,
                 "matmul_peak_gflops": peak,
                 "mfu": flops / sec / 1e9 / peak,
+                **({"peak_rss_mb_per_process": rss[key]} if key in rss else {}),
             }
     return out
 
@@ -430,7 +529,8 @@ def render_markdown(r: dict) -> str:
     ]
     for key in ("train_tiny", "train_small"):
         t = r.get(key, {})
-        for prec in ("fp32", "fp32 compiled", "fp32 compiled packed", "bf16", "bf16 compiled", "bf16 compiled packed"):
+        variants = ("", " compiled", " compiled packed", DDP_ROW)
+        for prec in (p + v for p in ("fp32", "bf16") for v in variants):
             p = t.get(prec, {})
             if not p:
                 continue
@@ -441,7 +541,8 @@ def render_markdown(r: dict) -> str:
                 f"| {t.get('preset', key)} | {f(t.get('parameters'), ',')} | {t.get('tokens_per_step')} | "
                 f"{prec} | {f(p.get('step_s'))} | {f(p.get('tokens_per_s'), '.0f')} | "
                 f"{f(p.get('achieved_gflops'), '.0f')} | {f(p.get('matmul_peak_gflops'), '.0f')} | "
-                f"{f(p.get('mfu'), '.1%')} | {f(t.get('peak_rss_mb'), '.0f')} |"
+                f"{f(p.get('mfu'), '.1%')} | {f(p.get('peak_rss_mb_per_process', t.get('peak_rss_mb')), '.0f')}"
+                f"{' per process' if 'peak_rss_mb_per_process' in p else ''} |"
             )
     s = r.get("sampling", {})
     lines += [

@@ -62,11 +62,15 @@ class TrainConfig:
     max_steps: int = 1000
     max_time_minutes: float | None = None  # stop after this wall time, whatever max_steps says
     lr: float = 1e-4
-    min_lr_ratio: float = 0.1  # cosine schedule floor
+    min_lr_ratio: float = 0.1  # floor of the cosine and wsd schedules (x lr)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 100
-    lr_schedule: str = "constant"  # constant | cosine (both after linear warmup)
+    # constant | cosine | wsd (warmup-stable-decay: constant, then linear down to min_lr_ratio over the
+    # last lr_decay_fraction of the run), all after linear warmup. The run's end is max_steps or, if
+    # it comes first, max_time_minutes: a run cut by its time budget still completes its decay
+    lr_schedule: str = "constant"
+    lr_decay_fraction: float = 0.2
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     precision: str = "auto"  # auto (measure bf16 vs fp32 matmul speed here) | 32-true | bf16-mixed
@@ -76,9 +80,9 @@ class TrainConfig:
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | fsdp
     activation_checkpointing: bool = False
-    # torch.compile each transformer block (inductor; needs a C++ compiler on CPU, skipped with a
-    # message where there is none). Measured on 2 CPU cores with bf16: training steps 1.5x faster,
-    # after about 10 s of compiling
+    # torch.compile the transformer blocks, as one graph (block by block under FSDP); inductor needs a
+    # C++ compiler on CPU, skipped with a message where there is none. Measured on 2 CPU cores with
+    # bf16: training steps 1.5x faster, after some 10-30 s of compiling
     compile: bool = False
     log_every_n_steps: int = 25
     checkpoint_every_n_steps: int = 500

@@ -17,7 +17,7 @@ from mmfusion.diffusion.causal import add_image
 from mmfusion.diffusion.config import DiffusionConfig
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel
-from mmfusion.model.sequence import IGNORE, SequenceBuilder, TokenBatch, collate, pack
+from mmfusion.model.sequence import IGNORE, SequenceBuilder, TokenBatch, collate, pack, select_rows
 from mmfusion.model.token_shuffle import code_bits, fuse_grid
 
 
@@ -136,21 +136,24 @@ class JointObjective:
         hidden = model(batch, mask=batch.mask(self.text_sees_noisy))
         out: dict[str, torch.Tensor] = {}
         noisy = batch.weights > 0
-        zero = hidden.sum() * 0.0
+
+        def zero() -> torch.Tensor:  # a loss term with nothing to learn from, still tied to the graph
+            return hidden.sum() * 0.0
+
         if self.model_cfg.discrete:
-            out["image_loss"] = self._code_loss(model, hidden, batch) if noisy.any() else zero
+            out["image_loss"] = self._code_loss(model, hidden, batch) if noisy.any() else zero()
         elif noisy.any():
-            pred = model.image_output(hidden[noisy])
+            pred = model.image_output(select_rows(hidden, noisy))
             mse = (pred - batch.targets[noisy].to(pred.dtype)).pow(2).mean(-1)
             out["image_loss"] = (mse * batch.weights[noisy]).sum() / noisy.sum()
         else:
-            out["image_loss"] = zero
+            out["image_loss"] = zero()
         has_text = batch.labels != IGNORE
         if has_text.any():
-            logits = model.text_logits(hidden[has_text])
+            logits = model.text_logits(select_rows(hidden, has_text))
             out["text_loss"] = F.cross_entropy(logits.float(), batch.labels[has_text])
         else:
-            out["text_loss"] = zero
+            out["text_loss"] = zero()
         out["loss"] = out["image_loss"] + self.obj.text_loss_weight * out["text_loss"]
         return out
 
@@ -158,7 +161,7 @@ class JointObjective:
         """Cross-entropy over all s^2 codes of the next fused token (bitwise: binary CE over the d bits)."""
         at = batch.weights > 0
         target = batch.code_labels[at]  # (n, W)
-        logits = model.code_logits(hidden[at], codes=target).float()  # (n, W, K) or (n, W, d)
+        logits = model.code_logits(select_rows(hidden, at), codes=target).float()  # (n, W, K) or (n, W, d)
         if model.shuffle_out.bitwise:
             bits = code_bits(target, self.model_cfg.code_bits).clamp(min=0)  # +-1 -> {0, 1}
             per_code = F.binary_cross_entropy_with_logits(logits, bits, reduction="none").mean(-1)

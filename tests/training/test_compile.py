@@ -14,12 +14,16 @@ def _loss(model: MMFusionModel, batch) -> torch.Tensor:  # noqa: ANN001
     return model.image_output(hidden).pow(2).mean() + model.text_logits(hidden).logsumexp(-1).mean()
 
 
-def test_compiled_blocks_match_eager_loss_and_gradients(tiny_cfg):
+@pytest.mark.parametrize(("per_block", "checkpointing"), [(False, False), (True, False), (False, True)])
+def test_compiled_blocks_match_eager_loss_and_gradients(tiny_cfg, per_block, checkpointing):
+    """The whole stack compiled as one graph (the default), block by block (FSDP), and as one graph
+    around activation checkpointing."""
     eager = MMFusionModel(tiny_cfg.replace(attention="sdpa"))
     torch.nn.init.normal_(eager.image_head.weight, std=0.02)
     compiled = MMFusionModel(tiny_cfg.replace(attention="sdpa"))
     compiled.load_state_dict(eager.state_dict())
-    if not compile_blocks(compiled):
+    compiled.backbone.gradient_checkpointing = checkpointing
+    if not compile_blocks(compiled, per_block=per_block):
         pytest.skip("no C++ compiler for inductor")
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # model files stay the same
     # two sequence lengths: shapes are dynamic, the second batch must not fail or differ

@@ -1,0 +1,76 @@
+"""The benchmark suite's own arithmetic and machinery (the timings themselves live in docs/BENCHMARKS.md)."""
+
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mmfusion import bench
+from mmfusion.config import ObjectiveConfig
+from mmfusion.diffusion.config import DiffusionConfig
+from mmfusion.model.config import ModelConfig
+from mmfusion.model.multimodal import MMFusionModel
+from mmfusion.tokenizers.image import ImageTokenizerConfig, PixelTokenizer
+from mmfusion.training.objective import JointObjective
+
+
+def test_model_flops_match_torch_flop_counter():
+    """On a batch without padding (one caption for every sample, all in caption order with one AR step,
+    so text loss, image loss, clean and noisy tokens all take part), the FLOPs the bench credits a
+    training step with are the products torch counts in its forward and backward, within the timestep
+    MLP that the count leaves out."""
+    tok = bench.tiny_tokenizer()
+    pix = PixelTokenizer(ImageTokenizerConfig(image_size=32, patch_size=8))
+    cfg = ModelConfig.from_name(
+        "tiny", vocab_size=len(tok), image_token_dim=pix.token_dim, image_grid=pix.grid, image_rope=True
+    )
+    images, caps = bench.shapes_images(8)
+    ids = tok.encode(caps[0])
+    obj = JointObjective(
+        cfg,
+        DiffusionConfig(gamma=0.0),
+        ObjectiveConfig(t2i_fraction=0.0),
+        tok.bos_id,
+        tok.eos_id,
+        tok.boi_id,
+        tok.eoi_id,
+    )
+    batch = obj.build(pix.encode(images), [ids] * 8, None, torch.Generator().manual_seed(0))
+    assert bool(batch.valid().all()), "the test needs a batch without padding"
+    model = MMFusionModel(cfg.replace(attention="math"))  # explicit products, which the counter sees
+    with FlopCounterMode(display=False) as counter:
+        obj.loss(model, batch)["loss"].backward()
+    counted = counter.get_total_flops()
+    assert bench.model_flops(cfg, batch) == pytest.approx(counted, rel=0.03)
+
+
+def test_markdown_shows_the_data_parallel_row():
+    row = {"step_s": 0.05, "tokens_per_s": 38000.0, "achieved_gflops": 200.0, "matmul_peak_gflops": 400.0, "mfu": 0.5}
+    results = {
+        "date": "2026-11-25 12:00 UTC",
+        "machine": {"cores": 2, "cpu": "x86_64", "torch": "2.13.0"},
+        "train_small": {
+            "preset": "small",
+            "parameters": 1000,
+            "tokens_per_step": 1903,
+            "peak_rss_mb": 700.0,
+            "fp32 compiled packed": {**row, "mfu": 0.4},
+            "fp32" + bench.DDP_ROW: {**row, "peak_rss_mb_per_process": 500.0},
+        },
+    }
+    text = bench.render_markdown(results)
+    assert "| small | 1,000 | 1903 | fp32 compiled packed | 0.05 | 38000 | 200 | 400 | 40.0% | 700 |" in text
+    assert f"| fp32{bench.DDP_ROW} | 0.05 | 38000 | 200 | 400 | 50.0% | 500 per process |" in text
+
+
+def test_data_parallel_timing_runs_two_processes_and_reports_their_own_memory():
+    ballast = torch.ones(256 * 2**20)  # 1 GiB touched in this process before the workers start
+    parent_peak = bench.peak_rss_mb()
+    out = bench.ddp_step_seconds("tiny", "fp32", quick=True, threads=2, compiled=False)
+    assert out["step_s"] is not None and 0 < out["step_s"] < 60
+    worker_peak = out["rank0_peak_rss_mb"]
+    assert math.isfinite(worker_peak) and worker_peak > 50
+    # a tiny model's worker stays far below the parent's ballast: the peak is the worker's own
+    assert worker_peak < parent_peak - 500, (worker_peak, parent_peak)
+    del ballast

@@ -1,0 +1,92 @@
+"""The learning-rate schedules, by steps and by time budget."""
+
+import math
+
+import lightning as L
+import pytest
+
+import mmfusion.training.module as module
+import mmfusion.training.run as run
+from mmfusion.config import load_config
+from mmfusion.training.module import LRSchedule
+from tests.conftest import TINY_RUN
+
+
+def test_warmup_then_constant():
+    f = LRSchedule(warmup=4, total=100, schedule="constant", floor=0.1)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(50) == f(99) == f(10_000) == 1.0
+
+
+def test_cosine_runs_from_one_to_the_floor():
+    f = LRSchedule(warmup=0, total=100, schedule="cosine", floor=0.1)
+    assert f(0) == pytest.approx(1.0)
+    assert f(50) == pytest.approx(0.55)
+    assert f(100) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+
+
+def test_wsd_is_constant_then_decays_linearly_over_the_last_fraction():
+    f = LRSchedule(warmup=10, total=110, schedule="wsd", floor=0.0, decay_fraction=0.2)
+    assert all(f(s) == pytest.approx(1.0) for s in range(10, 91))  # progress up to 0.8
+    assert f(91) < 0.99
+    assert f(95) == pytest.approx(0.75)
+    assert f(100) == pytest.approx(0.5)
+    assert f(110) == pytest.approx(0.0)
+    g = LRSchedule(warmup=0, total=100, schedule="wsd", floor=0.25, decay_fraction=0.5)
+    assert g(75) == pytest.approx(0.25 + 0.75 * 0.5)
+
+
+def test_time_progress_overrides_step_progress():
+    f = LRSchedule(warmup=0, total=1_000_000, schedule="wsd", floor=0.0, decay_fraction=0.5)
+    assert f(100) == 1.0
+    f.time_progress = 0.75
+    assert f(100) == pytest.approx(0.5)
+    f.time_progress = 1.3
+    assert f(100) == 0.0
+    c = LRSchedule(warmup=0, total=1_000_000, schedule="cosine", floor=0.0)
+    c.time_progress = 0.5
+    assert c(7) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+@pytest.mark.parametrize("bad", [{"schedule": "linear"}, {"schedule": "wsd", "decay_fraction": 0.0}])
+def test_bad_settings_are_refused(bad):
+    with pytest.raises(ValueError):
+        LRSchedule(**{"warmup": 0, "total": 10, "schedule": "constant", "floor": 0.1, **bad})
+
+
+class LRs(L.Callback):
+    """The learning rate each optimizer step used."""
+
+    def __init__(self) -> None:
+        self.lrs = []
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:  # noqa: ANN001
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
+def test_a_run_cut_by_its_time_budget_completes_its_decay(tmp_path, monkeypatch):
+    """max_steps far away, 6 s of wall time: the wsd schedule holds the rate, then decays it to the
+    floor by the time the budget runs out."""
+    seen = LRs()
+    build = run.build_trainer
+    monkeypatch.setattr(run, "build_trainer", lambda *a, **k: build(*a, **k, extra_callbacks=[seen]))
+    monkeypatch.setattr(module, "TIME_SYNC_EVERY", 1)
+    lr = 1e-3
+    overrides = [
+        "train.max_steps=1000000",
+        "train.max_time_minutes=0.1",
+        "train.lr_schedule=wsd",
+        "train.lr_decay_fraction=0.5",
+        "train.min_lr_ratio=0.0",
+        f"train.lr={lr}",
+        "train.ema_decay=0",
+        "train.checkpoint_every_n_steps=1000000",
+        f"train.out={tmp_path}",
+    ]
+    run.train(load_config(None, [*TINY_RUN, *overrides]))
+    lrs = seen.lrs[2:]  # after the 2 warmup steps
+    assert len(lrs) >= 20, f"only {len(seen.lrs)} steps in 6 s"
+    assert lrs[0] == pytest.approx(lr)
+    assert all(b <= a + 1e-12 for a, b in zip(lrs, lrs[1:])), "the rate rose after warmup"
+    assert sum(x == pytest.approx(lr) for x in lrs) >= len(lrs) // 4, "no stable phase"
+    assert lrs[-1] < 0.25 * lr, f"the run ended at {lrs[-1] / lr:.2f} x the rate: the decay did not finish"
