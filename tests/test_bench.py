@@ -71,6 +71,10 @@ def test_data_parallel_timing_runs_two_processes_and_reports_their_own_memory():
     assert out["step_s"] is not None and 0 < out["step_s"] < 60
     worker_peak = out["rank0_peak_rss_mb"]
     assert math.isfinite(worker_peak) and worker_peak > 50
+    # the step's work is that of both halves of the 64-sample batch, close to the one-process batch's
+    cfg, _, batches = bench._train_setup("tiny")
+    assert out["tokens"] == pytest.approx(int(batches[0].valid().sum()), rel=0.1)
+    assert out["flops"] == pytest.approx(bench.model_flops(cfg, batches[0]), rel=0.15)
     # a tiny model's worker stays far below the parent's ballast: the peak is the worker's own
     assert worker_peak < parent_peak - 500, (worker_peak, parent_peak)
     del ballast

@@ -110,9 +110,17 @@ class MMFusionModule(L.LightningModule):
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=True, batch_size=batch["size"])
         return losses["loss"]
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Under a time budget, tell the LR schedule how much of it is spent (rank 0's clock, shared with
-        every process every `TIME_SYNC_EVERY` steps, so that all replicas step with the same rate)."""
+    def on_train_start(self) -> None:
+        # a resumed run's LambdaLR brings back the checkpoint's schedule settings with its state: the
+        # config's win (a longer max_steps, another schedule); only the time spent is kept
+        schedule = getattr(self, "lr_schedule", None)
+        if schedule is not None:
+            schedule.configure(*self._schedule_settings())
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Under a time budget, tell the LR schedule how much of it is spent before this step's scheduler
+        update (rank 0's clock, shared with every process every `TIME_SYNC_EVERY` steps, so that all
+        replicas step with the same rate)."""
         budget = self.cfg.train.max_time_minutes
         schedule = getattr(self, "lr_schedule", None)
         if not budget or schedule is None or schedule.schedule == "constant" or self.global_step % TIME_SYNC_EVERY:
@@ -208,6 +216,10 @@ class MMFusionModule(L.LightningModule):
         else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
+    def _schedule_settings(self) -> tuple[int, int, str, float, float]:
+        t = self.cfg.train
+        return t.warmup_steps, t.max_steps, t.lr_schedule, t.min_lr_ratio, t.lr_decay_fraction
+
     def configure_optimizers(self) -> dict[str, Any]:
         t = self.cfg.train
         decay, no_decay = [], []
@@ -221,7 +233,7 @@ class MMFusionModule(L.LightningModule):
             betas=t.betas,
             fused=self._fused_optimizer(decay + no_decay),
         )
-        self.lr_schedule = LRSchedule(t.warmup_steps, t.max_steps, t.lr_schedule, t.min_lr_ratio, t.lr_decay_fraction)
+        self.lr_schedule = LRSchedule(*self._schedule_settings())
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -261,13 +273,17 @@ class LRSchedule:
     SCHEDULES = ("constant", "cosine", "wsd")
 
     def __init__(self, warmup: int, total: int, schedule: str, floor: float, decay_fraction: float = 0.2) -> None:
+        self.configure(warmup, total, schedule, floor, decay_fraction)
+        self.time_progress = 0.0
+
+    def configure(self, warmup: int, total: int, schedule: str, floor: float, decay_fraction: float = 0.2) -> None:
+        """Set (or, after a resume, reset) the settings; the time spent stays."""
         if schedule not in self.SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(self.SCHEDULES)}, got {schedule!r}")
         if not 0 < decay_fraction <= 1:
             raise ValueError(f"lr_decay_fraction must be in (0, 1], got {decay_fraction}")
         self.warmup, self.total, self.schedule = warmup, total, schedule
         self.floor, self.decay_fraction = floor, decay_fraction
-        self.time_progress = 0.0
 
     def progress(self, step: int) -> float:
         """Fraction of the post-warmup run done at `step`, in [0, 1]."""

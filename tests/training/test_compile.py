@@ -26,6 +26,9 @@ def test_compiled_blocks_match_eager_loss_and_gradients(tiny_cfg, per_block, che
     if not compile_blocks(compiled, per_block=per_block):
         pytest.skip("no C++ compiler for inductor")
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # model files stay the same
+    parts = list(compiled.backbone.layers) if per_block else [compiled.backbone]
+    assert all(p._compiled_call_impl is not None for p in parts)  # compiled where it should be ...
+    assert (compiled.backbone._compiled_call_impl is None) == per_block  # ... and nowhere else
     # two sequence lengths: shapes are dynamic, the second batch must not fail or differ
     for caption in ([4, 9, 10, 2], [4, 9, 10, 11, 12, 13, 2]):
         rows = [fusion_sample(tiny_cfg, [1, 5, 6], [3, 2, 4], caption=caption), fusion_sample(tiny_cfg, [1, 7], [9])]
