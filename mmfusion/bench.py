@@ -9,7 +9,8 @@ the rest of that file is prose kept by hand). Measured items:
 
 * the dense matmul peak of this machine (fp32 and bf16 GFLOP/s): the reference for utilisation;
 * training throughput (tokens/s) and model-FLOPs utilisation of the `tiny` and `small` configs, in
-  fp32 and bf16: eager, with compiled blocks, and compiled on packed rows (`objective.pack_length`);
+  fp32 and bf16: eager, compiled (`train.compile`), compiled on packed rows (`objective.pack_length`),
+  and that last in 2 data-parallel processes sharing the cores (DDP, as the demo trains);
 * CausalFusion sampling time for S = 1, 4, 16 AR steps, with and without the KV cache, for the demo's
   model (16 tokens per image), cached S = 16 against S = 1 for that model at 32, 128 and 512 images
   per batch, and, cached, for a wider model at the paper's 256 tokens per image;

@@ -55,6 +55,9 @@ class DataConfig:
     cache_mb: int = 1024
 
 
+LR_SCHEDULES = ("constant", "cosine", "wsd")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     out: str = "runs/mmfusion"
@@ -91,6 +94,12 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads (default: torch's choice)
     max_nonfinite: int = 20  # stop after this many non-finite losses in a row (each is skipped)
     init_from_llm: str | None = None  # a Hugging Face LLaMA / Qwen3 folder: backbone, text weights, tokenizer
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not 0 < self.lr_decay_fraction <= 1:
+            raise ValueError(f"lr_decay_fraction must be in (0, 1], got {self.lr_decay_fraction}")
 
 
 @dataclass(frozen=True)

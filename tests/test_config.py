@@ -36,6 +36,8 @@ def test_overrides_and_types():
         (["model.dim=1.5"], "'model.dim' must be of type int"),
         (["model.preset=huge"], "unknown model preset"),
         (["diffusion.order=spiral"], "order must be one of"),
+        (["train.lr_schedule=linear"], "lr_schedule must be one of constant, cosine, wsd"),
+        (["train.lr_decay_fraction=0"], r"lr_decay_fraction must be in \(0, 1\]"),
         (["train"], "must look like section.key=value"),
     ],
 )

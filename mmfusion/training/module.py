@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from mmfusion.config import RunConfig
+from mmfusion.config import LR_SCHEDULES, RunConfig
 from mmfusion.errors import UserError
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel
@@ -270,7 +270,7 @@ class LRSchedule:
     keeps `time_progress` in its state dict and a resumed run continues where it stopped.
     """
 
-    SCHEDULES = ("constant", "cosine", "wsd")
+    SCHEDULES = LR_SCHEDULES
 
     def __init__(self, warmup: int, total: int, schedule: str, floor: float, decay_fraction: float = 0.2) -> None:
         self.configure(warmup, total, schedule, floor, decay_fraction)
