@@ -202,8 +202,7 @@ def _train_step(model: Any, obj: Any, rows: Any, dtype: Any, ddp: bool = False):
 
 
 def _ddp_timing(preset: str, rank: int, world: int, dtype_name: str, quick: bool, compiled: bool) -> float | None:
-    """This process's median step seconds (None where blocks cannot be compiled). The DDP model lives
-    only in here: it must be gone before the process group is destroyed."""
+    """This process's median step seconds (None where blocks cannot be compiled)."""
     import torch
 
     from mmfusion.model.multimodal import MMFusionModel
@@ -231,13 +230,15 @@ def _ddp_train_worker(
     tune_malloc()
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
-    try:
-        sec = _ddp_timing(preset, rank, world, dtype_name, quick, compiled)
-        if rank == 0:
-            result = {"step_s": sec, "rank0_peak_rss_mb": peak_rss_mb()}
-            (Path(folder) / "result.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
+    sec = _ddp_timing(preset, rank, world, dtype_name, quick, compiled)
+    if rank == 0:
+        result = {"step_s": sec, "rank0_peak_rss_mb": peak_rss_mb()}
+        (Path(folder) / "result.json").write_text(json.dumps(result))
+    dist.barrier()
+    # Leave without tearing gloo down: its destructors, racing its worker threads at exit, deadlocked on
+    # the GIL or aborted ("terminate called without an active exception") in some runs. The result is
+    # written, and nothing else of this process is needed.
+    os._exit(0)
 
 
 def ddp_step_seconds(
