@@ -20,10 +20,12 @@ def step():
     opt.zero_grad()
 for _ in range(3):
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+faults = []
+for _ in range(11):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
-print(tuned, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(tuned, sorted(faults)[5])  # the median step: now and then a step maps a new block either way
 """
 
 
@@ -39,8 +41,9 @@ def test_tuned_malloc_keeps_freed_activations() -> None:
     tuned, with_tuning = faults_per_step("tune")
     assert tuned
     _, without = faults_per_step("plain")
-    # by default the freed activations go back to the kernel and fault in again every step (some
-    # 3,500 pages measured); tuned, the pages stay (0-300 measured)
+    # by default the freed activations go back to the kernel and fault in again every step (median
+    # step 3,500-7,600 pages measured); tuned, the pages stay (median step 0; the mean over 10 steps
+    # was 25-460, from one or two steps that map a new block, and once came within 4x of the default)
     assert without > 1000
     assert with_tuning < without / 4
 
