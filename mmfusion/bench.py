@@ -201,27 +201,30 @@ def _train_step(model: Any, obj: Any, rows: Any, dtype: Any, ddp: bool = False):
     return step
 
 
-def _ddp_timing(preset: str, rank: int, world: int, dtype_name: str, quick: bool, compiled: bool) -> float | None:
-    """This process's median step seconds (None where blocks cannot be compiled)."""
+def _ddp_timing(preset: str, rank: int, world: int, dtype_name: str, quick: bool, compiled: bool) -> dict:
+    """This process's share of the step: its model FLOPs and tokens (each share draws its own noise and
+    AR steps) and its median step seconds (None where blocks cannot be compiled)."""
     import torch
 
     from mmfusion.model.multimodal import MMFusionModel
     from mmfusion.training.module import compile_blocks
 
     cfg, obj, batches = _train_setup(preset, rank, world)
+    share = {"flops": model_flops(cfg, batches[0]), "tokens": int(batches[0].valid().sum()), "step_s": None}
     torch.manual_seed(0)
     model = MMFusionModel(cfg)
-    if compiled and not compile_blocks(model):
-        return None
-    step = _train_step(model, obj, batches[PACK_LENGTH], torch.bfloat16 if dtype_name == "bf16" else None, ddp=True)
-    return timed(step, repeat=3 if quick else 10, warmup=3 if compiled else 2)
+    if not compiled or compile_blocks(model):
+        dtype = torch.bfloat16 if dtype_name == "bf16" else None
+        step = _train_step(model, obj, batches[PACK_LENGTH], dtype, ddp=True)
+        share["step_s"] = timed(step, repeat=3 if quick else 10, warmup=3 if compiled else 2)
+    return share
 
 
 def _ddp_train_worker(
     rank: int, world: int, threads: int, preset: str, dtype_name: str, quick: bool, compiled: bool, folder: str
 ) -> None:
-    """One of `world` processes of the data-parallel timing (torch.multiprocessing.spawn target); rank 0
-    writes its median step time and peak memory."""
+    """One of `world` processes of the data-parallel timing (torch.multiprocessing.spawn target): writes
+    its share of the step (`_ddp_timing`) and its peak memory to FOLDER/share{rank}.json."""
     import torch
     import torch.distributed as dist
 
@@ -230,10 +233,8 @@ def _ddp_train_worker(
     tune_malloc()
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
-    sec = _ddp_timing(preset, rank, world, dtype_name, quick, compiled)
-    if rank == 0:
-        result = {"step_s": sec, "rank0_peak_rss_mb": peak_rss_mb()}
-        (Path(folder) / "result.json").write_text(json.dumps(result))
+    share = _ddp_timing(preset, rank, world, dtype_name, quick, compiled)
+    (Path(folder) / f"share{rank}.json").write_text(json.dumps({**share, "peak_rss_mb": peak_rss_mb()}))
     dist.barrier()
     # Leave without tearing gloo down: its destructors, racing its worker threads at exit, deadlocked on
     # the GIL or aborted ("terminate called without an active exception") in some runs. The result is
@@ -246,20 +247,22 @@ def ddp_step_seconds(
 ) -> dict:
     """Median step seconds of `world` DDP processes (gloo) of threads // world threads each, each with
     its share of the batch, packed (and compiled): how the demo trains on a CPU of two or more cores.
-    Returns {"step_s": seconds (None where blocks cannot be compiled), "rank0_peak_rss_mb", "flops",
-    "tokens"}: the model FLOPs and tokens of the whole step, summed over the processes' shares (each
-    draws its own noise and AR steps)."""
+    Returns {"step_s": rank 0's seconds (None where blocks cannot be compiled), "rank0_peak_rss_mb",
+    "flops", "tokens"}: the model FLOPs and tokens of the whole step, summed over the processes' shares."""
     import tempfile
 
     import torch.multiprocessing as mp
 
-    shares = [_train_setup(preset, rank, world) for rank in range(world)]
-    flops = sum(model_flops(cfg, batches[0]) for cfg, _, batches in shares)
-    tokens = sum(int(batches[0].valid().sum()) for _, _, batches in shares)
     with tempfile.TemporaryDirectory() as folder:  # a file rendezvous: no port to race for
         args = (world, max(1, threads // world), preset, dtype_name, quick, compiled, folder)
         mp.spawn(_ddp_train_worker, args=args, nprocs=world)
-        return {**json.loads((Path(folder) / "result.json").read_text()), "flops": flops, "tokens": tokens}
+        shares = [json.loads((Path(folder) / f"share{rank}.json").read_text()) for rank in range(world)]
+    return {
+        "step_s": shares[0]["step_s"],
+        "rank0_peak_rss_mb": shares[0]["peak_rss_mb"],
+        "flops": sum(share["flops"] for share in shares),
+        "tokens": sum(share["tokens"] for share in shares),
+    }
 
 
 def bench_train(preset: str, quick: bool) -> dict:

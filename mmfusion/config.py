@@ -58,6 +58,14 @@ class DataConfig:
 LR_SCHEDULES = ("constant", "cosine", "wsd")
 
 
+def check_lr_schedule(schedule: str, decay_fraction: float) -> None:
+    """ValueError unless `schedule` is one of LR_SCHEDULES and `decay_fraction` is in (0, 1]."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
+    if not 0 < decay_fraction <= 1:
+        raise ValueError(f"lr_decay_fraction must be in (0, 1], got {decay_fraction}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     out: str = "runs/mmfusion"
@@ -96,10 +104,7 @@ class TrainConfig:
     init_from_llm: str | None = None  # a Hugging Face LLaMA / Qwen3 folder: backbone, text weights, tokenizer
 
     def __post_init__(self) -> None:
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        if not 0 < self.lr_decay_fraction <= 1:
-            raise ValueError(f"lr_decay_fraction must be in (0, 1], got {self.lr_decay_fraction}")
+        check_lr_schedule(self.lr_schedule, self.lr_decay_fraction)
 
 
 @dataclass(frozen=True)
