@@ -41,10 +41,16 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
+def _literal(text: str) -> str:
+    """`text` as an argparse help string, which argparse %-formats (a docstring's "95%" would fail)."""
+    return text.replace("%", "%%")
+
+
 def _add_param(parser: argparse.ArgumentParser, p: inspect.Parameter, tp: Any, help_text: str) -> None:
     tp = _unwrap_optional(tp)
     positional = p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     has_default = p.default is not inspect.Parameter.empty
+    help_text = _literal(help_text)
     kwargs: dict[str, Any] = {"help": help_text}
     origin = typing.get_origin(tp)
     if origin is list:
@@ -82,7 +88,7 @@ def add_function(sub: argparse._SubParsersAction, name: str, fn: Callable[..., A
     head, helps = _doc_parts(fn)
     parser = sub.add_parser(
         name,
-        help=head.splitlines()[0] if head else None,
+        help=_literal(head.splitlines()[0]) if head else None,
         description=head,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -106,7 +112,8 @@ def _fill(parser: argparse.ArgumentParser, tree: Tree) -> None:
         if callable(node):
             add_function(sub, name, node)
         else:
-            child = sub.add_parser(name, help=node.get("__doc__"), description=node.get("__doc__"))
+            doc = node.get("__doc__")
+            child = sub.add_parser(name, help=doc and _literal(doc), description=doc)
             _fill(child, node)
 
 

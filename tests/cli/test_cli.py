@@ -51,3 +51,18 @@ def test_missing_data_is_one_line_error(tmp_path, capsys):
     code = main(["tokenizer", "train", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "t")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error:") and "\n" not in err
+
+
+def test_help_texts_may_contain_percent_signs(capsys):
+    from mmfusion.cli.app import build_parser
+
+    def run(*, rate: float = 0.5) -> None:
+        """Run at a rate.
+
+        Args:
+            rate: fraction of the steps, e.g. 0.5 for 50% of them
+        """
+
+    with pytest.raises(SystemExit):
+        build_parser({"run": run}, "prog", "100% tested").parse_args(["run", "--help"])
+    assert "0.5 for 50% of them (default: 0.5)" in capsys.readouterr().out

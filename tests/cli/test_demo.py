@@ -1,0 +1,48 @@
+"""The demo's training layout: how many processes and threads `mmfusion demo` asks Lightning for."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from mmfusion.cli.demo import demo
+from mmfusion.errors import UserError
+
+
+class _Stop(Exception):
+    pass
+
+
+def _train_config(monkeypatch, tmp_path, **kwargs):  # noqa: ANN001, ANN202
+    seen = {}
+
+    def fake_train(cfg):  # noqa: ANN001, ANN202
+        seen["cfg"] = cfg
+        raise _Stop
+
+    monkeypatch.setattr("mmfusion.training.run.train", fake_train)
+    with pytest.raises(_Stop):
+        demo(out=str(tmp_path / "demo"), **kwargs)
+    return seen["cfg"].train
+
+
+def test_demo_trains_data_parallel_on_two_or_more_cores(monkeypatch, tmp_path):
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    t = _train_config(monkeypatch, tmp_path)
+    assert (t.devices, t.strategy, t.accelerator, t.threads) == (2, "ddp", "cpu", 2)
+    assert _train_config(monkeypatch, tmp_path, threads=1).threads == 1
+
+
+def test_demo_one_process_takes_every_core(monkeypatch, tmp_path):
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    t = _train_config(monkeypatch, tmp_path, processes=1)
+    assert (t.devices, t.strategy, t.threads) == (1, "auto", 4)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    t = _train_config(monkeypatch, tmp_path)
+    assert (t.devices, t.strategy, t.threads) == (1, "auto", 1)
+
+
+def test_demo_rejects_zero_processes(tmp_path):
+    with pytest.raises(UserError, match="--processes"):
+        demo(out=str(tmp_path / "demo"), processes=0)
