@@ -5,7 +5,9 @@
 
 Each benchmark runs in its own subprocess, so its peak memory (peak RSS of that process) is its own.
 Results go to a JSON file and to the tables of docs/BENCHMARKS.md (between the generated markers;
-the rest of that file is prose kept by hand). Measured items:
+the rest of that file is prose kept by hand). `--only` re-runs some items and keeps the others from
+the JSON of the last run on this machine, each with the date it was measured (the tables say which
+came from an earlier run): the figures of one table always come from one run. Measured items:
 
 * the dense matmul peak of this machine (fp32 and bf16 GFLOP/s): the reference for utilisation;
 * training throughput (tokens/s) and model-FLOPs utilisation of the `tiny` and `small` configs, in
@@ -501,17 +503,30 @@ def run_one(name: str, quick: bool) -> dict:
     return result
 
 
-def run_all(names: list[str], quick: bool) -> dict:
+def machine_info() -> dict:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": __import__("torch").__version__,
+    }
+
+
+def run_all(names: list[str], quick: bool, previous: dict | None = None) -> dict:
+    """Run the benches `names`, each in its own process. The other benches' results are carried over
+    from `previous` (an earlier run's JSON, as `--only` passes it) when that run was on this machine,
+    with the same torch and mode; each result keeps the date of the run that measured it."""
     results: dict[str, Any] = {
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": __import__("torch").__version__,
-        },
+        "machine": machine_info(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "quick": quick,
     }
+    if previous and previous.get("machine") == results["machine"] and previous.get("quick") == quick:
+        for name in BENCHES:
+            if name not in names and isinstance(previous.get(name), dict):
+                results[name] = {**previous[name], "date": previous[name].get("date", previous.get("date"))}
+    elif previous:
+        print("[bench] the earlier results are from another machine, torch or mode: not carried over", flush=True)
     for name in names:
         print(f"[bench] {name} ...", flush=True)
         cmd = [sys.executable, "-m", "mmfusion.bench", "--child", name] + (["--quick"] if quick else [])
@@ -520,6 +535,7 @@ def run_all(names: list[str], quick: bool) -> dict:
             results[name] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
         else:
             results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        results[name]["date"] = results["date"]
         print(f"[bench] {name}: {json.dumps(results[name])[:300]}", flush=True)
     return results
 
@@ -533,6 +549,9 @@ def render_markdown(r: dict) -> str:
         f"{r['machine']['torch']}{' (quick mode)' if r.get('quick') else ''}.",
         "",
     ]
+    older = [f"{name} ({r[name]['date']})" for name in BENCHES if r.get(name, {}).get("date", r["date"]) != r["date"]]
+    if older:
+        lines += [f"Carried over from earlier runs on this machine (`--only` re-ran the rest): {', '.join(older)}.", ""]
     m = r.get("matmul", {})
     lines += [
         "| matmul peak | GFLOP/s |",
@@ -641,7 +660,13 @@ def write_doc(results: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="mmfusion benchmarks (see module docstring)")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and smaller batches")
-    ap.add_argument("--only", nargs="*", default=None, choices=list(BENCHES), help="run only these")
+    ap.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        choices=list(BENCHES),
+        help="run only these; the others' results are kept from the last run's JSON (same machine), with its date",
+    )
     ap.add_argument("--json", default=str(ROOT / "docs" / "benchmarks.json"), help="where to write the results")
     ap.add_argument("--no-doc", action="store_true", help="do not update docs/BENCHMARKS.md (in the current folder)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -649,7 +674,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         print(json.dumps(run_one(args.child, args.quick)))
         return
-    results = run_all(args.only or list(BENCHES), args.quick)
+    previous = json.loads(Path(args.json).read_text()) if args.only and Path(args.json).exists() else None
+    results = run_all(args.only or list(BENCHES), args.quick, previous)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))
     if not args.no_doc:

@@ -78,3 +78,21 @@ def test_data_parallel_timing_runs_two_processes_and_reports_their_own_memory():
     # a tiny model's worker stays far below the parent's ballast: the peak is the worker's own
     assert worker_peak < parent_peak - 500, (worker_peak, parent_peak)
     del ballast
+
+
+def test_only_keeps_the_other_results_of_an_earlier_run_on_this_machine():
+    earlier = {
+        "machine": bench.machine_info(),
+        "date": "2000-01-01 00:00 UTC",
+        "quick": True,
+        "caption": {"cached_tokens_per_s": 100.0, "uncached_tokens_per_s": 20.0, "speedup": 5.0},
+        "matmul": {"fp32_gflops": -1.0},
+    }
+    r = bench.run_all(["matmul"], quick=True, previous=earlier)
+    assert r["caption"]["speedup"] == 5.0 and r["caption"]["date"] == "2000-01-01 00:00 UTC"
+    assert r["matmul"]["fp32_gflops"] > 0 and r["matmul"]["date"] == r["date"]  # measured now, not carried over
+    text = bench.render_markdown(r)
+    assert "Carried over from earlier runs on this machine" in text and "caption (2000-01-01 00:00 UTC)" in text
+    assert "matmul (" not in text
+    elsewhere = {**earlier, "machine": {**earlier["machine"], "cores": -1}}
+    assert "caption" not in bench.run_all(["matmul"], quick=True, previous=elsewhere)
