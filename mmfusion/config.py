@@ -44,7 +44,11 @@ class DataConfig:
     shapes_pair_fraction: float = 0.5
     train_split: str = "train"
     val_split: str = "validation"
-    batch_size: int = 64
+    batch_size: int = 64  # samples per step in each process (Lightning's convention)
+    # when set, the samples per step of all processes together: each takes global / processes (which
+    # must divide it), and batch_size is ignored. A run then trains the same recipe on any number of
+    # processes (the demo's 64 as two processes of 32 or one of 64).
+    global_batch_size: int | None = None
     num_workers: int = 0
     tokenizer: str | None = None  # a tokenizer.json; None trains a byte-level BPE on the captions
     vocab_size: int = 512
@@ -53,6 +57,17 @@ class DataConfig:
     # keep decoded rows in memory (images as uint8) when the training split fits in this many MB;
     # 0 decodes every row on every read
     cache_mb: int = 1024
+
+    def process_batch(self, world_size: int) -> int:
+        """Samples per step in each of `world_size` processes."""
+        if self.global_batch_size is None:
+            return self.batch_size
+        if self.global_batch_size < 1 or self.global_batch_size % world_size:
+            raise UserError(
+                f"data.global_batch_size={self.global_batch_size} does not split into {world_size} "
+                f"equal process batches: make it a positive multiple of {world_size}"
+            )
+        return self.global_batch_size // world_size
 
 
 LR_SCHEDULES = ("constant", "cosine", "wsd")
@@ -220,7 +235,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from err
-    data = _merge(data, parse_overrides(overrides or []))
+    extra = parse_overrides(overrides or [])
+    data = _merge(data, extra)
+    given, merged = extra.get("data", {}), data.get("data", {})
+    if (
+        isinstance(given, dict)
+        and isinstance(merged, dict)
+        and "batch_size" in given
+        and "global_batch_size" not in given
+        and merged.get("global_batch_size") is not None
+    ):
+        raise UserError(
+            f"data.batch_size={given['batch_size']} would have no effect: this config sets "
+            f"data.global_batch_size={merged['global_batch_size']}, the samples per step of all processes "
+            "together; override that instead (or add data.global_batch_size=null for a per-process batch)"
+        )
     return config_from_dict(data)
 
 

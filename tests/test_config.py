@@ -44,3 +44,21 @@ def test_overrides_and_types():
 def test_bad_config_is_one_clear_line(bad, message):
     with pytest.raises(UserError, match=message):
         load_config(None, bad)
+
+
+def test_global_batch_splits_between_processes():
+    data = load_config(None, ["data.batch_size=32"]).data
+    assert [data.process_batch(w) for w in (1, 2, 4)] == [32, 32, 32]  # per process by default
+    data = load_config(None, ["data.batch_size=32", "data.global_batch_size=64"]).data
+    assert [data.process_batch(w) for w in (1, 2, 4)] == [64, 32, 16]
+    with pytest.raises(UserError, match="multiple of 3"):
+        data.process_batch(3)
+
+
+def test_per_process_batch_override_under_a_global_batch_is_refused():
+    from mmfusion.cli.demo import DEMO_CONFIG as demo
+
+    with pytest.raises(UserError, match="data.global_batch_size=64"):
+        load_config(demo, ["data.batch_size=16"])
+    assert load_config(demo, ["data.global_batch_size=32"]).data.process_batch(2) == 16
+    assert load_config(demo, ["data.batch_size=16", "data.global_batch_size=null"]).data.process_batch(2) == 16

@@ -50,10 +50,10 @@ def demo(
         threads: torch CPU threads per training process (default: the cores, shared out between the
             processes)
         processes: training processes (default: 2 on a machine with two or more cores, else 1). Two
-            processes train data-parallel (Lightning DDP over gloo), each on half of every batch. On
-            2 cores (2026-11-25), one process with two threads takes 1.3-1.6x the steps in the same
-            12 minutes, but over seeds 0 / 1 / 2 its models drew two-object prompts right in 69 / 10 / 3%
-            against 80 / 92 / 12% for two processes (README, "Other seeds").
+            processes train data-parallel (Lightning DDP over gloo). The demo's batch is global
+            (data.global_batch_size, 64), so any number of processes trains the same recipe: two take
+            32 samples each, one takes all 64. On 2 cores both layouts run at the same speed (725 vs
+            704 samples/s, docs/BENCHMARKS.md).
     """
     from mmfusion.config import load_config
     from mmfusion.evaluation.demo_eval import evaluate_captions, evaluate_t2i

@@ -125,7 +125,7 @@ class StepBatchSampler(Sampler[list[int]]):
         if n < self.global_batch:
             raise UserError(
                 f"the training split has {n} usable rows, fewer than one global batch "
-                f"({self.global_batch}): lower data.batch_size"
+                f"({self.global_batch}): lower data.batch_size (or data.global_batch_size)"
             )
         self.steps_per_epoch = n // self.global_batch
 
@@ -213,7 +213,8 @@ class MMFusionDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         start = trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else 0
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = StepBatchSampler(len(ds), self.cfg.batch_size, self.seed, start, self.total_steps, world, rank)
+        batch = self.cfg.process_batch(world)
+        sampler = StepBatchSampler(len(ds), batch, self.seed, start, self.total_steps, world, rank)
         return DataLoader(
             ds,
             batch_sampler=sampler,

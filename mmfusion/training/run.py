@@ -155,6 +155,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         module.class_names = class_names()
     precision = choose_precision(cfg.train.precision, cfg.train.accelerator)
     trainer = build_trainer(cfg, out, precision)
+    cfg.data.process_batch(trainer.world_size)  # a global batch that does not split: say so before the launch
     ckpt = out / "checkpoints" / "last.ckpt"
     if resume and not ckpt.exists():
         raise UserError(f"--resume: no checkpoint at {ckpt}; start the run without --resume")

@@ -1,4 +1,5 @@
-"""The demo's training layout: how many processes and threads `mmfusion demo` asks Lightning for."""
+"""The demo's training layout: how many processes and threads `mmfusion demo` asks Lightning for, and
+that the layout leaves the recipe (the global batch) alone."""
 
 from __future__ import annotations
 
@@ -24,22 +25,26 @@ def _train_config(monkeypatch, tmp_path, **kwargs):  # noqa: ANN001, ANN202
     monkeypatch.setattr("mmfusion.training.run.train", fake_train)
     with pytest.raises(_Stop):
         demo(out=str(tmp_path / "demo"), **kwargs)
-    return seen["cfg"].train
+    return seen["cfg"]
 
 
 def test_demo_trains_data_parallel_on_two_or_more_cores(monkeypatch, tmp_path):
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
-    t = _train_config(monkeypatch, tmp_path)
+    cfg = _train_config(monkeypatch, tmp_path)
+    t = cfg.train
     assert (t.devices, t.strategy, t.accelerator, t.threads) == (2, "ddp", "cpu", 2)
-    assert _train_config(monkeypatch, tmp_path, threads=1).threads == 1
+    assert cfg.data.process_batch(t.devices) == 32  # 64 samples per step, 32 in each process
+    assert _train_config(monkeypatch, tmp_path, threads=1).train.threads == 1
 
 
 def test_demo_one_process_takes_every_core(monkeypatch, tmp_path):
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
-    t = _train_config(monkeypatch, tmp_path, processes=1)
+    cfg = _train_config(monkeypatch, tmp_path, processes=1)
+    t = cfg.train
     assert (t.devices, t.strategy, t.threads) == (1, "auto", 4)
+    assert cfg.data.process_batch(t.devices) == 64  # the same 64 samples per step, all in one process
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
-    t = _train_config(monkeypatch, tmp_path)
+    t = _train_config(monkeypatch, tmp_path).train
     assert (t.devices, t.strategy, t.threads) == (1, "auto", 1)
 
 

@@ -1,5 +1,6 @@
 """Helper for test_ddp.py: train the tiny config with N processes (Lightning DDP, gloo on CPU) and
-save every rank's initial and final weights to OUT/rank{r}_init.pt and OUT/rank{r}.pt."""
+save every rank's initial and final weights to OUT/rank{r}_init.pt and OUT/rank{r}.pt. BATCH is the
+global batch (data.global_batch_size): each of the N processes takes BATCH / N."""
 
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ def main(out: str, devices: int, batch: int, overrides: list[str], strategy: str
             *overrides,
             f"train.out={out}",
             f"train.devices={devices}",
-            f"data.batch_size={batch}",
+            f"data.global_batch_size={batch}",
             "train.accelerator=cpu",
             f"train.strategy={strategy if devices > 1 else 'auto'}",
         ],

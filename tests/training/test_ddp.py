@@ -15,6 +15,7 @@ RUN = [*TINY_RUN, "train.max_steps=4", "objective.t2i_fraction=1.0", "train.lr=1
 
 
 def _run(out, devices, batch):
+    """Train with `devices` processes and a global batch of `batch` samples."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), str(out), str(devices), str(batch), *RUN],
@@ -28,7 +29,7 @@ def _run(out, devices, batch):
 
 def test_two_process_ddp_matches_one_process(tmp_path):
     _run(tmp_path / "one", 1, 8)
-    _run(tmp_path / "two", 2, 4)  # same global batch of 8
+    _run(tmp_path / "two", 2, 8)  # data.global_batch_size: 4 per process
     load = lambda run, name: torch.load(tmp_path / run / f"{name}.pt", weights_only=True)  # noqa: E731
     init, single = load("one", "rank0_init"), load("one", "rank0")
     init2, r0, r1 = load("two", "rank0_init"), load("two", "rank0"), load("two", "rank1")
