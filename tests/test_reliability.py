@@ -66,6 +66,11 @@ def test_bad_requests_fail_with_one_line_and_write_nothing(trained_tiny, tmp_pat
     assert "unknown config key 'train.learning_rate'" in err and "valid keys" in err
     err = _one_line_error(capsys, main(["train", *TINY_RUN, "data.batch_size=eight", f"train.out={tmp_path / 't'}"]))
     assert "'data.batch_size' must be of type int" in err
+    ddp = ["train.devices=2", "train.strategy=ddp", "train.accelerator=cpu"]  # refused before any launch
+    err = _one_line_error(
+        capsys, main(["train", *TINY_RUN, *ddp, "data.global_batch_size=3", f"train.out={tmp_path / 't'}"])
+    )
+    assert "data.global_batch_size=3 does not split into 2" in err
 
     broken = tmp_path / "broken"
     shutil.copytree(trained_tiny, broken)
