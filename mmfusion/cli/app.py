@@ -33,6 +33,15 @@ def _doc_parts(fn: Callable[..., Any]) -> tuple[str, dict[str, str]]:
     return head.strip(), helps
 
 
+def summary(head: str) -> str:
+    """The one-line summary of a command for the list of commands: the first sentence of the
+    docstring's first paragraph, which may run over several lines (the whole paragraph if it has
+    no sentence end followed by a capital)."""
+    paragraph = " ".join(head.split("\n\n")[0].split())
+    match = re.match(r"(.+?[.!?])\s+[A-Z]", paragraph)
+    return match.group(1) if match else paragraph
+
+
 def _unwrap_optional(tp: Any) -> Any:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -88,7 +97,7 @@ def add_function(sub: argparse._SubParsersAction, name: str, fn: Callable[..., A
     head, helps = _doc_parts(fn)
     parser = sub.add_parser(
         name,
-        help=_literal(head.splitlines()[0]) if head else None,
+        help=_literal(summary(head)) if head else None,
         description=head,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -188,8 +188,9 @@ def bench(*, quick: bool = False, only: list[str] | None = None, no_doc: bool = 
 
     Args:
         quick: fewer repetitions and smaller batches
-        only: run only this benchmark (repeat): matmul, train_tiny, train_small, sampling, caption,
-            token_shuffle, attention
+        only: run only this benchmark (repeat; the others' results are kept from the last run on this
+            machine): matmul, train_tiny, train_small, sampling, sampling_batch, sampling_paper_tokens,
+            caption, token_shuffle, attention
         no_doc: do not update docs/BENCHMARKS.md
     """
     from mmfusion.bench import main

@@ -66,3 +66,25 @@ def test_help_texts_may_contain_percent_signs(capsys):
     with pytest.raises(SystemExit):
         build_parser({"run": run}, "prog", "100% tested").parse_args(["run", "--help"])
     assert "0.5 for 50% of them (default: 0.5)" in capsys.readouterr().out
+
+
+def test_command_summaries_are_whole_sentences(capsys):
+    """The list of commands shows each command's first sentence, also when it runs over two lines."""
+    from mmfusion.cli.app import summary
+
+    assert summary("Do a thing over\n  two lines. Then more.\n\nDetails.") == "Do a thing over two lines."
+    assert summary("No sentence end\nat all\n\nDetails.") == "No sentence end at all"
+    assert summary("Use e.g. a model. Then.") == "Use e.g. a model."
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "with and without the KV cache, Token-Shuffle s = 1, 2, 4, FlexAttention vs SDPA." in out
+
+
+def test_bench_help_names_every_benchmark(capsys):
+    from mmfusion.bench import BENCHES
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in BENCHES)
