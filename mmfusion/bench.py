@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -503,9 +504,27 @@ def run_one(name: str, quick: bool) -> dict:
     return result
 
 
+MATMUL_FLAGS = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
+
+
+def cpu_name() -> str:
+    """The CPU model with the matmul features that decide the results (AVX-512, AVX512-BF16, AMX), e.g.
+    "Intel(R) Xeon(R) Platinum 8488C (avx512f amx_bf16 avx512_bf16)": `--only` carries results over
+    only between runs on the same CPU. Linux reads /proc/cpuinfo; elsewhere the platform's name."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+    have = sorted(set(flags.group(1).split()) & MATMUL_FLAGS) if flags else []
+    name = model.group(1).strip() if model else platform.processor() or platform.machine()
+    return f"{name} ({' '.join(have)})" if have else name
+
+
 def machine_info() -> dict:
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "torch": __import__("torch").__version__,

@@ -34,6 +34,16 @@ class ObjectiveConfig:
     # the longest; 0 turns packing off
     pack_length: int = 0
 
+    def __post_init__(self) -> None:
+        if self.condition not in CONDITIONS:
+            raise ValueError(f"condition must be one of {', '.join(CONDITIONS)}, got {self.condition!r}")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
+
+
+CONDITIONS = ("text", "class")
+BASELINES = ("causalfusion", "transfusion")
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -120,6 +130,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_lr_schedule(self.lr_schedule, self.lr_decay_fraction)
+        if self.logger not in ("csv", "tensorboard"):
+            raise ValueError(f"logger must be csv or tensorboard, got {self.logger!r}")
 
 
 @dataclass(frozen=True)
@@ -131,6 +143,10 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SamplerSettings = field(default_factory=SamplerSettings)
+
+    def __post_init__(self) -> None:
+        if self.objective.condition == "class" and not self.model.num_classes:
+            raise ValueError("objective.condition=class needs model.num_classes > 0 (12 for the shapes classes)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -96,3 +96,19 @@ def test_only_keeps_the_other_results_of_an_earlier_run_on_this_machine():
     assert "matmul (" not in text
     elsewhere = {**earlier, "machine": {**earlier["machine"], "cores": -1}}
     assert "caption" not in bench.run_all(["matmul"], quick=True, previous=elsewhere)
+    # another CPU with the same core count, Python and torch (the machines here differ in AMX / bf16)
+    other_cpu = {**earlier, "machine": {**earlier["machine"], "cpu": "Intel(R) Xeon(R) Processor (avx2 avx512f)"}}
+    assert "caption" not in bench.run_all(["matmul"], quick=True, previous=other_cpu)
+
+
+def test_cpu_name_carries_the_matmul_features(monkeypatch):
+    import pathlib
+
+    cpuinfo = "processor\t: 0\nmodel name\t: Some CPU 9000\nflags\t\t: fpu sse avx2 avx512f amx_tile amx_bf16\n"
+    real = pathlib.Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        return cpuinfo if str(self) == "/proc/cpuinfo" else real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", read_text)
+    assert bench.cpu_name() == "Some CPU 9000 (amx_bf16 amx_tile avx2 avx512f)"

@@ -39,6 +39,10 @@ def test_overrides_and_types():
         (["train.lr_schedule=linear"], "lr_schedule must be one of constant, cosine, wsd"),
         (["train.lr_decay_fraction=0"], r"lr_decay_fraction must be in \(0, 1\]"),
         (["train"], "must look like section.key=value"),
+        (["objective.baseline=foo"], "baseline must be one of causalfusion, transfusion"),
+        (["objective.condition=image"], "condition must be one of text, class"),
+        (["objective.condition=class"], "objective.condition=class needs model.num_classes > 0"),
+        (["train.logger=wandb"], "logger must be csv or tensorboard"),
     ],
 )
 def test_bad_config_is_one_clear_line(bad, message):

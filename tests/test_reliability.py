@@ -55,7 +55,7 @@ def test_bad_requests_fail_with_one_line_and_write_nothing(trained_tiny, tmp_pat
             ]
         ),
     )
-    assert "mask is 20x20" in err and "same size" in err or "of the image's size" in err
+    assert "mask is 20x20 pixels" in err and "give a mask of the image's size" in err
     assert not (tmp_path / "e").exists() or not any((tmp_path / "e").iterdir())
 
     err = _one_line_error(capsys, main(["generate", "--model", model, "--prompt", " ", "--out", str(tmp_path / "g")]))

@@ -35,11 +35,13 @@ def _doc_parts(fn: Callable[..., Any]) -> tuple[str, dict[str, str]]:
 
 def summary(head: str) -> str:
     """The one-line summary of a command for the list of commands: the first sentence of the
-    docstring's first paragraph, which may run over several lines (the whole paragraph if it has
-    no sentence end followed by a capital)."""
+    docstring's first paragraph, which may run over several lines (the whole paragraph if no sentence
+    end is followed by a capital; "e.g.", "i.e.", "etc." and "vs." do not end a sentence)."""
     paragraph = " ".join(head.split("\n\n")[0].split())
-    match = re.match(r"(.+?[.!?])\s+[A-Z]", paragraph)
-    return match.group(1) if match else paragraph
+    for end in re.finditer(r"[.!?](?=\s+[A-Z])", paragraph):
+        if not re.search(r"\b(?:e\.g|i\.e|etc|vs)$", paragraph[: end.start()], re.I):
+            return paragraph[: end.end()]
+    return paragraph
 
 
 def _unwrap_optional(tp: Any) -> Any:

@@ -8,6 +8,8 @@ from typing import Any
 
 from mmfusion.model.attention_backends import BACKENDS
 
+ROPE_TYPES = ("default", "linear", "llama3")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -27,6 +29,14 @@ class ModelConfig:
     vocab_size: int = 512
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # rotary frequency scaling of long-context checkpoints (Hugging Face's rope types): "default" (none),
+    # "linear" (every frequency / rope_factor) or "llama3" (Llama 3.1+: low frequencies / rope_factor,
+    # high ones kept, a smooth blend between, set by the two band factors and the original context)
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
     qk_norm: bool = True  # per-head RMSNorm on q and k (CausalFusion, Switti, Qwen3)
     sandwich_norm: bool = False  # Switti: RMSNorm after attention and after the MLP, before the add
     fp32_head: bool = True  # Switti: output heads in float32 under bf16 autocast
@@ -74,6 +84,10 @@ class ModelConfig:
             raise ValueError(f"shuffle must be 1, 2 or 4, got {self.shuffle}")
         if self.window_head not in ("independent", "autoregressive"):
             raise ValueError(f"window_head must be independent or autoregressive, got {self.window_head!r}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type must be one of {', '.join(ROPE_TYPES)}, got {self.rope_type!r}")
+        if self.rope_type == "llama3" and not self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ValueError("rope_low_freq_factor must be below rope_high_freq_factor")
 
     @property
     def head_dim(self) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from mmfusion.errors import UserError
-from mmfusion.model.config import ModelConfig
+from mmfusion.model.config import ROPE_TYPES, ModelConfig
 
 
 def read_hf_config(folder: str | Path) -> Any:
@@ -27,10 +27,21 @@ def read_hf_config(folder: str | Path) -> Any:
 
 def config_from_hf(hf: Any, **overrides: Any) -> ModelConfig:
     """A ModelConfig whose backbone matches a transformers LlamaConfig / Qwen3Config."""
-    rope = getattr(hf, "rope_parameters", None) or {}
-    rope_type = rope.get("rope_type", "default")
+    rope = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise UserError(
+            f"the checkpoint's rope type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
+        )
+    scaling = {}
     if rope_type != "default":
-        raise ValueError(f"rope type {rope_type!r} is not supported yet; only default rotary embeddings")
+        scaling = dict(rope_type=rope_type, rope_factor=float(rope["factor"]))
+    if rope_type == "llama3":
+        scaling.update(
+            rope_low_freq_factor=float(rope["low_freq_factor"]),
+            rope_high_freq_factor=float(rope["high_freq_factor"]),
+            rope_original_context=int(rope["original_max_position_embeddings"]),
+        )
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     fields = dict(
         dim=hf.hidden_size,
@@ -44,6 +55,7 @@ def config_from_hf(hf: Any, **overrides: Any) -> ModelConfig:
         rope_theta=float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))),
         qk_norm=hf.model_type.startswith("qwen3"),
         tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        **scaling,
     )
     fields.update(overrides)
     return ModelConfig(**fields)

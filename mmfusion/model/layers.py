@@ -43,10 +43,10 @@ class RotaryEmbedding(nn.Module):
     same value in all three, which is exactly 1-D rotary.
     """
 
-    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, theta: float = 10000.0, scaling: dict | None = None) -> None:
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", scaled_frequencies(inv_freq, **(scaling or {})), persistent=False)
         self.register_buffer("component", torch.arange(head_dim // 2) % 3, persistent=False)
 
     @torch.no_grad()
@@ -58,6 +58,28 @@ class RotaryEmbedding(nn.Module):
             freqs = position_ids[..., None].float() * self.inv_freq  # (B, L, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, L, D)
         return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def scaled_frequencies(
+    inv_freq: torch.Tensor,
+    rope_type: str = "default",
+    factor: float = 1.0,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    original_context: int = 8192,
+) -> torch.Tensor:
+    """Rotary frequencies of a long-context checkpoint. "linear" divides every frequency by `factor`.
+    "llama3" (Llama 3.1+) sorts them by wavelength against the original context length: wavelengths
+    shorter than original_context / high_freq_factor are kept, those longer than original_context /
+    low_freq_factor are divided by `factor`, and the band between blends the two linearly in
+    original_context / wavelength."""
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / factor
+    ratio = original_context * inv_freq / (2 * torch.pi)  # original context / wavelength
+    keep = ((ratio - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0.0, 1.0)
+    return keep * inv_freq + (1 - keep) * inv_freq / factor
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -79,7 +79,14 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        scaling = dict(
+            rope_type=cfg.rope_type,
+            factor=cfg.rope_factor,
+            low_freq_factor=cfg.rope_low_freq_factor,
+            high_freq_factor=cfg.rope_high_freq_factor,
+            original_context=cfg.rope_original_context,
+        )
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, scaling)
         self.gradient_checkpointing = False
 
     def forward(

@@ -28,13 +28,10 @@ class TrainingDiverged(UserError):
 
 def resolve_model_config(cfg: RunConfig, image_tokenizer: Any, vocab_size: int) -> ModelConfig:
     """The model config with the dimensions that follow from the tokenizers filled in."""
-    num_classes = cfg.model.num_classes
-    if cfg.objective.condition == "class" and not num_classes:
-        raise ValueError("class-conditional training needs model.num_classes > 0")
     if getattr(image_tokenizer, "codebook_size", 0):  # discrete codes: Token-Shuffle path
         (h, w), s = image_tokenizer.grid, cfg.model.shuffle
         if h % s or w % s:
-            raise ValueError(f"the {h}x{w} code grid is not divisible by shuffle={s}")
+            raise UserError(f"the {h}x{w} code grid is not divisible by model.shuffle={s}: choose one that divides it")
         return cfg.model.replace(
             vocab_size=vocab_size,
             image_codebook_size=image_tokenizer.codebook_size,

@@ -56,8 +56,6 @@ class JointObjective:
         if objective.baseline == "transfusion":
             # Transfusion: one AR step, no clean copy for T2I; the caption reads the noisy image
             self.diffusion = DiffusionConfig(**{**diffusion.to_dict(), "gamma": 0.0, "ar_weight": 1.0, "k_times": 1})
-        elif objective.baseline != "causalfusion":
-            raise ValueError(f"baseline must be causalfusion or transfusion, got {objective.baseline!r}")
 
     @property
     def text_sees_noisy(self) -> bool:

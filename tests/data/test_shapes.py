@@ -20,10 +20,9 @@ def test_renderer_is_deterministic():
     assert a["captions"] == b["captions"]
     c = render_example(8, "train", 123)
     d = render_example(7, "test", 123)
-    assert not (
-        np.array_equal(np.asarray(a["image"]), np.asarray(c["image"]))
-        and np.array_equal(np.asarray(a["image"]), np.asarray(d["image"]))
-    )
+    # the seed and the split each change the image
+    assert not np.array_equal(np.asarray(a["image"]), np.asarray(c["image"]))
+    assert not np.array_equal(np.asarray(a["image"]), np.asarray(d["image"]))
 
 
 @pytest.mark.parametrize("size", [32, 64])

@@ -78,8 +78,16 @@ def test_extra_colours_are_checked_too():
 def test_summary_and_intervals():
     prompts = benchmark_prompts(12, 12)
     assert len(prompts) == 24 and sum(" of " in p or "above" in p or "below" in p for p in prompts) == 12
-    images = [render_example(1000, "test", 0)["image"]] * 24
-    s = summarize([check_image(im, p) for im, p in zip(images, prompts)], prompts)
-    assert s["single"]["n"] == 12 and 0 <= s["single"]["accuracy"] <= 1
+    example = render_example(1000, "test", 0)
+    assert example["text"] == "a yellow triangle"
+    s = summarize([check_image(example["image"], p) for p in prompts], prompts)
+    # one yellow triangle against the 12 one-object prompts (4 colours x 3 shapes): right for exactly
+    # one prompt, right in colour for the 3 yellow ones, in count for all; shapes are judged on the
+    # objects found in the prompt's colours, so only "a yellow triangle" has the shape right
+    assert s["single"]["n"] == 12 and s["single"]["accuracy"] == pytest.approx(1 / 12)
+    assert s["single"]["colour"] == pytest.approx(3 / 12) and s["single"]["shape"] == pytest.approx(1 / 12)
+    assert s["single"]["count"] == 1.0
+    # and wrong in count (so wrong) for every two-object prompt
+    assert s["pair"]["n"] == 12 and s["pair"]["accuracy"] == 0.0 and s["pair"]["count"] == 0.0
     lo, hi = wilson(45, 50)
     assert lo < 0.9 < hi and 0.75 < lo and hi < 0.97

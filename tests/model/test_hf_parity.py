@@ -20,19 +20,54 @@ KW = dict(
 )
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+# long-context frequency scaling; a short original context puts the 16 frequencies of a 32-wide head
+# into all three llama3 bands (kept, blended, divided), so each branch is compared with Hugging Face's
+LLAMA3 = dict(
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64
+)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "llama3-rope", "linear-rope"])
 def test_text_logits_match_hugging_face(family):
     torch.manual_seed(0)
-    hf = (
-        LlamaForCausalLM(LlamaConfig(**KW)) if family == "llama" else Qwen3ForCausalLM(Qwen3Config(head_dim=32, **KW))
-    ).eval()
+    if family == "qwen3":
+        hf = Qwen3ForCausalLM(Qwen3Config(head_dim=32, **KW))
+    else:
+        rope = {"llama3-rope": LLAMA3, "linear-rope": dict(rope_type="linear", factor=4.0)}.get(family)
+        hf = LlamaForCausalLM(LlamaConfig(**KW, rope_scaling=rope))
+    hf.eval()
     cfg = config_from_hf(hf.config, fp32_head=False)
     ours = MMFusionModel(cfg).eval()
     missing, unexpected = ours.load_state_dict(state_dict_from_hf(hf.state_dict()), strict=False)
     assert not unexpected
     assert all(not m.startswith("backbone.") for m in missing), missing
-    ids = torch.randint(0, 97, (2, 11))
+    if family.endswith("-rope"):
+        assert cfg.rope_type == family.removesuffix("-rope")
+    ids = torch.randint(0, 97, (2, 40))  # positions past the wavelengths where llama3 scaling sets in
     with torch.no_grad():
         ref = hf(ids).logits
         got = ours.text_logits(ours(text_batch(ids.tolist())))
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_llama3_frequency_bands():
+    """The scaled frequencies by band: short wavelengths kept, long ones divided, a blend between."""
+    from mmfusion.model.layers import scaled_frequencies
+
+    inv = 1.0 / (5000.0 ** (torch.arange(0, 32, 2, dtype=torch.float32) / 32))
+    out = scaled_frequencies(inv, "llama3", 8.0, 1.0, 4.0, 64)
+    ratio = 64 * inv / (2 * torch.pi)  # original context / wavelength
+    kept, divided = ratio > 4.0, ratio < 1.0
+    middle = ~kept & ~divided
+    assert kept.any() and divided.any() and middle.any()
+    torch.testing.assert_close(out[kept], inv[kept])
+    torch.testing.assert_close(out[divided], inv[divided] / 8)
+    assert ((out[middle] > inv[middle] / 8) & (out[middle] < inv[middle])).all()
+
+
+def test_unsupported_rope_type_is_a_clear_error():
+    from mmfusion.errors import UserError
+
+    hf = LlamaConfig(**KW, rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64))
+    with pytest.raises(UserError, match="rope type 'yarn' is not supported; supported: default, linear, llama3"):
+        config_from_hf(hf)
