@@ -55,7 +55,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--captions", required=True, help="COCO captions_val2014.json")
-    ap.add_argument("--images", required=True, help="folder of the val2014 images")
+    ap.add_argument(
+        "--images",
+        default=None,
+        help="folder the JSON's file names are relative to: val2014/ for COCO (default: the JSON's folder)",
+    )
     ap.add_argument("--inception", required=True, help="local TorchScript Inception feature extractor")
     ap.add_argument("--clip", default=None, help="local transformers CLIP folder for CLIP score")
     ap.add_argument("--out", required=True)
@@ -85,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
         fake_files = sorted((out / "images").glob("rank*/*.png"))
         by_index = {int(f.stem): f for f in fake_files}
         fake = [Image.open(by_index[p["index"]]).convert("RGB") for p in pairs]
-        real = [center_crop(Image.open(Path(args.images) / p["file_name"]).convert("RGB"), size) for p in pairs]
+        root = Path(args.images) if args.images else Path(args.captions).parent
+        real = [center_crop(Image.open(root / p["file_name"]).convert("RGB"), size) for p in pairs]
         metrics = {"n": len(pairs), "fid": frechet_distance(real, fake, args.inception)}
         if args.clip:
             metrics["clip_score"] = clip_score(fake, [p["caption"] for p in pairs], args.clip)

@@ -209,6 +209,8 @@ class MMFusion:
         cfg_interval, cfg_until_step, eta.
         """
         prompts = [prompts] if isinstance(prompts, (str, int)) else list(prompts)
+        if num_images < 1 or batch_size < 1:
+            raise UserError(f"num_images and batch_size must be at least 1, got {num_images} and {batch_size}")
         if seeds is not None:
             if len(seeds) != len(prompts):
                 raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")

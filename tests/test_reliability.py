@@ -62,6 +62,16 @@ def test_bad_requests_fail_with_one_line_and_write_nothing(trained_tiny, tmp_pat
     assert "prompt is empty" in err
     assert not (tmp_path / "g").exists() or not any((tmp_path / "g").iterdir())
 
+    # bad sampling requests: one line each, before any sampling, nothing written
+    for option, value, message in [
+        ("--num-images", "0", "num_images and batch_size must be at least 1"),
+        ("--steps", "0", "steps (denoising steps per AR step) must be at least 1"),
+        ("--ar-steps", "100", "ar_steps=100 exceeds the"),
+    ]:
+        args = ["generate", "--model", model, "--prompt", "a red circle", "--out", str(tmp_path / "g"), option, value]
+        assert message in _one_line_error(capsys, main(args))
+        assert not (tmp_path / "g").exists() or not any((tmp_path / "g").iterdir())
+
     err = _one_line_error(capsys, main(["train", *TINY_RUN, "train.learning_rate=1", f"train.out={tmp_path / 't'}"]))
     assert "unknown config key 'train.learning_rate'" in err and "valid keys" in err
     err = _one_line_error(capsys, main(["train", *TINY_RUN, "data.batch_size=eight", f"train.out={tmp_path / 't'}"]))

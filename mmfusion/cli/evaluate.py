@@ -181,7 +181,7 @@ def generation(
     print(" ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
 
-def bench(*, quick: bool = False, only: list[str] | None = None, no_doc: bool = False) -> None:
+def bench(*, quick: bool = False, only: list[str] | None = None, doc: bool = True) -> None:
     """Run the benchmark suite: matmul peak, training throughput and MFU, sampling and captioning with
     and without the KV cache, Token-Shuffle s = 1, 2, 4, FlexAttention vs SDPA. Writes
     docs/benchmarks.json and the tables of docs/BENCHMARKS.md under the current folder.
@@ -191,9 +191,9 @@ def bench(*, quick: bool = False, only: list[str] | None = None, no_doc: bool = 
         only: run only this benchmark (repeat; the others' results are kept from the last run on this
             machine): matmul, train_tiny, train_small, sampling, sampling_batch, sampling_paper_tokens,
             caption, token_shuffle, attention
-        no_doc: do not update docs/BENCHMARKS.md
+        doc: update the tables of docs/BENCHMARKS.md (--no-doc: write the JSON only)
     """
     from mmfusion.bench import main
 
-    argv = (["--quick"] if quick else []) + (["--only", *only] if only else []) + (["--no-doc"] if no_doc else [])
+    argv = (["--quick"] if quick else []) + (["--only", *only] if only else []) + ([] if doc else ["--no-doc"])
     main(argv)

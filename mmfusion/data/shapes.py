@@ -7,6 +7,7 @@ so any image can be re-rendered alone and a larger set starts with the images of
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -243,12 +244,15 @@ def export_imagefolder(dataset, out: str | Path) -> Path:  # noqa: ANN001
 
 def export_coco(split, out_json: str | Path, image_dir: str | Path | None = None) -> Path:  # noqa: ANN001
     """COCO-format caption annotations for one split (images: id / file_name; annotations: one per
-    caption). With `image_dir`, the images are written there under those file names."""
+    caption). With `image_dir`, the images are written there and each file_name is its path relative
+    to the JSON's folder (e.g. "test/000000.png"), so the JSON loads with no --image-root."""
     out_json = Path(out_json)
     images, annotations = [], []
+    prefix = Path(os.path.relpath(image_dir, out_json.parent)) if image_dir is not None else Path()
     for i, row in enumerate(split):
         name = f"{i:06d}.png"
-        images.append({"id": i, "file_name": name, "height": row["image"].height, "width": row["image"].width})
+        entry = {"id": i, "file_name": (prefix / name).as_posix(), "height": row["image"].height}
+        images.append({**entry, "width": row["image"].width})
         for cap in row["captions"]:
             annotations.append({"id": len(annotations), "image_id": i, "caption": cap})
         if image_dir is not None:

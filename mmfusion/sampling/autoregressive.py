@@ -13,6 +13,7 @@ import math
 import torch
 
 from mmfusion.diffusion.sampler import guided_prefixes
+from mmfusion.errors import UserError
 from mmfusion.model.cache import KVCache
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.model.sequence import SequenceBuilder, collate
@@ -24,7 +25,7 @@ CFG_SCHEDULES = ("constant", "linear", "cosine")
 def cfg_scale_at(schedule: str, scale: float, index: int, total: int) -> float:
     """Guidance scale for token `index` of `total`: constant, or ramping from 1 up to `scale`."""
     if schedule not in CFG_SCHEDULES:
-        raise ValueError(f"cfg schedule must be one of {CFG_SCHEDULES}, got {schedule!r}")
+        raise UserError(f"cfg schedule must be one of {', '.join(CFG_SCHEDULES)}, got {schedule!r}")
     if schedule == "constant" or total <= 1:
         return scale
     frac = index / (total - 1)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mmfusion.errors import UserError
 from mmfusion.model.masks import CLEAN
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.model.sequence import SequenceBuilder, collate, text_step
@@ -27,8 +28,23 @@ class CaptionSettings:
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.method not in ("greedy", "beam", "nucleus"):
-            raise ValueError(f"caption method must be greedy, beam or nucleus, got {self.method!r}")
+        checks = [
+            (
+                self.method in ("greedy", "beam", "nucleus"),
+                f"caption method must be greedy, beam or nucleus, got {self.method!r}",
+            ),
+            (self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}"),
+            (
+                0 <= self.min_new_tokens <= self.max_new_tokens,
+                f"min_new_tokens must be within 0..max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}",
+            ),
+            (self.num_beams >= 1, f"num_beams must be at least 1, got {self.num_beams}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.temperature > 0, f"temperature must be positive, got {self.temperature}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
 
 
 class CaptionDecoder:

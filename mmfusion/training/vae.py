@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from mmfusion.data.datamodule import CaptionedImages, collate_items
 from mmfusion.data.datasets import load_captioned
+from mmfusion.training.run import step_progress_bar
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ def fit_autoencoder(
     trainer = L.Trainer(
         max_steps=cfg.steps,
         max_epochs=-1,
+        callbacks=[step_progress_bar()],
         accelerator="auto",
         devices=1,
         logger=False,

@@ -61,9 +61,7 @@ def test_eval_caption_on_coco_json(trained_tiny, tmp_path):
                 "--model",
                 str(trained_tiny),
                 "--data",
-                str(tmp_path / "coco" / "captions_test.json"),
-                "--image-root",
-                str(tmp_path / "coco" / "test"),
+                str(tmp_path / "coco" / "captions_test.json"),  # its file names lead to coco/test/: no root
                 "--out",
                 str(tmp_path / "out"),
                 "--limit",

@@ -76,8 +76,10 @@ def test_dataset_splits_and_exports(tmp_path):
     path = export_coco(ds["test"], tmp_path / "coco" / "captions.json", tmp_path / "coco" / "images")
     coco = json.loads(path.read_text())
     assert len(coco["images"]) == 12 and len(coco["annotations"]) == 12 * 6
-    loaded = load_captioned(path, tmp_path / "coco" / "images")["test"]
+    assert coco["images"][5]["file_name"] == "images/000005.png"  # relative to the JSON's folder
+    loaded = load_captioned(path)["test"]  # so it loads with no image root
     assert loaded[5]["captions"] == ds["test"][5]["captions"]
+    assert np.array_equal(np.asarray(loaded[5]["image"]), np.asarray(ds["test"][5]["image"]))
 
 
 def test_bad_size_is_refused():

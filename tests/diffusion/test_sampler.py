@@ -3,6 +3,7 @@ import torch
 
 from mmfusion.diffusion.config import DiffusionConfig
 from mmfusion.diffusion.sampler import NextTokenDiffusionSampler, SamplerSettings
+from mmfusion.errors import UserError
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel
 
@@ -70,5 +71,22 @@ def test_known_tokens_are_kept(model):
 
 def test_too_many_ar_steps_is_refused(model):
     smp = NextTokenDiffusionSampler(model, DiffusionConfig(), SamplerSettings(ar_steps=17))
-    with pytest.raises(ValueError, match="exceeds"):
+    with pytest.raises(UserError, match="ar_steps=17 exceeds the 16 tokens of an image: choose 1 to 16"):
         smp(CONDS, None, _gens([0, 1]))
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ({"steps": 0}, "steps .denoising steps per AR step. must be at least 1, got 0"),
+        ({"ar_steps": 0}, "ar_steps must be at least 1"),
+        ({"sampler": "euler"}, "sampler must be ddpm or ddim"),
+        ({"order": "spiral"}, "order must be one of random, raster, block_raster"),
+        ({"cfg_interval": (0.8, 0.2)}, "cfg_interval must be LO <= HI within"),
+        ({"top_p": 0.0}, "top_p must be in"),
+        ({"temperature": 0.0}, "temperature must be positive"),
+    ],
+)
+def test_bad_sampler_settings_are_refused(bad, message):
+    with pytest.raises(UserError, match=message):
+        SamplerSettings(**bad)

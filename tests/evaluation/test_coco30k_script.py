@@ -40,8 +40,6 @@ def test_coco30k_script(trained_tiny, tmp_path):
             str(trained_tiny),
             "--captions",
             str(tmp_path / "coco" / "captions_test.json"),
-            "--images",
-            str(tmp_path / "coco" / "test"),
             "--inception",
             str(inception),
             "--out",

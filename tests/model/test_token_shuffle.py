@@ -7,6 +7,7 @@ import torch
 
 from mmfusion.config import ObjectiveConfig
 from mmfusion.diffusion.config import DiffusionConfig
+from mmfusion.errors import UserError
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.model.token_shuffle import fuse_grid, unfuse_grid
@@ -74,7 +75,7 @@ def test_cfg_schedules():
     cos = [cfg_scale_at("cosine", 4.0, i, 5) for i in range(5)]
     assert cos[0] == 1.0 and cos[-1] == pytest.approx(4.0) and cos[2] == pytest.approx(2.5)
     assert cos[1] == pytest.approx(1 + 3 * (1 - math.cos(math.pi / 4)) / 2)
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match="cfg schedule must be one of constant, linear, cosine, got 'exp'"):
         cfg_scale_at("exp", 2.0, 0, 3)
 
 

@@ -57,3 +57,20 @@ def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(decoder):
     for row in range(2):
         if len(beam[row]) == len(greedy[row]) == 6:
             assert logprob(row, beam[row]) >= logprob(row, greedy[row]) - 1e-5
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ({"method": "sample"}, "caption method must be greedy, beam or nucleus"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be at least 1"),
+        ({"min_new_tokens": 40}, "min_new_tokens must be within 0..max_new_tokens"),
+        ({"num_beams": 0}, "num_beams must be at least 1"),
+        ({"top_p": 1.5}, "top_p must be in"),
+    ],
+)
+def test_bad_caption_settings_are_refused(bad, message):
+    from mmfusion.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        CaptionSettings(**bad)

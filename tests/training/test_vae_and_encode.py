@@ -53,8 +53,6 @@ def test_vae_train_encode_and_train_on_tokens(shapes_dir, tmp_path, monkeypatch)
                 str(enc),
                 "--vae",
                 str(vae),
-                "--image-size",
-                "32",
                 "--patch-size",
                 "2",
             ]
@@ -65,7 +63,9 @@ def test_vae_train_encode_and_train_on_tokens(shapes_dir, tmp_path, monkeypatch)
 
     ds = datasets.load_from_disk(str(enc))
     tokens = np.asarray(ds["train"][0]["tokens"])
-    assert tokens.shape == (64, 16)  # (32 / 2 / 2)^2 tokens of 2 * 2 * 4 channels
+    # (32 / 2 / 2)^2 tokens of 2 * 2 * 4 channels: the image size defaults to the data's 32 px (it was
+    # a fixed 256, which upscaled every image)
+    assert tokens.shape == (64, 16)
 
     # training reads the tokens: the VAE's encoder must never be called
     from diffusers import AutoencoderKL
