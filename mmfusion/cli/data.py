@@ -104,7 +104,7 @@ def encode(
     out: str,
     image_tokenizer: Literal["vae", "pixels", "vq"] = "vae",
     vae: str | None = None,
-    image_size: int | None = None,
+    image_size: int = 256,
     patch_size: int = 2,
     batch_size: int = 32,
     image_root: str | None = None,
@@ -119,20 +119,21 @@ def encode(
         out: folder for the encoded data set
         image_tokenizer: vae (AutoencoderKL latents), vq (VQ codes) or pixels
         vae: AutoencoderKL or VQModel folder or hub id (for vae and vq)
-        image_size: images are resized to this side first (default: the side of the data's first image)
+        image_size: images are resized to this side first (a note is printed when that enlarges them)
         patch_size: tokens are patch x patch cells of the latent (or pixel) grid
         batch_size: images encoded at once
         image_root: folder the image paths of a COCO / Karpathy JSON are relative to
     """
+    from mmfusion.data.datasets import load_captioned
     from mmfusion.data.encode import encode_dataset
     from mmfusion.tokenizers.image import ImageTokenizerConfig
 
-    if image_size is None:
-        from mmfusion.data.datasets import load_captioned
-
-        first = next(iter(load_captioned(data, image_root).values()))[0]["image"]
-        image_size = max(first.size)
-        print(f"image size {image_size} (the data's first image; --image-size to change)")
+    first = next(iter(load_captioned(data, image_root).values()))[0]["image"]
+    if max(first.size) < image_size:
+        print(
+            f"note: the images are {first.size[0]}x{first.size[1]} px and are enlarged to {image_size}; "
+            f"--image-size {max(first.size)} keeps their size (the training config's image.image_size must match)"
+        )
     cfg = ImageTokenizerConfig(kind=image_tokenizer, image_size=image_size, patch_size=patch_size, path=vae)
     path = encode_dataset(data, out, cfg, batch_size=batch_size, image_root=image_root)
     print(f"wrote encoded data set to {path}")

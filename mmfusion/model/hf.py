@@ -34,14 +34,17 @@ def config_from_hf(hf: Any, **overrides: Any) -> ModelConfig:
             f"the checkpoint's rope type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
         )
     scaling = {}
-    if rope_type != "default":
-        scaling = dict(rope_type=rope_type, rope_factor=float(rope["factor"]))
-    if rope_type == "llama3":
-        scaling.update(
-            rope_low_freq_factor=float(rope["low_freq_factor"]),
-            rope_high_freq_factor=float(rope["high_freq_factor"]),
-            rope_original_context=int(rope["original_max_position_embeddings"]),
-        )
+    try:
+        if rope_type != "default":
+            scaling = dict(rope_type=rope_type, rope_factor=float(rope["factor"]))
+        if rope_type == "llama3":
+            scaling.update(
+                rope_low_freq_factor=float(rope["low_freq_factor"]),
+                rope_high_freq_factor=float(rope["high_freq_factor"]),
+                rope_original_context=int(rope["original_max_position_embeddings"]),
+            )
+    except KeyError as err:
+        raise UserError(f"the checkpoint's {rope_type} rope settings lack {err.args[0]!r}") from err
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     fields = dict(
         dim=hf.hidden_size,

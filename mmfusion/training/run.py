@@ -83,9 +83,12 @@ def step_progress_bar(minutes: float | None = None, refresh_rate: int = 10) -> L
     from lightning.pytorch.callbacks import TQDMProgressBar
 
     class StepProgressBar(TQDMProgressBar):
+        started = False
+
         def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
-            if trainer.current_epoch > 0 and self.train_progress_bar is not None:
+            if self.started:
                 return  # one bar for the whole run, not one per pass over the data
+            self.started = True
             bar = self.train_progress_bar
             bar.reset(total=None if minutes else trainer.max_steps)
             bar.initial = bar.n = trainer.global_step

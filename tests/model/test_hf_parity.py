@@ -71,3 +71,12 @@ def test_unsupported_rope_type_is_a_clear_error():
     hf = LlamaConfig(**KW, rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64))
     with pytest.raises(UserError, match="rope type 'yarn' is not supported; supported: default, linear, llama3"):
         config_from_hf(hf)
+
+
+def test_incomplete_rope_settings_are_a_clear_error():
+    from mmfusion.errors import UserError
+
+    hf = LlamaConfig(**KW)
+    hf.rope_parameters = {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5000.0}
+    with pytest.raises(UserError, match="the checkpoint's llama3 rope settings lack 'low_freq_factor'"):
+        config_from_hf(hf)

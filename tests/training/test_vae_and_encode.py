@@ -53,6 +53,8 @@ def test_vae_train_encode_and_train_on_tokens(shapes_dir, tmp_path, monkeypatch)
                 str(enc),
                 "--vae",
                 str(vae),
+                "--image-size",
+                "32",
                 "--patch-size",
                 "2",
             ]
@@ -63,9 +65,7 @@ def test_vae_train_encode_and_train_on_tokens(shapes_dir, tmp_path, monkeypatch)
 
     ds = datasets.load_from_disk(str(enc))
     tokens = np.asarray(ds["train"][0]["tokens"])
-    # (32 / 2 / 2)^2 tokens of 2 * 2 * 4 channels: the image size defaults to the data's 32 px (it was
-    # a fixed 256, which upscaled every image)
-    assert tokens.shape == (64, 16)
+    assert tokens.shape == (64, 16)  # (32 / 2 / 2)^2 tokens of 2 * 2 * 4 channels
 
     # training reads the tokens: the VAE's encoder must never be called
     from diffusers import AutoencoderKL
@@ -147,3 +147,11 @@ def test_vq_train_then_token_shuffle_end_to_end(shapes_dir, tmp_path, quantizer)
     assert a[0].size == (32, 32) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
     caps = pipe.caption(a, max_new_tokens=5)
     assert len(caps) == 2
+
+
+def test_encode_says_when_it_enlarges_the_images(shapes_dir, tmp_path, capsys):
+    base = ["data", "encode", "--data", str(shapes_dir), "--image-tokenizer", "pixels", "--patch-size", "8"]
+    assert main([*base, "--out", str(tmp_path / "a"), "--image-size", "64"]) == 0
+    assert "the images are 32x32 px and are enlarged to 64; --image-size 32 keeps their size" in capsys.readouterr().out
+    assert main([*base, "--out", str(tmp_path / "b"), "--image-size", "32"]) == 0
+    assert "enlarged" not in capsys.readouterr().out
