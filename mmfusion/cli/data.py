@@ -124,16 +124,9 @@ def encode(
         batch_size: images encoded at once
         image_root: folder the image paths of a COCO / Karpathy JSON are relative to
     """
-    from mmfusion.data.datasets import load_captioned
     from mmfusion.data.encode import encode_dataset
     from mmfusion.tokenizers.image import ImageTokenizerConfig
 
-    first = next(iter(load_captioned(data, image_root).values()))[0]["image"]
-    if max(first.size) < image_size:
-        print(
-            f"note: the images are {first.size[0]}x{first.size[1]} px and are enlarged to {image_size}; "
-            f"--image-size {max(first.size)} keeps their size (the training config's image.image_size must match)"
-        )
     cfg = ImageTokenizerConfig(kind=image_tokenizer, image_size=image_size, patch_size=patch_size, path=vae)
     path = encode_dataset(data, out, cfg, batch_size=batch_size, image_root=image_root)
     print(f"wrote encoded data set to {path}")

@@ -28,6 +28,12 @@ def encode_dataset(
 
     tok = build_image_tokenizer(image)
     data = load_captioned(source, image_root)
+    first = next(iter(data.values()))[0]["image"]
+    if max(first.size) < image.image_size:
+        print(
+            f"note: the images are {first.size[0]}x{first.size[1]} px and are enlarged to {image.image_size}; "
+            f"--image-size {max(first.size)} keeps their size (the training config's image.image_size must match)"
+        )
 
     def add_tokens(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         x = torch.stack([to_tensor(im, image.image_size) for im in batch["image"]])

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from mmfusion.diffusion.causal import even_group_sizes, token_order
 from mmfusion.diffusion.config import ORDERS, DiffusionConfig
-from mmfusion.errors import UserError
+from mmfusion.errors import UserError, require
 from mmfusion.model.cache import KVCache
 from mmfusion.model.masks import CLEAN, NOISY
 from mmfusion.model.multimodal import MMFusionModel
@@ -60,9 +60,7 @@ class SamplerSettings:
             (self.top_k >= 0, f"top_k must not be negative (0 turns it off), got {self.top_k}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+        require(checks)
 
     def guides(self, t: int, ar_step: int, num_train_timesteps: int) -> bool:
         if self.cfg_scale == 1.0:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmfusion.errors import UserError
+from mmfusion.errors import require
 from mmfusion.model.masks import CLEAN
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.model.sequence import SequenceBuilder, collate, text_step
@@ -42,9 +42,7 @@ class CaptionSettings:
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.temperature > 0, f"temperature must be positive, got {self.temperature}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+        require(checks)
 
 
 class CaptionDecoder:
