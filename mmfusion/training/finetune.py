@@ -21,7 +21,7 @@ from mmfusion.errors import UserError
 from mmfusion.pipeline import MMFusion
 from mmfusion.training.lora import ATTENTION, add_lora, parameter_counts
 from mmfusion.training.module import MMFusionModule
-from mmfusion.training.run import build_trainer, choose_precision
+from mmfusion.training.run import build_trainer, choose_precision, lightning_warnings_filtered
 
 TASKS = ("t2i", "caption", "joint")
 
@@ -96,7 +96,8 @@ def finetune(
     )
     start = time.perf_counter()
     trainer = build_trainer(cfg, out / "run", choose_precision(precision), enable_checkpointing=False)
-    trainer.fit(module, datamodule=datamodule)
+    with lightning_warnings_filtered():
+        trainer.fit(module, datamodule=datamodule)
     seconds = time.perf_counter() - start
     pipe.model = net.eval()
     if full:

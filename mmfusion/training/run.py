@@ -6,6 +6,8 @@ import dataclasses
 import json
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,10 @@ def step_progress_bar(minutes: float | None = None, refresh_rate: int = 10) -> L
     class StepProgressBar(TQDMProgressBar):
         started = False
 
+        @property
+        def train_description(self) -> str:  # the bar's name from its first draw on
+            return f"training ({minutes:g} min budget)" if minutes else "training"
+
         def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
             if self.started:
                 return  # one bar for the whole run, not one per pass over the data
@@ -92,7 +98,7 @@ def step_progress_bar(minutes: float | None = None, refresh_rate: int = 10) -> L
             bar = self.train_progress_bar
             bar.reset(total=None if minutes else trainer.max_steps)
             bar.initial = bar.n = trainer.global_step
-            bar.set_description(f"training ({minutes:g} min budget)" if minutes else "training")
+            bar.set_description(self.train_description)
 
         def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *_: Any) -> None:
             step, bar = trainer.global_step, self.train_progress_bar
@@ -102,6 +108,18 @@ def step_progress_bar(minutes: float | None = None, refresh_rate: int = 10) -> L
                 bar.refresh()
 
     return StepProgressBar(refresh_rate=refresh_rate)
+
+
+@contextmanager
+def lightning_warnings_filtered() -> Iterator[None]:
+    """Around `Trainer.fit`: Lightning's loops build torch pytree LeafSpec objects, which recent torch
+    marks deprecated. That FutureWarning, once per process, is about Lightning's code and asks nothing
+    of the user, so it is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+        )
+        yield
 
 
 def build_trainer(
@@ -189,7 +207,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     ckpt = out / "checkpoints" / "last.ckpt"
     if resume and not ckpt.exists():
         raise UserError(f"--resume: no checkpoint at {ckpt}; start the run without --resume")
-    with warnings.catch_warnings():
+    with lightning_warnings_filtered():
         # Lightning warns that a mid-epoch resume with a dataloader lacking state_dict is unreliable. Ours
         # needs no state: StepBatchSampler's batch k is a function of k alone, and the run restarts at
         # the checkpoint's step (tests/training/test_resume.py: killed and resumed == uninterrupted)

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from mmfusion.data.datamodule import CaptionedImages, collate_items
 from mmfusion.data.datasets import load_captioned
-from mmfusion.training.run import step_progress_bar
+from mmfusion.training.run import lightning_warnings_filtered, step_progress_bar
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,8 @@ def fit_autoencoder(
         enable_model_summary=False,
         default_root_dir=str(out),
     )
-    trainer.fit(module, loader)
+    with lightning_warnings_filtered():
+        trainer.fit(module, loader)
     return ds
 
 
