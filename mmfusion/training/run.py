@@ -98,7 +98,6 @@ def step_progress_bar(minutes: float | None = None, refresh_rate: int = 10) -> L
             bar = self.train_progress_bar
             bar.reset(total=None if minutes else trainer.max_steps)
             bar.initial = bar.n = trainer.global_step
-            bar.set_description(self.train_description)
 
         def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *_: Any) -> None:
             step, bar = trainer.global_step, self.train_progress_bar
