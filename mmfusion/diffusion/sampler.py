@@ -19,7 +19,7 @@ from mmfusion.errors import UserError, require
 from mmfusion.model.cache import KVCache
 from mmfusion.model.masks import CLEAN, NOISY
 from mmfusion.model.multimodal import MMFusionModel
-from mmfusion.model.sequence import SequenceBuilder, TokenBatch, collate
+from mmfusion.model.sequence import SequenceBuilder, TokenBatch, collate, image_block
 
 
 @dataclass(frozen=True)
@@ -120,23 +120,8 @@ class NextTokenDiffusionSampler:
             raise UserError(f"ar_steps={self.settings.ar_steps} exceeds the {n} tokens of an image: choose 1 to {n}")
         return _Plan(groups, known)
 
-    # batches ------------------------------------------------------------------------------
-    def _image_batch(
-        self, rows: list[tuple[torch.Tensor, torch.Tensor]], kind: int, group: int, t: int, img_pos: list[int]
-    ) -> TokenBatch:
-        """One block of image tokens per row: rows[i] = (positions (n_i,), values (n_i, C))."""
-        samples = []
-        for (pos, vals), p in zip(rows, img_pos):
-            b = SequenceBuilder(self.dim, start_position=p)
-            if len(pos):
-                n = len(pos)
-                b.image(vals, pos, kind=kind, group=torch.full((n,), group), t=torch.full((n,), t))
-            samples.append(b.tensors())
-        width = max(1, max(s["kind"].shape[0] for s in samples))
-        return collate(samples, pad_to=width)
-
     # main ---------------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(
         self,
         conds: list[list[int]],
@@ -183,7 +168,8 @@ class NextTokenDiffusionSampler:
                 x = scheduler.step(pred, t, x, generator=generators, **kwargs).prev_sample
             for i, p in enumerate(pos_rows):
                 out[i, p] = x[i, : len(p)]
-            state.finish_group(step, pos_rows * dup, torch.cat([x] * dup))
+            if step + 1 < n_groups:  # the last group is read by nobody: no pass to cache it
+                state.finish_group(step, pos_rows * dup, torch.cat([x] * dup))
         return out
 
     def _ragged_noise(self, pos_rows: list[torch.Tensor], generators: list[torch.Generator]) -> torch.Tensor:
@@ -231,14 +217,14 @@ class _State:
             prefix = collate([SequenceBuilder(sampler.dim).text(p).tensors() for p in prefixes])
             self.model(prefix, self.cache, store=True)
             if any(len(k[0]) for k in known_rows):
-                self.model(sampler._image_batch(known_rows, CLEAN, 0, 0, img_pos), self.cache, store=True)
+                self.model(image_block(known_rows, CLEAN, img_pos, sampler.dim), self.cache, store=True)
 
     def predict(self, step: int, pos_rows: list[torch.Tensor], x: torch.Tensor, t: int, rows: int) -> torch.Tensor:
         if not self.use_cache:
             return self._uncached([(p, x[i, : len(p)]) for i, p in enumerate(pos_rows)], t, rows)
         if self._template_key != (step, rows):  # what all denoising steps of this AR step share, built once
             zeros = [(p, x.new_zeros(len(p), x.shape[-1])) for p in pos_rows]
-            tpl = self.s._image_batch(zeros, NOISY, 0, 0, self.img_pos[:rows])
+            tpl = image_block(zeros, NOISY, self.img_pos[:rows], self.s.dim)
             cache = self.cache if rows == len(self.prefixes) else self.cache.rows(rows)
             dtype = self.model.embed_tokens.weight.dtype
             self._pass = _Pass(
@@ -282,7 +268,7 @@ class _State:
     def finish_group(self, step: int, pos_rows: list[torch.Tensor], x: torch.Tensor) -> None:
         rows = [(p, x[i, : len(p)]) for i, p in enumerate(pos_rows)]
         if self.use_cache:
-            self.model(self.s._image_batch(rows, CLEAN, 0, 0, self.img_pos), self.cache, store=True)
+            self.model(image_block(rows, CLEAN, self.img_pos, self.s.dim), self.cache, store=True)
         else:
             for i, r in enumerate(rows):
                 self.clean[i].append(r)

@@ -16,6 +16,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # one fused op, the same numbers (the float32 path below is 8 ops: per-op overhead is most
+            # of a 64-row sampling pass)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -51,13 +55,17 @@ class RotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables (B, 1, L, D) in `dtype` for `apply_rotary`: cos, and sin with the sign of the rotation
+        folded in (negated over the first half)."""
         if position_ids.dim() == 3:  # (B, L, 3) -> the component each frequency follows
             pos = position_ids.float()[..., self.component]  # (B, L, D/2)
             freqs = pos * self.inv_freq
         else:
             freqs = position_ids[..., None].float() * self.inv_freq  # (B, L, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, L, D)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        sin = freqs.sin()
+        cos = torch.cat((freqs, freqs), dim=-1).cos()  # (B, L, D)
+        sin = torch.cat((-sin, sin), dim=-1)
+        return cos[:, None].to(dtype), sin[:, None].to(dtype)
 
 
 def scaled_frequencies(
@@ -82,12 +90,9 @@ def scaled_frequencies(
     return keep * inv_freq + (1 - keep) * inv_freq / factor
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, L, D) by the tables cos / sin (B, L, D)."""
-    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
-    return x * cos + _rotate_half(x) * sin
+    """Rotate x (B, H, L, D) by the tables of `RotaryEmbedding` (B, 1, L, D): x cos + (-x2, x1) sin,
+    with the sign of -x2 in the table. Bit-identical to the usual rotate-half form with fewer eager ops
+    (no unsqueeze, no neg). Not `x.roll`: the compiled bf16 training step was 6% slower with it."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat((x2, x1), dim=-1) * sin.to(x.dtype)

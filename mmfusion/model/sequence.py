@@ -219,6 +219,44 @@ def text_step(ids: torch.Tensor, positions: torch.Tensor | int, token_dim: int =
     )
 
 
+def image_block(
+    rows: list[tuple[torch.Tensor, torch.Tensor]], kind: int, start_positions: list[int], token_dim: int
+) -> TokenBatch:
+    """One block of image tokens per row, rows[i] = (image positions (n_i,), values (n_i, C)), all of
+    `kind` in AR group 0 at timestep 0, at rotary position start_positions[i]; right-padded to the
+    longest row (at least 1). The same batch as `collate` of one `SequenceBuilder.image` per row
+    (tested), built as whole tensors: the sampler makes one per AR step, where a builder per row cost
+    thousands of small ops."""
+    b = len(rows)
+    lengths = torch.tensor([len(p) for p, _ in rows], dtype=torch.long)
+    width = max(1, int(lengths.max()) if b else 0)
+    valid = torch.arange(width) < lengths[:, None]  # (B, W)
+    image_pos = torch.zeros(b, width, dtype=torch.long)
+    values = torch.zeros(b, width, token_dim)
+    if len(set(lengths.tolist())) == 1 and width == int(lengths[0]):  # equal rows: two copies in all
+        image_pos[:] = torch.stack([p for p, _ in rows])
+        values[:] = torch.stack([v for _, v in rows])
+    else:
+        for i, (p, v) in enumerate(rows):
+            image_pos[i, : len(p)] = p
+            values[i, : len(p)] = v
+    zeros = torch.zeros(b, width, dtype=torch.long)
+    return TokenBatch(
+        kind=torch.where(valid, kind, PAD),
+        ids=zeros,
+        values=values,
+        image_pos=image_pos,
+        t=zeros,
+        group=torch.where(valid, 0, -1),
+        position_ids=valid * torch.tensor(start_positions, dtype=torch.long)[:, None],
+        labels=torch.full((b, width), IGNORE, dtype=torch.long),
+        targets=torch.zeros(b, width, token_dim),
+        weights=torch.zeros(b, width),
+        codes=torch.zeros(b, width, 0, dtype=torch.long),
+        code_labels=torch.full((b, width, 0), IGNORE, dtype=torch.long),
+    )
+
+
 def collate(samples: list[dict[str, torch.Tensor]], pad_to: int | None = None) -> TokenBatch:
     """Right-pad per-sample tensors (from `SequenceBuilder.tensors`) into one TokenBatch."""
     length = max(s["kind"].shape[0] for s in samples)

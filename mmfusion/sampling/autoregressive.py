@@ -76,7 +76,7 @@ class ARImageSampler:
             out.append(torch.multinomial(p, 1, generator=g).squeeze(-1))
         return torch.stack(out)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(
         self,
         conds: list[list[int]],

@@ -72,7 +72,7 @@ class CaptionDecoder:
     def _step_batch(self, ids: torch.Tensor, position: int, dim: int):  # noqa: ANN202
         return text_step(ids, position, dim, self.model.cfg.code_width)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(
         self,
         tokens: torch.Tensor,
