@@ -151,10 +151,11 @@ class NextTokenDiffusionSampler:
         state = _State(self, prefixes, plan, out, img_pos, use_cache)
         for step in tqdm(range(n_groups), desc="AR steps", disable=not progress, leave=False):
             pos_rows = [g[step] if step < len(g) else g[0][:0] for g in plan.groups]
+            ragged = len({len(p) for p in pos_rows}) > 1  # editing: images with different tokens to make
             x = (
-                torch.stack([torch.randn(len(p), self.dim, generator=gen) for p, gen in zip(pos_rows, generators)])
-                if len({len(p) for p in pos_rows}) == 1
-                else self._ragged_noise(pos_rows, generators)
+                self._ragged_noise(pos_rows, generators)
+                if ragged
+                else torch.stack([torch.randn(len(p), self.dim, generator=gen) for p, gen in zip(pos_rows, generators)])
             )
             for t in scheduler.timesteps:
                 t = int(t)
@@ -165,7 +166,14 @@ class NextTokenDiffusionSampler:
                     cond, uncond = pred[:b], pred[b:]
                     pred = uncond + s.cfg_scale * (cond - uncond)
                 kwargs = {"eta": s.eta} if s.sampler == "ddim" else {}
-                x = scheduler.step(pred, t, x, generator=generators, **kwargs).prev_sample
+                if ragged:  # row by row, so that each image draws the step's noise for its own tokens only
+                    x = x.clone()
+                    for i, (p, gen) in enumerate(zip(pos_rows, generators)):
+                        if len(p):
+                            one = slice(i, i + 1), slice(0, len(p))
+                            x[one] = scheduler.step(pred[one], t, x[one], generator=[gen], **kwargs).prev_sample
+                else:
+                    x = scheduler.step(pred, t, x, generator=generators, **kwargs).prev_sample
             for i, p in enumerate(pos_rows):
                 out[i, p] = x[i, : len(p)]
             if step + 1 < n_groups:  # the last group is read by nobody: no pass to cache it
