@@ -219,6 +219,23 @@ def text_step(ids: torch.Tensor, positions: torch.Tensor | int, token_dim: int =
     )
 
 
+def code_step(codes: torch.Tensor, image_pos: int, positions: torch.Tensor) -> TokenBatch:
+    """One new fused image token per row: its codes (B, W), its place in the fused grid and its rotary
+    positions (B,), built directly as tensors (the Token-Shuffle sampling loop), like `text_step`."""
+    b = codes.shape[0]
+    zeros = torch.zeros(b, 1, dtype=torch.long)
+    return TokenBatch(
+        kind=torch.full((b, 1), CODE, dtype=torch.long),
+        ids=zeros,
+        values=torch.zeros(b, 1, 0),
+        image_pos=torch.full((b, 1), image_pos, dtype=torch.long),
+        t=zeros,
+        group=torch.full((b, 1), -1),
+        position_ids=positions.reshape(b, 1).long(),
+        codes=codes.reshape(b, 1, -1).long(),
+    )
+
+
 def image_block(
     rows: list[tuple[torch.Tensor, torch.Tensor]], kind: int, start_positions: list[int], token_dim: int
 ) -> TokenBatch:

@@ -16,7 +16,7 @@ from mmfusion.diffusion.sampler import guided_prefixes
 from mmfusion.errors import UserError
 from mmfusion.model.cache import KVCache
 from mmfusion.model.multimodal import MMFusionModel
-from mmfusion.model.sequence import SequenceBuilder, collate
+from mmfusion.model.sequence import SequenceBuilder, code_step, collate
 from mmfusion.model.token_shuffle import unfuse_grid
 
 CFG_SCHEDULES = ("constant", "linear", "cosine")
@@ -141,14 +141,7 @@ class ARImageSampler:
             last = torch.tensor([len(p) - 1 for p in prefixes])
         else:
             i = done.shape[1] - 1
-            batch = collate(
-                [
-                    SequenceBuilder(0, start_position=len(p) + i, code_width=width)
-                    .codes(codes[r, i:], torch.tensor([i]))
-                    .tensors()
-                    for r, p in enumerate(prefixes)
-                ]
-            )
+            batch = code_step(codes[:, i], i, torch.tensor([len(p) + i for p in prefixes]))
             last = torch.zeros(rows, dtype=torch.long)
         hidden = self.model(batch, cache, store=cache is not None)
         return hidden[torch.arange(rows), last]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mmfusion.model.masks import CLEAN, NOISY, PAD
-from mmfusion.model.sequence import SequenceBuilder, collate, image_block
+from mmfusion.model.sequence import SequenceBuilder, code_step, collate, image_block
 
 
 @pytest.mark.parametrize("lengths", [(3, 3, 3), (2, 1, 4)], ids=["equal", "ragged"])
@@ -39,3 +39,19 @@ def test_image_block_row_without_tokens_is_padding():
     assert got.kind.tolist() == [[NOISY, NOISY], [PAD, PAD]]
     assert got.group.tolist() == [[0, 0], [-1, -1]] and got.position_ids.tolist() == [[4, 4], [0, 0]]
     assert image_block([rows[1]], CLEAN, [2], 5).kind.tolist() == [[PAD]]
+
+
+def test_code_step_equals_one_builder_per_row():
+    """The Token-Shuffle sampler's per-step batch (one fused token per row) is what the builder gives,
+    in every field a forward pass reads."""
+    codes = torch.randint(0, 50, (3, 4))
+    starts = [5, 3, 4]
+    rows = [
+        SequenceBuilder(0, start_position=p + 2, code_width=4).codes(c[None], torch.tensor([2]))
+        for c, p in zip(codes, starts)
+    ]
+    expected = collate([r.tensors() for r in rows])
+    got = code_step(codes, 2, torch.tensor(starts) + 2)
+    for field in ("kind", "ids", "values", "image_pos", "t", "group", "position_ids", "codes"):
+        a, b = getattr(got, field), getattr(expected, field)
+        assert a.dtype == b.dtype and torch.equal(a, b), field
