@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from mmfusion.diffusion.sampler import guided_prefixes
+from mmfusion.diffusion.sampler import guided_prefixes, inference
 from mmfusion.errors import UserError
 from mmfusion.model.cache import KVCache
 from mmfusion.model.multimodal import MMFusionModel
@@ -76,7 +76,7 @@ class ARImageSampler:
             out.append(torch.multinomial(p, 1, generator=g).squeeze(-1))
         return torch.stack(out)
 
-    @torch.inference_mode()
+    @inference
     def __call__(
         self,
         conds: list[list[int]],

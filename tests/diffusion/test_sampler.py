@@ -72,7 +72,8 @@ def test_known_tokens_are_kept(model):
 def test_images_with_fewer_tokens_to_make_than_ar_steps(model):
     """Editing with masks of different sizes: image 0 has 2 tokens to make and is done after 2 of the 4
     AR steps, while image 1 goes on (its rows in the later steps' batches are empty). The cached path
-    used to fail there; both paths now agree, and each image is what it is alone."""
+    used to fail there, and DDPM drew noise for the widest row; both paths now agree, and each image is
+    what it is alone."""
     known = torch.randn(2, 16, 12)
     mask = torch.zeros(2, 16, dtype=torch.bool)
     mask[0, :14] = True
@@ -86,6 +87,28 @@ def test_images_with_fewer_tokens_to_make_than_ar_steps(model):
             CONDS[i : i + 1], UNCONDS[i : i + 1], _gens([i]), known=known[i : i + 1], known_mask=mask[i : i + 1]
         )
         torch.testing.assert_close(out[i : i + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_image_with_every_token_given_is_returned_as_given(model):
+    known = torch.randn(2, 16, 12)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0] = True
+    mask[1, :8] = True
+    smp = NextTokenDiffusionSampler(model, DiffusionConfig(), SamplerSettings(ar_steps=2, steps=3, cfg_scale=2.0))
+    out = smp(CONDS, UNCONDS, _gens([0, 1]), known=known, known_mask=mask)
+    assert torch.equal(out[0], known[0]) and torch.equal(out[mask], known[mask])
+    torch.testing.assert_close(out, smp(CONDS, UNCONDS, _gens([0, 1]), known=known, known_mask=mask, use_cache=False))
+    alone = smp(CONDS[1:], UNCONDS[1:], _gens([1]), known=known[1:], known_mask=mask[1:])
+    torch.testing.assert_close(out[1:], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_samples_are_ordinary_tensors(model):
+    """Sampling runs under inference mode, but what it returns can be edited in place and used with
+    autograd, like any tensor."""
+    out = NextTokenDiffusionSampler(model, DiffusionConfig(), SamplerSettings(steps=2))(CONDS)
+    assert not out.is_inference()
+    out[0, 0] = 0.0
+    (out * torch.ones_like(out, requires_grad=True)).sum().backward()
 
 
 def test_too_many_ar_steps_is_refused(model):

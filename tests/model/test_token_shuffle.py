@@ -96,7 +96,7 @@ def test_cached_equals_uncached_and_batched_equals_single(bits, s, window):
     gens = lambda seeds: [torch.Generator().manual_seed(x) for x in seeds]  # noqa: E731
     cached = sampler(conds, unconds, gens([0, 1]))
     uncached = sampler(conds, unconds, gens([0, 1]), use_cache=False)
-    assert cached.shape == (2, 8, 8)
+    assert cached.shape == (2, 8, 8) and not cached.is_inference()  # sampled under inference mode, returned ordinary
     assert torch.equal(cached, uncached)
     assert torch.equal(sampler(conds[1:], unconds[1:], gens([1])), cached[1:])
     assert not torch.equal(sampler(conds, unconds, gens([2, 3])), cached)
