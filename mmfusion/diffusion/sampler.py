@@ -166,9 +166,9 @@ class NextTokenDiffusionSampler:
         n_groups = max(len(g) for g in plan.groups)
         dup = 2 if guided else 1
         state = _State(self, prefixes, plan, out, img_pos, use_cache)
-        done = torch.zeros(0, dtype=torch.long)  # the tokens left to make of an image that has them all
+        none_left = torch.zeros(0, dtype=torch.long)  # the positions to make of an image that is finished
         for step in tqdm(range(n_groups), desc="AR steps", disable=not progress, leave=False):
-            pos_rows = [g[step] if step < len(g) else done for g in plan.groups]
+            pos_rows = [g[step] if step < len(g) else none_left for g in plan.groups]
             ragged = len({len(p) for p in pos_rows}) > 1  # editing: images with different tokens to make
             x = (
                 self._ragged_noise(pos_rows, generators)
@@ -185,7 +185,6 @@ class NextTokenDiffusionSampler:
                     pred = uncond + s.cfg_scale * (cond - uncond)
                 kwargs = {"eta": s.eta} if s.sampler == "ddim" else {}
                 if ragged:  # row by row, so that each image draws the step's noise for its own tokens only
-                    x = x.clone()
                     for i, (p, gen) in enumerate(zip(pos_rows, generators)):
                         if len(p):
                             one = slice(i, i + 1), slice(0, len(p))

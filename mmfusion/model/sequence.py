@@ -245,12 +245,12 @@ def image_block(
     (tested), built as whole tensors: the sampler makes one per AR step, where a builder per row cost
     thousands of small ops."""
     b = len(rows)
-    lengths = torch.tensor([len(p) for p, _ in rows], dtype=torch.long)
-    width = max(1, int(lengths.max()) if b else 0)
-    valid = torch.arange(width) < lengths[:, None]  # (B, W)
+    lengths = [len(p) for p, _ in rows]
+    width = max([1, *lengths])
+    valid = torch.arange(width) < torch.tensor(lengths, dtype=torch.long)[:, None]  # (B, W)
     image_pos = torch.zeros(b, width, dtype=torch.long)
     values = torch.zeros(b, width, token_dim)
-    if len(set(lengths.tolist())) == 1 and width == int(lengths[0]):  # equal rows: two copies in all
+    if min(lengths, default=0) == width:  # every row full: two copies in all
         image_pos[:] = torch.stack([p for p, _ in rows])
         values[:] = torch.stack([v for _, v in rows])
     else:

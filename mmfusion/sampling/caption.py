@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mmfusion.diffusion.sampler import inference
 from mmfusion.errors import require
 from mmfusion.model.masks import CLEAN
 from mmfusion.model.multimodal import MMFusionModel
@@ -72,7 +73,7 @@ class CaptionDecoder:
     def _step_batch(self, ids: torch.Tensor, position: int, dim: int):  # noqa: ANN202
         return text_step(ids, position, dim, self.model.cfg.code_width)
 
-    @torch.inference_mode()
+    @inference
     def __call__(
         self,
         tokens: torch.Tensor,
