@@ -11,7 +11,7 @@ from torch import nn
 from mmfusion.model.cache import KVCache
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.masks import CODE
-from mmfusion.model.sequence import TokenBatch
+from mmfusion.model.sequence import TokenBatch, row_index, select_rows
 from mmfusion.model.token_shuffle import TokenShuffle, TokenUnshuffle
 from mmfusion.model.transformer import Transformer
 
@@ -102,11 +102,15 @@ class MMFusionModel(nn.Module):
                 x = torch.where(is_class[..., None], self.class_embed((ids - vocab).clamp(min=0)), x)
         is_image = batch.is_image()
         if is_image.any():
-            img = self.image_embedding(batch.values[is_image], batch.image_pos[is_image], batch.t[is_image])
-            x = x.index_put((is_image,), img.to(x.dtype))
+            # by row numbers (index_select / index_copy) rather than the boolean mask: the same values,
+            # about a quarter of a millisecond less per training step
+            rows = row_index(is_image)
+            values, pos, t = (select_rows(v, rows) for v in (batch.values, batch.image_pos, batch.t))
+            img = self.image_embedding(values, pos, t).to(x.dtype)
+            x = x.flatten(0, 1).index_copy(0, rows, img).view_as(x)
         is_code = batch.kind == CODE
         if is_code.any():
-            code = self.shuffle_in(batch.codes[is_code]) + self.pos_embed[batch.image_pos[is_code]]
+            code = self.shuffle_in(batch.codes[is_code]) + self.grid_embedding(batch.image_pos[is_code])
             x = x.index_put((is_code,), code.to(x.dtype))
         return x
 
@@ -116,8 +120,14 @@ class MMFusionModel(nn.Module):
         The timestep MLP runs once per distinct timestep, not once per token (a training batch has
         a few timesteps per image over its 16-256 tokens)."""
         steps, which = torch.unique(t.reshape(-1), return_inverse=True)
-        time = self.time_embed(steps)[which].view(*t.shape, -1)
-        return self.image_in(values) + self.pos_embed[image_pos] + time
+        time = self.time_embed(steps).index_select(0, which.reshape(-1)).view(*t.shape, -1)
+        return self.image_in(values) + self.grid_embedding(image_pos) + time
+
+    def grid_embedding(self, image_pos: torch.Tensor) -> torch.Tensor:
+        """Position embeddings of image tokens at grid positions `image_pos` (...) -> (..., dim). Read
+        with `index_select`, whose backward (index_add) took 58 us where that of `pos_embed[image_pos]`
+        (an accumulating index_put) took 800, for 1,460 tokens over 16 positions: 1% of a training step."""
+        return self.pos_embed.index_select(0, image_pos.reshape(-1)).view(*image_pos.shape, -1)
 
     def forward(
         self,
@@ -129,7 +139,12 @@ class MMFusionModel(nn.Module):
         """Hidden states (B, L, dim). `mask` defaults to the generalized causal mask of `batch`."""
         mask = batch.mask() if mask is None else mask
         x = self.embed(batch)
-        return self.backbone(x, self.rotary_positions(batch), mask, cache, store, valid=batch.valid())
+        positions = self.rotary_positions(batch)
+        # The rotary tables are made here, not inside the backbone: a compiled backbone then takes them
+        # as inputs, where inductor had recomputed their cosines from the positions in each layer's
+        # kernels, forward and backward. Compiled `small` step: 1.1 ms (1.7%) faster, interleaved.
+        rope = self.backbone.rotary(positions, x.dtype)
+        return self.backbone(x, positions, mask, cache, store, valid=batch.valid(), rope=rope)
 
     def rotary_positions(self, batch: TokenBatch) -> torch.Tensor:
         """(B, L) sequence positions, or (B, L, 3) with image rows / columns under `image_rope`."""

@@ -17,7 +17,7 @@ from mmfusion.diffusion.causal import add_image
 from mmfusion.diffusion.config import DiffusionConfig
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel
-from mmfusion.model.sequence import IGNORE, SequenceBuilder, TokenBatch, collate, pack, select_rows
+from mmfusion.model.sequence import IGNORE, SequenceBuilder, TokenBatch, collate, pack, row_index, select_rows
 from mmfusion.model.token_shuffle import code_bits, fuse_grid
 
 
@@ -141,9 +141,10 @@ class JointObjective:
         if self.model_cfg.discrete:
             out["image_loss"] = self._code_loss(model, hidden, batch) if noisy.any() else zero()
         elif noisy.any():
-            pred = model.image_output(select_rows(hidden, noisy))
-            mse = (pred - batch.targets[noisy].to(pred.dtype)).pow(2).mean(-1)
-            out["image_loss"] = (mse * batch.weights[noisy]).sum() / noisy.sum()
+            rows = row_index(noisy)
+            pred = model.image_output(select_rows(hidden, rows))
+            mse = (pred - select_rows(batch.targets, rows).to(pred.dtype)).pow(2).mean(-1)
+            out["image_loss"] = (mse * select_rows(batch.weights, rows)).sum() / len(rows)
         else:
             out["image_loss"] = zero()
         has_text = batch.labels != IGNORE

@@ -56,6 +56,27 @@ def test_kv_cache_decoding_equals_full_recomputation(tiny_cfg):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
 
 
+def test_embeddings_by_row_index_equal_boolean_indexing(tiny_cfg):
+    """`embed` gathers image rows and position / timestep embeddings with index_select and writes them
+    with index_copy (faster backward on CPU): the same values and gradients as boolean indexing."""
+    model = MMFusionModel(tiny_cfg.replace(image_pos_embed="learned"))
+    torch.nn.init.normal_(model.pos_embed, std=0.5)
+    batch = collate(
+        [fusion_sample(tiny_cfg, [1, 5, 6], [3, 2, 4], caption=[4, 9, 2]), fusion_sample(tiny_cfg, [1, 7], [9], seed=1)]
+    )
+    is_image = batch.is_image()
+    ref = model.embed_tokens(batch.ids.clamp(0, tiny_cfg.vocab_size - 1))
+    steps, which = torch.unique(batch.t[is_image], return_inverse=True)
+    img = model.image_in(batch.values[is_image]) + model.pos_embed[batch.image_pos[is_image]]
+    ref = ref.index_put((is_image,), img + model.time_embed(steps)[which])
+    out = model.embed(batch)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    grad = torch.randn_like(ref)
+    params = [model.pos_embed, model.image_in.weight, model.embed_tokens.weight, *model.time_embed.parameters()]
+    for got, want in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(ref, params, grad)):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
 def test_precomputed_mask_rope_and_image_embedding_equal_the_plain_pass(tiny_cfg):
     """What the sampler reuses over denoising steps (the mask joined with the cache, the rotary tables,
     one timestep embedding for all image tokens) gives the same hidden states as a plain pass."""
