@@ -11,7 +11,7 @@ from torch import nn
 from mmfusion.model.cache import KVCache
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.masks import CODE
-from mmfusion.model.sequence import TokenBatch, row_index, select_rows
+from mmfusion.model.sequence import TokenBatch, place_rows, row_index, select_rows
 from mmfusion.model.token_shuffle import TokenShuffle, TokenUnshuffle
 from mmfusion.model.transformer import Transformer
 
@@ -100,18 +100,18 @@ class MMFusionModel(nn.Module):
             is_class = ids >= vocab
             if is_class.any():
                 x = torch.where(is_class[..., None], self.class_embed((ids - vocab).clamp(min=0)), x)
+        # image and code tokens by row numbers (index_select / index_copy) rather than boolean masks:
+        # the same values, about a quarter of a millisecond less per training step
         is_image = batch.is_image()
         if is_image.any():
-            # by row numbers (index_select / index_copy) rather than the boolean mask: the same values,
-            # about a quarter of a millisecond less per training step
             rows = row_index(is_image)
             values, pos, t = (select_rows(v, rows) for v in (batch.values, batch.image_pos, batch.t))
-            img = self.image_embedding(values, pos, t).to(x.dtype)
-            x = x.flatten(0, 1).index_copy(0, rows, img).view_as(x)
+            x = place_rows(x, rows, self.image_embedding(values, pos, t))
         is_code = batch.kind == CODE
         if is_code.any():
-            code = self.shuffle_in(batch.codes[is_code]) + self.grid_embedding(batch.image_pos[is_code])
-            x = x.index_put((is_code,), code.to(x.dtype))
+            rows = row_index(is_code)
+            codes, pos = select_rows(batch.codes, rows), select_rows(batch.image_pos, rows)
+            x = place_rows(x, rows, self.shuffle_in(codes) + self.grid_embedding(pos))
         return x
 
     def image_embedding(self, values: torch.Tensor, image_pos: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,12 @@ def row_index(where: torch.Tensor) -> torch.Tensor:
     return where.flatten().nonzero().squeeze(1)
 
 
+def place_rows(x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """x (B, L, ...) with its flat rows `rows` (from `row_index`) replaced by `values` (n, ...), out of
+    place: the inverse of `select_rows`, through index_copy rather than a boolean index_put."""
+    return x.flatten(0, 1).index_copy(0, rows, values.to(x.dtype)).view_as(x)
+
+
 class SequenceBuilder:
     """Builds one sample left to right: text pieces and image blocks."""
 
@@ -349,6 +355,7 @@ __all__ = [
     "TokenBatch",
     "collate",
     "pack",
+    "place_rows",
     "row_index",
     "select_rows",
 ]

@@ -149,8 +149,9 @@ class JointObjective:
             out["image_loss"] = zero()
         has_text = batch.labels != IGNORE
         if has_text.any():
-            logits = model.text_logits(select_rows(hidden, has_text))
-            out["text_loss"] = F.cross_entropy(logits.float(), batch.labels[has_text])
+            rows = row_index(has_text)
+            logits = model.text_logits(select_rows(hidden, rows))
+            out["text_loss"] = F.cross_entropy(logits.float(), select_rows(batch.labels, rows))
         else:
             out["text_loss"] = zero()
         out["loss"] = out["image_loss"] + self.obj.text_loss_weight * out["text_loss"]
@@ -158,9 +159,9 @@ class JointObjective:
 
     def _code_loss(self, model: MMFusionModel, hidden: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
         """Cross-entropy over all s^2 codes of the next fused token (bitwise: binary CE over the d bits)."""
-        at = batch.weights > 0
-        target = batch.code_labels[at]  # (n, W)
-        logits = model.code_logits(select_rows(hidden, at), codes=target).float()  # (n, W, K) or (n, W, d)
+        rows = row_index(batch.weights > 0)
+        target = select_rows(batch.code_labels, rows)  # (n, W)
+        logits = model.code_logits(select_rows(hidden, rows), codes=target).float()  # (n, W, K) or (n, W, d)
         if model.shuffle_out.bitwise:
             bits = code_bits(target, self.model_cfg.code_bits).clamp(min=0)  # +-1 -> {0, 1}
             per_code = F.binary_cross_entropy_with_logits(logits, bits, reduction="none").mean(-1)
@@ -168,4 +169,4 @@ class JointObjective:
             # flattened (n * W, K): a class dim that is not last (logits.transpose(1, 2)) gives the same
             # numbers but a strided log-softmax, 2.5x slower, a quarter of an s = 2 step
             per_code = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view_as(target)
-        return (per_code.mean(-1) * batch.weights[at]).sum() / at.sum()
+        return (per_code.mean(-1) * select_rows(batch.weights, rows)).sum() / len(rows)
