@@ -111,22 +111,10 @@ def model_flops(cfg: Any, batch: Any) -> float:
 
 
 # --- benchmarks --------------------------------------------------------------------------------
-def bf16_native() -> tuple[bool, float, float]:
-    """Whether this CPU multiplies bf16 natively: a 512^3 bf16 matmul at no less than a fifth of the fp32
-    rate (where it is emulated it runs some 100x slower, and timing 2048^3 products would take minutes).
-    Returns (native, bf16 GFLOP/s, fp32 GFLOP/s) at 512^3."""
-    import torch
-
-    from mmfusion.training.run import matmul_gflops
-
-    fp32, bf16 = matmul_gflops(torch.float32, 512, 0.3), matmul_gflops(torch.bfloat16, 512, 0.3)
-    return bf16 >= 0.2 * fp32, bf16, fp32
-
-
 def bench_matmul(quick: bool) -> dict:
     import torch
 
-    from mmfusion.training.run import matmul_gflops
+    from mmfusion.runtime import bf16_native, matmul_gflops
 
     n = 1024 if quick else 2048
     native, bf16_512, _ = bf16_native()
@@ -275,8 +263,8 @@ def bench_train(preset: str, quick: bool) -> dict:
     import torch
 
     from mmfusion.model.multimodal import MMFusionModel
+    from mmfusion.runtime import bf16_native, matmul_gflops
     from mmfusion.training.module import compile_blocks
-    from mmfusion.training.run import matmul_gflops
 
     cfg, obj, batches = _train_setup(preset)
     batch = batches[0]
@@ -345,33 +333,44 @@ def _sampling_model(grid: int = 4, token_dim: int = 192, **overrides: Any):  # n
     return model
 
 
-def _sampling_times(model: Any, images: int, uncached: tuple[int, ...], ar_steps: tuple[int, ...] = (1, 4, 16)) -> dict:
+def _sampling_times(
+    model: Any, images: int, uncached: tuple[int, ...], ar_steps: tuple[int, ...] = (1, 4, 16), bf16: bool = False
+) -> dict:
     """Seconds to sample `images` images with S = 1, 4, 16 AR steps (20 DDIM steps each, CFG 3), with
-    the KV cache, and without it for the S in `uncached`."""
+    the KV cache, and without it for the S in `uncached`; with `bf16`, also cached with the model's
+    weights in bf16 (`to_dtype`), where this CPU multiplies bf16 natively."""
+    import copy
+
     import torch
 
     from mmfusion.diffusion.config import DiffusionConfig
     from mmfusion.diffusion.sampler import NextTokenDiffusionSampler, SamplerSettings
+    from mmfusion.runtime import bf16_native
 
     conds = [[1, 10 + i % 50, 20, 30, 3] for i in range(images)]
     unconds = [[1, 3]] * images
     h, w = model.cfg.image_grid
     out = {"images": images, "denoising_steps": 20, "tokens_per_image": h * w, "parameters": model.num_parameters()}
+    variants = [("", model, True), ("", model, False)]
+    if bf16 and bf16_native()[0]:
+        variants.append(("_bf16", copy.deepcopy(model).to_dtype(torch.bfloat16), True))
     for steps in ar_steps:
-        smp = NextTokenDiffusionSampler(
-            model, DiffusionConfig(), SamplerSettings(ar_steps=steps, sampler="ddim", steps=20, cfg_scale=3.0)
-        )
-        for cached in (True, False) if steps in uncached else (True,):
+        settings = SamplerSettings(ar_steps=steps, sampler="ddim", steps=20, cfg_scale=3.0)
+        for suffix, m, cached in variants:
+            if not cached and steps not in uncached:
+                continue
+            smp = NextTokenDiffusionSampler(m, DiffusionConfig(), settings)
             gens = lambda: [torch.Generator().manual_seed(i) for i in range(images)]  # noqa: E731
             sec = timed(lambda: smp(conds, unconds, gens(), use_cache=cached), repeat=1 if not cached else 3)
-            out[f"S={steps}_{'cached' if cached else 'uncached'}_s"] = sec
-    out["S16_over_S1_cached"] = out["S=16_cached_s"] / out["S=1_cached_s"]
+            out[f"S={steps}_{'cached' if cached else 'uncached'}{suffix}_s"] = sec
+    for suffix in {suffix for suffix, _, _ in variants}:
+        out[f"S16_over_S1_cached{suffix}"] = out[f"S=16_cached{suffix}_s"] / out[f"S=1_cached{suffix}_s"]
     return out
 
 
 def bench_sampling(quick: bool) -> dict:
     """CausalFusion sampling with the demo's model and token count: `small`, 4 x 4 pixel tokens."""
-    return _sampling_times(_sampling_model(), 8 if quick else 32, uncached=(1, 4) if quick else (1, 4, 16))
+    return _sampling_times(_sampling_model(), 8 if quick else 32, uncached=(1, 4) if quick else (1, 4, 16), bf16=True)
 
 
 def bench_sampling_batch(quick: bool) -> dict:
@@ -386,9 +385,10 @@ def bench_sampling_batch(quick: bool) -> dict:
 
 def bench_sampling_paper_tokens(quick: bool) -> dict:
     """CausalFusion sampling at the paper's token count (16 x 16 latent tokens of 16 dims, as for 256 px
-    with an f8 VAE and patch 2) with a wider model (256 wide, 6 layers), cached only."""
+    with an f8 VAE and patch 2) with a wider model (256 wide, 6 layers), cached only, in float32 and with
+    bf16 weights."""
     model = _sampling_model(grid=16, token_dim=16, dim=256, n_layers=6, n_heads=4)
-    return _sampling_times(model, 2 if quick else 8, uncached=())
+    return _sampling_times(model, 2 if quick else 8, uncached=(), bf16=True)
 
 
 def bench_caption(quick: bool) -> dict:
@@ -601,12 +601,18 @@ def render_markdown(r: dict) -> str:
     lines += [
         "",
         f"| sampling ({s.get('images')} images, {s.get('denoising_steps')} DDIM steps per AR step, CFG) | "
-        "cached s | uncached s |",
-        "|---|---|---|",
+        "cached s | uncached s | cached s, bf16 weights |",
+        "|---|---|---|---|",
     ]
     for steps in (1, 4, 16):
-        lines.append(f"| S = {steps} | {f(s.get(f'S={steps}_cached_s'))} | {f(s.get(f'S={steps}_uncached_s'))} |")
-    lines += [f"| S = 16 / S = 1, cached | {f(s.get('S16_over_S1_cached'))} | |", ""]
+        lines.append(
+            f"| S = {steps} | {f(s.get(f'S={steps}_cached_s'))} | {f(s.get(f'S={steps}_uncached_s'))} | "
+            f"{f(s.get(f'S={steps}_cached_bf16_s'))} |"
+        )
+    lines += [
+        f"| S = 16 / S = 1, cached | {f(s.get('S16_over_S1_cached'))} | | {f(s.get('S16_over_S1_cached_bf16'))} |",
+        "",
+    ]
     sb = r.get("sampling_batch", {})
     if sb:
         lines += ["| sampling with the demo's model, by batch (cached) | S = 1 s | S = 16 s | S = 16 / S = 1 |"]
@@ -621,11 +627,18 @@ def render_markdown(r: dict) -> str:
     sp = r.get("sampling_paper_tokens", {})
     lines += [
         f"| sampling at the paper's token count ({sp.get('tokens_per_image')} tokens per image, "
-        f"{f(sp.get('parameters'), ',')} params, {sp.get('images')} images, 20 DDIM steps, CFG) | cached s |",
-        "|---|---|",
+        f"{f(sp.get('parameters'), ',')} params, {sp.get('images')} images, 20 DDIM steps, CFG) | cached s | "
+        "cached s, bf16 weights |",
+        "|---|---|---|",
     ]
-    lines += [f"| S = {steps} | {f(sp.get(f'S={steps}_cached_s'))} |" for steps in (1, 4, 16)]
-    lines += [f"| S = 16 / S = 1 | {f(sp.get('S16_over_S1_cached'))} |", ""]
+    lines += [
+        f"| S = {steps} | {f(sp.get(f'S={steps}_cached_s'))} | {f(sp.get(f'S={steps}_cached_bf16_s'))} |"
+        for steps in (1, 4, 16)
+    ]
+    lines += [
+        f"| S = 16 / S = 1 | {f(sp.get('S16_over_S1_cached'))} | {f(sp.get('S16_over_S1_cached_bf16'))} |",
+        "",
+    ]
     c = r.get("caption", {})
     lines += [
         "| captioning (32 new tokens) | tokens/s |",

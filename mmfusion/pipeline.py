@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,17 @@ from mmfusion.tokenizers.text import TextTokenizer
 from mmfusion.training.objective import Prompts
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def inference_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """torch.float32 or torch.bfloat16 from a dtype or a name (float32 / fp32, bfloat16 / bf16)."""
+    if dtype is None or dtype in DTYPES.values():
+        return dtype or torch.float32
+    name = {"fp32": "float32", "bf16": "bfloat16"}.get(str(dtype), str(dtype).removeprefix("torch."))
+    if name not in DTYPES:
+        raise UserError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    return DTYPES[name]
 
 
 class MMFusion:
@@ -98,8 +110,14 @@ class MMFusion:
 
     @classmethod
     def from_pretrained(
-        cls, folder: str | Path, device: str | torch.device = "cpu", adapters: list[str | Path] | None = None
+        cls,
+        folder: str | Path,
+        device: str | torch.device = "cpu",
+        adapters: list[str | Path] | None = None,
+        dtype: str | torch.dtype | None = None,
     ) -> MMFusion:
+        """Load a model folder. `adapters` (LoRA folders) are merged into the float32 weights; `dtype`
+        bfloat16 then casts them for inference (see `to_dtype`)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise UserError(
@@ -137,7 +155,28 @@ class MMFusion:
             class_names=config.get("class_names"),
             objective=config.get("objective"),
         )
-        return pipe.load_adapters(adapters) if adapters else pipe
+        pipe = pipe.load_adapters(adapters) if adapters else pipe
+        return pipe.to_dtype(dtype) if dtype is not None else pipe
+
+    def to_dtype(self, dtype: str | torch.dtype) -> MMFusion:
+        """Sample and caption with weights in `dtype` (float32 or bfloat16). bfloat16 halves the model's
+        and the KV cache's memory; on CPUs that multiply bf16 natively (AMX, AVX512-BF16) and on GPUs it
+        runs large passes about twice as fast, while small ones (a few hundred rows of a 128-wide model)
+        gain nothing (docs/BENCHMARKS.md). The rotary frequencies and, with `fp32_head`, the output heads
+        stay float32, and the samplers keep their own state (noisy tokens, logits) in float32."""
+        dtype = inference_dtype(dtype)
+        if dtype == torch.bfloat16 and self.model.backbone.norm.weight.device.type == "cpu":
+            from mmfusion.runtime import bf16_native
+
+            native, bf16, fp32 = bf16_native()
+            if not native:
+                warnings.warn(
+                    f"this CPU has no native bf16 matmul ({bf16:.0f} against {fp32:.0f} GFLOP/s in float32): "
+                    "sampling in bfloat16 will be much slower than in float32",
+                    stacklevel=2,
+                )
+        self.model.to_dtype(dtype)
+        return self
 
     def load_adapters(self, adapters: list[str | Path]) -> MMFusion:
         """Apply one or more LoRA adapters (folders from `mmfusion finetune`), merged into the weights."""

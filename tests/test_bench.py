@@ -112,3 +112,19 @@ def test_cpu_name_carries_the_matmul_features(monkeypatch):
 
     monkeypatch.setattr(pathlib.Path, "read_text", read_text)
     assert bench.cpu_name() == "Some CPU 9000 (amx_bf16 amx_tile avx2 avx512f)"
+
+
+def test_sampling_rows_time_bf16_weights_beside_float32(monkeypatch):
+    """With bf16 weights the sampling rows add a cached column (and its S = 16 / S = 1 ratio), taken
+    from a bf16 copy of the model: the float32 model the other columns use is left as it was."""
+    from mmfusion import runtime
+
+    monkeypatch.setattr(runtime, "bf16_native", lambda: (True, 1.0, 1.0))
+    monkeypatch.setattr(bench, "timed", lambda fn, repeat, warmup=1: (fn(), 0.5)[1])
+    model = bench._sampling_model(grid=4, token_dim=8, dim=64, n_layers=1, n_heads=1)
+    out = bench._sampling_times(model, 2, uncached=(1,), ar_steps=(1, 16), bf16=True)
+    assert model.dtype == torch.float32
+    assert {"S=1_cached_s", "S=1_uncached_s", "S=1_cached_bf16_s", "S=16_cached_bf16_s"} <= set(out)
+    assert "S=16_uncached_s" not in out and out["S16_over_S1_cached_bf16"] == 1.0
+    text = bench.render_markdown({"date": "d", "machine": {"cores": 2, "cpu": "x", "torch": "t"}, "sampling": out})
+    assert "| S = 1 | 0.5 | 0.5 | 0.5 |" in text and "| S = 16 / S = 1, cached | 1 | | 1 |" in text

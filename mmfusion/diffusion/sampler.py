@@ -251,7 +251,7 @@ class _State:
             zeros = [(p, x.new_zeros(len(p), x.shape[-1])) for p in pos_rows]
             tpl = image_block(zeros, NOISY, self.img_pos[:rows], self.s.dim)
             cache = self.cache if rows == len(self.prefixes) else self.cache.rows(rows)
-            dtype = self.model.embed_tokens.weight.dtype
+            dtype = self.model.dtype
             self._pass = _Pass(
                 tpl,
                 cache,

@@ -45,7 +45,7 @@ class TimestepEmbedder(nn.Module):
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         args = t.float()[:, None] * freqs[None]
-        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
+        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1).to(self.mlp[0].weight.dtype))
 
 
 class MMFusionModel(nn.Module):
@@ -95,7 +95,7 @@ class MMFusionModel(nn.Module):
         """Input embeddings (B, L, dim) for every kind of token."""
         ids = batch.ids
         vocab = self.cfg.vocab_size
-        x = self.embed_tokens(ids.clamp(0, vocab - 1))
+        x = self.embed_tokens(ids.clamp(0, vocab - 1)).to(self.dtype)  # tied to an fp32 head: may be float32
         if self.class_embed is not None:
             is_class = ids >= vocab
             if is_class.any():
@@ -121,7 +121,7 @@ class MMFusionModel(nn.Module):
         a few timesteps per image over its 16-256 tokens)."""
         steps, which = torch.unique(t.reshape(-1), return_inverse=True)
         time = self.time_embed(steps).index_select(0, which.reshape(-1)).view(*t.shape, -1)
-        return self.image_in(values) + self.grid_embedding(image_pos) + time
+        return self.image_in(values.to(self.image_in.weight.dtype)) + self.grid_embedding(image_pos) + time
 
     def grid_embedding(self, image_pos: torch.Tensor) -> torch.Tensor:
         """Position embeddings of image tokens at grid positions `image_pos` (...) -> (..., dim). Read
@@ -175,6 +175,29 @@ class MMFusionModel(nn.Module):
 
     def image_output(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._head(self.image_head, hidden)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the backbone computes in (its weights' dtype; autocast may still lower it)."""
+        return self.backbone.norm.weight.dtype
+
+    def output_heads(self) -> list[nn.Linear]:
+        """The linear maps to logits / image values, which `fp32_head` keeps in float32."""
+        return [self.lm_head, self.image_head] + ([self.shuffle_out.head] if self.cfg.discrete else [])
+
+    def to_dtype(self, dtype: torch.dtype) -> MMFusionModel:
+        """Weights in `dtype` for inference (bfloat16: half the memory, and about twice as fast for large
+        passes on CPUs that multiply bf16 natively; docs/BENCHMARKS.md). Kept in float32: the rotary
+        frequencies (their angles reach hundreds of radians, which bf16 cannot place) and, with
+        `fp32_head`, the output heads, as in training. Embedding inputs (image values, timestep features,
+        code bits) are cast on entry; the KV cache takes the dtype of the keys."""
+        inv_freq = self.backbone.rotary.inv_freq
+        self.to(dtype)
+        self.backbone.rotary.inv_freq = inv_freq
+        if self.cfg.fp32_head:
+            for head in self.output_heads():
+                head.float()
+        return self
 
     def new_cache(self) -> KVCache:
         return KVCache(self.cfg.n_layers)

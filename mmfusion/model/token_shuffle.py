@@ -45,7 +45,7 @@ def code_embedding(cfg: ModelConfig, width: int) -> nn.Module:
 
 def embed_codes(embed: nn.Module, codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes (...) -> embeddings (..., width) through a `code_embedding` module."""
-    return embed(code_bits(codes, bits)) if bits else embed(codes)
+    return embed(code_bits(codes, bits).to(embed.weight.dtype)) if bits else embed(codes)
 
 
 class TokenShuffle(nn.Module):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,21 +18,9 @@ from mmfusion.config import RunConfig
 from mmfusion.data.datamodule import MMFusionDataModule
 from mmfusion.data.encode import check_encoded
 from mmfusion.errors import UserError
-from mmfusion.runtime import tune_malloc
+from mmfusion.runtime import matmul_gflops, tune_malloc
 from mmfusion.training.checkpoint import AtomicCheckpointIO
 from mmfusion.training.module import MMFusionModule
-
-
-def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.3) -> float:
-    """Dense matmul throughput of this machine for `dtype` (GFLOP/s), measured now."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
 
 
 def choose_precision(requested: str, accelerator: str = "auto") -> str:

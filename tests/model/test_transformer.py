@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -119,6 +121,41 @@ def test_fp32_head_under_bf16_autocast(tiny_cfg):
     model16 = MMFusionModel(tiny_cfg.replace(fp32_head=False))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model16.text_logits(model16(text_batch([[1, 2, 3]]))).dtype == torch.bfloat16
+
+
+def _relative_error(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.float() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_bf16_weights_for_inference(tiny_cfg, tied):
+    """`to_dtype(bfloat16)`: every weight in bf16 but the fp32 heads (and with tied embeddings the
+    shared table), the rotary frequencies untouched; hidden states and heads within bf16 rounding of the
+    float32 model (unit roundoff 2^-9: some 0.5-1% relative error after the embeddings and two blocks)
+    and in the same dtypes as training under autocast; the KV cache holds bf16."""
+    cfg = tiny_cfg.replace(tie_embeddings=tied)
+    model = MMFusionModel(cfg).eval()
+    with torch.no_grad():
+        model.image_head.weight.normal_(std=0.05)  # zero at init: make the image output say something
+    batch = collate(
+        [fusion_sample(cfg, [1, 5, 6], [3, 2, 4], caption=[4, 9, 10, 2]), fusion_sample(cfg, [1, 7], [9], seed=1)]
+    )
+    with torch.no_grad():
+        ref = model(batch)
+        ref_text, ref_image = model.text_logits(ref), model.image_output(ref)
+        bf = copy.deepcopy(model).to_dtype(torch.bfloat16)
+        kept = {id(p) for head in bf.output_heads() for p in head.parameters()}
+        for name, p in bf.named_parameters():
+            assert p.dtype == (torch.float32 if id(p) in kept else torch.bfloat16), name
+        assert torch.equal(bf.backbone.rotary.inv_freq, model.backbone.rotary.inv_freq)
+        assert bf.backbone.rotary.inv_freq.dtype == torch.float32
+        cache = bf.new_cache()
+        h = bf(batch, cache, store=True)
+        text, image = bf.text_logits(h), bf.image_output(h)
+    assert h.dtype == torch.bfloat16 and text.dtype == image.dtype == torch.float32
+    assert all(k.dtype == torch.bfloat16 for k in cache.keys + cache.values)
+    assert _relative_error(h, ref) < 0.02
+    assert _relative_error(text, ref_text) < 0.02 and _relative_error(image, ref_image) < 0.02
 
 
 def test_presets():
