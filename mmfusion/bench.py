@@ -392,8 +392,11 @@ def bench_sampling_paper_tokens(quick: bool) -> dict:
 
 
 def bench_caption(quick: bool) -> dict:
+    import copy
+
     import torch
 
+    from mmfusion.runtime import bf16_native
     from mmfusion.sampling.caption import CaptionDecoder, CaptionSettings
 
     model = _sampling_model()
@@ -406,6 +409,9 @@ def bench_caption(quick: bool) -> dict:
         sec = timed(lambda: dec(tokens, s, use_cache=cached), repeat=3)
         out[f"{'cached' if cached else 'uncached'}_tokens_per_s"] = b * 32 / sec
     out["speedup"] = out["cached_tokens_per_s"] / out["uncached_tokens_per_s"]
+    if bf16_native()[0]:  # the same decoding with the weights in bf16 (`to_dtype`)
+        low = CaptionDecoder(copy.deepcopy(model).to_dtype(torch.bfloat16), bos=1, boi=3, eoi=4, eos=2)
+        out["cached_bf16_tokens_per_s"] = b * 32 / timed(lambda: low(tokens, s), repeat=3)
     return out
 
 
@@ -646,6 +652,7 @@ def render_markdown(r: dict) -> str:
         f"| KV cache | {f(c.get('cached_tokens_per_s'), '.0f')} |",
         f"| no cache | {f(c.get('uncached_tokens_per_s'), '.0f')} |",
         f"| speed-up | {f(c.get('speedup'), '.1f')}x |",
+        f"| KV cache, bf16 weights | {f(c.get('cached_bf16_tokens_per_s'), '.0f')} |",
         "",
     ]
     ts = r.get("token_shuffle", {})

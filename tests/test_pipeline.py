@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from mmfusion.errors import UserError
+from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.pipeline import MMFusion
 
 
@@ -59,11 +60,10 @@ def test_edit_keeps_unmasked_pixels(trained_tiny):
 
 
 def test_bf16_weights_generate_and_caption_as_float32(trained_tiny, tmp_path):
-    """`dtype="bfloat16"`: the loaded model computes in bf16 and its images stay within bf16 rounding of
-    the float32 model's (deterministic DDIM: mean pixel difference 0.0007 of 255 measured, below 0.05
-    required); greedy captions are the same words. The CLI passes --dtype through."""
-    from mmfusion.cli.main import main
-
+    """`dtype="bfloat16"`: the loaded model computes in bf16; its images stay close to the float32 model's
+    (deterministic DDIM: mean pixel difference 0.0007 of 255 measured; this 6-step model's images hardly
+    depend on the prompt, so the bound of 0.05 catches gross errors only, and the model-level tests the
+    rounding) and greedy captions are the same words."""
     full, low = MMFusion.from_pretrained(trained_tiny), MMFusion.from_pretrained(trained_tiny, dtype="bf16")
     assert low.model.dtype == torch.bfloat16 and full.model.dtype == torch.float32
     settings = dict(seed=3, ar_steps=2, sampler="ddim", steps=4)
@@ -74,10 +74,38 @@ def test_bf16_weights_generate_and_caption_as_float32(trained_tiny, tmp_path):
     assert full.caption(a, max_new_tokens=8) == low.caption(a, max_new_tokens=8)
     with pytest.raises(UserError, match="float32 or bfloat16"):
         MMFusion.from_pretrained(trained_tiny, dtype="float16")
-    out = tmp_path / "bf16"
-    args = ["--model", str(trained_tiny), "--prompt", "a red circle", "--out", str(out), "--dtype", "bfloat16"]
-    main(["generate", *args])
-    assert (out / "0000.png").is_file()
+
+
+def test_loaded_tied_embeddings_stay_one_table_in_bf16(trained_tiny, tmp_path):
+    """A model folder stores a tied table once; loading (`assign=True`) must tie it again, or `to_dtype`
+    would keep a float32 head copy beside a bf16 embedding copy (and LoRA would train two tables)."""
+    pipe = MMFusion.from_pretrained(trained_tiny)
+    pipe.model = MMFusionModel(pipe.model.cfg.replace(tie_embeddings=True)).eval()
+    pipe.save_pretrained(tmp_path / "tied")
+    for dtype in (None, "bfloat16"):
+        model = MMFusion.from_pretrained(tmp_path / "tied", dtype=dtype).model
+        assert model.lm_head.weight is model.embed_tokens.weight
+        assert model.lm_head.weight.dtype == torch.float32  # fp32_head keeps the shared table in float32
+
+
+def test_cli_commands_load_with_the_dtype_asked_for(trained_tiny, tmp_path, monkeypatch):
+    from mmfusion.cli.main import main
+
+    seen, load = [], MMFusion.from_pretrained.__func__
+
+    def recording(cls, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.append(kwargs.get("dtype"))
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(MMFusion, "from_pretrained", classmethod(recording))
+    model, out = ["--model", str(trained_tiny)], tmp_path / "bf16"
+    main(["generate", *model, "--prompt", "a red circle", "--out", str(out), "--dtype", "bfloat16"])
+    main(["caption", str(out / "0000.png"), *model, "--max-new-tokens", "4", "--dtype", "bfloat16"])
+    image = ["--image", str(out / "0000.png"), "--mask", str(out / "0000.png"), "--prompt", "a blue square"]
+    main(["edit", *model, *image, "--steps", "2", "--out", str(tmp_path / "edit")])  # the default: float32
+    shapes = ["--n-single", "2", "--n-pair", "2", "--steps", "2", "--out", str(tmp_path / "ev"), "--dtype", "bfloat16"]
+    main(["eval", "shapes", *model, *shapes])
+    assert seen[:2] == ["bfloat16", "bfloat16"] and seen[2] == "float32" and seen[3] == "bfloat16"
 
 
 def test_missing_model_file_is_a_clear_error(trained_tiny, tmp_path):

@@ -45,7 +45,7 @@ def caption(
         batch_size: images captioned at once
         spice: force SPICE on (--spice) or off (--no-spice); default: only when its models are installed
         dtype: weights' dtype for sampling / captioning (bfloat16: faster for large models on CPUs with
-          native bf16 and on GPUs)
+          native bf16; small models gain little)
     """
     from mmfusion.data.datasets import load_captioned
     from mmfusion.errors import UserError
@@ -99,7 +99,7 @@ def shapes(
         steps: denoising steps per AR step
         cfg: guidance scale
         dtype: weights' dtype for sampling / captioning (bfloat16: faster for large models on CPUs with
-          native bf16 and on GPUs)
+          native bf16; small models gain little)
     """
     from mmfusion.evaluation.demo_eval import evaluate_classes, evaluate_t2i
     from mmfusion.pipeline import MMFusion
@@ -162,7 +162,7 @@ def generation(
         seed: random seed
         batch_size: images generated at once
         dtype: weights' dtype for sampling / captioning (bfloat16: faster for large models on CPUs with
-          native bf16 and on GPUs)
+          native bf16; small models gain little)
     """
     from mmfusion.data.datasets import load_captioned
     from mmfusion.errors import UserError

@@ -66,8 +66,8 @@ def generate(
         batch_size: images sampled at once
         scale: the grid is enlarged this many times (nearest neighbour) for viewing
         adapter: a LoRA adapter folder from `mmfusion finetune` (repeat for several; they are merged)
-        dtype: weights' dtype; bfloat16 halves the memory and runs large models about 2x faster on CPUs
-          with native bf16 (AMX) and on GPUs (docs/BENCHMARKS.md)
+        dtype: weights' dtype; bfloat16 halves the backbone's memory and samples large models up to 2x
+          faster on CPUs with native bf16 (AMX); small models gain little (docs/BENCHMARKS.md)
     """
     from mmfusion.sampling.images import write_outputs
 
@@ -113,8 +113,8 @@ def caption(
         max_new_tokens: caption length limit in tokens
         seed: seed of nucleus sampling
         adapter: a LoRA adapter folder from `mmfusion finetune` (repeat for several; they are merged)
-        dtype: weights' dtype; bfloat16 halves the memory and runs large models about 2x faster on CPUs
-          with native bf16 (AMX) and on GPUs (docs/BENCHMARKS.md)
+        dtype: weights' dtype; bfloat16 halves the backbone's memory and samples large models up to 2x
+          faster on CPUs with native bf16 (AMX); small models gain little (docs/BENCHMARKS.md)
     """
     from mmfusion.sampling.images import open_image
 
@@ -170,8 +170,8 @@ def edit(
         cfg: classifier-free guidance scale
         scale: the grid is enlarged this many times for viewing
         adapter: a LoRA adapter folder from `mmfusion finetune` (repeat for several; they are merged)
-        dtype: weights' dtype; bfloat16 halves the memory and runs large models about 2x faster on CPUs
-          with native bf16 (AMX) and on GPUs (docs/BENCHMARKS.md)
+        dtype: weights' dtype; bfloat16 halves the backbone's memory and samples large models up to 2x
+          faster on CPUs with native bf16 (AMX); small models gain little (docs/BENCHMARKS.md)
     """
     from mmfusion.sampling.images import open_image, write_outputs
     from mmfusion.tokenizers.image import to_pil, to_tensor

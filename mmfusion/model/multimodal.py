@@ -186,8 +186,8 @@ class MMFusionModel(nn.Module):
         return [self.lm_head, self.image_head] + ([self.shuffle_out.head] if self.cfg.discrete else [])
 
     def to_dtype(self, dtype: torch.dtype) -> MMFusionModel:
-        """Weights in `dtype` for inference (bfloat16: half the memory, and about twice as fast for large
-        passes on CPUs that multiply bf16 natively; docs/BENCHMARKS.md). Kept in float32: the rotary
+        """Weights in `dtype` for inference (bfloat16: half the backbone's memory, and up to about twice as
+        fast for large passes on CPUs that multiply bf16 natively; docs/BENCHMARKS.md). Kept in float32: the rotary
         frequencies (their angles reach hundreds of radians, which bf16 cannot place) and, with
         `fp32_head`, the output heads, as in training. Embedding inputs (image values, timestep features,
         code bits) are cast on entry; the KV cache takes the dtype of the keys."""

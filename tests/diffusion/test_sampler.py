@@ -146,5 +146,5 @@ def test_bf16_weights_sample_close_to_float32(model, ar_steps):
     cached = smp(CONDS, UNCONDS, _gens([0, 1]))
     uncached = smp(CONDS, UNCONDS, _gens([0, 1]), use_cache=False)
     assert cached.dtype == torch.float32
-    assert ((cached - ref).norm() / ref.norm()).item() < 0.02
+    assert ((cached - ref).norm() / ref.norm()).item() < 0.01
     assert ((cached - uncached).norm() / ref.norm()).item() < 0.005  # the same weights: closer still

@@ -131,7 +131,8 @@ def _relative_error(a: torch.Tensor, ref: torch.Tensor) -> float:
 def test_bf16_weights_for_inference(tiny_cfg, tied):
     """`to_dtype(bfloat16)`: every weight in bf16 but the fp32 heads (and with tied embeddings the
     shared table), the rotary frequencies untouched; hidden states and heads within bf16 rounding of the
-    float32 model (unit roundoff 2^-9: some 0.5-1% relative error after the embeddings and two blocks)
+    float32 model (unit roundoff 2^-9: 0.5% relative error measured after the embeddings and two blocks;
+    1% allowed, which dropping the timestep embedding in bf16 exceeds)
     and in the same dtypes as training under autocast; the KV cache holds bf16."""
     cfg = tiny_cfg.replace(tie_embeddings=tied)
     model = MMFusionModel(cfg).eval()
@@ -154,8 +155,8 @@ def test_bf16_weights_for_inference(tiny_cfg, tied):
         text, image = bf.text_logits(h), bf.image_output(h)
     assert h.dtype == torch.bfloat16 and text.dtype == image.dtype == torch.float32
     assert all(k.dtype == torch.bfloat16 for k in cache.keys + cache.values)
-    assert _relative_error(h, ref) < 0.02
-    assert _relative_error(text, ref_text) < 0.02 and _relative_error(image, ref_image) < 0.02
+    assert _relative_error(h, ref) < 0.01
+    assert _relative_error(text, ref_text) < 0.01 and _relative_error(image, ref_image) < 0.01
 
 
 def test_presets():
