@@ -6,7 +6,8 @@ images and the 30,000 real images (center crop, resized to the model's resolutio
 
     accelerate launch --num_processes 8 eval/coco30k_fid.py --model MODEL_DIR \
         --captions annotations/captions_val2014.json --images val2014/ \
-        --inception inception-2015-12-05.pt [--clip clip-vit-large-patch14/] --out results/coco30k
+        --inception inception-2015-12-05.pt [--clip clip-vit-large-patch14/] [--dtype bfloat16] \
+        --out results/coco30k
 
 Each rank generates its share of the prompts (`PartialState().split_between_processes`) and writes
 its own shard `OUT/images/rank{r}/`; once every rank is done, the main process reads all shards,
@@ -66,12 +67,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=30000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="weights' dtype (bfloat16: GPUs, AMX CPUs)"
+    )
     args = ap.parse_args(argv)
 
     state = PartialState()
     out = Path(args.out)
     pairs = sample_pairs(args.captions, args.n, args.seed)
-    pipe = MMFusion.from_pretrained(args.model, device=state.device)
+    pipe = MMFusion.from_pretrained(args.model, device=state.device, dtype=args.dtype)
     shard = out / "images" / f"rank{state.process_index}"
     shard.mkdir(parents=True, exist_ok=True)
     with state.split_between_processes(pairs) as mine:

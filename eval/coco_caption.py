@@ -23,6 +23,7 @@ def main() -> None:
     ap.add_argument("--method", default="beam", choices=["greedy", "beam", "nucleus"])
     ap.add_argument("--num-beams", type=int, default=3)
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights' dtype")
     args = ap.parse_args()
     caption(
         model=args.model,
@@ -33,6 +34,7 @@ def main() -> None:
         method=args.method,
         num_beams=args.num_beams,
         limit=args.limit,
+        dtype=args.dtype,
     )
 
 

@@ -48,6 +48,8 @@ def test_coco30k_script(trained_tiny, tmp_path):
             "12",
             "--batch-size",
             "5",
+            "--dtype",
+            "bfloat16",
         ]
     )
     metrics = json.loads((tmp_path / "out" / "coco30k_metrics.json").read_text())
