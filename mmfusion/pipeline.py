@@ -33,6 +33,20 @@ MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def inference_device(device: str | torch.device | None) -> torch.device:
+    """The device to sample on: `auto` (or None) is the first GPU when there is one, else the CPU. A GPU
+    that this machine does not have is a clear error, not a crash deep inside the first forward pass."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise UserError(f"unknown device {device!r}: give cpu, cuda, cuda:N or auto") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device} asked for, but this machine has no CUDA GPU (torch {torch.__version__})")
+    return device
+
+
 def inference_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     """torch.float32 or torch.bfloat16 from a dtype or a name (float32 / fp32, bfloat16 / bf16)."""
     if dtype is None or dtype in DTYPES.values():
@@ -116,9 +130,13 @@ class MMFusion:
         adapters: list[str | Path] | None = None,
         dtype: str | torch.dtype | None = None,
     ) -> MMFusion:
-        """Load a model folder. `adapters` (LoRA folders) are merged into the float32 weights; `dtype`
-        bfloat16 then casts them for inference (see `to_dtype`)."""
+        """Load a model folder onto `device` ("cpu", "cuda", "cuda:1", or "auto": a GPU when there is one).
+        `adapters` (LoRA folders) are merged into the float32 weights; `dtype` bfloat16 then casts them for
+        inference (see `to_dtype`). The samplers keep their state (noise, decoded ids) on the CPU, seeded
+        there, and move each batch to the model's device, so an image depends on its seed, not on where it
+        was sampled (up to the device's arithmetic)."""
         folder = Path(folder)
+        device = inference_device(device)
         if not folder.is_dir():
             raise UserError(
                 f"model folder {folder} does not exist (train one with `mmfusion train` or `mmfusion demo`)"
@@ -157,8 +175,16 @@ class MMFusion:
             class_names=config.get("class_names"),
             objective=config.get("objective"),
         )
+        pipe.image_tokenizer.to(device)
         pipe = pipe.load_adapters(adapters) if adapters else pipe
         return pipe.to_dtype(dtype) if dtype is not None else pipe
+
+    def to(self, device: str | torch.device) -> MMFusion:
+        """Move the model and the image tokenizer (VAE / VQ model) to `device` (see `from_pretrained`)."""
+        device = inference_device(device)
+        self.model.to(device)
+        self.image_tokenizer.to(device)
+        return self
 
     def to_dtype(self, dtype: str | torch.dtype) -> MMFusion:
         """Sample and caption with weights in `dtype` (float32 or bfloat16). bfloat16 halves the memory of
@@ -168,7 +194,7 @@ class MMFusion:
         lose (docs/BENCHMARKS.md). The rotary frequencies and, with `fp32_head`, the output heads
         stay float32, and the samplers keep their own state (noisy tokens, logits) in float32."""
         dtype = inference_dtype(dtype)
-        if dtype == torch.bfloat16 and self.model.backbone.norm.weight.device.type == "cpu":
+        if dtype == torch.bfloat16 and self.model.device.type == "cpu":
             from mmfusion.runtime import bf16_native
 
             native, bf16, fp32 = bf16_native()
@@ -264,7 +290,7 @@ class MMFusion:
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start : start + batch_size]
             tokens = self.generate_tokens([p for p, _ in chunk], [s for _, s in chunk], progress=progress, **settings)
-            images += [to_pil(x) for x in self.image_tokenizer.decode(tokens)]
+            images += [to_pil(x) for x in self.decode_tokens(tokens)]
             bar.update(len(chunk))
         bar.close()
         return images
@@ -272,7 +298,13 @@ class MMFusion:
     # captioning ---------------------------------------------------------------------------
     def encode_images(self, images: list[Any]) -> torch.Tensor:
         size = self.image_cfg.image_size
-        return self.image_tokenizer.encode(torch.stack([to_tensor(im, size) for im in images]))
+        pixels = torch.stack([to_tensor(im, size) for im in images])
+        return self.image_tokenizer.encode(pixels.to(self.model.device)).cpu()
+
+    def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Image tokens (from the samplers, on the CPU) -> pixels (B, 3, H, W) on the CPU, decoded on the
+        model's device (where `from_pretrained` put the VAE / VQ model too)."""
+        return self.image_tokenizer.decode(tokens.to(self.model.device)).cpu()
 
     @torch.no_grad()
     def caption(
@@ -326,7 +358,7 @@ class MMFusion:
             known_mask=known_mask,
             **settings,
         )
-        return [to_pil(x) for x in self.image_tokenizer.decode(out)]
+        return [to_pil(x) for x in self.decode_tokens(out)]
 
 
 def _atomic(path: Path, write) -> None:  # noqa: ANN001

@@ -108,6 +108,28 @@ def test_cli_commands_load_with_the_dtype_asked_for(trained_tiny, tmp_path, monk
     assert seen[:2] == ["bfloat16", "bfloat16"] and seen[2] == "float32" and seen[3] == "bfloat16"
 
 
+def test_device_choice_and_clear_errors(trained_tiny, capsys, monkeypatch):
+    """`auto` is a GPU when there is one, else the CPU; a GPU this machine lacks, or a device name torch
+    does not know, is a one-line error (exit code 2), not a crash in the first forward pass. Sampling
+    itself keeps its state on the CPU and moves batches to the model's device (`MMFusionModel.forward`);
+    with no GPU here that path runs only with model and state both on the CPU."""
+    from mmfusion.cli.main import main
+    from mmfusion.pipeline import inference_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert inference_device("auto") == inference_device(None) == torch.device("cpu")
+    pipe = MMFusion.from_pretrained(trained_tiny, device="auto")
+    assert pipe.model.device == torch.device("cpu") and pipe.to("cpu") is pipe
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        MMFusion.from_pretrained(trained_tiny, device="cuda:1")
+    generate = ["generate", "--model", str(trained_tiny), "--prompt", "a red circle", "--out", "x"]
+    for device in ("cuda", "gpu"):
+        capsys.readouterr()
+        code = main([*generate, "--device", device])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("error:") and "\n" not in err and "device" in err
+
+
 def test_missing_model_file_is_a_clear_error(trained_tiny, tmp_path):
     import shutil
 

@@ -26,6 +26,7 @@ def caption(
     batch_size: int = 32,
     spice: bool | None = None,
     dtype: Literal["float32", "bfloat16"] = "float32",
+    device: str = "auto",
 ) -> None:
     """Caption a split and score it with pycocoevalcap: BLEU-1..4, METEOR, ROUGE-L, CIDEr (+ SPICE).
 
@@ -46,6 +47,7 @@ def caption(
         spice: force SPICE on (--spice) or off (--no-spice); default: only when its models are installed
         dtype: weights' dtype for sampling / captioning (bfloat16: faster for large models on CPUs with
           native bf16; small models gain little)
+        device: cpu, cuda, cuda:N, or auto (a GPU when there is one)
     """
     from mmfusion.data.datasets import load_captioned
     from mmfusion.errors import UserError
@@ -56,7 +58,7 @@ def caption(
     if split not in ds:
         raise UserError(f"split {split!r} not in {data} (has: {', '.join(ds)})")
     rows = ds[split] if limit is None else ds[split].select(range(min(limit, len(ds[split]))))
-    pipe = MMFusion.from_pretrained(model, dtype=dtype)
+    pipe = MMFusion.from_pretrained(model, dtype=dtype, device=device)
     kwargs = {"num_beams": num_beams} if method == "beam" else {}
     caps = pipe.caption(list(rows["image"]), method=method, batch_size=batch_size, **kwargs)
     ids = rows["image_id"] if "image_id" in rows.column_names else list(range(len(rows)))
@@ -81,6 +83,7 @@ def shapes(
     steps: int | None = None,
     cfg: float | None = None,
     dtype: Literal["float32", "bfloat16"] = "float32",
+    device: str = "auto",
 ) -> None:
     """The shapes benchmark (GenEval-style): object count, colour, shape, relative position, clutter.
 
@@ -100,12 +103,13 @@ def shapes(
         cfg: guidance scale
         dtype: weights' dtype for sampling / captioning (bfloat16: faster for large models on CPUs with
           native bf16; small models gain little)
+        device: cpu, cuda, cuda:N, or auto (a GPU when there is one)
     """
     from mmfusion.evaluation.demo_eval import evaluate_classes, evaluate_t2i
     from mmfusion.pipeline import MMFusion
     from mmfusion.sampling.images import make_grid
 
-    pipe = MMFusion.from_pretrained(model, dtype=dtype)
+    pipe = MMFusion.from_pretrained(model, dtype=dtype, device=device)
     settings = {
         k: v
         for k, v in {"ar_steps": ar_steps, "sampler": sampler, "steps": steps, "cfg_scale": cfg}.items()
@@ -144,6 +148,7 @@ def generation(
     seed: int = 0,
     batch_size: int = 16,
     dtype: Literal["float32", "bfloat16"] = "float32",
+    device: str = "auto",
 ) -> None:
     """FID and / or CLIP score of text-to-image samples for the captions of a data set.
 
@@ -163,6 +168,7 @@ def generation(
         batch_size: images generated at once
         dtype: weights' dtype for sampling / captioning (bfloat16: faster for large models on CPUs with
           native bf16; small models gain little)
+        device: cpu, cuda, cuda:N, or auto (a GPU when there is one)
     """
     from mmfusion.data.datasets import load_captioned
     from mmfusion.errors import UserError
@@ -172,7 +178,7 @@ def generation(
 
     if not inception and not clip:
         raise UserError("give --inception (FID) and / or --clip (CLIP score): local weights are required")
-    pipe = MMFusion.from_pretrained(model, dtype=dtype)
+    pipe = MMFusion.from_pretrained(model, dtype=dtype, device=device)
     rows = load_captioned(data, image_root)[split]
     rows = rows.select(range(min(n, len(rows))))
     prompts = [caps[0] for caps in rows["captions"]]

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Literal
 
 
-def _load(model: str, adapter: list[str] | None, dtype: str = "float32"):  # noqa: ANN202
+def _load(model: str, adapter: list[str] | None, dtype: str = "float32", device: str = "auto"):  # noqa: ANN202
     from mmfusion.pipeline import MMFusion
 
-    return MMFusion.from_pretrained(model, adapters=adapter, dtype=dtype)
+    return MMFusion.from_pretrained(model, adapters=adapter, dtype=dtype, device=device)
 
 
 def _settings(ar_steps, order, sampler, steps, cfg, cfg_interval, cfg_until_step) -> dict:  # noqa: ANN001
@@ -45,6 +45,7 @@ def generate(
     scale: int = 4,
     adapter: list[str] | None = None,
     dtype: Literal["float32", "bfloat16"] = "float32",
+    device: str = "auto",
 ) -> None:
     """Generate images from text prompts: one PNG per image, OUT/grid.png and OUT/index.json.
 
@@ -68,6 +69,7 @@ def generate(
         adapter: a LoRA adapter folder from `mmfusion finetune` (repeat for several; they are merged)
         dtype: weights' dtype; bfloat16 halves the backbone's memory and samples large models up to 2x
           faster on CPUs with native bf16 (AMX); small models gain little (docs/BENCHMARKS.md)
+        device: cpu, cuda, cuda:N, or auto (a GPU when there is one)
     """
     from mmfusion.sampling.images import write_outputs
 
@@ -75,7 +77,7 @@ def generate(
         from mmfusion.errors import UserError
 
         raise UserError("--cfg-interval takes two values: --cfg-interval LO --cfg-interval HI")
-    pipe = _load(model, adapter, dtype)
+    pipe = _load(model, adapter, dtype, device)
     settings = _settings(ar_steps, order, sampler, steps, cfg, cfg_interval, cfg_until_step)
     images = pipe.generate(prompt, num_images=num_images, seed=seed, batch_size=batch_size, progress=True, **settings)
     records = [
@@ -99,6 +101,7 @@ def caption(
     seed: int = 0,
     adapter: list[str] | None = None,
     dtype: Literal["float32", "bfloat16"] = "float32",
+    device: str = "auto",
 ) -> None:
     """Caption images; prints `path: caption` lines and optionally writes a JSON {path: caption}.
 
@@ -115,11 +118,12 @@ def caption(
         adapter: a LoRA adapter folder from `mmfusion finetune` (repeat for several; they are merged)
         dtype: weights' dtype; bfloat16 halves the backbone's memory and samples large models up to 2x
           faster on CPUs with native bf16 (AMX); small models gain little (docs/BENCHMARKS.md)
+        device: cpu, cuda, cuda:N, or auto (a GPU when there is one)
     """
     from mmfusion.sampling.images import open_image
 
     pils = [open_image(p) for p in images]
-    pipe = _load(model, adapter, dtype)
+    pipe = _load(model, adapter, dtype, device)
     kwargs = {"num_beams": num_beams} if method == "beam" else {}
     if method == "nucleus":
         kwargs = {"top_p": top_p, "temperature": temperature}
@@ -149,6 +153,7 @@ def edit(
     scale: int = 4,
     adapter: list[str] | None = None,
     dtype: Literal["float32", "bfloat16"] = "float32",
+    device: str = "auto",
 ) -> None:
     """Zero-shot editing / inpainting: regenerate the masked region of an image under a prompt.
 
@@ -172,11 +177,12 @@ def edit(
         adapter: a LoRA adapter folder from `mmfusion finetune` (repeat for several; they are merged)
         dtype: weights' dtype; bfloat16 halves the backbone's memory and samples large models up to 2x
           faster on CPUs with native bf16 (AMX); small models gain little (docs/BENCHMARKS.md)
+        device: cpu, cuda, cuda:N, or auto (a GPU when there is one)
     """
     from mmfusion.sampling.images import open_image, write_outputs
     from mmfusion.tokenizers.image import to_pil, to_tensor
 
-    pipe = _load(model, adapter, dtype)
+    pipe = _load(model, adapter, dtype, device)
     size = pipe.image_cfg.image_size
     img = open_image(image)
     img = to_pil(to_tensor(img, size))

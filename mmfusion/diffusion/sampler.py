@@ -249,7 +249,7 @@ class _State:
             return self._uncached([(p, x[i, : len(p)]) for i, p in enumerate(pos_rows)], t, rows)
         if self._template_key != (step, rows):  # what all denoising steps of this AR step share, built once
             zeros = [(p, x.new_zeros(len(p), x.shape[-1])) for p in pos_rows]
-            tpl = image_block(zeros, NOISY, self.img_pos[:rows], self.s.dim)
+            tpl = image_block(zeros, NOISY, self.img_pos[:rows], self.s.dim).to(self.model.device)
             cache = self.cache if rows == len(self.prefixes) else self.cache.rows(rows)
             dtype = self.model.dtype
             self._pass = _Pass(
@@ -262,12 +262,14 @@ class _State:
             self._template_key = (step, rows)
         p = self._pass
         # x is empty when editing gives every token
-        values = x if x.shape[1] == p.template.kind.shape[1] else p.template.values
+        values = x.to(p.template.values.device) if x.shape[1] == p.template.kind.shape[1] else p.template.values
         # only the values and the timestep change between denoising steps: embed just those (padding
         # slots get image embeddings too; they see only themselves and nobody reads them)
-        emb = self.model.image_embedding(values, p.template.image_pos, torch.tensor([t])).to(p.dtype)
+        t = torch.tensor([t], device=values.device)
+        emb = self.model.image_embedding(values, p.template.image_pos, t).to(p.dtype)
         hidden = self.model.backbone(emb, p.template.position_ids, p.mask, p.cache, rope=p.rope)
-        return self.model.image_output(hidden)[:, : x.shape[1]].float()
+        # the sampler's own state stays on the CPU (seeded there, whatever the model's device)
+        return self.model.image_output(hidden)[:, : x.shape[1]].float().to(x.device)
 
     def _uncached(self, noisy: list[tuple[torch.Tensor, torch.Tensor]], t: int, rows: int) -> torch.Tensor:
         samples, starts = [], []
@@ -283,7 +285,7 @@ class _State:
                 b.image(vals, pos, kind=NOISY, group=torch.full((n,), len(self.clean[i])), t=torch.full((n,), t))
             samples.append(b.tensors())
         batch = collate(samples)
-        pred = self.model.image_output(self.model(batch)).float()
+        pred = self.model.image_output(self.model(batch)).float().cpu()
         width = max(len(p) for p, _ in noisy)
         res = torch.zeros(rows, width, pred.shape[-1])
         for i, (pos, _) in enumerate(noisy):

@@ -136,8 +136,11 @@ class MMFusionModel(nn.Module):
         store: bool = False,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Hidden states (B, L, dim). `mask` defaults to the generalized causal mask of `batch`."""
-        mask = batch.mask() if mask is None else mask
+        """Hidden states (B, L, dim). `mask` defaults to the generalized causal mask of `batch`. A batch (and
+        mask) built on the CPU, as the samplers build theirs, is moved to the model's device here."""
+        if batch.ids.device != self.device:
+            batch = batch.to(self.device)
+        mask = batch.mask() if mask is None else mask.to(self.device)
         x = self.embed(batch)
         positions = self.rotary_positions(batch)
         # The rotary tables are made here, not inside the backbone: a compiled backbone then takes them
@@ -180,6 +183,10 @@ class MMFusionModel(nn.Module):
     def dtype(self) -> torch.dtype:
         """The dtype the backbone computes in (its weights' dtype; autocast may still lower it)."""
         return self.backbone.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.norm.weight.device
 
     def output_heads(self) -> list[nn.Linear]:
         """The linear maps to logits / image values, which `fp32_head` keeps in float32."""

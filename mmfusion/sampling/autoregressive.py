@@ -112,8 +112,8 @@ class ARImageSampler:
 
         def logits_of(codes: torch.Tensor | None) -> torch.Tensor:
             if codes is not None:
-                codes = torch.cat([codes] * (hidden.shape[0] // b))
-            logits = self.model.code_logits(hidden, codes).float()
+                codes = torch.cat([codes] * (hidden.shape[0] // b)).to(hidden.device)
+            logits = self.model.code_logits(hidden, codes).float().cpu()  # drawn on the CPU, seeded there
             return logits if scale is None else logits[b:] + scale * (logits[:b] - logits[b:])
 
         if not self.model.shuffle_out.autoregressive:
@@ -144,4 +144,4 @@ class ARImageSampler:
             batch = code_step(codes[:, i], i, torch.tensor([len(p) + i for p in prefixes]))
             last = torch.zeros(rows, dtype=torch.long)
         hidden = self.model(batch, cache, store=cache is not None)
-        return hidden[torch.arange(rows), last]
+        return hidden[torch.arange(rows, device=hidden.device), last.to(hidden.device)]

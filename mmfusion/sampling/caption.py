@@ -93,7 +93,7 @@ class CaptionDecoder:
         out = torch.full((b, 0), self.eos, dtype=torch.long)
         done = torch.zeros(b, dtype=torch.bool)
         for step in range(settings.max_new_tokens):
-            logits = logits.float()
+            logits = logits.float().cpu()  # decoding state stays on the CPU, whatever the model's device
             if step < settings.min_new_tokens:
                 logits[:, self.eos] = float("-inf")
             nxt = self._choose(logits, settings, generators)
@@ -128,7 +128,7 @@ class CaptionDecoder:
         cache = self.model.new_cache()
         prefix = collate(self._prefix_rows(tokens))
         position = int(prefix.position_ids[0, -1]) + 1
-        logp = torch.log_softmax(self.model.text_logits(self.model(prefix, cache, store=True)[:, -1]).float(), -1)
+        logp = torch.log_softmax(self.model.text_logits(self.model(prefix, cache, store=True)[:, -1]).float().cpu(), -1)
         cache.select(torch.arange(b).repeat_interleave(k))
         vocab = logp.shape[-1]
         # start: top-k first tokens per image
@@ -146,7 +146,7 @@ class CaptionDecoder:
             if step == s.max_new_tokens or all(len(f) >= k for f in finished):
                 break
             h = self.model(self._step_batch(last, position + step - 1, tokens.shape[-1]), cache, store=True)
-            logp = torch.log_softmax(self.model.text_logits(h[:, -1]).float(), -1)
+            logp = torch.log_softmax(self.model.text_logits(h[:, -1]).float().cpu(), -1)
             cand = (scores[:, None] + logp).view(b, k * vocab)
             top, flat = cand.topk(k, -1)
             beam = flat // vocab + torch.arange(b)[:, None] * k
