@@ -44,6 +44,8 @@ def inference_device(device: str | torch.device | None) -> torch.device:
         raise UserError(f"unknown device {device!r}: give cpu, cuda, cuda:N or auto") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {device} asked for, but this machine has no CUDA GPU (torch {torch.__version__})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device {device} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return device
 
 
@@ -73,7 +75,7 @@ class MMFusion:
         self.model = model.eval()
         self.text_tokenizer = text_tokenizer
         self.image_cfg = image
-        self.image_tokenizer = image_tokenizer or build_image_tokenizer(image)
+        self.image_tokenizer = (image_tokenizer or build_image_tokenizer(image)).to(model.device)
         self.diffusion = diffusion
         self.sample_defaults = sample
         self.condition = condition
@@ -175,7 +177,6 @@ class MMFusion:
             class_names=config.get("class_names"),
             objective=config.get("objective"),
         )
-        pipe.image_tokenizer.to(device)
         pipe = pipe.load_adapters(adapters) if adapters else pipe
         return pipe.to_dtype(dtype) if dtype is not None else pipe
 
@@ -299,12 +300,15 @@ class MMFusion:
     def encode_images(self, images: list[Any]) -> torch.Tensor:
         size = self.image_cfg.image_size
         pixels = torch.stack([to_tensor(im, size) for im in images])
-        return self.image_tokenizer.encode(pixels.to(self.model.device)).cpu()
+        return self.image_tokenizer.encode(pixels.to(self._tokenizer_device())).cpu()
 
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Image tokens (from the samplers, on the CPU) -> pixels (B, 3, H, W) on the CPU, decoded on the
-        model's device (where `from_pretrained` put the VAE / VQ model too)."""
-        return self.image_tokenizer.decode(tokens.to(self.model.device)).cpu()
+        """Image tokens (from the samplers, on the CPU) -> pixels (B, 3, H, W) on the CPU, decoded where the
+        VAE / VQ model is (the model's device, unless only `pipe.model` was moved)."""
+        return self.image_tokenizer.decode(tokens.to(self._tokenizer_device())).cpu()
+
+    def _tokenizer_device(self) -> torch.device:
+        return next((p.device for p in self.image_tokenizer.parameters()), torch.device("cpu"))
 
     @torch.no_grad()
     def caption(

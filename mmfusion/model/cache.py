@@ -59,8 +59,9 @@ class KVCache:
 
     def select(self, index: torch.Tensor) -> None:
         """Keep / reorder / repeat batch rows in place (beam search, CFG stream duplication)."""
-        if self.valid is not None:
-            index = index.to(self.valid.device)
+        stored = next((k for k in self.keys if k is not None), self.valid)
+        if stored is not None:
+            index = index.to(stored.device)
         self.keys = [None if k is None else k[:, :, : self.length].index_select(0, index) for k in self.keys]
         self.values = [None if v is None else v[:, :, : self.length].index_select(0, index) for v in self.values]
         if self.valid is not None:
