@@ -72,6 +72,35 @@ with fake_gpu.FakeGPUMode():
     shuffle_gpu = shuffle_runs(shuffle_model)
 for key in cpu:
     assert same(cpu[key], gpu[key]), key
+
+# a latent model: MMFusion built around a model already on the GPU puts its VAE there too, and encodes
+# (editing) and decodes there
+from diffusers import AutoencoderKL
+from mmfusion.diffusion.config import DiffusionConfig
+from mmfusion.tokenizers.image import ImageTokenizerConfig, VAETokenizer
+
+torch.manual_seed(0)
+vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                    up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, layers_per_block=1)
+vae.save_pretrained(sys.argv[2])
+image = ImageTokenizerConfig(kind="vae", image_size=32, patch_size=2, path=sys.argv[2])
+latent_cfg = pipe.model.cfg.replace(image_token_dim=16, image_grid=(8, 8))
+latent = MMFusionModel(latent_cfg).eval()
+
+
+def latent_runs(model, tokenizer):
+    p = MMFusion(model, pipe.text_tokenizer, image, DiffusionConfig(), image_tokenizer=tokenizer)
+    images = p.generate(prompts, seed=0, ar_steps=2, steps=2)
+    return images + p.edit(images[0], np.full((32, 32), 255, dtype=np.uint8), "a red circle", steps=2)
+
+
+latent_cpu = latent_runs(latent, VAETokenizer(image))
+tokenizer = VAETokenizer(image)  # loaded on the CPU; MMFusion moves it to the model's device
+with fake_gpu.FakeGPUMode():
+    fake_gpu.to_fake_gpu(latent)
+    latent_gpu = latent_runs(latent, tokenizer)
+    assert tokenizer.vae.decoder.conv_out.weight.device.type == "meta"
+assert same(latent_cpu, latent_gpu), "latent"
 assert all(isinstance(t, torch.Tensor) and not isinstance(t, fake_gpu.FakeGPU) for t in shuffle_gpu)
 assert same(shuffle_cpu, shuffle_gpu), "token-shuffle"
 print("ok", sorted(cpu))
@@ -84,7 +113,12 @@ def test_sampling_with_the_model_on_a_gpu_matches_the_cpu(trained_tiny, tmp_path
     script.write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, str(script), str(trained_tiny)], cwd=root, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(script), str(trained_tiny), str(tmp_path / "vae")],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if proc.returncode != 0:
         pytest.fail(proc.stdout[-2000:] + proc.stderr[-4000:])
