@@ -400,7 +400,8 @@ def bench_caption(quick: bool) -> dict:
     from mmfusion.sampling.caption import CaptionDecoder, CaptionSettings
 
     model = _sampling_model()
-    dec = CaptionDecoder(model, bos=1, boi=3, eoi=4, eos=2)
+    specials = dict(bos=1, boi=3, eoi=4, eos=2)
+    dec = CaptionDecoder(model, **specials)
     b = 8 if quick else 32
     tokens = torch.randn(b, 16, 192)
     s = CaptionSettings(max_new_tokens=32, min_new_tokens=32)
@@ -410,7 +411,7 @@ def bench_caption(quick: bool) -> dict:
         out[f"{'cached' if cached else 'uncached'}_tokens_per_s"] = b * 32 / sec
     out["speedup"] = out["cached_tokens_per_s"] / out["uncached_tokens_per_s"]
     if bf16_native()[0]:  # the same decoding with the weights in bf16 (`to_dtype`)
-        low = CaptionDecoder(copy.deepcopy(model).to_dtype(torch.bfloat16), bos=1, boi=3, eoi=4, eos=2)
+        low = CaptionDecoder(copy.deepcopy(model).to_dtype(torch.bfloat16), **specials)
         out["cached_bf16_tokens_per_s"] = b * 32 / timed(lambda: low(tokens, s), repeat=3)
     return out
 

@@ -214,7 +214,6 @@ class _Pass:
     cache: KVCache
     mask: torch.Tensor
     rope: tuple[torch.Tensor, torch.Tensor]
-    dtype: torch.dtype
 
 
 class _State:
@@ -251,13 +250,11 @@ class _State:
             zeros = [(p, x.new_zeros(len(p), x.shape[-1])) for p in pos_rows]
             tpl = image_block(zeros, NOISY, self.img_pos[:rows], self.s.dim).to(self.model.device)
             cache = self.cache if rows == len(self.prefixes) else self.cache.rows(rows)
-            dtype = self.model.dtype
             self._pass = _Pass(
                 tpl,
                 cache,
                 self.model.backbone.full_mask(tpl.mask(), cache),
-                self.model.backbone.rotary(self.model.rotary_positions(tpl), dtype),
-                dtype,
+                self.model.backbone.rotary(self.model.rotary_positions(tpl), self.model.dtype),
             )
             self._template_key = (step, rows)
         p = self._pass
@@ -266,7 +263,7 @@ class _State:
         # only the values and the timestep change between denoising steps: embed just those (padding
         # slots get image embeddings too; they see only themselves and nobody reads them)
         t = torch.tensor([t], device=values.device)
-        emb = self.model.image_embedding(values, p.template.image_pos, t).to(p.dtype)
+        emb = self.model.image_embedding(values, p.template.image_pos, t)  # in the model's dtype
         hidden = self.model.backbone(emb, p.template.position_ids, p.mask, p.cache, rope=p.rope)
         # the sampler's own state stays on the CPU (seeded there, whatever the model's device)
         return self.model.image_output(hidden)[:, : x.shape[1]].float().to(x.device)
