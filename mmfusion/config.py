@@ -28,6 +28,10 @@ class ObjectiveConfig:
     caption_dropout: float = 0.1  # T2I samples whose caption is dropped (unconditional stream for CFG)
     text_loss_weight: float = 0.01  # text loss x this, in caption order
     caption_image_loss_weight: float = 1.0  # image loss of caption-order samples (unconditional)
+    # AR steps of the image in caption-order samples. 1: one group of clean tokens that see each other,
+    # the layout the text reads at inference (captioning gives the image as one clean group); null: drawn
+    # as for T2I (gamma), so the text mostly reads clean tokens under the block-causal mask of S groups
+    caption_ar_steps: int | None = 1
     baseline: str = "causalfusion"  # causalfusion | transfusion (one AR step, text reads the noisy image)
     bit_flip: float = 0.0  # binary codes: Infinity's bitwise self-correction, input bits flipped at this rate
     # pack samples into rows of this many tokens (the mask keeps them apart) instead of padding each to
@@ -39,6 +43,8 @@ class ObjectiveConfig:
             raise ValueError(f"condition must be one of {', '.join(CONDITIONS)}, got {self.condition!r}")
         if self.baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
+        if self.caption_ar_steps is not None and self.caption_ar_steps < 1:
+            raise ValueError(f"caption_ar_steps must be at least 1 (or null), got {self.caption_ar_steps}")
 
 
 CONDITIONS = ("text", "class")

@@ -118,8 +118,14 @@ class JointObjective:
             self.model_cfg.image_grid,
             g,
             clean_copy_of_last=clean_last,
+            ar_steps=self._caption_ar_steps(tokens.shape[0]) if caption_order else None,
             loss_scale=weight,
         )
+
+    def _caption_ar_steps(self, n_tokens: int) -> int | None:
+        """AR steps of a caption-order image (`ObjectiveConfig.caption_ar_steps`, at most its tokens)."""
+        steps = self.obj.caption_ar_steps
+        return None if steps is None else min(steps, n_tokens)
 
     def _self_correction(self, codes: torch.Tensor, g: torch.Generator) -> torch.Tensor | None:
         """Infinity's bitwise self-correction: flip a fraction of the input bits; targets stay true."""

@@ -77,3 +77,41 @@ def test_packed_samples_do_not_see_each_other():
                 packed, segment=None, kind=packed.kind[r : r + 1, idx], group=packed.group[r : r + 1, idx]
             )
             assert torch.equal(mask[r][idx][:, idx], alone.mask()[0])
+
+
+@pytest.mark.parametrize("caption_ar_steps", [1, None])
+def test_caption_order_text_reads_the_image_as_captioning_does(caption_ar_steps):
+    """In caption-order samples the text's logits equal those of captioning at inference (the image as
+    one clean group, `CaptionDecoder`), even where T2I draws many AR steps (gamma 0.9). Drawing the
+    caption-order image's AR steps as for T2I (`caption_ar_steps: null`) gives the text clean tokens
+    under a block-causal mask that captioning never shows it."""
+    from mmfusion.model.masks import CLEAN
+    from mmfusion.model.sequence import IGNORE, SequenceBuilder, collate
+    from mmfusion.sampling.caption import CaptionDecoder
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name("tiny", image_grid=(4, 4), image_rope=True)
+    model = MMFusionModel(cfg).eval()
+    tokens, captions = _inputs(cfg, 8)
+    bos, eos, boi, eoi = 1, 2, 3, 4
+    objective = ObjectiveConfig(t2i_fraction=0.0, caption_ar_steps=caption_ar_steps)
+    obj = JointObjective(cfg, DiffusionConfig(gamma=0.9), objective, bos, eos, boi, eoi)
+    batch = obj.build(tokens, captions, None, [torch.Generator().manual_seed(i) for i in range(8)])
+    with torch.no_grad():
+        train = model.text_logits(model(batch, mask=batch.mask())[batch.labels != IGNORE])
+
+        decoder, n = CaptionDecoder(model, bos, boi, eoi, eos), cfg.num_image_tokens
+        rows = []
+        for x, prefix, caption in zip(tokens, decoder._prefix_rows(tokens), captions):
+            b = SequenceBuilder(cfg.image_token_dim, image_span=cfg.image_span).text([bos, boi])
+            b.image(x, torch.arange(n), kind=CLEAN, group=torch.zeros(n, dtype=torch.long))
+            row = b.end_image().text([eoi]).text([*caption, eos], loss=True).tensors()
+            assert all(torch.equal(row[k][: len(prefix["kind"])], v) for k, v in prefix.items() if k != "labels")
+            rows.append(row)
+        infer = collate(rows)
+        infer_logits = model.text_logits(model(infer, mask=infer.mask())[infer.labels != IGNORE])
+    assert torch.equal(batch.labels[batch.labels != IGNORE], infer.labels[infer.labels != IGNORE])
+    if caption_ar_steps == 1:
+        torch.testing.assert_close(train, infer_logits, atol=1e-5, rtol=1e-5)
+    else:
+        assert (train - infer_logits).abs().max() > 1e-4
