@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--inception", required=True, help="local TorchScript Inception feature extractor")
     ap.add_argument("--clip", default=None, help="local transformers CLIP folder for CLIP score")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--n", type=int, default=30000)
+    # not "--n" alone: torchrun reads an abbreviated option of its own (--nnodes, ...) into it
+    ap.add_argument("--num-images", "--n", dest="n", type=int, default=30000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument(
@@ -72,7 +73,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = ap.parse_args(argv)
 
-    state = PartialState()
+    import torch
+
+    # without a GPU, accelerate sees the processes of a launch as one process each unless told to run
+    # on the CPU (then it joins them over gloo): every rank would generate every prompt
+    state = PartialState(cpu=not torch.cuda.is_available())
     out = Path(args.out)
     pairs = sample_pairs(args.captions, args.n, args.seed)
     pipe = MMFusion.from_pretrained(args.model, device=state.device, dtype=args.dtype)

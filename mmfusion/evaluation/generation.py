@@ -56,10 +56,12 @@ def _uint8(images: list[Any]) -> torch.Tensor:
 
 
 def frechet_distance(real: list[Any], fake: list[Any], inception: str | Path, batch_size: int = 64) -> float:
-    """FID between two lists of PIL images with a local Inception feature extractor."""
+    """FID between two lists of PIL images with a local Inception feature extractor. The lists are the
+    whole sets: nothing is gathered from other processes (torchmetrics would, under torch.distributed,
+    and wait forever for ranks that leave the metrics to the main process)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    fid = FrechetInceptionDistance(feature=TorchScriptFeatures(inception))
+    fid = FrechetInceptionDistance(feature=TorchScriptFeatures(inception), sync_on_compute=False)
     for is_real, images in ((True, real), (False, fake)):
         for i in range(0, len(images), batch_size):
             fid.update(_uint8(images[i : i + batch_size]), real=is_real)
@@ -88,7 +90,7 @@ class _TensorFeatures(nn.Module):
 
 def clip_score(images: list[Any], prompts: list[str], clip: str | Path, batch_size: int = 64) -> float:
     """CLIP score as torchmetrics defines it: 100 x mean cosine of image and prompt, floored at 0;
-    CLIP comes from a local folder."""
+    CLIP comes from a local folder. Computed on the images given, in this process alone (as FID)."""
     from torchmetrics.multimodal.clip_score import CLIPScore
     from transformers import CLIPModel, CLIPProcessor
 
@@ -102,7 +104,7 @@ def clip_score(images: list[Any], prompts: list[str], clip: str | Path, batch_si
     def load() -> tuple[nn.Module, Any]:
         return _TensorFeatures(CLIPModel.from_pretrained(clip).eval()), CLIPProcessor.from_pretrained(clip)
 
-    metric = CLIPScore(model_name_or_path=load)
+    metric = CLIPScore(model_name_or_path=load, sync_on_compute=False)
     for i in range(0, len(images), batch_size):
         metric.update(_uint8(images[i : i + batch_size]), prompts[i : i + batch_size])
     return float(metric.compute())
