@@ -123,7 +123,7 @@ class NextTokenDiffusionSampler:
         groups, known = [], []
         n = self.grid[0] * self.grid[1]
         for i in range(batch):
-            order = token_order(self.grid, self.settings.order, generators[i])
+            order = token_order(self.grid, self.settings.order, generators[i], self.diffusion.block_size)
             if known_mask is not None:
                 keep = known_mask[i][order]
                 known.append(order[keep])

@@ -129,6 +129,8 @@ class CaptionDecoder:
         prefix = collate(self._prefix_rows(tokens))
         position = int(prefix.position_ids[0, -1]) + 1
         logp = torch.log_softmax(self.model.text_logits(self.model(prefix, cache, store=True)[:, -1]).float().cpu(), -1)
+        if s.min_new_tokens > 0:
+            logp[:, self.eos] = float("-inf")
         cache.select(torch.arange(b).repeat_interleave(k))
         vocab = logp.shape[-1]
         # start: top-k first tokens per image
@@ -147,6 +149,8 @@ class CaptionDecoder:
                 break
             h = self.model(self._step_batch(last, position + step - 1, tokens.shape[-1]), cache, store=True)
             logp = torch.log_softmax(self.model.text_logits(h[:, -1]).float().cpu(), -1)
+            if step < s.min_new_tokens:  # <eos> not before min_new_tokens, as in greedy and nucleus decoding
+                logp[:, self.eos] = float("-inf")
             cand = (scores[:, None] + logp).view(b, k * vocab)
             top, flat = cand.topk(k, -1)
             beam = flat // vocab + torch.arange(b)[:, None] * k

@@ -148,3 +148,29 @@ def test_bf16_weights_sample_close_to_float32(model, ar_steps):
     assert cached.dtype == torch.float32
     assert ((cached - ref).norm() / ref.norm()).item() < 0.01
     assert ((cached - uncached).norm() / ref.norm()).item() < 0.005  # the same weights: closer still
+
+
+@pytest.mark.parametrize("block", [2, 4])
+def test_block_raster_sampling_uses_the_trained_block_size(model, block):
+    """Training cuts block-raster orders into `diffusion.block_size` blocks; sampling one token per AR
+    step must visit the grid in those same blocks."""
+    from mmfusion.diffusion.causal import token_order
+
+    smp = NextTokenDiffusionSampler(
+        model,
+        DiffusionConfig(order="block_raster", block_size=block),
+        SamplerSettings(ar_steps=16, order="block_raster"),
+    )
+    plan = smp._plan(1, _gens([0]), None)
+    assert torch.cat(plan.groups[0]).tolist() == token_order((4, 4), "block_raster", block=block).tolist()
+
+
+def test_guidance_at_scale_zero_is_the_unconditional_stream(model):
+    """uncond + s (cond - uncond): at s = 0 the guided images are those of the unconditional prefixes
+    sampled without guidance, and not those of the conditional ones (a swapped mix gives those)."""
+    kw = {"ar_steps": 4, "sampler": "ddim", "steps": 3, "cfg_interval": (0.0, 1.0)}
+    guided = NextTokenDiffusionSampler(model, DiffusionConfig(), SamplerSettings(cfg_scale=0.0, **kw))
+    plain = NextTokenDiffusionSampler(model, DiffusionConfig(), SamplerSettings(cfg_scale=1.0, **kw))
+    uncond, cond = plain(UNCONDS, None, _gens([0, 1])), plain(CONDS, None, _gens([0, 1]))
+    assert (uncond - cond).abs().max() > 1e-3
+    torch.testing.assert_close(guided(CONDS, UNCONDS, _gens([0, 1])), uncond, atol=1e-5, rtol=1e-5)

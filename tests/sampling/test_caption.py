@@ -31,10 +31,14 @@ def test_cached_equals_uncached(decoder, method):
 
 
 def test_batched_equals_one_by_one_and_beam1_is_greedy(decoder):
-    tokens = torch.randn(3, 16, 12)
+    torch.manual_seed(1)
+    tokens = torch.randn(3, 16, 12) * 30  # loud enough that each image gets its own caption
     greedy = decoder(tokens, CaptionSettings(max_new_tokens=10))
+    beam = decoder(tokens, CaptionSettings(method="beam", num_beams=3, max_new_tokens=10))
+    assert len({tuple(c) for c in greedy}) == 3 and len({tuple(c) for c in beam}) == 3  # rows can't be swapped
     for i in range(3):
         assert decoder(tokens[i : i + 1], CaptionSettings(max_new_tokens=10)) == greedy[i : i + 1]
+        assert decoder(tokens[i : i + 1], CaptionSettings(method="beam", num_beams=3, max_new_tokens=10)) == [beam[i]]
     assert decoder(tokens, CaptionSettings(method="beam", num_beams=1, max_new_tokens=10)) == greedy
 
 
@@ -74,3 +78,18 @@ def test_bad_caption_settings_are_refused(bad, message):
 
     with pytest.raises(UserError, match=message):
         CaptionSettings(**bad)
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam", "nucleus"])
+def test_min_new_tokens_holds_back_eos_in_every_method(method):
+    """A head that all but always says <eos>: without a minimum every caption is empty; with one, no
+    method (beam search too) ends a caption before it."""
+    torch.manual_seed(0)
+    model = MMFusionModel(ModelConfig.from_name("tiny", image_grid=(4, 4), image_token_dim=12)).eval()
+    plain = model.text_logits
+    model.text_logits = lambda h: plain(h) + 20.0 * (torch.arange(model.cfg.vocab_size) == 2)
+    decoder, tokens = CaptionDecoder(model, bos=1, boi=3, eoi=4, eos=2), torch.randn(3, 16, 12)
+    settings = {"method": method, "num_beams": 3, "max_new_tokens": 8}
+    assert decoder(tokens, CaptionSettings(**settings), _gens(3)) == [[], [], []]
+    lengths = [len(c) for c in decoder(tokens, CaptionSettings(**settings, min_new_tokens=5), _gens(3))]
+    assert lengths == [5, 5, 5]
