@@ -99,13 +99,14 @@ def test_cli_commands_load_with_the_dtype_asked_for(trained_tiny, tmp_path, monk
 
     monkeypatch.setattr(MMFusion, "from_pretrained", classmethod(recording))
     model, out = ["--model", str(trained_tiny)], tmp_path / "bf16"
-    main(["generate", *model, "--prompt", "a red circle", "--out", str(out), "--dtype", "bfloat16"])
-    main(["caption", str(out / "0000.png"), *model, "--max-new-tokens", "4", "--dtype", "bfloat16"])
+    assert main(["generate", *model, "--prompt", "a red circle", "--out", str(out), "--dtype", "bfloat16"]) == 0
+    assert main(["caption", str(out / "0000.png"), *model, "--max-new-tokens", "4", "--dtype", "bfloat16"]) == 0
     image = ["--image", str(out / "0000.png"), "--mask", str(out / "0000.png"), "--prompt", "a blue square"]
-    main(["edit", *model, *image, "--steps", "2", "--out", str(tmp_path / "edit")])  # the default: float32
+    assert main(["edit", *model, *image, "--steps", "2", "--out", str(tmp_path / "edit")]) == 0  # default: float32
     shapes = ["--n-single", "2", "--n-pair", "2", "--steps", "2", "--out", str(tmp_path / "ev"), "--dtype", "bfloat16"]
-    main(["eval", "shapes", *model, *shapes])
+    assert main(["eval", "shapes", *model, *shapes]) == 0
     assert seen[:2] == ["bfloat16", "bfloat16"] and seen[2] == "float32" and seen[3] == "bfloat16"
+    assert (tmp_path / "edit").is_dir() and any((tmp_path / "ev").iterdir())  # each command wrote its output
 
 
 def test_device_choice_and_clear_errors(trained_tiny, capsys, monkeypatch):

@@ -91,6 +91,28 @@ def test_per_group_t_and_v_prediction_and_k_times():
     for i in q.tolist():
         seen_noisy = noisy & m[i]
         assert (g[seen_noisy] == g[i]).all()
+    _assert_noisy_sees_exactly_the_earlier_clean_groups(t, k=3)
+
+
+def _assert_noisy_sees_exactly_the_earlier_clean_groups(t, k):
+    """Every noisy token (of any of the K copies) sees the clean copies of the AR groups before its own
+    and no other clean token: not its own group's, which would hand it its answer."""
+    from mmfusion.model.masks import generalized_causal_mask
+
+    m = generalized_causal_mask(t["kind"][None], t["group"][None])[0]
+    noisy, clean = t["kind"] == NOISY, t["kind"] == CLEAN
+    ar_group = torch.full((int(t["image_pos"].max()) + 1,), -1)
+    ar_group[t["image_pos"][noisy]] = t["group"][noisy] // k  # AR group of each image position
+    clean_group = ar_group[t["image_pos"]]
+    for i in noisy.nonzero().flatten().tolist():
+        assert torch.equal(m[i] & clean, clean & (clean_group < ar_group[t["image_pos"][i]])), i
+
+
+def test_noisy_tokens_see_exactly_the_clean_groups_before_theirs():
+    for k in (1, 2):
+        for clean_last in (False, True):
+            _, t, _ = _image(DiffusionConfig(k_times=k), clean_last=clean_last, steps=5)
+            _assert_noisy_sees_exactly_the_earlier_clean_groups(t, k)
 
 
 def test_caption_order_keeps_clean_copy_of_last_group():

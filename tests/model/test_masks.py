@@ -2,7 +2,7 @@
 
 import torch
 
-from mmfusion.model.masks import CLEAN, NOISY, PAD, TEXT, generalized_causal_mask, layout
+from mmfusion.model.masks import CLEAN, CODE, NOISY, PAD, TEXT, generalized_causal_mask, layout
 
 # T2I with a 2-token condition and groups of sizes 2, 1, 2:
 # index: 0 1 | 2 3 (clean g0) | 4 (clean g1) | 5 6 (noisy g0) | 7 (noisy g1) | 8 9 (noisy g2)
@@ -51,6 +51,21 @@ def test_transfusion_text_reads_noisy_image():
     assert m[3].tolist() == [True, True, True, True]
     assert m[1].tolist() == [True, True, True, False]  # image bidirectional, never the later text
     assert generalized_causal_mask(kind, group)[0][3].tolist() == [True, False, False, True]
+
+
+def test_discrete_image_tokens_are_causal_like_text():
+    """Token-Shuffle sequences (T2I and caption order, from the builder): fused code tokens see the
+    text and codes before them and never a later code, as the next-token loss needs."""
+    from mmfusion.model.sequence import SequenceBuilder
+
+    codes = torch.randint(0, 64, (4, 4))
+    t2i = SequenceBuilder(0, code_width=4).text([1, 5, 3]).codes(codes, torch.arange(4), loss_weight=1.0).text([4])
+    caption = SequenceBuilder(0, code_width=4).text([1, 3]).codes(codes, torch.arange(4)).text([4, 7, 2], loss=True)
+    for row in (t2i.tensors(), caption.tensors()):
+        kind = row["kind"][None]
+        assert (kind == CODE).sum() == 4
+        m = generalized_causal_mask(kind, row["group"][None])[0]
+        assert torch.equal(m, torch.ones_like(m).tril())
 
 
 def test_padding_is_invisible_and_sees_itself():

@@ -26,6 +26,8 @@ def test_shuffle_then_unshuffle_is_identity(s):
     assert torch.equal(unfuse_grid(fused, s, (8, 8)), codes)
     if s == 2:  # the first fused token is the top-left 2 x 2 window
         assert fused[0, 0].tolist() == [codes[0, 0, 0], codes[0, 0, 1], codes[0, 1, 0], codes[0, 1, 1]]
+    wide = torch.randint(0, 512, (2, 4, 12))  # not square: rows and columns must not trade places
+    assert torch.equal(unfuse_grid(fuse_grid(wide, s), s, (4, 12)), wide)
 
 
 def _cfg(s=2, bits=0, bitwise=True, window="independent"):
@@ -199,3 +201,55 @@ def test_bf16_weights_embed_codes_and_sample(bits, window):
     sampler = ARImageSampler(bf, temperature=1.0, top_k=0, cfg_scale=3.0, cfg_schedule="linear")
     out = sampler([[1, 5, 6, 3], [1, 7, 3]], [[1, 3], [1, 3]], [torch.Generator().manual_seed(x) for x in (0, 1)])
     assert out.shape == (2, 8, 8) and 0 <= out.min() and out.max() < cfg.image_codebook_size
+
+
+@pytest.mark.parametrize("window", ["independent", "autoregressive"])
+def test_guidance_at_scale_zero_draws_from_the_unconditional_stream(window):
+    """uncond + s (cond - uncond) on the logits: at s = 0 the codes drawn are those of the unconditional
+    prefixes sampled without guidance, not those of the conditional ones."""
+    torch.manual_seed(0)
+    model = MMFusionModel(_cfg(s=2, window=window)).eval()
+    with torch.no_grad():  # logits large enough that the two streams draw different codes
+        for p in model.shuffle_out.parameters():
+            p.mul_(20.0)
+    conds, unconds = [[1, 5, 6, 3], [1, 7, 3]], [[1, 3], [1, 3]]
+    gens = lambda: [torch.Generator().manual_seed(x) for x in (0, 1)]  # noqa: E731
+    plain = ARImageSampler(model)
+    uncond, cond = plain(unconds, None, gens()), plain(conds, None, gens())
+    assert not torch.equal(uncond, cond)
+    assert torch.equal(ARImageSampler(model, cfg_scale=0.0)(conds, unconds, gens()), uncond)
+
+
+@pytest.mark.parametrize("bits", [0, 6], ids=["softmax", "bitwise"])
+def test_sampler_logits_equal_the_training_forward_with_and_without_cache(bits, monkeypatch):
+    """Teacher-forced through a fixed code grid, the logits each sampling step draws from (cached and
+    uncached, two prompts of different lengths batched) equal the training forward's logits at the
+    same fused tokens: same positions, same causal mask, same cache contents."""
+    from mmfusion.model.sequence import SequenceBuilder, collate
+
+    torch.manual_seed(0)
+    model = MMFusionModel(_cfg(s=2, bits=bits)).eval()
+    conds = [[1, 5, 6, 3], [1, 7, 3]]
+    grid = torch.randint(0, model.cfg.image_codebook_size, (2, 8, 8))
+    fused = fuse_grid(grid, 2)  # (2, 16, 4)
+    with torch.no_grad():
+        rows = [
+            SequenceBuilder(0, code_width=4).text(c).codes(f, torch.arange(16), loss_weight=1.0).tensors()
+            for c, f in zip(conds, fused)
+        ]
+        batch = collate(rows)
+        hidden = model(batch, mask=batch.mask())
+        want = [model.code_logits(hidden[r][batch.weights[r] > 0]) for r in range(2)]  # (16, 4, K) each
+    for use_cache in (True, False):
+        drawn = []
+
+        def teacher(logits, generators, drawn=drawn):
+            drawn.append(logits.clone())
+            return fused[:, len(drawn) - 1]
+
+        sampler = ARImageSampler(model)
+        monkeypatch.setattr(sampler, "_draw", teacher)
+        assert torch.equal(sampler(conds, None, None, use_cache=use_cache), grid)
+        got = torch.stack(drawn, 1)  # (2, 16, 4, K)
+        for r in range(2):
+            torch.testing.assert_close(got[r], want[r], atol=1e-5, rtol=1e-5)

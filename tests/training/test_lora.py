@@ -152,3 +152,26 @@ def test_finetune_cli_end_to_end(trained_tiny, tmp_path, task, capsys):
     )
     assert (gen / "0000.png").exists()
     assert main(["caption", "--model", str(trained_tiny), "--adapter", str(out), str(gen / "0000.png")]) == 0
+
+
+def test_two_saved_adapters_merge_into_the_sum_of_their_deltas(tiny_cfg, tmp_path):
+    from mmfusion.training.lora import merge_adapters
+
+    base = MMFusionModel(tiny_cfg).eval()
+    deltas = []
+    for i, targets in enumerate((("q_proj", "v_proj"), ("v_proj", "o_proj", *MLP))):
+        torch.manual_seed(i)
+        model = add_lora(copy.deepcopy(base), r=4, alpha=8, targets=targets)
+        _perturb(model)
+        model.save_pretrained(str(tmp_path / f"a{i}"))
+        merged = model.merge_and_unload()
+        deltas.append({n: p - base.state_dict()[n] for n, p in merged.state_dict().items()})
+    both = merge_adapters(copy.deepcopy(base), [tmp_path / "a0", tmp_path / "a1"]).state_dict()
+    assert set(both) == set(base.state_dict())  # merged: no peft wrappers left
+    moved = 0
+    for n, p in base.state_dict().items():
+        torch.testing.assert_close(both[n], p + deltas[0][n] + deltas[1][n], atol=1e-6, rtol=1e-5, msg=n)
+        moved += int(bool(deltas[0][n].any() and deltas[1][n].any()))
+    assert moved > 0  # some weights (v_proj) took both adapters' deltas
+    with pytest.raises(UserError, match="not a LoRA adapter folder"):
+        merge_adapters(copy.deepcopy(base), [tmp_path])

@@ -44,10 +44,15 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     victim = tmp_path / "victim"
     proc = _train(victim, wait=False)
     last = victim / "checkpoints" / "last.ckpt"
+    # kill at a random moment between two checkpoints, measured on this machine: after the second one
+    # (step 20 of 120), within the time one checkpoint interval took
     deadline = time.time() + 300
     while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(random.Random(0).uniform(0.0, 1.0))
+        time.sleep(0.01)
+    first = time.time(), last.stat().st_mtime_ns
+    while last.stat().st_mtime_ns == first[1] and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(random.Random(0).uniform(0.0, 1.0) * (time.time() - first[0]))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
@@ -63,6 +68,15 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     b = load_file(str(victim / "model" / "model.safetensors"))
     for name in a:  # EMA weights: depend on every step's data, noise, optimizer state and LR
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-5, msg=name)
+    # what was exported is the EMA of the final state, which lags the live weights; those match too
+    ref_state, state = (
+        torch.load(tmp_path / "ref" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"],
+        final["state_dict"],
+    )
+    assert all(torch.equal(a[name], ref_state["ema." + name]) for name in a)
+    assert max((ref_state["model." + name] - a[name]).abs().max() for name in a) > 1e-3
+    for name in a:
+        torch.testing.assert_close(state["model." + name], ref_state["model." + name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
