@@ -54,6 +54,30 @@ def timed(fn, repeat: int, warmup: int = 1) -> float:  # noqa: ANN001
     return times[len(times) // 2]
 
 
+def timed_against_peak(fn, dtype: Any, rounds: int, per_round: int, warmup: int = 1) -> tuple[float, float]:  # noqa: ANN001
+    """(median seconds of `fn`, median dense matmul GFLOP/s of `dtype` at 2048^3), measured in turn:
+    a 0.3 s matmul probe, then one untimed call (the probe evicts the caches, which back-to-back
+    training steps keep warm) and `per_round` timed calls, `rounds` times, and a last probe. The
+    machines here are shared, and a peak measured a minute before the steps (before compiling, say)
+    can meet a busier or quieter machine than they did; this way both see the same one."""
+    from mmfusion.runtime import matmul_gflops
+
+    for _ in range(warmup):
+        fn()
+    times, peaks = [], []
+    for _ in range(rounds):
+        peaks.append(matmul_gflops(dtype, 2048, 0.3))
+        fn()
+        for _ in range(per_round):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    peaks.append(matmul_gflops(dtype, 2048, 0.3))
+    times.sort()
+    peaks.sort()
+    return times[len(times) // 2], peaks[len(peaks) // 2]
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process (MB). On Linux the high-water mark of this process's own
     address space (VmHWM): getrusage's maximum is inherited over fork and exec, so a spawned worker
@@ -263,7 +287,7 @@ def bench_train(preset: str, quick: bool) -> dict:
     import torch
 
     from mmfusion.model.multimodal import MMFusionModel
-    from mmfusion.runtime import bf16_native, matmul_gflops
+    from mmfusion.runtime import bf16_native
     from mmfusion.training.module import compile_blocks
 
     cfg, obj, batches = _train_setup(preset)
@@ -288,8 +312,8 @@ def bench_train(preset: str, quick: bool) -> dict:
         out["bf16"] = {"skipped": f"no native bf16 ({bf16_gflops:.0f} vs {fp32_gflops:.0f} GFLOP/s fp32 at 512^3)"}
     threads = torch.get_num_threads()
     for name, dtype in precisions:
-        peak = matmul_gflops(dtype or torch.float32, 2048, 1.0)
-        rows: dict[str, tuple] = {}  # row -> (step s, model FLOPs, tokens, per-process peak RSS or None)
+        # row -> (step s, model FLOPs, tokens, per-process peak RSS or None, matmul peak measured in turn)
+        rows: dict[str, tuple] = {}
         for compiled, pack_length in ((False, 0), (True, 0), (True, PACK_LENGTH)):
             torch.manual_seed(0)
             model = MMFusionModel(cfg)
@@ -297,7 +321,10 @@ def bench_train(preset: str, quick: bool) -> dict:
                 continue
             key = name + (" compiled" if compiled else "") + (" packed" if pack_length else "")
             step = _train_step(model, obj, batches[pack_length], dtype)
-            rows[key] = (timed(step, repeat=3 if quick else 10, warmup=3 if compiled else 2), flops, tokens, None)
+            sec, peak = timed_against_peak(
+                step, dtype or torch.float32, 2 if quick else 5, 2 if quick else 4, warmup=3 if compiled else 2
+            )
+            rows[key] = (sec, flops, tokens, None, peak)
         if threads >= 2 and name + " compiled packed" in rows:
             try:
                 ddp = ddp_step_seconds(preset, name, quick, threads)
@@ -305,8 +332,10 @@ def bench_train(preset: str, quick: bool) -> dict:
                 out[name + DDP_ROW] = {"skipped": f"{type(err).__name__}: {err}"[:200]}
             else:
                 # the processes' shares carry their own noise draws: their FLOPs and tokens, summed
-                rows[name + DDP_ROW] = (ddp["step_s"], ddp["flops"], ddp["tokens"], ddp["rank0_peak_rss_mb"])
-        for key, (sec, work, count, rss) in rows.items():
+                # against the peak measured with the row before it (the spawned processes share the cores)
+                peak = rows[name + " compiled packed"][4]
+                rows[name + DDP_ROW] = (ddp["step_s"], ddp["flops"], ddp["tokens"], ddp["rank0_peak_rss_mb"], peak)
+        for key, (sec, work, count, rss, peak) in rows.items():
             out[key] = {
                 "step_s": sec,
                 "tokens_per_s": count / sec,
@@ -573,20 +602,33 @@ def render_markdown(r: dict) -> str:
     older = [f"{name} ({r[name]['date']})" for name in BENCHES if r.get(name, {}).get("date", r["date"]) != r["date"]]
     if older:
         lines += [f"Carried over from earlier runs on this machine (`--only` re-ran the rest): {', '.join(older)}.", ""]
+    failed = [f"{name} ({r[name]['error']})" for name in BENCHES if "error" in r.get(name, {})]
+    if failed:
+        lines += [f"Failed: {'; '.join(failed)}.", ""]
+    # a table only for what this run measured or carried over: no rows of n/a
+    has = {name: bool(r.get(name)) and "error" not in r[name] for name in BENCHES}
     m = r.get("matmul", {})
-    lines += [
-        "| matmul peak | GFLOP/s |",
-        "|---|---|",
-        f"| fp32 {m.get('n')}^3 | {f(m.get('fp32_gflops'), '.0f')} |",
-        f"| bf16 {m.get('bf16_n', m.get('n'))}^3 | {f(m.get('bf16_gflops'), '.0f')}"
-        f"{'' if m.get('bf16_native', True) else ' (emulated: this CPU has no native bf16)'} |",
-        "",
-    ]
-    lines += [
-        f"| training (batch 64, shapes, patch 8; packed: rows of {PACK_LENGTH} tokens) | params | tokens/step | "
-        "precision | step s | tokens/s | achieved GFLOP/s | matmul peak | MFU | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines += (
+        []
+        if not has["matmul"]
+        else [
+            "| matmul peak | GFLOP/s |",
+            "|---|---|",
+            f"| fp32 {m.get('n')}^3 | {f(m.get('fp32_gflops'), '.0f')} |",
+            f"| bf16 {m.get('bf16_n', m.get('n'))}^3 | {f(m.get('bf16_gflops'), '.0f')}"
+            f"{'' if m.get('bf16_native', True) else ' (emulated: this CPU has no native bf16)'} |",
+            "",
+        ]
+    )
+    lines += (
+        []
+        if not (has["train_tiny"] or has["train_small"])
+        else [
+            f"| training (batch 64, shapes, patch 8; packed: rows of {PACK_LENGTH} tokens) | params | tokens/step | "
+            "precision | step s | tokens/s | achieved GFLOP/s | matmul peak | MFU | peak RSS MB |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+    )
     for key in ("train_tiny", "train_small"):
         t = r.get(key, {})
         variants = ("", " compiled", " compiled packed", DDP_ROW)
@@ -604,23 +646,31 @@ def render_markdown(r: dict) -> str:
                 f"{f(p.get('mfu'), '.1%')} | {f(p.get('peak_rss_mb_per_process', t.get('peak_rss_mb')), '.0f')}"
                 f"{' per process' if 'peak_rss_mb_per_process' in p else ''} |"
             )
-    s = r.get("sampling", {})
-    lines += [
-        "",
-        f"| sampling ({s.get('images')} images, {s.get('denoising_steps')} DDIM steps per AR step, CFG) | "
-        "cached s | uncached s | cached s, bf16 weights |",
-        "|---|---|---|---|",
-    ]
-    for steps in (1, 4, 16):
+    s = r.get("sampling", {}) if has["sampling"] else {}
+    lines += [""]
+    lines += (
+        []
+        if not s
+        else [
+            f"| sampling ({s.get('images')} images, {s.get('denoising_steps')} DDIM steps per AR step, CFG) | "
+            "cached s | uncached s | cached s, bf16 weights |",
+            "|---|---|---|---|",
+        ]
+    )
+    for steps in (1, 4, 16) if s else ():
         lines.append(
             f"| S = {steps} | {f(s.get(f'S={steps}_cached_s'))} | {f(s.get(f'S={steps}_uncached_s'))} | "
             f"{f(s.get(f'S={steps}_cached_bf16_s'))} |"
         )
-    lines += [
-        f"| S = 16 / S = 1, cached | {f(s.get('S16_over_S1_cached'))} | | {f(s.get('S16_over_S1_cached_bf16'))} |",
-        "",
-    ]
-    sb = r.get("sampling_batch", {})
+    lines += (
+        []
+        if not s
+        else [
+            f"| S = 16 / S = 1, cached | {f(s.get('S16_over_S1_cached'))} | | {f(s.get('S16_over_S1_cached_bf16'))} |",
+            "",
+        ]
+    )
+    sb = r.get("sampling_batch", {}) if has["sampling_batch"] else {}
     if sb:
         lines += ["| sampling with the demo's model, by batch (cached) | S = 1 s | S = 16 s | S = 16 / S = 1 |"]
         lines += ["|---|---|---|---|"]
@@ -631,55 +681,80 @@ def render_markdown(r: dict) -> str:
             if isinstance(e, dict)
         ]
         lines.append("")
-    sp = r.get("sampling_paper_tokens", {})
-    lines += [
-        f"| sampling at the paper's token count ({sp.get('tokens_per_image')} tokens per image, "
-        f"{f(sp.get('parameters'), ',')} params, {sp.get('images')} images, 20 DDIM steps, CFG) | cached s | "
-        "cached s, bf16 weights |",
-        "|---|---|---|",
-    ]
+    sp = r.get("sampling_paper_tokens", {}) if has["sampling_paper_tokens"] else {}
+    lines += (
+        []
+        if not sp
+        else [
+            f"| sampling at the paper's token count ({sp.get('tokens_per_image')} tokens per image, "
+            f"{f(sp.get('parameters'), ',')} params, {sp.get('images')} images, 20 DDIM steps, CFG) | cached s | "
+            "cached s, bf16 weights |",
+            "|---|---|---|",
+        ]
+    )
     lines += [
         f"| S = {steps} | {f(sp.get(f'S={steps}_cached_s'))} | {f(sp.get(f'S={steps}_cached_bf16_s'))} |"
-        for steps in (1, 4, 16)
+        for steps in ((1, 4, 16) if sp else ())
     ]
-    lines += [
-        f"| S = 16 / S = 1 | {f(sp.get('S16_over_S1_cached'))} | {f(sp.get('S16_over_S1_cached_bf16'))} |",
-        "",
-    ]
+    lines += (
+        []
+        if not sp
+        else [
+            f"| S = 16 / S = 1 | {f(sp.get('S16_over_S1_cached'))} | {f(sp.get('S16_over_S1_cached_bf16'))} |",
+            "",
+        ]
+    )
     c = r.get("caption", {})
-    lines += [
-        "| captioning (32 new tokens) | tokens/s |",
-        "|---|---|",
-        f"| KV cache | {f(c.get('cached_tokens_per_s'), '.0f')} |",
-        f"| no cache | {f(c.get('uncached_tokens_per_s'), '.0f')} |",
-        f"| speed-up | {f(c.get('speedup'), '.1f')}x |",
-        f"| KV cache, bf16 weights | {f(c.get('cached_bf16_tokens_per_s'), '.0f')} |",
-        "",
-    ]
-    ts = r.get("token_shuffle", {})
-    lines += [
-        "| Token-Shuffle (64 px, 16 x 16 codes) | tokens / image | train step s | sampling s (4 images) |",
-        "|---|---|---|---|",
-    ]
-    for s_ in (1, 2, 4):
+    lines += (
+        []
+        if not has["caption"]
+        else [
+            "| captioning (32 new tokens) | tokens/s |",
+            "|---|---|",
+            f"| KV cache | {f(c.get('cached_tokens_per_s'), '.0f')} |",
+            f"| no cache | {f(c.get('uncached_tokens_per_s'), '.0f')} |",
+            f"| speed-up | {f(c.get('speedup'), '.1f')}x |",
+            *[f"| KV cache, bf16 weights | {f(c[k], '.0f')} |" for k in ["cached_bf16_tokens_per_s"] if k in c],
+            "",
+        ]
+    )
+    ts = r.get("token_shuffle", {}) if has["token_shuffle"] else {}
+    lines += (
+        []
+        if not ts
+        else [
+            "| Token-Shuffle (64 px, 16 x 16 codes) | tokens / image | train step s | sampling s (4 images) |",
+            "|---|---|---|---|",
+        ]
+    )
+    for s_ in (1, 2, 4) if ts else ():
         e = ts.get(f"s={s_}", {})
         lines.append(
             f"| s = {s_} | {e.get('tokens_per_image')} | {f(e.get('train_step_s'))} | {f(e.get('sample_s'))} |"
         )
-    lines += [
-        f"| s = 2 speed-up over s = 1 | | {f(ts.get('train_speedup_s2_vs_s1'), '.1f')}x | "
-        f"{f(ts.get('sample_speedup_s2_vs_s1'), '.1f')}x |",
-        "",
-    ]
+    lines += (
+        []
+        if not ts
+        else [
+            f"| s = 2 speed-up over s = 1 | | {f(ts.get('train_speedup_s2_vs_s1'), '.1f')}x | "
+            f"{f(ts.get('sample_speedup_s2_vs_s1'), '.1f')}x |",
+            "",
+        ]
+    )
     a = r.get("attention", {})
-    lines += [
-        f"| generalized causal mask, L = {a.get('seq_len')}, forward | seconds |",
-        "|---|---|",
-        f"| dense masked SDPA | {f(a.get('sdpa_s'))} |",
-        f"| FlexAttention block mask (compiled) | {f(a.get('flex_s'))} |",
-        f"| speed-up of flex | {f(a.get('flex_speedup'), '.2f')}x (max abs diff {f(a.get('max_abs_diff'), '.1e')}) |",
-    ]
-    return "\n".join(lines)
+    lines += (
+        []
+        if not has["attention"]
+        else [
+            f"| generalized causal mask, L = {a.get('seq_len')}, forward | seconds |",
+            "|---|---|",
+            f"| dense masked SDPA | {f(a.get('sdpa_s'))} |",
+            f"| FlexAttention block mask (compiled) | {f(a.get('flex_s'))} |",
+            f"| speed-up of flex | {f(a.get('flex_speedup'), '.2f')}x "
+            f"(max abs diff {f(a.get('max_abs_diff'), '.1e')}) |",
+        ]
+    )
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).rstrip() + "\n"
 
 
 def write_doc(results: dict) -> None:
@@ -702,18 +777,28 @@ def main(argv: list[str] | None = None) -> None:
         choices=list(BENCHES),
         help="run only these; the others' results are kept from the last run's JSON (same machine), with its date",
     )
-    ap.add_argument("--json", default=str(ROOT / "docs" / "benchmarks.json"), help="where to write the results")
-    ap.add_argument("--no-doc", action="store_true", help="do not update docs/BENCHMARKS.md (in the current folder)")
+    ap.add_argument(
+        "--json",
+        default=None,
+        help="where to write the results (default docs/benchmarks.json; with --quick docs/benchmarks-quick.json)",
+    )
+    ap.add_argument(
+        "--no-doc",
+        action="store_true",
+        help="do not update docs/BENCHMARKS.md (in the current folder); --quick never does",
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(run_one(args.child, args.quick)))
         return
-    previous = json.loads(Path(args.json).read_text()) if args.only and Path(args.json).exists() else None
+    # quick numbers are a smoke test: they go to their own JSON and never replace the recorded tables
+    json_path = Path(args.json or ROOT / "docs" / ("benchmarks-quick.json" if args.quick else "benchmarks.json"))
+    previous = json.loads(json_path.read_text()) if args.only and json_path.exists() else None
     results = run_all(args.only or list(BENCHES), args.quick, previous)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2))
-    if not args.no_doc:
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2))
+    if not (args.no_doc or args.quick):
         write_doc(results)
     print(render_markdown(results))
 

@@ -128,3 +128,51 @@ def test_sampling_rows_time_bf16_weights_beside_float32(monkeypatch):
     assert "S=16_uncached_s" not in out and out["S16_over_S1_cached_bf16"] == 1.0
     text = bench.render_markdown({"date": "d", "machine": {"cores": 2, "cpu": "x", "torch": "t"}, "sampling": out})
     assert "| S = 1 | 0.5 | 0.5 | 0.5 |" in text and "| S = 16 / S = 1, cached | 1 | | 1 |" in text
+
+
+def test_training_rows_time_steps_and_matmul_peak_in_turn(monkeypatch):
+    """The training rows' MFU divides by a peak measured between their steps: probes and timed calls
+    alternate (each round's first call after a probe is not timed), and both medians are returned."""
+    from mmfusion import runtime
+
+    events, peaks = [], iter([100.0, 300.0, 200.0, 900.0])
+
+    def probe(dtype, n, seconds):
+        events.append("probe")
+        return next(peaks)
+
+    monkeypatch.setattr(runtime, "matmul_gflops", probe)
+    clock = iter(range(100))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)) ** 2)
+    sec, peak = bench.timed_against_peak(lambda: events.append("call"), torch.float32, 3, 2, warmup=1)
+    assert events == ["call"] + ["probe", "call", "call", "call"] * 3 + ["probe"]
+    # six timed calls; the clock squared makes their durations 1, 5, 9, 13, 17, 21: median (upper) 13
+    assert sec == 13.0
+    assert peak == 300.0  # median (upper) of 100, 200, 300, 900
+
+
+def test_quick_runs_keep_to_their_own_json_and_partial_runs_show_only_what_they_measured(tmp_path, monkeypatch):
+    """A quick run never rewrites docs/BENCHMARKS.md or the recorded JSON; a run of some items (on a
+    machine where nothing carries over) renders their tables alone, without rows of n/a."""
+    machine = {"cores": 2, "cpu": "x", "torch": "t"}
+    caption = {"cached_tokens_per_s": 900.0, "uncached_tokens_per_s": 100.0, "speedup": 9.0}
+    calls = []
+
+    def run_all(names, quick, previous=None):
+        calls.append((names, quick, previous))
+        return {"machine": machine, "date": "d", "quick": quick, "caption": {**caption, "date": "d"}}
+
+    monkeypatch.setattr(bench, "run_all", run_all)
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    monkeypatch.setattr(bench, "DOC", tmp_path / "docs" / "BENCHMARKS.md")
+    (tmp_path / "docs").mkdir()
+    recorded = '{"machine": {}, "date": "old"}'
+    (tmp_path / "docs" / "benchmarks.json").write_text(recorded)
+    bench.main(["--quick", "--only", "caption"])
+    assert (tmp_path / "docs" / "benchmarks-quick.json").exists() and not bench.DOC.exists()
+    assert (tmp_path / "docs" / "benchmarks.json").read_text() == recorded
+    bench.main(["--only", "caption"])  # a full run of one item: the recorded JSON is what --only reads
+    assert calls[-1][2] == {"machine": {}, "date": "old"}
+    text = bench.DOC.read_text()
+    assert "| speed-up | 9.0x |" in text
+    assert "n/a" not in text and "None" not in text and "matmul peak" not in text and "sampling" not in text

@@ -202,9 +202,11 @@ def bench(*, quick: bool = False, only: list[str] | None = None, doc: bool = Tru
     docs/benchmarks.json and the tables of docs/BENCHMARKS.md under the current folder.
 
     Args:
-        quick: fewer repetitions and smaller batches
+        quick: fewer repetitions and smaller batches, a smoke test: writes docs/benchmarks-quick.json
+            and leaves the recorded tables alone
         only: run only this benchmark (repeat; the others' results are kept from the last run on this
-            machine): matmul, train_tiny, train_small, sampling, sampling_batch, sampling_paper_tokens,
+            machine, torch and mode; where none carry over, only the items run get tables): matmul,
+            train_tiny, train_small, sampling, sampling_batch, sampling_paper_tokens,
             caption, token_shuffle, attention
         doc: update the tables of docs/BENCHMARKS.md (--no-doc: write the JSON only)
     """
