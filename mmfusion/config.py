@@ -97,6 +97,11 @@ def check_lr_schedule(schedule: str, decay_fraction: float) -> None:
         raise ValueError(f"lr_decay_fraction must be in (0, 1], got {decay_fraction}")
 
 
+# Lightning's precision names (and their short forms) and the strategies mmfusion sets up
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32", "bf16", "16", "64")
+STRATEGIES = ("auto", "ddp", "fsdp")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     out: str = "runs/mmfusion"
@@ -138,6 +143,16 @@ class TrainConfig:
         check_lr_schedule(self.lr_schedule, self.lr_decay_fraction)
         if self.logger not in ("csv", "tensorboard"):
             raise ValueError(f"logger must be csv or tensorboard, got {self.logger!r}")
+        if self.max_time_minutes is not None and self.max_time_minutes <= 0:  # 0 would mean no limit at all
+            raise ValueError(
+                f"max_time_minutes must be positive (or null for no time limit), got {self.max_time_minutes}"
+            )
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+        if str(self.precision) not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
 
 
 @dataclass(frozen=True)
@@ -153,6 +168,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.objective.condition == "class" and not self.model.num_classes:
             raise ValueError("objective.condition=class needs model.num_classes > 0 (12 for the shapes classes)")
+        if self.model.shuffle > 1 and self.image.kind != "vq":
+            raise ValueError(
+                f"model.shuffle={self.model.shuffle} fuses discrete image codes: it needs image.kind=vq and "
+                f"image.path (a VQ model, `mmfusion vq train`), not image.kind={self.image.kind}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

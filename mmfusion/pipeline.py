@@ -59,6 +59,10 @@ def inference_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[name]
 
 
+# sampler settings that only CausalFusion (continuous tokens) reads
+DIFFUSION_SETTINGS = {"ar_steps", "order", "sampler", "steps", "cfg_interval", "cfg_until_step", "eta"}
+
+
 class MMFusion:
     def __init__(
         self,
@@ -246,7 +250,14 @@ class MMFusion:
         known_mask: torch.Tensor | None = None,
         **settings: Any,
     ) -> torch.Tensor:
-        s = dataclasses.replace(self.sample_defaults, **{k: v for k, v in settings.items() if v is not None})
+        given = {k: v for k, v in settings.items() if v is not None}
+        if self.model.cfg.discrete and set(given) & DIFFUSION_SETTINGS:
+            raise UserError(
+                f"{', '.join(sorted(set(given) & DIFFUSION_SETTINGS))}: settings of CausalFusion's diffusion "
+                "sampling; this Token-Shuffle model samples codes one token at a time (set temperature, top_k, "
+                "top_p, cfg_scale, cfg_schedule)"
+            )
+        s = dataclasses.replace(self.sample_defaults, **given)
         conds, unconds = zip(*(self._condition(p) for p in prompts))
         gens = [torch.Generator().manual_seed(int(sd)) for sd in seeds]
         if self.model.cfg.discrete:  # Token-Shuffle: autoregressive codes

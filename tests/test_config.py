@@ -43,6 +43,9 @@ def test_overrides_and_types():
         (["objective.condition=image"], "condition must be one of text, class"),
         (["objective.condition=class"], "objective.condition=class needs model.num_classes > 0"),
         (["train.logger=wandb"], "logger must be csv or tensorboard"),
+        (["train.max_time_minutes=0"], "max_time_minutes must be positive"),  # 0 ran without a time limit
+        (["train.max_steps=0"], "max_steps must be at least 1"),
+        (["objective.caption_ar_steps=0"], "caption_ar_steps must be at least 1"),
     ],
 )
 def test_bad_config_is_one_clear_line(bad, message):

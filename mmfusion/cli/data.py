@@ -163,6 +163,7 @@ def vae_train(
     """
     from mmfusion.training.vae import VAEConfig, train_vae
 
+    _check_training_run(steps, batch_size, lr)
     cfg = VAEConfig(
         image_size=image_size,
         channels=tuple(channels or (32, 64)),
@@ -174,6 +175,18 @@ def vae_train(
     )
     train_vae(data, out, cfg, seed=seed)
     print(f"wrote AutoencoderKL to {out}")
+
+
+def _check_training_run(steps: int, batch_size: int, lr: float) -> None:
+    from mmfusion.errors import require
+
+    require(
+        [
+            (steps >= 1, f"--steps must be at least 1, got {steps}"),
+            (batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}"),
+            (lr > 0, f"--lr must be positive, got {lr}"),
+        ]
+    )
 
 
 def vq_train(
@@ -212,6 +225,7 @@ def vq_train(
     """
     from mmfusion.training.vae import VQConfig, train_vq
 
+    _check_training_run(steps, batch_size, lr)
     cfg = VQConfig(
         image_size=image_size,
         channels=tuple(channels or (32, 64, 64)),

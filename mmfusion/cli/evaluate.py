@@ -105,10 +105,17 @@ def shapes(
           native bf16; small models gain little)
         device: cpu, cuda, cuda:N, or auto (a GPU when there is one)
     """
+    from mmfusion.errors import require
     from mmfusion.evaluation.demo_eval import evaluate_classes, evaluate_t2i
     from mmfusion.pipeline import MMFusion
     from mmfusion.sampling.images import make_grid
 
+    require(
+        [
+            (n_single >= 0 and n_pair >= 0, "--n-single and --n-pair must not be negative"),
+            (n_single + n_pair > 0, "nothing to evaluate: give --n-single and / or --n-pair above 0"),
+        ]
+    )
     pipe = MMFusion.from_pretrained(model, dtype=dtype, device=device)
     settings = {
         k: v

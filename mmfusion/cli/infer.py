@@ -13,7 +13,7 @@ def _load(model: str, adapter: list[str] | None, dtype: str = "float32", device:
     return MMFusion.from_pretrained(model, adapters=adapter, dtype=dtype, device=device)
 
 
-def _settings(ar_steps, order, sampler, steps, cfg, cfg_interval, cfg_until_step) -> dict:  # noqa: ANN001
+def _settings(ar_steps, order, sampler, steps, cfg, cfg_interval, cfg_until_step, **codes) -> dict:  # noqa: ANN001, ANN003
     s = {
         "ar_steps": ar_steps,
         "order": order,
@@ -21,10 +21,25 @@ def _settings(ar_steps, order, sampler, steps, cfg, cfg_interval, cfg_until_step
         "steps": steps,
         "cfg_scale": cfg,
         "cfg_until_step": cfg_until_step,
+        **codes,  # Token-Shuffle: temperature, top_k, top_p, cfg_schedule
     }
     if cfg_interval is not None:
         s["cfg_interval"] = (cfg_interval[0], cfg_interval[1])
     return {k: v for k, v in s.items() if v is not None}
+
+
+def _check_view(cfg_interval: list[float] | None, scale: int) -> None:
+    from mmfusion.errors import require
+
+    require(
+        [
+            (
+                cfg_interval is None or len(cfg_interval) == 2,
+                "--cfg-interval takes two values: --cfg-interval LO --cfg-interval HI",
+            ),
+            (scale >= 1, f"--scale enlarges the grid: it must be at least 1, got {scale}"),
+        ]
+    )
 
 
 def generate(
@@ -41,6 +56,10 @@ def generate(
     cfg: float | None = None,
     cfg_interval: list[float] | None = None,
     cfg_until_step: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    cfg_schedule: Literal["constant", "linear", "cosine"] | None = None,
     batch_size: int = 16,
     scale: int = 4,
     adapter: list[str] | None = None,
@@ -49,7 +68,9 @@ def generate(
 ) -> None:
     """Generate images from text prompts: one PNG per image, OUT/grid.png and OUT/index.json.
 
-    Sampler options default to those saved with the model.
+    Sampler options default to those saved with the model. CausalFusion models read --ar-steps, --order,
+    --sampler, --steps and the guidance options; Token-Shuffle models read --temperature, --top-k,
+    --top-p, --cfg and --cfg-schedule.
 
     Args:
         model: a model folder (config.json, model.safetensors, tokenizer.json)
@@ -64,6 +85,10 @@ def generate(
         cfg: classifier-free guidance scale (1 disables it)
         cfg_interval: guide only for noise levels t/T in [LO, HI]: --cfg-interval LO --cfg-interval HI
         cfg_until_step: no guidance after this AR step
+        temperature: Token-Shuffle: softmax temperature of the codes
+        top_k: Token-Shuffle: keep the k most likely codes (0: all)
+        top_p: Token-Shuffle: nucleus of this probability mass
+        cfg_schedule: Token-Shuffle: guidance constant, or ramping from 1 to --cfg over the tokens
         batch_size: images sampled at once
         scale: the grid is enlarged this many times (nearest neighbour) for viewing
         adapter: a LoRA adapter folder from `mmfusion finetune` (repeat for several; they are merged)
@@ -73,12 +98,10 @@ def generate(
     """
     from mmfusion.sampling.images import write_outputs
 
-    if cfg_interval is not None and len(cfg_interval) != 2:
-        from mmfusion.errors import UserError
-
-        raise UserError("--cfg-interval takes two values: --cfg-interval LO --cfg-interval HI")
+    _check_view(cfg_interval, scale)
     pipe = _load(model, adapter, dtype, device)
-    settings = _settings(ar_steps, order, sampler, steps, cfg, cfg_interval, cfg_until_step)
+    codes = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg_schedule": cfg_schedule}
+    settings = _settings(ar_steps, order, sampler, steps, cfg, cfg_interval, cfg_until_step, **codes)
     images = pipe.generate(prompt, num_images=num_images, seed=seed, batch_size=batch_size, progress=True, **settings)
     records = [
         {"file": f"{k:04d}.png", "prompt": prompt[k // num_images], "seed": seed + k} for k in range(len(images))
@@ -182,6 +205,7 @@ def edit(
     from mmfusion.sampling.images import open_image, write_outputs
     from mmfusion.tokenizers.image import to_pil, to_tensor
 
+    _check_view(None, scale)
     pipe = _load(model, adapter, dtype, device)
     size = pipe.image_cfg.image_size
     img = open_image(image)

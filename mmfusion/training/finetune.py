@@ -37,6 +37,43 @@ def task_objective(base: dict[str, Any], task: str) -> ObjectiveConfig:
     return obj
 
 
+def _run_config(
+    pipe: MMFusion,
+    data: str,
+    out: Path,
+    task: str,
+    steps: int,
+    minutes: float | None,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    image_root: str | None,
+    precision: str,
+) -> RunConfig:
+    return RunConfig(
+        model=pipe.model.cfg,
+        image=pipe.image_cfg,
+        diffusion=pipe.diffusion,
+        objective=task_objective(pipe.objective, task),
+        sample=pipe.sample_defaults,
+        data=DataConfig(
+            source=data, image_root=image_root, batch_size=batch_size, max_text_len=pipe.text_tokenizer.max_len
+        ),
+        train=TrainConfig(
+            out=str(out / "run"),
+            seed=seed,
+            max_steps=steps,
+            max_time_minutes=minutes,
+            lr=lr,
+            warmup_steps=min(20, steps // 10),
+            ema_decay=0.0,
+            checkpoint_every_n_steps=max(steps, 1),
+            log_every_n_steps=10,
+            precision=precision,
+        ),
+    )
+
+
 def finetune(
     model: str | Path,
     data: str,
@@ -59,30 +96,11 @@ def finetune(
     """Fine-tune; saves the adapter alone (or, with `full`, a whole model folder) to `out`."""
     pipe = MMFusion.from_pretrained(model)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        cfg = _run_config(pipe, data, out, task, steps, minutes, lr, batch_size, seed, image_root, precision)
+    except ValueError as err:  # a bad --steps, --minutes, --precision ...: one line, before any output
+        raise UserError(str(err)) from err
     L.seed_everything(seed, verbose=False)
-    cfg = RunConfig(
-        model=pipe.model.cfg,
-        image=pipe.image_cfg,
-        diffusion=pipe.diffusion,
-        objective=task_objective(pipe.objective, task),
-        sample=pipe.sample_defaults,
-        data=DataConfig(
-            source=data, image_root=image_root, batch_size=batch_size, max_text_len=pipe.text_tokenizer.max_len
-        ),
-        train=TrainConfig(
-            out=str(out / "run"),
-            seed=seed,
-            max_steps=steps,
-            max_time_minutes=minutes,
-            lr=lr,
-            warmup_steps=min(20, steps // 10),
-            ema_decay=0.0,
-            checkpoint_every_n_steps=max(steps, 1),
-            log_every_n_steps=10,
-            precision=precision,
-        ),
-    )
     net = pipe.model.train()
     if full:
         net.requires_grad_(True)
@@ -91,6 +109,7 @@ def finetune(
     trainable, total = parameter_counts(net)
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     module = MMFusionModule(cfg, pipe.text_tokenizer, model=net, image_tokenizer=pipe.image_tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
     datamodule = MMFusionDataModule(
         cfg.data, cfg.image.image_size, out / "run", tokenizer=pipe.text_tokenizer, seed=seed, total_steps=steps
     )

@@ -27,6 +27,8 @@ def add_lora(
     modules_to_save: Sequence[str] | None = None,
 ) -> PeftModel:
     """Wrap `model` with fresh LoRA adapters; only they (and `modules_to_save`) stay trainable."""
+    if r < 1 or alpha <= 0:
+        raise UserError(f"LoRA needs a rank of at least 1 and a positive alpha, got r={r}, alpha={alpha}")
     unknown = [t for t in targets if t not in ATTENTION + MLP]
     if unknown:
         raise UserError(f"unknown LoRA target {unknown[0]!r}; choose from {', '.join(ATTENTION + MLP)}")

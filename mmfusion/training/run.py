@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from mmfusion.config import RunConfig
 from mmfusion.data.datamodule import MMFusionDataModule
@@ -129,6 +130,13 @@ def build_trainer(
         )
     callbacks += extra_callbacks or []
     logger = TensorBoardLogger(out, name="logs") if t.logger == "tensorboard" else CSVLogger(out, name="logs")
+    try:
+        return _trainer(t, out, precision, callbacks, logger, enable_checkpointing)
+    except (MisconfigurationException, ValueError) as err:  # Lightning refusing a setting: one line
+        raise UserError(f"train: {err}") from err
+
+
+def _trainer(t: Any, out: Path, precision: str, callbacks: list, logger: Any, enable_checkpointing: bool) -> L.Trainer:
     return L.Trainer(
         max_steps=t.max_steps,
         # Lightning's timer agrees across processes on when to stop (one rank alone would hang DDP)
@@ -160,13 +168,19 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
 
     tune_malloc()
     out = Path(cfg.train.out)
+    ckpt = out / "checkpoints" / "last.ckpt"
+    # what can be refused is refused before anything is written into OUT
+    if resume and not ckpt.exists():
+        raise UserError(f"--resume: no checkpoint at {ckpt}; start the run without --resume")
+    if cfg.train.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.accelerator={cfg.train.accelerator}: torch sees no CUDA GPU here; use auto or cpu")
+    if cfg.data.source != "shapes":
+        check_encoded(cfg.data.source, cfg.image)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    if cfg.data.source != "shapes":
-        check_encoded(cfg.data.source, cfg.image)
     llm = cfg.train.init_from_llm
     if llm:
         cfg = with_llm_backbone(cfg, llm)
@@ -190,9 +204,6 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     precision = choose_precision(cfg.train.precision, cfg.train.accelerator)
     trainer = build_trainer(cfg, out, precision)
     cfg.data.process_batch(trainer.world_size)  # a global batch that does not split: say so before the launch
-    ckpt = out / "checkpoints" / "last.ckpt"
-    if resume and not ckpt.exists():
-        raise UserError(f"--resume: no checkpoint at {ckpt}; start the run without --resume")
     with lightning_warnings_filtered():
         # Lightning warns that a mid-epoch resume with a dataloader lacking state_dict is unreliable. Ours
         # needs no state: StepBatchSampler's batch k is a function of k alone, and the run restarts at

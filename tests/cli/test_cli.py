@@ -129,3 +129,59 @@ def test_bench_help_names_every_benchmark(capsys):
         main(["bench", "--help"])
     out = capsys.readouterr().out
     assert all(name in out for name in BENCHES)
+
+
+def _one_line_error(capsys, argv):
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error:") and "\n" not in err and "Traceback" not in err, (argv, err)
+    return err
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["train.precision=bf17"], "precision must be one of"),
+        (["train.strategy=ddpp"], "strategy must be one of auto, ddp, fsdp"),
+        (["train.max_time_minutes=0"], "max_time_minutes must be positive"),
+        (["train.max_steps=0"], "max_steps must be at least 1"),
+        (["model.shuffle=2"], "model.shuffle=2 fuses discrete image codes: it needs image.kind=vq"),
+    ],
+)
+def test_bad_training_settings_are_one_line_errors_before_any_output(tmp_path, capsys, overrides, message):
+    out = tmp_path / "run"
+    assert message in _one_line_error(capsys, ["train", "model.preset=tiny", f"train.out={out}", *overrides])
+    assert not out.exists()
+
+
+def test_a_gpu_the_machine_lacks_and_a_missing_checkpoint_leave_no_output(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "run"
+    assert "torch sees no CUDA GPU" in _one_line_error(capsys, ["train", f"train.out={out}", "train.accelerator=gpu"])
+    assert "no checkpoint" in _one_line_error(capsys, ["train", f"train.out={out}", "--resume"])
+    assert not out.exists()
+
+
+def test_bad_values_for_a_trained_model_are_one_line_errors(trained_tiny, tmp_path, capsys):
+    model = ["--model", str(trained_tiny)]
+    data = str(trained_tiny.parent / "data")
+    out = tmp_path / "out"
+    assert "LoRA needs a rank of at least 1" in _one_line_error(
+        capsys, ["finetune", *model, "--data", data, "--out", str(out), "--lora-r", "0"]
+    )
+    for bad, message in ((["--steps", "0"], "max_steps must be at least 1"), (["--precision", "bf17"], "precision")):
+        assert message in _one_line_error(capsys, ["finetune", *model, "--data", data, "--out", str(out), *bad])
+    assert "nothing to evaluate" in _one_line_error(
+        capsys, ["eval", "shapes", *model, "--out", str(out), "--n-single", "0", "--n-pair", "0"]
+    )
+    assert "--scale enlarges the grid" in _one_line_error(
+        capsys, ["generate", *model, "--prompt", "a red circle", "--out", str(out), "--scale", "0"]
+    )
+    for command in ("vq", "vae"):
+        assert "--steps must be at least 1" in _one_line_error(
+            capsys, [command, "train", "--data", data, "--out", str(out), "--steps", "0"]
+        )
+    assert not out.exists()

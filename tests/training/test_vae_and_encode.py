@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mmfusion.cli.main import main
+from mmfusion.errors import UserError
 from tests.conftest import TINY_RUN
 
 
@@ -147,6 +148,15 @@ def test_vq_train_then_token_shuffle_end_to_end(shapes_dir, tmp_path, quantizer)
     assert a[0].size == (32, 32) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
     caps = pipe.caption(a, max_new_tokens=5)
     assert len(caps) == 2
+    # the CLI's Token-Shuffle options reach the sampler; CausalFusion's are refused, not ignored
+    model, out = ["--model", str(tmp_path / "run" / "model")], str(tmp_path / "gen")
+    assert main(["generate", *model, "--prompt", "a red circle", "--out", out, "--top-k", "1", "--cfg", "1"]) == 0
+    assert main(["generate", *model, "--prompt", "a red circle", "--out", out, "--ar-steps", "4"]) == 2
+    with pytest.raises(UserError, match="ar_steps, sampler: settings of CausalFusion"):
+        pipe.generate("a red circle", ar_steps=4, sampler="ddim")
+    if quantizer == "vq":  # a softmax over the codebook: top-1 leaves the seed nothing to choose
+        greedy = [pipe.generate("a red circle", seed=k, top_k=1, cfg_scale=1.0)[0] for k in (0, 1)]
+        assert np.array_equal(np.asarray(greedy[0]), np.asarray(greedy[1]))
 
 
 def test_encode_says_when_it_enlarges_the_images(shapes_dir, tmp_path, capsys):
