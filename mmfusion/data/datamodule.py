@@ -11,6 +11,7 @@ skipped and counted, never fatal; each batch reports its skipped rows (`skipped`
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -167,20 +168,39 @@ class MMFusionDataModule(L.LightningDataModule):
         if self.data is not None:
             return self.data
         if self.cfg.source == "shapes":
-            path = self.run_dir / "data"
-            if not (path / "dataset_dict.json").exists():
-                from mmfusion.data.shapes import build_shapes
-
-                build_shapes(
-                    n=self.cfg.shapes_n,
-                    size=self.image_size,
-                    seed=self.cfg.shapes_seed,
-                    pair_fraction=self.cfg.shapes_pair_fraction,
-                ).save_to_disk(str(path))
-            self.data = load_captioned(path)
+            self.data = load_captioned(self._render_shapes())
         else:
             self.data = load_captioned(self.cfg.source, self.cfg.image_root)
         return self.data
+
+    def _render_shapes(self) -> Path:
+        """RUN/data: the shapes set this config asks for, rendered once and reused while the settings it
+        was rendered with (recorded beside it) are the same; rendered anew when they are not."""
+        import shutil
+
+        from mmfusion.data.shapes import build_shapes
+
+        path, c = self.run_dir / "data", self.cfg
+        wanted = {
+            "n": c.shapes_n,
+            "size": self.image_size,
+            "seed": c.shapes_seed,
+            "pair_fraction": c.shapes_pair_fraction,
+        }
+        record = path / "mmfusion_shapes.json"
+        if (path / "dataset_dict.json").exists():
+            made = json.loads(record.read_text()) if record.exists() else None
+            if made == wanted:
+                return path
+            was = ", ".join(f"{k} {v}" for k, v in made.items()) if made else "unknown settings"
+            now = ", ".join(f"{k} {v}" for k, v in wanted.items())
+            print(f"{path} holds shapes rendered with {was}; this run asks for {now}: rendering them anew")
+            shutil.rmtree(path)
+        build_shapes(
+            n=c.shapes_n, size=self.image_size, seed=c.shapes_seed, pair_fraction=c.shapes_pair_fraction
+        ).save_to_disk(str(path))
+        record.write_text(json.dumps(wanted))
+        return path
 
     def text_tokenizer(self) -> TextTokenizer:
         """The configured tokenizer.json, or a byte-level BPE trained on the training captions."""

@@ -85,3 +85,28 @@ def test_dataset_splits_and_exports(tmp_path):
 def test_bad_size_is_refused():
     with pytest.raises(ValueError, match="32 or 64"):
         build_shapes(n=4, size=48)
+
+
+def test_run_folder_shapes_are_rendered_again_when_the_settings_change(tmp_path, capsys):
+    """OUT/data is reused only while it holds the shapes this config asks for: a run into an existing
+    folder with another n or seed (`mmfusion demo --seed 1` into the same --out) gets its own data."""
+    import numpy as np
+
+    from mmfusion.config import DataConfig
+    from mmfusion.data.datamodule import MMFusionDataModule
+
+    def train_split(**cfg):
+        data = MMFusionDataModule(DataConfig(**cfg), 32, tmp_path).load()["train"]
+        return len(data), np.asarray(data[0]["image"])
+
+    n, first = train_split(shapes_n=40)
+    stamp = (tmp_path / "data" / "dataset_dict.json").stat().st_mtime_ns
+    assert n == 40 and train_split(shapes_n=40)[0] == 40
+    assert (tmp_path / "data" / "dataset_dict.json").stat().st_mtime_ns == stamp  # reused, not rendered again
+    assert "rendering them anew" not in capsys.readouterr().out
+    n, other = train_split(shapes_n=40, shapes_seed=5)
+    assert n == 40 and not np.array_equal(first, other)
+    assert "seed 0" in capsys.readouterr().out
+    assert train_split(shapes_n=24, shapes_seed=5)[0] == 24
+    (tmp_path / "data" / "mmfusion_shapes.json").unlink()  # a folder from before the settings were recorded
+    assert train_split(shapes_n=24, shapes_seed=5)[0] == 24 and "unknown settings" in capsys.readouterr().out
