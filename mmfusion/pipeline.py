@@ -143,6 +143,11 @@ class MMFusion:
         was sampled (up to the device's arithmetic)."""
         folder = Path(folder)
         device = inference_device(device)
+        if folder.is_file():  # a checkpoint, say: the model folder is the run's model/
+            raise UserError(
+                f"{folder} is a file; --model takes a model folder (config.json, model.safetensors, "
+                "tokenizer.json): a training run writes it to OUT/model"
+            )
         if not folder.is_dir():
             raise UserError(
                 f"model folder {folder} does not exist (train one with `mmfusion train` or `mmfusion demo`)"

@@ -32,6 +32,8 @@ def make_grid(images: list[Image.Image], cols: int | None = None, pad: int = 2, 
 def open_image(path: str | Path, what: str = "image") -> Image.Image:
     """Open an image file as RGB, or fail with one line that names the file and the problem."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder: give an image file (PNG or JPEG)")
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist")
     try:

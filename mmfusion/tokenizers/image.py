@@ -130,7 +130,8 @@ def load_autoencoder(path: str | None):  # noqa: ANN201
 
     if not path:
         raise UserError(
-            "the vae image tokenizer needs `path`: a local AutoencoderKL folder or a hub id "
+            "the vae image tokenizer needs a model (`image.path` in a config, `--vae` for `data encode`): "
+            "a local AutoencoderKL folder or a hub id "
             "(train a small one with `mmfusion vae train`)"
         )
     local = Path(path)

@@ -58,24 +58,31 @@ def load_vq(path: str | None):  # noqa: ANN201
     """A diffusers VQModel from a local folder or hub id; binary-quantiser folders (from `mmfusion vq
     train --quantizer binary`) get their quantiser back."""
     from diffusers import VQModel
+    from diffusers.utils import logging as diffusers_logging
 
     if not path:
         raise UserError(
-            "the vq image tokenizer needs `path`: a diffusers VQModel folder or hub id "
+            "the vq image tokenizer needs a model (`image.path` in a config, `--vae` for `data encode`): "
+            "a diffusers VQModel folder or hub id "
             "(train a small one with `mmfusion vq train`)"
         )
     local = Path(path)
     if local.is_dir() and (local / "vqvae" / "config.json").exists():
         local = local / "vqvae"
+    meta = local / QUANTIZER_FILE
+    info = json.loads(meta.read_text()) if local.is_dir() and meta.exists() else {}
+    binary = info.get("kind") == "binary"
+    log = diffusers_logging.get_verbosity()
+    if binary:  # its codebook is not stored (the binary quantiser has none): diffusers' warning is moot
+        diffusers_logging.set_verbosity_error()
     try:
         vq = VQModel.from_pretrained(str(local) if local.is_dir() else path)
     except OSError as err:
         raise UserError(f"cannot load a VQModel from {path!r} ({err}); pass a local folder") from err
-    meta = local / QUANTIZER_FILE
-    if local.is_dir() and meta.exists():
-        info = json.loads(meta.read_text())
-        if info.get("kind") == "binary":
-            vq.quantize = BinaryQuantizer(int(info["bits"]))
+    finally:
+        diffusers_logging.set_verbosity(log)
+    if binary:
+        vq.quantize = BinaryQuantizer(int(info["bits"]))
     return vq
 
 

@@ -180,6 +180,11 @@ def test_bad_values_for_a_trained_model_are_one_line_errors(trained_tiny, tmp_pa
     assert "--scale enlarges the grid" in _one_line_error(
         capsys, ["generate", *model, "--prompt", "a red circle", "--out", str(out), "--scale", "0"]
     )
+    ckpt = next(trained_tiny.parent.glob("checkpoints/*.ckpt"))
+    assert "is a file; --model takes a model folder" in _one_line_error(
+        capsys, ["generate", "--model", str(ckpt), "--prompt", "a red circle", "--out", str(out)]
+    )
+    assert "is a folder: give an image file" in _one_line_error(capsys, ["caption", *model, str(tmp_path)])
     for command in ("vq", "vae"):
         assert "--steps must be at least 1" in _one_line_error(
             capsys, [command, "train", "--data", data, "--out", str(out), "--steps", "0"]

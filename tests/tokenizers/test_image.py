@@ -49,7 +49,7 @@ def test_vae_tokenizer_from_local_folder(tmp_path):
 
 
 def test_vae_errors_are_clear(tmp_path):
-    with pytest.raises(UserError, match="needs `path`"):
+    with pytest.raises(UserError, match="needs a model \(`image.path` in a config, `--vae` for `data encode`\)"):
         VAETokenizer(ImageTokenizerConfig(kind="vae"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no config.json"):
