@@ -328,9 +328,16 @@ class MMFusion:
 
     @torch.no_grad()
     def caption(
-        self, images: Any | list[Any], method: str = "greedy", batch_size: int = 32, seed: int = 0, **settings: Any
+        self,
+        images: Any | list[Any],
+        method: str = "greedy",
+        batch_size: int = 32,
+        seed: int = 0,
+        progress: bool = False,
+        **settings: Any,
     ) -> list[str]:
-        """Captions for PIL images (greedy, beam or nucleus decoding)."""
+        """Captions for PIL images (greedy, beam or nucleus decoding); `progress`: a bar over the images
+        when there is more than one batch."""
         if self.condition != "text":
             raise UserError("this model is class-conditional: it has no captioning head trained")
         images = images if isinstance(images, list) else [images]
@@ -338,11 +345,14 @@ class MMFusion:
         t = self.text_tokenizer
         decoder = CaptionDecoder(self.model, t.bos_id, t.boi_id, t.eoi_id, t.eos_id)
         out = []
+        bar = tqdm(total=len(images), desc="captions", disable=not progress or len(images) <= batch_size)
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
             gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
             ids = decoder(self.encode_images(chunk), s, gens)
             out += [t.decode(i) for i in ids]
+            bar.update(len(chunk))
+        bar.close()
         return out
 
     # editing ------------------------------------------------------------------------------

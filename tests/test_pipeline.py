@@ -276,3 +276,37 @@ def test_readme_python_snippet_runs_as_written(trained_tiny, tmp_path, monkeypat
     right = np.s_[:, edits[0].width // 2 :]
     original = np.asarray(scope["images"][0])[right].astype(int)
     assert np.abs(np.asarray(edits[0])[right].astype(int) - original).max() <= 2
+
+
+def test_progress_bars_tick_per_denoising_pass_and_per_caption_batch(trained_tiny, monkeypatch):
+    """S = 1 runs all its denoising passes in one AR step: the bar counts the passes, not AR steps (it
+    stood still, then jumped to 1/1); captioning more than one batch shows a bar over the images."""
+    from mmfusion import pipeline
+    from mmfusion.diffusion import sampler
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total=None, desc="", disable=False, **kwargs):
+            self.total, self.desc, self.disable, self.n = total, desc, disable, 0
+            bars.append(self)
+
+        def update(self, k=1):
+            self.n += k
+
+        def set_postfix_str(self, *args, **kwargs):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(sampler, "tqdm", Bar)
+    monkeypatch.setattr(pipeline, "tqdm", Bar)
+    pipe = MMFusion.from_pretrained(trained_tiny)
+    for ar_steps in (1, 2):
+        pipe.generate("a red circle", progress=True, ar_steps=ar_steps, steps=3)
+        bar = next(b for b in reversed(bars) if b.desc == "denoising")
+        assert not bar.disable and bar.total == bar.n == 3 * ar_steps
+    images = pipe.generate(["a red circle"] * 3, steps=2)
+    pipe.caption(images, batch_size=2, progress=True, max_new_tokens=2)
+    assert [(b.total, b.n, b.disable) for b in bars if b.desc == "captions"] == [(3, 3, False)]

@@ -83,15 +83,16 @@ def demo(
     trained = time.perf_counter()
     pipe = MMFusion.from_pretrained(model_dir)
     outdir = Path(out)
+    print("evaluating: samples of fixed prompts, the shapes benchmark, captions of the test split")
     images = pipe.generate(FIXED_PROMPTS, num_images=4, seed=seed)
     records = [{"file": f"{k:04d}.png", "prompt": FIXED_PROMPTS[k // 4], "seed": seed + k} for k in range(len(images))]
     write_outputs(outdir / "samples", images, records, scale=4, cols=4)  # one row per prompt
-    t2i, eval_images, _ = evaluate_t2i(pipe, seed=seed)
+    t2i, eval_images, _ = evaluate_t2i(pipe, seed=seed, progress=True)
     make_grid(eval_images, cols=16, scale=3).save(outdir / "eval_grid.png")
     import datasets
 
     test = datasets.load_from_disk(str(outdir / "data"))["test"]
-    caption_metrics, captions = evaluate_captions(pipe, test)
+    caption_metrics, captions = evaluate_captions(pipe, test, progress=True)
     (outdir / "captions.json").write_text(
         json.dumps(
             [{"image": i, "caption": c, "references": test[i]["captions"]} for i, c in captions.items()], indent=2

@@ -60,7 +60,7 @@ def caption(
     rows = ds[split] if limit is None else ds[split].select(range(min(limit, len(ds[split]))))
     pipe = MMFusion.from_pretrained(model, dtype=dtype, device=device)
     kwargs = {"num_beams": num_beams} if method == "beam" else {}
-    caps = pipe.caption(list(rows["image"]), method=method, batch_size=batch_size, **kwargs)
+    caps = pipe.caption(list(rows["image"]), method=method, batch_size=batch_size, progress=True, **kwargs)
     ids = rows["image_id"] if "image_id" in rows.column_names else list(range(len(rows)))
     results = [{"image_id": i, "caption": c} for i, c in zip(ids, caps)]
     metrics = score_captions(dict(zip(ids, rows["captions"])), dict(zip(ids, caps)), spice=spice, verbose=True)
@@ -128,7 +128,7 @@ def shapes(
         )
         summary = {"single": summary}
     else:
-        summary, images, _ = evaluate_t2i(pipe, n_single, n_pair, seed=seed, **settings)
+        summary, images, _ = evaluate_t2i(pipe, n_single, n_pair, seed=seed, progress=True, **settings)
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
     make_grid(images, cols=16, scale=3).save(outdir / "shapes_grid.png")

@@ -150,7 +150,7 @@ def caption(
     kwargs = {"num_beams": num_beams} if method == "beam" else {}
     if method == "nucleus":
         kwargs = {"top_p": top_p, "temperature": temperature}
-    caps = pipe.caption(pils, method=method, seed=seed, max_new_tokens=max_new_tokens, **kwargs)
+    caps = pipe.caption(pils, method=method, seed=seed, max_new_tokens=max_new_tokens, progress=True, **kwargs)
     result = dict(zip(images, caps))
     for path, cap in result.items():
         print(f"{path}: {cap}")

@@ -167,7 +167,10 @@ class NextTokenDiffusionSampler:
         dup = 2 if guided else 1
         state = _State(self, prefixes, plan, out, img_pos, use_cache)
         none_left = torch.zeros(0, dtype=torch.long)  # the positions to make of an image that is finished
-        for step in tqdm(range(n_groups), desc="AR steps", disable=not progress, leave=False):
+        # one tick per denoising pass (S = 1 runs all of its passes in one AR step)
+        bar = tqdm(total=n_groups * len(scheduler.timesteps), desc="denoising", disable=not progress, leave=False)
+        for step in range(n_groups):
+            bar.set_postfix_str(f"AR step {step + 1}/{n_groups}", refresh=False)
             pos_rows = [g[step] if step < len(g) else none_left for g in plan.groups]
             ragged = len({len(p) for p in pos_rows}) > 1  # editing: images with different tokens to make
             x = (
@@ -191,10 +194,12 @@ class NextTokenDiffusionSampler:
                             x[one] = scheduler.step(pred[one], t, x[one], generator=[gen], **kwargs).prev_sample
                 else:
                     x = scheduler.step(pred, t, x, generator=generators, **kwargs).prev_sample
+                bar.update()
             for i, p in enumerate(pos_rows):
                 out[i, p] = x[i, : len(p)]
             if step + 1 < n_groups:  # the last group is read by nobody: no pass to cache it
                 state.finish_group(step, pos_rows * dup, torch.cat([x] * dup))
+        bar.close()
         return out
 
     def _ragged_noise(self, pos_rows: list[torch.Tensor], generators: list[torch.Generator]) -> torch.Tensor:

@@ -9,22 +9,28 @@ from mmfusion.evaluation.shapes import benchmark_prompts, check_image, summarize
 
 
 def evaluate_t2i(
-    pipe: Any, n_single: int = 96, n_pair: int = 96, seed: int = 0, batch_size: int = 48, **settings: Any
+    pipe: Any,
+    n_single: int = 96,
+    n_pair: int = 96,
+    seed: int = 0,
+    batch_size: int = 48,
+    progress: bool = False,
+    **settings: Any,
 ) -> tuple[dict[str, Any], list[Any], list[str]]:
     """Generate for the shapes benchmark prompts and judge every image with the analytic checker."""
     prompts = benchmark_prompts(n_single, n_pair, seed)
-    images = pipe.generate(prompts, seed=seed, batch_size=batch_size, **settings)
+    images = pipe.generate(prompts, seed=seed, batch_size=batch_size, progress=progress, **settings)
     verdicts = [check_image(im, p) for im, p in zip(images, prompts)]
     return summarize(verdicts, prompts), images, prompts
 
 
 def evaluate_captions(
-    pipe: Any, split: Any, limit: int | None = None, batch_size: int = 64, **settings: Any
+    pipe: Any, split: Any, limit: int | None = None, batch_size: int = 64, progress: bool = False, **settings: Any
 ) -> tuple[dict[str, float] | dict[str, str], dict[int, str]]:
     """Greedy (or given) captions of a held-out split, scored with pycocoevalcap against its references."""
     n = len(split) if limit is None else min(limit, len(split))
     rows = [split[i] for i in range(n)]
-    caps = pipe.caption([r["image"] for r in rows], batch_size=batch_size, **settings)
+    caps = pipe.caption([r["image"] for r in rows], batch_size=batch_size, progress=progress, **settings)
     candidates = dict(enumerate(caps))
     refs = {i: r["captions"] for i, r in enumerate(rows)}
     if not java_available():

@@ -77,8 +77,9 @@ class MMFusionModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.image_tokenizer.to(self.device)
-        if self.cfg.train.compile:
-            compile_blocks(self.model, per_block=self._under_fsdp())
+        if self.cfg.train.compile and compile_blocks(self.model, per_block=self._under_fsdp()):
+            if self.trainer.is_global_zero:  # the first steps wait for it: say why the bar stands still
+                print("train.compile: compiling the transformer at the first steps (10-60 s; inductor caches it)")
 
     def sample_generators(self, indices: list[int]) -> list[torch.Generator]:
         """One generator per sample, seeded by (seed, step, row): the randomness of a sample does not

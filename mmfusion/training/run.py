@@ -70,7 +70,7 @@ def step_progress_bar(minutes: float | None = None, refresh_rate: int = 10) -> L
     the bar has no total (steps and rate only) and names the budget; a resumed run starts at its step.
     Plain tqdm, redrawn every `refresh_rate` steps: Rich's live display refreshes from a thread that took
     4% of a small model's training time (py-spy)."""
-    from lightning.pytorch.callbacks import TQDMProgressBar
+    from lightning.pytorch.callbacks import Timer, TQDMProgressBar
 
     class StepProgressBar(TQDMProgressBar):
         started = False
@@ -86,12 +86,19 @@ def step_progress_bar(minutes: float | None = None, refresh_rate: int = 10) -> L
             bar = self.train_progress_bar
             bar.reset(total=None if minutes else trainer.max_steps)
             bar.initial = bar.n = trainer.global_step
+            if minutes:  # no total to estimate from: the time left of the budget instead of an ETA
+                bar.bar_format = "{desc}: {n_fmt} steps [{elapsed}, {rate_fmt}{postfix}]"
 
         def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *_: Any) -> None:
             step, bar = trainer.global_step, self.train_progress_bar
             if bar is not None and step != bar.n and (step % self.refresh_rate == 0 or step == bar.total):
                 bar.n = step
-                bar.set_postfix(self.get_metrics(trainer, module), refresh=False)
+                metrics = self.get_metrics(trainer, module)
+                timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+                if minutes and timer is not None:  # Lightning's Timer: the clock that ends the run
+                    left = max(0, int(timer.time_remaining("train") or 0))
+                    metrics = {"budget left": f"{left // 60}:{left % 60:02d}", **metrics}
+                bar.set_postfix(metrics, refresh=False)
                 bar.refresh()
 
     return StepProgressBar(refresh_rate=refresh_rate)

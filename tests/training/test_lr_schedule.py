@@ -80,7 +80,7 @@ class LRs(L.Callback):
         self.lrs.append(optimizer.param_groups[0]["lr"])
 
 
-def test_a_run_cut_by_its_time_budget_completes_its_decay(tmp_path, monkeypatch):
+def test_a_run_cut_by_its_time_budget_completes_its_decay(tmp_path, monkeypatch, capsys):
     """max_steps far away and a 6 s budget on a clock that advances 0.05 s per step (so the test does
     not depend on the machine's speed): the wsd schedule holds the rate for the first half, then decays
     it to the floor by the step at which the budget runs out."""
@@ -103,6 +103,8 @@ def test_a_run_cut_by_its_time_budget_completes_its_decay(tmp_path, monkeypatch)
     ]
     run.train(load_config(None, [*TINY_RUN, *overrides]))
     assert 115 <= len(seen.lrs) <= 125, f"the budget of 120 clock steps ended after {len(seen.lrs)}"
+    bar = capsys.readouterr().out  # no total and no ETA to show: the budget's time left on the same clock
+    assert "budget left=0:01" in bar and "budget left=0:05" in bar and "<00:00" not in bar
     lrs = seen.lrs[2:]  # after the 2 warmup steps
     assert all(x == pytest.approx(lr) for x in lrs[:40]), "no stable phase"
     assert all(b <= a + 1e-12 for a, b in zip(lrs, lrs[1:])), "the rate rose after warmup"
