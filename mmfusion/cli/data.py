@@ -29,8 +29,8 @@ def shapes(
         n: number of training images
         size: image side in pixels, 32 or 64
         seed: random seed; the same seed renders the same images
-        n_val: validation images (default: max(100, n / 20))
-        n_test: test images (default: max(200, n / 20))
+        n_val: validation images (default: n / 20, at least 100 and at most 1,000)
+        n_test: test images (default: n / 20, at least 200 and at most 1,000)
         pair_fraction: fraction of images with two objects
         colours: comma-separated palette (also purple, orange: a shifted set for fine-tuning)
     """
