@@ -104,6 +104,25 @@ def step_progress_bar(minutes: float | None = None, refresh_rate: int = 10) -> L
     return StepProgressBar(refresh_rate=refresh_rate)
 
 
+def interrupt_notice(out: Path) -> L.Callback:
+    """On Ctrl-C, before Lightning ends the process: where the run stands and how to go on from it."""
+
+    class InterruptNotice(L.Callback):
+        def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+            if not isinstance(exception, KeyboardInterrupt) or not trainer.is_global_zero:
+                return
+            saved = getattr(trainer.checkpoint_callback, "_last_global_step_saved", 0)
+            ckpt = out / "checkpoints" / "last.ckpt"
+            if ckpt.exists():
+                of = f", of step {saved}" if saved else ""
+                then = f"the last checkpoint is {ckpt}{of}: --resume goes on from there"
+            else:
+                then = "no checkpoint was written yet (train.checkpoint_every_n_steps), so nothing to resume"
+            print(f"\ninterrupted at step {trainer.global_step}; {then}", flush=True)
+
+    return InterruptNotice()
+
+
 @contextmanager
 def lightning_warnings_filtered() -> Iterator[None]:
     """Around `Trainer.fit`: Lightning's loops build torch pytree LeafSpec objects, which recent torch
@@ -125,6 +144,7 @@ def build_trainer(
     t = cfg.train
     callbacks: list[L.Callback] = [step_progress_bar(t.max_time_minutes)]
     if enable_checkpointing:
+        callbacks.append(interrupt_notice(out))
         callbacks.append(
             ModelCheckpoint(
                 dirpath=out / "checkpoints",

@@ -100,3 +100,35 @@ def test_atomic_save_keeps_the_old_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_ctrl_c_says_where_the_run_stands(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from mmfusion.training.run import interrupt_notice
+
+    notice = interrupt_notice(tmp_path)
+    trainer = SimpleNamespace(is_global_zero=True, global_step=137, checkpoint_callback=None)
+    notice.on_exception(trainer, None, KeyboardInterrupt())
+    assert "interrupted at step 137; no checkpoint was written yet" in capsys.readouterr().out
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    trainer.checkpoint_callback = SimpleNamespace(_last_global_step_saved=100)
+    notice.on_exception(trainer, None, KeyboardInterrupt())
+    assert "last.ckpt, of step 100: --resume goes on from there" in capsys.readouterr().out
+    notice.on_exception(trainer, None, ValueError("not an interrupt"))
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT")
+def test_ctrl_c_on_a_real_run_prints_the_notice(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mmfusion.cli.main", "train", *RUN, f"train.out={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=120)
+    assert "interrupted at step" in stdout and "--resume goes on from there" in stdout, stdout[-2000:]
