@@ -63,6 +63,20 @@ def inference_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 DIFFUSION_SETTINGS = {"ar_steps", "order", "sampler", "steps", "cfg_interval", "cfg_until_step", "eta"}
 
 
+def image_tokenizer_path(folder: Path, path: str | None) -> str | None:
+    """Where a model folder's VAE / VQ model is: MODEL/image_tokenizer when that folder exists (a model
+    folder made self-contained by copying its tokenizer in), else the path recorded at training."""
+    inside = folder / "image_tokenizer"
+    if inside.is_dir():
+        return str(inside)
+    if path and Path(path).is_absolute() and not Path(path).exists():
+        raise UserError(
+            f"{folder} refers to its image tokenizer at {path}, which does not exist: copy that VAE / VQ "
+            f"folder to {inside} (or fix image.path in {folder / 'config.json'})"
+        )
+    return path
+
+
 class MMFusion:
     def __init__(
         self,
@@ -176,10 +190,13 @@ class MMFusion:
         tok = TextTokenizer.from_file(
             folder / "tokenizer.json", special=config.get("special_tokens"), max_len=config.get("max_text_len", 35)
         )
+        image = ImageTokenizerConfig(**config["image"])
+        if image.kind in ("vae", "vq"):
+            image = dataclasses.replace(image, path=image_tokenizer_path(folder, image.path))
         pipe = cls(
             model.to(device),
             tok,
-            ImageTokenizerConfig(**config["image"]),
+            image,
             DiffusionConfig(**config["diffusion"]),
             SamplerSettings(**sample),
             config.get("condition", "text"),

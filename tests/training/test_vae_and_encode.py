@@ -154,6 +154,19 @@ def test_vq_train_then_token_shuffle_end_to_end(shapes_dir, tmp_path, quantizer)
     assert main(["generate", *model, "--prompt", "a red circle", "--out", out, "--ar-steps", "4"]) == 2
     with pytest.raises(UserError, match="ar_steps, sampler: settings of CausalFusion"):
         pipe.generate("a red circle", ar_steps=4, sampler="ddim")
+    # the model folder refers to the VQ folder by path; copied into MODEL/image_tokenizer it goes along
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "run" / "model", moved / "model")
+    cfg = json.loads((moved / "model" / "config.json").read_text())
+    cfg["image"]["path"] = str(tmp_path / "gone")
+    (moved / "model" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="refers to its image tokenizer at .*gone, which does not exist: copy"):
+        MMFusion.from_pretrained(moved / "model").generate("a red circle", seed=0)
+    shutil.copytree(vq, moved / "model" / "image_tokenizer")
+    again = MMFusion.from_pretrained(moved / "model").generate(["a red circle", "a blue square"], seed=0)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, again))
     if quantizer == "vq":  # a softmax over the codebook: top-1 leaves the seed nothing to choose
         greedy = [pipe.generate("a red circle", seed=k, top_k=1, cfg_scale=1.0)[0] for k in (0, 1)]
         assert np.array_equal(np.asarray(greedy[0]), np.asarray(greedy[1]))
