@@ -18,14 +18,20 @@ from mmfusion.errors import UserError
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "validation", "test": "test"}
 
 
-def load_captioned(source: str | Path, image_root: str | Path | None = None) -> datasets.DatasetDict:
-    """Open `source` as a DatasetDict whose rows have at least `image` and `captions` (list[str])."""
+def check_source(source: str | Path) -> Path:
+    """The path of a data source, or a one-line error when there is nothing there."""
     path = Path(source)
     if not path.exists():
         raise UserError(
             f"data source {source} does not exist: pass a saved data set, an imagefolder or a "
             "COCO / Karpathy JSON file (try `mmfusion data shapes --out DIR`)"
         )
+    return path
+
+
+def load_captioned(source: str | Path, image_root: str | Path | None = None) -> datasets.DatasetDict:
+    """Open `source` as a DatasetDict whose rows have at least `image` and `captions` (list[str])."""
+    path = check_source(source)
     if path.is_dir() and (path / "dataset_dict.json").exists():
         return datasets.load_from_disk(str(path))
     if path.is_dir():

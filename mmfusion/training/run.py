@@ -17,6 +17,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from mmfusion.config import RunConfig
 from mmfusion.data.datamodule import MMFusionDataModule
+from mmfusion.data.datasets import check_source
 from mmfusion.data.encode import check_encoded
 from mmfusion.errors import UserError
 from mmfusion.runtime import matmul_gflops, tune_malloc
@@ -202,6 +203,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     if cfg.train.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError(f"train.accelerator={cfg.train.accelerator}: torch sees no CUDA GPU here; use auto or cpu")
     if cfg.data.source != "shapes":
+        check_source(cfg.data.source)
         check_encoded(cfg.data.source, cfg.image)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:

@@ -147,6 +147,7 @@ def _one_line_error(capsys, argv):
         (["train.max_time_minutes=0"], "max_time_minutes must be positive"),
         (["train.max_steps=0"], "max_steps must be at least 1"),
         (["model.shuffle=2"], "model.shuffle=2 fuses discrete image codes: it needs image.kind=vq"),
+        (["data.source=/nonexistent/data"], "data source /nonexistent/data does not exist"),
     ],
 )
 def test_bad_training_settings_are_one_line_errors_before_any_output(tmp_path, capsys, overrides, message):
