@@ -191,3 +191,18 @@ def test_bad_values_for_a_trained_model_are_one_line_errors(trained_tiny, tmp_pa
             capsys, [command, "train", "--data", data, "--out", str(out), "--steps", "0"]
         )
     assert not out.exists()
+
+
+def test_bench_command_runs_an_item_end_to_end(tmp_path, monkeypatch):
+    """`mmfusion bench --quick --only matmul`: the item runs in its own process and lands in the quick
+    JSON; the recorded tables are not touched."""
+    import json
+
+    from mmfusion import bench
+
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    monkeypatch.setattr(bench, "DOC", tmp_path / "docs" / "BENCHMARKS.md")
+    assert main(["bench", "--quick", "--only", "matmul"]) == 0
+    result = json.loads((tmp_path / "docs" / "benchmarks-quick.json").read_text())
+    assert result["quick"] and result["matmul"]["fp32_gflops"] > 0 and "error" not in result["matmul"]
+    assert not (tmp_path / "docs" / "BENCHMARKS.md").exists()

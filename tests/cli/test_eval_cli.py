@@ -119,3 +119,32 @@ def test_eval_generation_needs_local_weights(trained_tiny, tmp_path):
         ]
     )
     assert code == 2
+
+
+def test_eval_generation_end_to_end_equals_the_metrics_computed_directly(trained_tiny, tmp_path):
+    """`eval generation` with local weights (a tiny TorchScript feature extractor and a tiny CLIP):
+    its FID and CLIP score are those of the same images and prompts given to the metric functions."""
+    import torch
+
+    from mmfusion.data.datasets import load_captioned
+    from mmfusion.evaluation.generation import clip_score, frechet_distance
+    from mmfusion.pipeline import MMFusion
+    from mmfusion.tokenizers.image import to_pil, to_tensor
+    from tests.evaluation.test_generation_metrics import TinyFeatures, _tiny_clip
+
+    inception, clip = tmp_path / "inception.pt", tmp_path / "clip"
+    torch.jit.script(TinyFeatures()).save(str(inception))
+    _tiny_clip(clip, 0)
+    data, out = trained_tiny.parent / "data", tmp_path / "out"
+    args = ["--model", str(trained_tiny), "--data", str(data), "--out", str(out), "--split", "test"]
+    extra = ["--inception", str(inception), "--clip", str(clip), "--n", "10", "--batch-size", "4", "--seed", "3"]
+    assert main(["eval", "generation", *args, *extra]) == 0
+    metrics = json.loads((out / "generation_metrics.json").read_text())
+    rows = load_captioned(data)["test"].select(range(10))
+    prompts = [caps[0] for caps in rows["captions"]]
+    pipe = MMFusion.from_pretrained(trained_tiny)
+    fake = pipe.generate(prompts, seed=3, batch_size=4)
+    real = [to_pil(to_tensor(im, pipe.image_cfg.image_size)) for im in rows["image"]]
+    assert metrics["n"] == 10
+    assert metrics["fid"] == pytest.approx(frechet_distance(real, fake, inception), rel=1e-6)
+    assert metrics["clip_score"] == pytest.approx(clip_score(fake, prompts, clip), rel=1e-6)
