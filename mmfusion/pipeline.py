@@ -63,12 +63,21 @@ def inference_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 DIFFUSION_SETTINGS = {"ar_steps", "order", "sampler", "steps", "cfg_interval", "cfg_until_step", "eta"}
 
 
+def _absolute_local_path(image: dict[str, Any]) -> dict[str, Any]:
+    """The image tokenizer's config with a local VAE / VQ folder recorded by its absolute path, so that
+    a model folder finds it from wherever it is used (a relative one would be looked up on the hub)."""
+    path = image.get("path")
+    if image.get("kind") in ("vae", "vq") and path and Path(path).exists():
+        return {**image, "path": str(Path(path).resolve())}
+    return image
+
+
 def image_tokenizer_path(folder: Path, path: str | None) -> str | None:
     """Where a model folder's VAE / VQ model is: MODEL/image_tokenizer when that folder exists (a model
     folder made self-contained by copying its tokenizer in), else the path recorded at training."""
     inside = folder / "image_tokenizer"
     if inside.is_dir():
-        return str(inside)
+        return str(inside.resolve())
     if path and Path(path).is_absolute() and not Path(path).exists():
         raise UserError(
             f"{folder} refers to its image tokenizer at {path}, which does not exist: copy that VAE / VQ "
@@ -125,7 +134,7 @@ class MMFusion:
         config = {
             "format": "mmfusion",
             "model": self.model.cfg.to_dict(),
-            "image": self.image_cfg.to_dict(),
+            "image": _absolute_local_path(self.image_cfg.to_dict()),
             "diffusion": self.diffusion.to_dict(),
             "sample": dataclasses.asdict(self.sample_defaults),
             "condition": self.condition,
@@ -424,7 +433,10 @@ def load_run_checkpoint(ckpt: str | Path) -> MMFusion:
 
     ckpt = Path(ckpt)
     run = ckpt.parent.parent
-    cfg = config_from_dict(json.loads((run / "config.json").read_text()))
+    try:
+        cfg = config_from_dict(json.loads((run / "config.json").read_text()))
+    except ValueError as err:  # a run config of an older version, say
+        raise UserError(f"{run / 'config.json'}: {err}") from err
     tok = TextTokenizer.from_file(run / "tokenizer.json", max_len=cfg.data.max_text_len)
     module = MMFusionModule(cfg, tok)
     state = safe_torch_load(ckpt)["state_dict"]

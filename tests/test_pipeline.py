@@ -1,6 +1,7 @@
 """End to end on CPU: train -> save -> load -> generate -> caption -> edit, with the tiny config."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -310,3 +311,17 @@ def test_progress_bars_tick_per_denoising_pass_and_per_caption_batch(trained_tin
     images = pipe.generate(["a red circle"] * 3, steps=2)
     pipe.caption(images, batch_size=2, progress=True, max_new_tokens=2)
     assert [(b.total, b.n, b.disable) for b in bars if b.desc == "captions"] == [(3, 3, False)]
+
+
+def test_a_local_image_tokenizer_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
+    """A model trained with image.path=vq (relative) must find its VQ folder from anywhere: a relative
+    path that is not found is looked up on the hub."""
+    from mmfusion.pipeline import _absolute_local_path, image_tokenizer_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "vq").mkdir()
+    assert _absolute_local_path({"kind": "vq", "path": "vq"})["path"] == str(tmp_path / "vq")
+    assert _absolute_local_path({"kind": "vae", "path": "org/hub-id"})["path"] == "org/hub-id"  # not local
+    assert _absolute_local_path({"kind": "pixels", "path": None})["path"] is None
+    (tmp_path / "model" / "image_tokenizer").mkdir(parents=True)  # a copy inside wins, by absolute path
+    assert image_tokenizer_path(Path("model"), "/elsewhere/vq") == str(tmp_path / "model" / "image_tokenizer")

@@ -12,6 +12,7 @@ skipped and counted, never fatal; each batch reports its skipped rows (`skipped`
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -195,11 +196,18 @@ class MMFusionDataModule(L.LightningDataModule):
             was = ", ".join(f"{k} {v}" for k, v in made.items()) if made else "unknown settings"
             now = ", ".join(f"{k} {v}" for k, v in wanted.items())
             print(f"{path} holds shapes rendered with {was}; this run asks for {now}: rendering them anew")
-            shutil.rmtree(path)
+            shutil.rmtree(path, ignore_errors=True)
+        # rendered beside the destination and moved into place whole, with its record: processes started
+        # together (torchrun) may each render, and each finds either nothing or a complete set
+        tmp = path.parent / f".data-{os.getpid()}"
         build_shapes(
             n=c.shapes_n, size=self.image_size, seed=c.shapes_seed, pair_fraction=c.shapes_pair_fraction
-        ).save_to_disk(str(path))
-        record.write_text(json.dumps(wanted))
+        ).save_to_disk(str(tmp))
+        (tmp / record.name).write_text(json.dumps(wanted))
+        try:
+            tmp.rename(path)
+        except OSError:  # another process moved its identical set into place first
+            shutil.rmtree(tmp, ignore_errors=True)
         return path
 
     def text_tokenizer(self) -> TextTokenizer:

@@ -114,11 +114,10 @@ def interrupt_notice(out: Path) -> L.Callback:
                 return
             saved = getattr(trainer.checkpoint_callback, "_last_global_step_saved", 0)
             ckpt = out / "checkpoints" / "last.ckpt"
-            if ckpt.exists():
-                of = f", of step {saved}" if saved else ""
-                then = f"the last checkpoint is {ckpt}{of}: --resume goes on from there"
+            if saved and ckpt.exists():  # this run's own checkpoint, not one an earlier run left in OUT
+                then = f"the last checkpoint is {ckpt}, of step {saved}: --resume goes on from there"
             else:
-                then = "no checkpoint was written yet (train.checkpoint_every_n_steps), so nothing to resume"
+                then = "this run wrote no checkpoint yet (train.checkpoint_every_n_steps), so nothing to resume"
             print(f"\ninterrupted at step {trainer.global_step}; {then}", flush=True)
 
     return InterruptNotice()

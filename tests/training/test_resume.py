@@ -49,6 +49,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     deadline = time.time() + 300
     while not last.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
+    assert last.exists(), "the run ended or stalled before its first checkpoint"
     first = time.time(), last.stat().st_mtime_ns
     while last.stat().st_mtime_ns == first[1] and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
@@ -110,9 +111,11 @@ def test_ctrl_c_says_where_the_run_stands(tmp_path, capsys):
     notice = interrupt_notice(tmp_path)
     trainer = SimpleNamespace(is_global_zero=True, global_step=137, checkpoint_callback=None)
     notice.on_exception(trainer, None, KeyboardInterrupt())
-    assert "interrupted at step 137; no checkpoint was written yet" in capsys.readouterr().out
+    assert "interrupted at step 137; this run wrote no checkpoint yet" in capsys.readouterr().out
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")  # an earlier run's, as far as this one knows
+    notice.on_exception(trainer, None, KeyboardInterrupt())
+    assert "this run wrote no checkpoint yet" in capsys.readouterr().out
     trainer.checkpoint_callback = SimpleNamespace(_last_global_step_saved=100)
     notice.on_exception(trainer, None, KeyboardInterrupt())
     assert "last.ckpt, of step 100: --resume goes on from there" in capsys.readouterr().out
@@ -129,6 +132,7 @@ def test_ctrl_c_on_a_real_run_prints_the_notice(tmp_path):
     deadline = time.time() + 300
     while not (out / "checkpoints" / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
+    time.sleep(0.3)  # the checkpoint callback records its step just after the file lands
     proc.send_signal(signal.SIGINT)
     stdout, _ = proc.communicate(timeout=120)
     assert "interrupted at step" in stdout and "--resume goes on from there" in stdout, stdout[-2000:]
