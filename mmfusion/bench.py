@@ -41,17 +41,25 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
 # --- helpers ---------------------------------------------------------------------------------
+def _durations(fn, calls: int) -> list[float]:  # noqa: ANN001
+    """Seconds of each of `calls` calls of `fn`."""
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
 def timed(fn, repeat: int, warmup: int = 1) -> float:  # noqa: ANN001
     """Median seconds of `repeat` calls after `warmup` calls."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2]
+    return _median(_durations(fn, repeat))
 
 
 def timed_against_peak(fn, dtype: Any, rounds: int, per_round: int, warmup: int = 1) -> tuple[float, float]:  # noqa: ANN001
@@ -68,14 +76,9 @@ def timed_against_peak(fn, dtype: Any, rounds: int, per_round: int, warmup: int 
     for _ in range(rounds):
         peaks.append(matmul_gflops(dtype, 2048, 0.3))
         fn()
-        for _ in range(per_round):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
+        times += _durations(fn, per_round)
     peaks.append(matmul_gflops(dtype, 2048, 0.3))
-    times.sort()
-    peaks.sort()
-    return times[len(times) // 2], peaks[len(peaks) // 2]
+    return _median(times), _median(peaks)
 
 
 def peak_rss_mb() -> float:
@@ -607,11 +610,9 @@ def render_markdown(r: dict) -> str:
         lines += [f"Failed: {'; '.join(failed)}.", ""]
     # a table only for what this run measured or carried over: no rows of n/a
     has = {name: bool(r.get(name)) and "error" not in r[name] for name in BENCHES}
-    m = r.get("matmul", {})
-    lines += (
-        []
-        if not has["matmul"]
-        else [
+    if has["matmul"]:
+        m = r["matmul"]
+        lines += [
             "| matmul peak | GFLOP/s |",
             "|---|---|",
             f"| fp32 {m.get('n')}^3 | {f(m.get('fp32_gflops'), '.0f')} |",
@@ -619,16 +620,12 @@ def render_markdown(r: dict) -> str:
             f"{'' if m.get('bf16_native', True) else ' (emulated: this CPU has no native bf16)'} |",
             "",
         ]
-    )
-    lines += (
-        []
-        if not (has["train_tiny"] or has["train_small"])
-        else [
+    if has["train_tiny"] or has["train_small"]:
+        lines += [
             f"| training (batch 64, shapes, patch 8; packed: rows of {PACK_LENGTH} tokens) | params | tokens/step | "
             "precision | step s | tokens/s | achieved GFLOP/s | matmul peak | MFU | peak RSS MB |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
-    )
     for key in ("train_tiny", "train_small"):
         t = r.get(key, {})
         variants = ("", " compiled", " compiled packed", DDP_ROW)
@@ -646,106 +643,80 @@ def render_markdown(r: dict) -> str:
                 f"{f(p.get('mfu'), '.1%')} | {f(p.get('peak_rss_mb_per_process', t.get('peak_rss_mb')), '.0f')}"
                 f"{' per process' if 'peak_rss_mb_per_process' in p else ''} |"
             )
-    s = r.get("sampling", {}) if has["sampling"] else {}
-    lines += [""]
-    lines += (
-        []
-        if not s
-        else [
+    lines.append("")
+    if has["sampling"]:
+        s = r["sampling"]
+        lines += [
             f"| sampling ({s.get('images')} images, {s.get('denoising_steps')} DDIM steps per AR step, CFG) | "
             "cached s | uncached s | cached s, bf16 weights |",
             "|---|---|---|---|",
         ]
-    )
-    for steps in (1, 4, 16) if s else ():
-        lines.append(
+        lines += [
             f"| S = {steps} | {f(s.get(f'S={steps}_cached_s'))} | {f(s.get(f'S={steps}_uncached_s'))} | "
             f"{f(s.get(f'S={steps}_cached_bf16_s'))} |"
-        )
-    lines += (
-        []
-        if not s
-        else [
+            for steps in (1, 4, 16)
+        ]
+        lines += [
             f"| S = 16 / S = 1, cached | {f(s.get('S16_over_S1_cached'))} | | {f(s.get('S16_over_S1_cached_bf16'))} |",
             "",
         ]
-    )
-    sb = r.get("sampling_batch", {}) if has["sampling_batch"] else {}
-    if sb:
+    if has["sampling_batch"]:
         lines += ["| sampling with the demo's model, by batch (cached) | S = 1 s | S = 16 s | S = 16 / S = 1 |"]
         lines += ["|---|---|---|---|"]
         lines += [
             f"| {images} images | {f(e.get('S=1_cached_s'))} | {f(e.get('S=16_cached_s'))} | "
             f"{f(e.get('S16_over_S1_cached'))} |"
-            for images, e in sb.items()
+            for images, e in r["sampling_batch"].items()
             if isinstance(e, dict)
         ]
         lines.append("")
-    sp = r.get("sampling_paper_tokens", {}) if has["sampling_paper_tokens"] else {}
-    lines += (
-        []
-        if not sp
-        else [
+    if has["sampling_paper_tokens"]:
+        sp = r["sampling_paper_tokens"]
+        lines += [
             f"| sampling at the paper's token count ({sp.get('tokens_per_image')} tokens per image, "
             f"{f(sp.get('parameters'), ',')} params, {sp.get('images')} images, 20 DDIM steps, CFG) | cached s | "
             "cached s, bf16 weights |",
             "|---|---|---|",
         ]
-    )
-    lines += [
-        f"| S = {steps} | {f(sp.get(f'S={steps}_cached_s'))} | {f(sp.get(f'S={steps}_cached_bf16_s'))} |"
-        for steps in ((1, 4, 16) if sp else ())
-    ]
-    lines += (
-        []
-        if not sp
-        else [
+        lines += [
+            f"| S = {steps} | {f(sp.get(f'S={steps}_cached_s'))} | {f(sp.get(f'S={steps}_cached_bf16_s'))} |"
+            for steps in (1, 4, 16)
+        ]
+        lines += [
             f"| S = 16 / S = 1 | {f(sp.get('S16_over_S1_cached'))} | {f(sp.get('S16_over_S1_cached_bf16'))} |",
             "",
         ]
-    )
-    c = r.get("caption", {})
-    lines += (
-        []
-        if not has["caption"]
-        else [
+    if has["caption"]:
+        c = r["caption"]
+        lines += [
             "| captioning (32 new tokens) | tokens/s |",
             "|---|---|",
             f"| KV cache | {f(c.get('cached_tokens_per_s'), '.0f')} |",
             f"| no cache | {f(c.get('uncached_tokens_per_s'), '.0f')} |",
             f"| speed-up | {f(c.get('speedup'), '.1f')}x |",
-            *[f"| KV cache, bf16 weights | {f(c[k], '.0f')} |" for k in ["cached_bf16_tokens_per_s"] if k in c],
-            "",
         ]
-    )
-    ts = r.get("token_shuffle", {}) if has["token_shuffle"] else {}
-    lines += (
-        []
-        if not ts
-        else [
+        if "cached_bf16_tokens_per_s" in c:
+            lines.append(f"| KV cache, bf16 weights | {f(c['cached_bf16_tokens_per_s'], '.0f')} |")
+        lines.append("")
+    if has["token_shuffle"]:
+        ts = r["token_shuffle"]
+        lines += [
             "| Token-Shuffle (64 px, 16 x 16 codes) | tokens / image | train step s | sampling s (4 images) |",
             "|---|---|---|---|",
         ]
-    )
-    for s_ in (1, 2, 4) if ts else ():
-        e = ts.get(f"s={s_}", {})
-        lines.append(
-            f"| s = {s_} | {e.get('tokens_per_image')} | {f(e.get('train_step_s'))} | {f(e.get('sample_s'))} |"
-        )
-    lines += (
-        []
-        if not ts
-        else [
+        for s_ in (1, 2, 4):
+            e = ts.get(f"s={s_}", {})
+            lines.append(
+                f"| s = {s_} | {e.get('tokens_per_image')} | {f(e.get('train_step_s'))} | {f(e.get('sample_s'))} |"
+            )
+        lines += [
             f"| s = 2 speed-up over s = 1 | | {f(ts.get('train_speedup_s2_vs_s1'), '.1f')}x | "
             f"{f(ts.get('sample_speedup_s2_vs_s1'), '.1f')}x |",
             "",
         ]
-    )
-    a = r.get("attention", {})
-    lines += (
-        []
-        if not has["attention"]
-        else [
+    if has["attention"]:
+        a = r["attention"]
+        lines += [
             f"| generalized causal mask, L = {a.get('seq_len')}, forward | seconds |",
             "|---|---|",
             f"| dense masked SDPA | {f(a.get('sdpa_s'))} |",
@@ -753,7 +724,6 @@ def render_markdown(r: dict) -> str:
             f"| speed-up of flex | {f(a.get('flex_speedup'), '.2f')}x "
             f"(max abs diff {f(a.get('max_abs_diff'), '.1e')}) |",
         ]
-    )
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).rstrip() + "\n"
 
 

@@ -200,9 +200,7 @@ class MMFusionDataModule(L.LightningDataModule):
         # rendered beside the destination and moved into place whole, with its record: processes started
         # together (torchrun) may each render, and each finds either nothing or a complete set
         tmp = path.parent / f".data-{os.getpid()}"
-        build_shapes(
-            n=c.shapes_n, size=self.image_size, seed=c.shapes_seed, pair_fraction=c.shapes_pair_fraction
-        ).save_to_disk(str(tmp))
+        build_shapes(**wanted).save_to_disk(str(tmp))  # the recorded settings are build_shapes' arguments
         (tmp / record.name).write_text(json.dumps(wanted))
         try:
             tmp.rename(path)

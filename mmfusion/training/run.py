@@ -75,6 +75,7 @@ def step_progress_bar(minutes: float | None = None, refresh_rate: int = 10) -> L
 
     class StepProgressBar(TQDMProgressBar):
         started = False
+        timer = None
 
         @property
         def train_description(self) -> str:  # the bar's name from its first draw on
@@ -87,7 +88,9 @@ def step_progress_bar(minutes: float | None = None, refresh_rate: int = 10) -> L
             bar = self.train_progress_bar
             bar.reset(total=None if minutes else trainer.max_steps)
             bar.initial = bar.n = trainer.global_step
-            if minutes:  # no total to estimate from: the time left of the budget instead of an ETA
+            # Lightning's Timer, the clock that ends a run with a budget: its time left instead of an ETA
+            self.timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None) if minutes else None
+            if self.timer is not None:
                 bar.bar_format = "{desc}: {n_fmt} steps [{elapsed}, {rate_fmt}{postfix}]"
 
         def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *_: Any) -> None:
@@ -95,9 +98,8 @@ def step_progress_bar(minutes: float | None = None, refresh_rate: int = 10) -> L
             if bar is not None and step != bar.n and (step % self.refresh_rate == 0 or step == bar.total):
                 bar.n = step
                 metrics = self.get_metrics(trainer, module)
-                timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-                if minutes and timer is not None:  # Lightning's Timer: the clock that ends the run
-                    left = max(0, int(timer.time_remaining("train") or 0))
+                if self.timer is not None:
+                    left = max(0, int(self.timer.time_remaining("train") or 0))
                     metrics = {"budget left": f"{left // 60}:{left % 60:02d}", **metrics}
                 bar.set_postfix(metrics, refresh=False)
                 bar.refresh()
