@@ -10,3 +10,10 @@ def require(checks: list[tuple[bool, str]]) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+
+
+class Stopped(Exception):
+    """A run stopped on request (SIGTERM) before its end, its state saved; the process exits with 143
+    (128 + SIGTERM), as a process ended by that signal would."""
+
+    exit_code = 143

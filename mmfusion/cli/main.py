@@ -8,7 +8,7 @@ import sys
 
 from mmfusion.cli import data, demo, evaluate, finetune, infer, train
 from mmfusion.cli.app import build_parser, run
-from mmfusion.errors import UserError
+from mmfusion.errors import Stopped, UserError
 from mmfusion.runtime import tune_malloc
 
 COMMANDS = {
@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Stopped as err:  # its message comes from one process only
+        if str(err):
+            print(f"\n{err}", file=sys.stderr, flush=True)
+        return err.exit_code
     return 0
 
 

@@ -136,31 +136,28 @@ class JointObjective:
         return codes ^ (flips.long() * (2 ** torch.arange(d))).sum(-1)
 
     def loss(self, model: MMFusionModel, batch: TokenBatch) -> dict[str, torch.Tensor]:
-        """Weighted image loss (diffusion regression, or code cross-entropy) plus the weighted text loss."""
+        """Weighted image loss (diffusion regression, or code cross-entropy) plus the weighted text loss.
+        A term the batch has nothing for (no caption-order sample, no noisy token) is left out of the
+        dict rather than given as 0, so that the logs do not read "text loss 0" for a small batch that
+        had no caption to learn from."""
         hidden = model(batch, mask=batch.mask(self.text_sees_noisy))
         out: dict[str, torch.Tensor] = {}
         noisy = batch.weights > 0
-
-        def zero() -> torch.Tensor:  # a loss term with nothing to learn from, still tied to the graph
-            return hidden.sum() * 0.0
-
-        if self.model_cfg.discrete:
-            out["image_loss"] = self._code_loss(model, hidden, batch) if noisy.any() else zero()
+        if self.model_cfg.discrete and noisy.any():
+            out["image_loss"] = self._code_loss(model, hidden, batch)
         elif noisy.any():
             rows = row_index(noisy)
             pred = model.image_output(select_rows(hidden, rows))
             mse = (pred - select_rows(batch.targets, rows).to(pred.dtype)).pow(2).mean(-1)
             out["image_loss"] = (mse * select_rows(batch.weights, rows)).sum() / len(rows)
-        else:
-            out["image_loss"] = zero()
         has_text = batch.labels != IGNORE
         if has_text.any():
             rows = row_index(has_text)
             logits = model.text_logits(select_rows(hidden, rows))
             out["text_loss"] = F.cross_entropy(logits.float(), select_rows(batch.labels, rows))
-        else:
-            out["text_loss"] = zero()
-        out["loss"] = out["image_loss"] + self.obj.text_loss_weight * out["text_loss"]
+        if not out:  # nothing to learn from: a zero loss still tied to the graph
+            return {"loss": hidden.sum() * 0.0}
+        out["loss"] = out.get("image_loss", 0.0) + self.obj.text_loss_weight * out.get("text_loss", 0.0)
         return out
 
     def _code_loss(self, model: MMFusionModel, hidden: torch.Tensor, batch: TokenBatch) -> torch.Tensor:

@@ -115,3 +115,20 @@ def test_caption_order_text_reads_the_image_as_captioning_does(caption_ar_steps)
         torch.testing.assert_close(train, infer_logits, atol=1e-5, rtol=1e-5)
     else:
         assert (train - infer_logits).abs().max() > 1e-4
+
+
+def test_a_term_without_data_is_left_out_not_zero():
+    """A batch without caption-order samples has no text loss (the logs would read 0), and its total is
+    the image loss alone; a batch with them has both, weighted."""
+    cfg = ModelConfig.from_name("tiny", image_grid=(4, 4))
+    model = MMFusionModel(cfg)
+    tokens, captions = _inputs(cfg, 4)
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(4)]  # noqa: E731
+    make = lambda t2i: JointObjective(  # noqa: E731
+        cfg, DiffusionConfig(), ObjectiveConfig(t2i_fraction=t2i, text_loss_weight=0.5), 1, 2, 3, 4
+    )
+    image_only = make(1.0).loss(model, make(1.0).build(tokens, captions, None, gens()))
+    assert set(image_only) == {"image_loss", "loss"} and torch.equal(image_only["loss"], image_only["image_loss"])
+    both = make(0.0).loss(model, make(0.0).build(tokens, captions, None, gens()))
+    assert set(both) == {"image_loss", "text_loss", "loss"}
+    torch.testing.assert_close(both["loss"], both["image_loss"] + 0.5 * both["text_loss"])

@@ -3,10 +3,12 @@ that was never interrupted: same global step, optimizer / EMA / LR state and dat
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,58 +28,137 @@ RUN = [
 ]
 
 
-def _train(out, *extra, wait=True):
+def _train(out, *extra, wait=True, logs=None):
     cmd = [sys.executable, "-m", "mmfusion.cli.main", "train", *RUN, f"train.out={out}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if wait:
         return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    sink = open(logs, "w") if logs else subprocess.DEVNULL  # noqa: SIM115 (closed with the process)
+    return subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT if logs else sink, env=env)
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
-    ref = _train(tmp_path / "ref")
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run the interrupted and resumed ones must equal."""
+    out = tmp_path_factory.mktemp("ref")
+    ref = _train(out)
     assert ref.returncode == 0, ref.stderr[-2000:]
     assert "LeafSpec" not in ref.stderr  # torch's deprecation of Lightning's pytree use is filtered
     # one bar over the run's optimizer steps, not Lightning's per-epoch batch count ("Epoch 0")
     assert "training" in ref.stdout and "120/120" in ref.stdout and "Epoch" not in ref.stdout
-    victim = tmp_path / "victim"
-    proc = _train(victim, wait=False)
-    last = victim / "checkpoints" / "last.ckpt"
-    # kill at a random moment between two checkpoints, measured on this machine: after the second one
-    # (step 20 of 120), within the time one checkpoint interval took
-    deadline = time.time() + 300
+    return out
+
+
+def _wait_for_second_checkpoint(proc, last, deadline):
+    """Wait for the run's second checkpoint (step 20 of 120); return the seconds one interval took."""
     while not last.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
     assert last.exists(), "the run ended or stalled before its first checkpoint"
     first = time.time(), last.stat().st_mtime_ns
     while last.stat().st_mtime_ns == first[1] and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
-    time.sleep(random.Random(0).uniform(0.0, 1.0) * (time.time() - first[0]))
+    return time.time() - first[0]
+
+
+def _resume_and_compare(reference, victim):
+    """Resume the interrupted run to its end: the same final state as the uninterrupted one."""
+    last = victim / "checkpoints" / "last.ckpt"
+    resumed = _train(victim, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "not resumable" not in resumed.stderr  # Lightning's warning does not apply to our sampler
+    final = torch.load(last, weights_only=True)
+    assert final["global_step"] == 120
+    a = load_file(str(reference / "model" / "model.safetensors"))
+    b = load_file(str(victim / "model" / "model.safetensors"))
+    for name in a:  # EMA weights: depend on every step's data, noise, optimizer state and LR
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-5, msg=name)
+    # what was exported is the EMA of the final state, which lags the live weights; those match too
+    ref_state = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    state = final["state_dict"]
+    assert all(torch.equal(a[name], ref_state["ema." + name]) for name in a)
+    assert max((ref_state["model." + name] - a[name]).abs().max() for name in a) > 1e-3
+    for name in a:
+        torch.testing.assert_close(state["model." + name], ref_state["model." + name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, reference):
+    victim = tmp_path / "victim"
+    proc = _train(victim, wait=False)
+    last = victim / "checkpoints" / "last.ckpt"
+    # kill at a random moment between two checkpoints, measured on this machine: after the second one
+    # (step 20 of 120), within the time one checkpoint interval took
+    interval = _wait_for_second_checkpoint(proc, last, time.time() + 300)
+    time.sleep(random.Random(0).uniform(0.0, 1.0) * interval)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     killed_at = torch.load(last, weights_only=True)["global_step"]
     assert 0 < killed_at < 120
     assert not (victim / "model").exists()
-    resumed = _train(victim, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "not resumable" not in resumed.stderr  # Lightning's warning does not apply to our sampler
-    final = torch.load(last, weights_only=True)
-    assert final["global_step"] == 120
-    a = load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
-    b = load_file(str(victim / "model" / "model.safetensors"))
-    for name in a:  # EMA weights: depend on every step's data, noise, optimizer state and LR
-        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-5, msg=name)
-    # what was exported is the EMA of the final state, which lags the live weights; those match too
-    ref_state, state = (
-        torch.load(tmp_path / "ref" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"],
-        final["state_dict"],
-    )
-    assert all(torch.equal(a[name], ref_state["ema." + name]) for name in a)
-    assert max((ref_state["model." + name] - a[name]).abs().max() for name in a) > 1e-3
-    for name in a:
-        torch.testing.assert_close(state["model." + name], ref_state["model." + name], atol=1e-6, rtol=1e-5, msg=name)
+    _resume_and_compare(reference, victim)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM")
+def test_sigterm_stops_at_a_step_saves_it_and_resumes(tmp_path, reference):
+    """SIGTERM (kill, a scheduler's preemption) ends the run at the end of a step, with that step's state
+    in last.ckpt and exit code 143; resumed, the run ends as if never stopped."""
+    victim = tmp_path / "victim"
+    proc = _train(victim, wait=False, logs=tmp_path / "log")
+    last = victim / "checkpoints" / "last.ckpt"
+    interval = _wait_for_second_checkpoint(proc, last, time.time() + 300)
+    time.sleep(random.Random(1).uniform(0.0, 1.0) * interval)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143, (tmp_path / "log").read_text()[-2000:]
+    said = re.search(r"stopped by SIGTERM at step (\d+); (.+) holds it", (tmp_path / "log").read_text())
+    assert said and Path(said[2]) == last
+    step = int(said[1])
+    assert torch.load(last, weights_only=True)["global_step"] == step and 20 <= step < 120
+    assert not (victim / "model").exists()  # not finished: nothing exported
+    _resume_and_compare(reference, victim)
+
+
+def _children(pid):
+    """PIDs whose parent is `pid` (Lightning's launcher starts the other ranks as children of rank 0)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+@pytest.mark.parametrize("rank", [0, 1])
+def test_sigterm_to_one_ddp_process_stops_both(tmp_path, rank):
+    """A 2-process DDP run whose rank 0 or rank 1 alone gets SIGTERM: both stop at one step, the state of
+    that step is saved and both processes exit. Under Lightning's own handling this hung, or exited 0
+    without a checkpoint, depending on when the signal came."""
+    out = tmp_path / "run"
+    log = tmp_path / "log"
+    proc = _train(out, "train.max_steps=100000", "train.devices=2", "train.strategy=ddp", wait=False, logs=log)
+    last = out / "checkpoints" / "last.ckpt"
+    _wait_for_second_checkpoint(proc, last, time.time() + 300)
+    kids = _children(proc.pid)
+    assert len(kids) == 1, kids
+    os.kill(proc.pid if rank == 0 else kids[0], signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.kill(kids[0], signal.SIGKILL)
+        proc.kill()
+        raise AssertionError("the run did not stop within 120 s of SIGTERM") from None
+    assert code == 143, log.read_text()[-2000:]
+    deadline = time.time() + 60
+    while Path(f"/proc/{kids[0]}").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{kids[0]}").exists(), "rank 1 outlived rank 0"
+    said = re.search(r"stopped by SIGTERM at step (\d+)", log.read_text())
+    assert said and torch.load(last, weights_only=True)["global_step"] == int(said[1]) >= 20
+    assert not (out / "model").exists()
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
