@@ -27,5 +27,4 @@ def train(
     if init_from_llm:
         overrides = [*overrides, f"train.init_from_llm={init_from_llm}"]
     cfg = load_config(config, overrides)
-    folder = run(cfg, resume=resume)
-    print(f"model written to {folder}")
+    run(cfg, resume=resume)  # says where the model went, from rank 0

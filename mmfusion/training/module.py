@@ -156,12 +156,24 @@ class MMFusionModule(L.LightningModule):
         return f"skipped {len(rows)} unusable rows ({reasons})" if rows else "no rows skipped"
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._gather_skipped()
         skipped = {reason: sorted(rows) for reason, rows in self.skipped.items()}
         checkpoint["mmfusion"] = {
             "skipped": skipped,
             "nonfinite_total": self.nonfinite_total,
             "nonfinite_run": self.nonfinite_run,
         }
+
+    def _gather_skipped(self) -> None:
+        """Each process skips rows of its own share of the data; every process saves a checkpoint
+        together, so this is where they pool them (row numbers index the whole data set: a union)."""
+        if self._trainer is None or self.trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return
+        everyone: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, {k: sorted(v) for k, v in self.skipped.items()})
+        for theirs in everyone:
+            for reason, rows in theirs.items():
+                self.skipped[reason].update(rows)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint.get("mmfusion", {})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import threading
 import warnings
@@ -28,15 +29,24 @@ from mmfusion.training.module import MMFusionModule
 
 
 def choose_precision(requested: str, accelerator: str = "auto") -> str:
-    """`auto`: bf16-mixed on GPUs; on CPU, bf16-mixed only where bf16 matmuls are measured faster."""
+    """`auto`: bf16-mixed on GPUs; on CPU, bf16-mixed only where bf16 matmuls are measured faster. The
+    processes Lightning's launcher starts take the choice of the one that started them (from its
+    environment), so that all ranks train in one precision and say it once."""
     if requested != "auto":
         return requested
     if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"):
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    inherited = os.environ.get(AUTO_PRECISION_ENV)
+    if inherited and os.environ.get("LOCAL_RANK", "0") != "0":
+        return inherited
     fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
     choice = "bf16-mixed" if bf16 > 1.2 * fp32 else "32-true"
     print(f"precision auto: matmul fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s -> {choice}")
+    os.environ[AUTO_PRECISION_ENV] = choice
     return choice
+
+
+AUTO_PRECISION_ENV = "MMFUSION_AUTO_PRECISION"
 
 
 def make_strategy(t: Any) -> Any:
@@ -294,14 +304,17 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     if step is not None:  # SIGTERM: the run is not finished, so no model folder
         said = f"stopped by SIGTERM at step {step}; {ckpt} holds it: --resume goes on from there"
         raise Stopped(said if trainer.is_global_zero else "")
-    print(module.skipped_summary())
-    if module.nonfinite_total:
-        print(f"skipped {module.nonfinite_total} steps with a non-finite loss")
+    if trainer.is_global_zero:  # the skipped rows of all processes (gathered with the checkpoint)
+        print(module.skipped_summary())
+        if module.nonfinite_total:
+            print(f"skipped {module.nonfinite_total} steps with a non-finite loss")
     model_dir = out / "model"
     if cfg.train.strategy == "fsdp":
         export_fsdp(trainer, module, model_dir)
     elif trainer.is_global_zero:
         MMFusion.from_module(module).save_pretrained(model_dir)
+    if trainer.is_global_zero:
+        print(f"model written to {model_dir}")
     return model_dir
 
 

@@ -98,3 +98,31 @@ def test_row_cache_returns_what_uncached_reads_return(tmp_path):
                 else:
                     assert a[key] == b[key], (i, key)
     assert len(cached.cache) == len(split) and plain.cache is None
+
+
+def test_two_processes_report_the_rows_both_skipped_once(tmp_path):
+    """2-process DDP on dirty data: one summary line, for the rows either process skipped (the same as a
+    1-process run over the same global batches), one precision choice and one 'model written' line."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import TINY_RUN
+
+    data = _dirty_folder(tmp_path / "dirty")
+    run = [*TINY_RUN, f"data.source={data}", "data.global_batch_size=12", "train.max_steps=2", "train.precision=auto"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def train(out, *extra):
+        cmd = [sys.executable, "-m", "mmfusion.cli.main", "train", *run, f"train.out={out}", *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [x for x in proc.stdout.splitlines() if not x.startswith("training")]
+
+    one = train(tmp_path / "one")
+    two = train(tmp_path / "two", "train.devices=2", "train.strategy=ddp")
+    summary = lambda lines: [x for x in lines if x.startswith(("skipped", "no rows skipped"))]  # noqa: E731
+    assert len(summary(two)) == 1 and summary(two) == summary(one), (one, two)
+    assert summary(one)[0].startswith("skipped")  # the two steps did meet bad rows
+    assert sum(x.startswith("model written to") for x in two) == 1
+    assert sum(x.startswith("precision auto") for x in two) == 1
