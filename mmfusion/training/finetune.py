@@ -119,9 +119,8 @@ def finetune(
         trainer.fit(module, datamodule=datamodule)
     seconds = time.perf_counter() - start
     if stopped_at(trainer) is not None:
-        raise Stopped(
-            f"stopped by SIGTERM at step {stopped_at(trainer)}; fine-tuning keeps no checkpoint: nothing saved"
-        )
+        said = f"stopped by SIGTERM at step {stopped_at(trainer)}; fine-tuning keeps no checkpoint: nothing saved"
+        raise Stopped(said if trainer.is_global_zero else "")
     pipe.model = net.eval()
     if full:
         pipe.save_pretrained(out)

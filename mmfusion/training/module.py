@@ -105,7 +105,12 @@ class MMFusionModule(L.LightningModule):
         losses = self.objective.loss(self.model, seq)
         if self._non_finite(losses["loss"]):
             return None
-        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=True, batch_size=batch["size"])
+        # a term this batch had no data for is NaN, a gap in the logs (Lightning would repeat its last value)
+        terms = (
+            ("image_loss", "text_loss", "loss") if self.cfg.objective.condition == "text" else ("image_loss", "loss")
+        )
+        logged = {f"train/{k}": losses[k].detach() if k in losses else math.nan for k in terms}
+        self.log_dict(logged, prog_bar=True, batch_size=batch["size"])
         return losses["loss"]
 
     def on_train_start(self) -> None:

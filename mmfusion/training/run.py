@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import threading
@@ -17,6 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mmfusion.config import RunConfig
 from mmfusion.data.datamodule import MMFusionDataModule
@@ -29,15 +31,17 @@ from mmfusion.training.module import MMFusionModule
 
 
 def choose_precision(requested: str, accelerator: str = "auto") -> str:
-    """`auto`: bf16-mixed on GPUs; on CPU, bf16-mixed only where bf16 matmuls are measured faster. The
-    processes Lightning's launcher starts take the choice of the one that started them (from its
-    environment), so that all ranks train in one precision and say it once."""
+    """`auto`: bf16-mixed on GPUs; on CPU, bf16-mixed only where bf16 matmuls are measured faster.
+    Measured once per process, and the processes Lightning's launcher starts take the choice of the one
+    that started them (from its environment), so that all ranks train in one precision and say it once.
+    Processes started by torchrun or srun measure each on their own: give train.precision explicitly
+    there."""
     if requested != "auto":
         return requested
     if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"):
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     inherited = os.environ.get(AUTO_PRECISION_ENV)
-    if inherited and os.environ.get("LOCAL_RANK", "0") != "0":
+    if inherited:  # measured before, by this process or the one that launched it
         return inherited
     fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
     choice = "bf16-mixed" if bf16 > 1.2 * fp32 else "32-true"
@@ -89,6 +93,10 @@ def step_progress_bar(minutes: float | None = None, refresh_rate: int = 10) -> L
         started = False
         timer = None
 
+        def __init__(self, refresh_rate: int) -> None:
+            super().__init__(refresh_rate=refresh_rate)
+            self.last_measured: dict[str, Any] = {}
+
         @property
         def train_description(self) -> str:  # the bar's name from its first draw on
             return f"training ({minutes:g} min budget)" if minutes else "training"
@@ -106,6 +114,9 @@ def step_progress_bar(minutes: float | None = None, refresh_rate: int = 10) -> L
                 bar.bar_format = "{desc}: {n_fmt} steps [{elapsed}, {rate_fmt}{postfix}]"
 
         def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *_: Any) -> None:
+            for key, value in trainer.progress_bar_metrics.items():  # every step: a term may skip refreshes
+                if not math.isnan(value):
+                    self.last_measured[key] = value
             step, bar = trainer.global_step, self.train_progress_bar
             if bar is not None and step != bar.n and (step % self.refresh_rate == 0 or step == bar.total):
                 bar.n = step
@@ -115,6 +126,18 @@ def step_progress_bar(minutes: float | None = None, refresh_rate: int = 10) -> L
                     metrics = {"budget left": f"{left // 60}:{left % 60:02d}", **metrics}
                 bar.set_postfix(metrics, refresh=False)
                 bar.refresh()
+
+        def get_metrics(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]:
+            """Lightning's bar metrics, where a loss term the last step had no data for (NaN in the logs)
+            shows its last measured value instead."""
+            metrics = super().get_metrics(trainer, module)
+            for key, value in list(metrics.items()):
+                if isinstance(value, float) and math.isnan(value):
+                    if key in self.last_measured:
+                        metrics[key] = self.last_measured[key]
+                    else:
+                        del metrics[key]
+            return metrics
 
     return StepProgressBar(refresh_rate=refresh_rate)
 
@@ -155,6 +178,7 @@ class StopOnSigterm(L.Callback):
         self._step = -1
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._step = trainer.global_step  # decide only once an optimizer step has been taken
         # after Lightning installed its handlers (it puts back the ones before it at teardown)
         if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -238,7 +262,7 @@ def _trainer(t: Any, out: Path, precision: str, callbacks: list, logger: Any, en
         log_every_n_steps=min(t.log_every_n_steps, t.max_steps) if t.max_steps > 0 else t.log_every_n_steps,
         callbacks=callbacks,
         logger=logger,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *slurm_without_requeue()],
         enable_checkpointing=enable_checkpointing,
         enable_model_summary=False,
         default_root_dir=out,
@@ -247,6 +271,17 @@ def _trainer(t: Any, out: Path, precision: str, callbacks: list, logger: Any, en
         max_epochs=-1,
         use_distributed_sampler=False,  # StepBatchSampler shards the global batch itself
     )
+
+
+def slurm_without_requeue() -> list[Any]:
+    """Where Lightning would pick SLURM's environment, the same environment with its SIGUSR1 auto-requeue
+    off: that handler saves a checkpoint from inside the signal handler, a collective the other ranks
+    are not making then. SIGTERM does this job (`StopOnSigterm`, scripts/slurm_train.sh)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if TorchElasticEnvironment.detect() or not SLURMEnvironment.detect():  # Lightning's own order
+        return []
+    return [SLURMEnvironment(auto_requeue=False)]
 
 
 def train(cfg: RunConfig, resume: bool = False) -> Path:
@@ -297,7 +332,11 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         # needs no state: StepBatchSampler's batch k is a function of k alone, and the run restarts at
         # the checkpoint's step (tests/training/test_resume.py: killed and resumed == uninterrupted)
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
-        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if resume else None, weights_only=True)
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if resume else None, weights_only=True)
+        except SIGTERMException as err:  # before StopOnSigterm took over: Lightning's handler (exit 0)
+            said = "stopped by SIGTERM before the first step; nothing new to save"
+            raise Stopped(said if trainer.is_global_zero else "") from err
     # the final state (full, not weights only), so that a time-limited run can be resumed from its end
     trainer.save_checkpoint(ckpt, weights_only=False)
     step = stopped_at(trainer)

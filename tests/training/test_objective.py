@@ -132,3 +132,44 @@ def test_a_term_without_data_is_left_out_not_zero():
     both = make(0.0).loss(model, make(0.0).build(tokens, captions, None, gens()))
     assert set(both) == {"image_loss", "text_loss", "loss"}
     torch.testing.assert_close(both["loss"], both["image_loss"] + 0.5 * both["text_loss"])
+
+
+def test_logs_leave_a_gap_where_a_batch_had_no_text(tmp_path):
+    """In the training logs, a step without caption-order samples has no text loss (NaN), and its loss
+    is the image loss; a step with them has both. Lightning would otherwise repeat the last value."""
+    import csv
+    import math
+
+    from mmfusion.config import load_config
+    from mmfusion.training.run import train
+    from tests.conftest import TINY_RUN
+
+    overrides = [*TINY_RUN, "objective.t2i_fraction=0.8", "data.batch_size=2", "train.max_steps=16"]
+    train(load_config(None, [*overrides, "train.log_every_n_steps=1", f"train.out={tmp_path}"]))
+    rows = list(csv.DictReader(open(next(tmp_path.glob("logs/*/metrics.csv")))))
+    rows = [r for r in rows if r.get("train/loss")]
+    assert len(rows) == 16
+    with_text = [r for r in rows if r["train/text_loss"] and not math.isnan(float(r["train/text_loss"]))]
+    without = [r for r in rows if r not in with_text]
+    assert with_text and without  # both kinds of steps happened
+    for r in without:
+        assert float(r["train/loss"]) == float(r["train/image_loss"])
+    for r in with_text:
+        assert float(r["train/loss"]) > float(r["train/image_loss"])  # the weighted text loss was added
+
+
+def test_the_bar_shows_a_missing_term_at_its_last_measured_value():
+    from types import SimpleNamespace
+
+    from mmfusion.training.run import step_progress_bar
+
+    bar = step_progress_bar()
+    bar.train_progress_bar = SimpleNamespace(n=1, total=10)  # drawn at this step already: only records
+    metrics = {"train/text_loss": 5.5, "train/loss": 2.0}
+    trainer = SimpleNamespace(progress_bar_metrics=metrics, loggers=[], global_step=1)
+    bar.on_train_batch_end(trainer, None)
+    trainer.progress_bar_metrics = {"train/text_loss": float("nan"), "train/loss": 1.5}
+    assert bar.get_metrics(trainer, None) == {"train/text_loss": 5.5, "train/loss": 1.5}
+    assert "train/image_loss" not in bar.get_metrics(
+        SimpleNamespace(progress_bar_metrics={"train/image_loss": float("nan")}, loggers=[]), None
+    )

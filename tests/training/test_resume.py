@@ -217,3 +217,62 @@ def test_ctrl_c_on_a_real_run_prints_the_notice(tmp_path):
     proc.send_signal(signal.SIGINT)
     stdout, _ = proc.communicate(timeout=120)
     assert "interrupted at step" in stdout and "--resume goes on from there" in stdout, stdout[-2000:]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM")
+def test_sigterm_stop_waits_for_an_optimizer_step():
+    """With gradient accumulation the stop comes after an optimizer step, never inside one, also on the
+    first micro-batch of a (resumed) fit; and a run at its last step is not called stopped."""
+    from types import SimpleNamespace
+
+    from mmfusion.training.run import StopOnSigterm
+
+    def trainer(step):
+        return SimpleNamespace(
+            global_step=step,
+            world_size=1,
+            max_steps=100,
+            should_stop=False,
+            strategy=SimpleNamespace(root_device="cpu"),
+        )
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        stop, t = StopOnSigterm(), trainer(3)  # resumed at step 3
+        stop.on_train_start(t, None)
+        os.kill(os.getpid(), signal.SIGTERM)  # only recorded by the callback's handler
+        assert stop.requested and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        stop.on_train_batch_end(t)  # a micro-batch: still step 3
+        assert not t.should_stop and stop.stopped_at is None
+        t.global_step = 4
+        stop.on_train_batch_end(t)
+        assert t.should_stop and stop.stopped_at == 4
+        last, t = StopOnSigterm(), trainer(99)
+        last.on_train_start(t, None)
+        last.requested, t.global_step = True, 100
+        last.on_train_batch_end(t)
+        assert last.stopped_at is None  # the run ended as planned
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_under_slurm_lightning_auto_requeue_is_off(monkeypatch):
+    """Where Lightning would pick SLURM's environment, it gets one without the SIGUSR1 handler that saves
+    from inside a signal handler; elsewhere (no SLURM, an interactive job, torchrun) nothing changes."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from mmfusion.training.run import slurm_without_requeue
+
+    for name in ("SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert slurm_without_requeue() == []
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8")
+    monkeypatch.setenv("SLURM_JOB_NAME", "mmfusion-L")
+    (env,) = slurm_without_requeue()
+    assert isinstance(env, SLURMEnvironment) and env.auto_requeue is False
+    monkeypatch.setenv("SLURM_JOB_NAME", "interactive")
+    assert slurm_without_requeue() == []
+    monkeypatch.setenv("SLURM_JOB_NAME", "mmfusion-L")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")  # torchrun inside a SLURM allocation: Lightning picks torchrun
+    assert slurm_without_requeue() == []
