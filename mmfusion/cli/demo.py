@@ -34,6 +34,7 @@ def demo(
     seed: int = 0,
     threads: int | None = None,
     processes: int | None = None,
+    resume: bool = False,
 ) -> None:
     """The CPU demo: render the shapes data, train the small joint T2I + captioning model, evaluate it.
 
@@ -54,6 +55,8 @@ def demo(
             (data.global_batch_size, 64), so any number of processes trains the same recipe: two take
             32 samples each, one takes all 64. On 2 cores both layouts run at the same speed (725 vs
             704 samples/s, docs/BENCHMARKS.md).
+        resume: go on with a demo that was stopped (Ctrl-C, SIGTERM) from OUT/checkpoints/last.ckpt, with
+            the same options: the rest of its time budget, then the evaluation
     """
     from mmfusion.config import load_config
     from mmfusion.evaluation.demo_eval import evaluate_captions, evaluate_t2i
@@ -74,7 +77,7 @@ def demo(
         overrides += [f"train.devices={processes}", "train.strategy=ddp", "train.accelerator=cpu"]
     overrides.append(f"train.threads={threads or max(1, cores // processes)}")
     cfg = load_config(DEMO_CONFIG, overrides)
-    model_dir = train(cfg)
+    model_dir = train(cfg, resume=resume)
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return  # a DDP worker that Lightning launched: rank 0 evaluates
     import torch

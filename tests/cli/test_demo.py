@@ -18,13 +18,14 @@ class _Stop(Exception):
 def _train_config(monkeypatch, tmp_path, **kwargs):  # noqa: ANN001, ANN202
     seen = {}
 
-    def fake_train(cfg):  # noqa: ANN001, ANN202
-        seen["cfg"] = cfg
+    def fake_train(cfg, resume=False):  # noqa: ANN001, ANN202
+        seen["cfg"], seen["resume"] = cfg, resume
         raise _Stop
 
     monkeypatch.setattr("mmfusion.training.run.train", fake_train)
     with pytest.raises(_Stop):
         demo(out=str(tmp_path / "demo"), **kwargs)
+    assert seen["resume"] is kwargs.get("resume", False)
     return seen["cfg"]
 
 
@@ -51,3 +52,13 @@ def test_demo_one_process_takes_every_core(monkeypatch, tmp_path):
 def test_demo_rejects_zero_processes(tmp_path):
     with pytest.raises(UserError, match="--processes"):
         demo(out=str(tmp_path / "demo"), processes=0)
+
+
+def test_demo_resume_goes_on_with_the_same_run(monkeypatch, tmp_path):
+    """`--resume` reaches the training (the rest of the time budget from last.ckpt, then the evaluation);
+    without a checkpoint it is the one-line error of `mmfusion train --resume`."""
+    cfg = _train_config(monkeypatch, tmp_path, resume=True, processes=1)
+    assert cfg.train.out == str(tmp_path / "demo")
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="no checkpoint"):
+        demo(out=str(tmp_path / "none"), resume=True, processes=1)
