@@ -69,6 +69,7 @@ class MMFusionModule(L.LightningModule):
         self.skipped: dict[str, set[int]] = defaultdict(set)  # reason -> rows skipped for it
         self.nonfinite_total = 0
         self.nonfinite_run = 0
+        self.seen = torch.zeros(2, dtype=torch.float64)  # samples and tokens trained on by this process
         self.class_names: list[str] = []
 
     @property
@@ -102,6 +103,7 @@ class MMFusionModule(L.LightningModule):
             tokens = self.image_tokenizer.encode(images)
         captions = [caps[int(torch.randint(len(caps), (1,), generator=g))] for caps, g in zip(batch["captions"], gens)]
         seq = self.objective.build(tokens.cpu(), captions, batch["labels"], gens).to(self.device)
+        self.seen += torch.tensor([batch["size"], int(seq.valid().sum())], dtype=torch.float64)
         losses = self.objective.loss(self.model, seq)
         if self._non_finite(losses["loss"]):
             return None

@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -199,6 +200,42 @@ class StopOnSigterm(L.Callback):
             self.stopped_at = trainer.global_step
 
 
+class ThroughputLog(L.Callback):
+    """Every `every` optimizer steps, logs what all processes trained on together: `perf/samples` and
+    `perf/tokens` (real tokens: text, condition and image tokens, no padding) since this process started,
+    and their rates per second of wall time since the last log (checkpoint saves included). One
+    all-reduce at those steps; every process makes it, since they all reach the same steps."""
+
+    def __init__(self, every: int) -> None:
+        self.every = max(1, every)
+        self.last: tuple[float, torch.Tensor] | None = None
+        self._logged_step = -1
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.last = (time.perf_counter(), self._total(trainer, module))
+
+    def _total(self, trainer: L.Trainer, module: L.LightningModule) -> torch.Tensor:
+        seen = module.seen.clone()
+        return trainer.strategy.reduce(seen, reduce_op="sum") if trainer.world_size > 1 else seen
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *_: Any) -> None:
+        step = trainer.global_step
+        if self.last is None or step % self.every or self._logged_step == step:
+            return
+        self._logged_step = step
+        now, total = time.perf_counter(), self._total(trainer, module)
+        rate = (total - self.last[1]) / max(now - self.last[0], 1e-9)
+        self.last = (now, total)
+        module.log_dict(
+            {
+                "perf/samples": float(total[0]),
+                "perf/tokens": float(total[1]),
+                "perf/samples_per_sec": float(rate[0]),
+                "perf/tokens_per_sec": float(rate[1]),
+            }
+        )
+
+
 def stopped_at(trainer: L.Trainer) -> int | None:
     """The step at which SIGTERM stopped this fit, or None if it ran to its end."""
     stop = next((c for c in trainer.callbacks if isinstance(c, StopOnSigterm)), None)
@@ -226,7 +263,8 @@ def build_trainer(
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     t = cfg.train
-    callbacks: list[L.Callback] = [step_progress_bar(t.max_time_minutes), StopOnSigterm()]
+    every = min(t.log_every_n_steps, t.max_steps) if t.max_steps > 0 else t.log_every_n_steps
+    callbacks: list[L.Callback] = [step_progress_bar(t.max_time_minutes), StopOnSigterm(), ThroughputLog(every)]
     if enable_checkpointing:
         callbacks.append(interrupt_notice(out))
         callbacks.append(
@@ -242,12 +280,14 @@ def build_trainer(
     callbacks += extra_callbacks or []
     logger = TensorBoardLogger(out, name="logs") if t.logger == "tensorboard" else CSVLogger(out, name="logs")
     try:
-        return _trainer(t, out, precision, callbacks, logger, enable_checkpointing)
+        return _trainer(t, out, precision, callbacks, logger, enable_checkpointing, every)
     except (MisconfigurationException, ValueError) as err:  # Lightning refusing a setting: one line
         raise UserError(f"train: {err}") from err
 
 
-def _trainer(t: Any, out: Path, precision: str, callbacks: list, logger: Any, enable_checkpointing: bool) -> L.Trainer:
+def _trainer(
+    t: Any, out: Path, precision: str, callbacks: list, logger: Any, enable_checkpointing: bool, every: int
+) -> L.Trainer:
     return L.Trainer(
         max_steps=t.max_steps,
         # Lightning's timer agrees across processes on when to stop (one rank alone would hang DDP)
@@ -259,7 +299,7 @@ def _trainer(t: Any, out: Path, precision: str, callbacks: list, logger: Any, en
         precision=precision,
         gradient_clip_val=t.grad_clip or None,
         accumulate_grad_batches=t.accumulate_grad_batches,
-        log_every_n_steps=min(t.log_every_n_steps, t.max_steps) if t.max_steps > 0 else t.log_every_n_steps,
+        log_every_n_steps=every,
         callbacks=callbacks,
         logger=logger,
         plugins=[AtomicCheckpointIO(), *slurm_without_requeue()],

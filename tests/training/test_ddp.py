@@ -1,6 +1,7 @@
 """2-process DDP on CPU (gloo): both ranks end with identical weights, equal to a 1-process run with
 the same global batch."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -46,3 +47,14 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     # training did move the weights, so the comparison is not vacuous
     q = next(n for n in single if n.endswith("q_proj.weight"))
     assert (single[q] - init[q]).abs().max() > 1e-3
+    # the throughput log counts what both processes trained on: the same samples and real tokens as the
+    # one process over the same global batches
+    one, two = _perf(tmp_path / "one"), _perf(tmp_path / "two")
+    assert [r["perf/samples"] for r in two] == [8.0 * 2, 8.0 * 4]  # logged every 2 of the 4 steps
+    assert [r["perf/tokens"] for r in two] == [r["perf/tokens"] for r in one]
+    assert all(r["perf/tokens_per_sec"] > 0 for r in two)
+
+
+def _perf(out):
+    rows = csv.DictReader(open(next(Path(out).glob("logs/*/metrics.csv"))))
+    return [{k: float(v) for k, v in r.items() if k.startswith("perf/")} for r in rows if r.get("perf/samples")]
