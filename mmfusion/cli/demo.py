@@ -77,6 +77,8 @@ def demo(
         overrides += [f"train.devices={processes}", "train.strategy=ddp", "train.accelerator=cpu"]
     overrides.append(f"train.threads={threads or max(1, cores // processes)}")
     cfg = load_config(DEMO_CONFIG, overrides)
+    if resume:
+        _check_same_run(Path(out) / "config.json", cfg.to_dict())
     model_dir = train(cfg, resume=resume)
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return  # a DDP worker that Lightning launched: rank 0 evaluates
@@ -104,17 +106,44 @@ def demo(
     metrics = {
         "t2i": t2i,
         "caption": caption_metrics,
-        "minutes": {"training": (trained - start) / 60, "total": (time.perf_counter() - start) / 60},
+        # of this invocation: a resumed demo's earlier training is not in them
+        "minutes": {"training": (trained - start) / 60, "total": (time.perf_counter() - start) / 60, "resumed": resume},
         "sampler": {k: v for k, v in pipe.sample_defaults.__dict__.items()},
     }
     (outdir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(_summary(metrics, outdir))
 
 
+# what a resumed demo may change: how the same run is laid out on the machine
+LAYOUT_KEYS = {"devices", "threads", "strategy", "accelerator", "num_nodes"}
+
+
+def _check_same_run(recorded: Path, now: dict) -> None:
+    """`demo --resume` goes on with the stopped demo: its data, seed, budget and model must be the ones
+    recorded in OUT/config.json (another --seed would re-render the data under the checkpoint's weights,
+    a missing --minutes would give the default budget). Only the process layout may differ."""
+    if not recorded.exists():
+        return  # nothing ran there: train names the missing checkpoint
+    before, now = json.loads(recorded.read_text()), json.loads(json.dumps(now))
+    changed = [
+        f"{section}.{key} {before[section].get(key)!r} -> {value!r}"
+        for section, values in now.items()
+        if isinstance(values, dict) and section in before
+        for key, value in values.items()
+        if before[section].get(key) != value and not (section == "train" and key in LAYOUT_KEYS)
+    ]
+    if changed:
+        raise UserError(
+            f"demo --resume: these settings differ from the stopped demo's ({recorded}): {'; '.join(changed)}. "
+            "Give the options it was started with (--seed, --minutes, overrides)"
+        )
+
+
 def _summary(m: dict, outdir: Path) -> str:
     t = m["t2i"]
+    then = " (this invocation, resumed)" if m["minutes"].get("resumed") else ""
     lines = [
-        f"demo finished in {m['minutes']['total']:.1f} min; model in {outdir / 'model'}",
+        f"demo finished in {m['minutes']['total']:.1f} min{then}; model in {outdir / 'model'}",
         f"T2I accuracy: one object {t['single']['accuracy']:.1%}, two objects + relation {t['pair']['accuracy']:.1%}",
     ]
     c = m["caption"]

@@ -102,11 +102,12 @@ class MMFusionModule(L.LightningModule):
                 images = torch.where(flip[:, None, None, None], images.flip(-1), images)
             tokens = self.image_tokenizer.encode(images)
         captions = [caps[int(torch.randint(len(caps), (1,), generator=g))] for caps, g in zip(batch["captions"], gens)]
-        seq = self.objective.build(tokens.cpu(), captions, batch["labels"], gens).to(self.device)
-        self.seen += torch.tensor([batch["size"], int(seq.valid().sum())], dtype=torch.float64)
-        losses = self.objective.loss(self.model, seq)
+        built = self.objective.build(tokens.cpu(), captions, batch["labels"], gens)
+        seen = torch.tensor([batch["size"], int(built.valid().sum())], dtype=torch.float64)  # on the CPU: no sync
+        losses = self.objective.loss(self.model, built.to(self.device))
         if self._non_finite(losses["loss"]):
             return None
+        self.seen += seen
         # a term this batch had no data for is NaN, a gap in the logs (Lightning would repeat its last value)
         terms = (
             ("image_loss", "text_loss", "loss") if self.cfg.objective.condition == "text" else ("image_loss", "loss")

@@ -27,6 +27,7 @@ from mmfusion.data.datasets import check_source
 from mmfusion.data.encode import check_encoded
 from mmfusion.errors import Stopped, UserError
 from mmfusion.runtime import matmul_gflops, tune_malloc
+from mmfusion.tokenizers.text import TextTokenizer
 from mmfusion.training.checkpoint import AtomicCheckpointIO
 from mmfusion.training.module import MMFusionModule
 
@@ -202,8 +203,9 @@ class StopOnSigterm(L.Callback):
 
 class ThroughputLog(L.Callback):
     """Every `every` optimizer steps, logs what all processes trained on together: `perf/samples` and
-    `perf/tokens` (real tokens: text, condition and image tokens, no padding) since this process started,
-    and their rates per second of wall time since the last log (checkpoint saves included). One
+    `perf/tokens` (real tokens: text, condition and image tokens, no padding; steps skipped for a
+    non-finite loss not counted) since this process started (a resumed run counts from its resume), and
+    their rates per second of wall time since the last log (checkpoint saves included). One
     all-reduce at those steps; every process makes it, since they all reach the same steps."""
 
     def __init__(self, every: int) -> None:
@@ -215,25 +217,27 @@ class ThroughputLog(L.Callback):
         self.last = (time.perf_counter(), self._total(trainer, module))
 
     def _total(self, trainer: L.Trainer, module: L.LightningModule) -> torch.Tensor:
-        seen = module.seen.clone()
-        return trainer.strategy.reduce(seen, reduce_op="sum") if trainer.world_size > 1 else seen
+        seen = module.seen.clone()  # on the CPU
+        if trainer.world_size > 1:  # NCCL reduces GPU tensors only
+            seen = trainer.strategy.reduce(seen.to(trainer.strategy.root_device), reduce_op="sum").cpu()
+        return seen
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *_: Any) -> None:
         step = trainer.global_step
-        if self.last is None or step % self.every or self._logged_step == step:
+        # Lightning writes the logs every `every` steps and at a stop (budget, SIGTERM: decided by the
+        # callbacks before this one, the same on every process)
+        if self.last is None or (step % self.every and not trainer.should_stop) or self._logged_step == step:
             return
         self._logged_step = step
         now, total = time.perf_counter(), self._total(trainer, module)
-        rate = (total - self.last[1]) / max(now - self.last[0], 1e-9)
-        self.last = (now, total)
-        module.log_dict(
-            {
-                "perf/samples": float(total[0]),
-                "perf/tokens": float(total[1]),
-                "perf/samples_per_sec": float(rate[0]),
-                "perf/tokens_per_sec": float(rate[1]),
-            }
+        (samples, tokens), (samples_rate, tokens_rate) = (
+            total.tolist(),
+            ((total - self.last[1]) / max(now - self.last[0], 1e-9)).tolist(),
         )
+        self.last = (now, total)
+        logged = {"samples": samples, "tokens": tokens, "samples_per_sec": samples_rate, "tokens_per_sec": tokens_rate}
+        # float64: a float32 log would round counts past 2^24 tokens
+        module.log_dict({f"perf/{k}": torch.tensor(v, dtype=torch.float64) for k, v in logged.items()})
 
 
 def stopped_at(trainer: L.Trainer) -> int | None:
@@ -259,12 +263,15 @@ def lightning_warnings_filtered() -> Iterator[None]:
 def build_trainer(
     cfg: RunConfig, out: Path, precision: str, extra_callbacks: list | None = None, enable_checkpointing: bool = True
 ) -> L.Trainer:
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint, Timer
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     t = cfg.train
     every = min(t.log_every_n_steps, t.max_steps) if t.max_steps > 0 else t.log_every_n_steps
-    callbacks: list[L.Callback] = [step_progress_bar(t.max_time_minutes), StopOnSigterm(), ThroughputLog(every)]
+    # the budget's Timer (Lightning's, which agrees across processes on when to stop: one rank alone would
+    # hang DDP) decides before the callbacks after it, so that they see a stop at the step it comes
+    timer = [Timer(duration=timedelta(minutes=t.max_time_minutes), interval="step")] if t.max_time_minutes else []
+    callbacks: list[L.Callback] = [step_progress_bar(t.max_time_minutes), *timer, StopOnSigterm(), ThroughputLog(every)]
     if enable_checkpointing:
         callbacks.append(interrupt_notice(out))
         callbacks.append(
@@ -290,8 +297,6 @@ def _trainer(
 ) -> L.Trainer:
     return L.Trainer(
         max_steps=t.max_steps,
-        # Lightning's timer agrees across processes on when to stop (one rank alone would hang DDP)
-        max_time=timedelta(minutes=t.max_time_minutes) if t.max_time_minutes else None,
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
@@ -355,6 +360,9 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         seed=cfg.train.seed,
         total_steps=cfg.train.max_steps * cfg.train.accumulate_grad_batches,
     )
+    if resume and cfg.objective.condition == "text" and (out / "tokenizer.json").exists():
+        # the checkpoint's embeddings index this run's tokenizer, not one retrained on the data as it is now
+        data.tokenizer = TextTokenizer.from_file(out / "tokenizer.json", max_len=cfg.data.max_text_len)
     tok = data.text_tokenizer() if cfg.objective.condition == "text" else _class_tokenizer()
     tok.save(out / "tokenizer.json")
     module = MMFusionModule(cfg, tok)

@@ -62,3 +62,26 @@ def test_demo_resume_goes_on_with_the_same_run(monkeypatch, tmp_path):
     monkeypatch.undo()
     with pytest.raises(UserError, match="no checkpoint"):
         demo(out=str(tmp_path / "none"), resume=True, processes=1)
+
+
+def test_demo_resume_refuses_other_settings(monkeypatch, tmp_path):
+    """A resumed demo is the stopped one: another --seed or --minutes is refused, naming the settings;
+    another process layout is not."""
+    import json
+
+    out = tmp_path / "demo"
+
+    def first_run(cfg, resume=False):  # noqa: ANN001, ANN202
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict()))  # what train records
+        raise _Stop
+
+    monkeypatch.setattr("mmfusion.training.run.train", first_run)
+    with pytest.raises(_Stop):
+        demo(out=str(out), seed=3, minutes=2.0, processes=1)
+    with pytest.raises(UserError, match=r"data.shapes_seed 3 -> 4; train.seed 3 -> 4"):
+        demo(out=str(out), seed=4, minutes=2.0, processes=1, resume=True)
+    with pytest.raises(UserError, match=r"max_time_minutes 2.0 -> 12"):
+        demo(out=str(out), seed=3, processes=1, resume=True)
+    with pytest.raises(_Stop):  # two processes instead of one: the same run
+        demo(out=str(out), seed=3, minutes=2.0, processes=2, resume=True)

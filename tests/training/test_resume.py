@@ -1,6 +1,7 @@
 """Kill a real training process with SIGKILL at a random moment, resume it, and compare with a run
 that was never interrupted: same global step, optimizer / EMA / LR state and data order."""
 
+import csv
 import os
 import random
 import re
@@ -104,7 +105,8 @@ def test_sigterm_stops_at_a_step_saves_it_and_resumes(tmp_path, reference):
     """SIGTERM (kill, a scheduler's preemption) ends the run at the end of a step, with that step's state
     in last.ckpt and exit code 143; resumed, the run ends as if never stopped."""
     victim = tmp_path / "victim"
-    proc = _train(victim, wait=False, logs=tmp_path / "log")
+    # logs every 50 steps: the stop step (between 20 and 120) is almost never one of them
+    proc = _train(victim, "train.log_every_n_steps=50", wait=False, logs=tmp_path / "log")
     last = victim / "checkpoints" / "last.ckpt"
     interval = _wait_for_second_checkpoint(proc, last, time.time() + 300)
     time.sleep(random.Random(1).uniform(0.0, 1.0) * interval)
@@ -115,6 +117,9 @@ def test_sigterm_stops_at_a_step_saves_it_and_resumes(tmp_path, reference):
     step = int(said[1])
     assert torch.load(last, weights_only=True)["global_step"] == step and 20 <= step < 120
     assert not (victim / "model").exists()  # not finished: nothing exported
+    # the logs' last row is the stop step's, with the throughput counted up to it (16 samples a step)
+    rows = [r for r in csv.DictReader(open(victim / "logs" / "version_0" / "metrics.csv")) if r["perf/samples"]]
+    assert int(rows[-1]["step"]) == step - 1 and float(rows[-1]["perf/samples"]) == 16 * step
     _resume_and_compare(reference, victim)
 
 
@@ -276,3 +281,18 @@ def test_under_slurm_lightning_auto_requeue_is_off(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_NAME", "mmfusion-L")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")  # torchrun inside a SLURM allocation: Lightning picks torchrun
     assert slurm_without_requeue() == []
+
+
+def test_resume_keeps_the_runs_tokenizer(tmp_path):
+    """The checkpoint's text embeddings index the run's tokenizer: --resume reads OUT/tokenizer.json
+    instead of training one again on the data and settings as they are now."""
+    from mmfusion.config import load_config
+    from mmfusion.training.run import train
+
+    out = tmp_path / "run"
+    base = [*TINY_RUN, "train.max_steps=4", "train.checkpoint_every_n_steps=2", f"train.out={out}"]
+    train(load_config(None, base))
+    before = (out / "tokenizer.json").read_bytes()
+    train(load_config(None, [*base, "train.max_steps=6", "data.vocab_size=280"]), resume=True)
+    assert (out / "tokenizer.json").read_bytes() == before
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
