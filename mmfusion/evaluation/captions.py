@@ -11,7 +11,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +44,27 @@ def _require_java() -> None:
         )
 
 
+@contextlib.contextmanager
+def java_stderr_kept() -> Iterator[None]:
+    """The PTB tokenizer's Java process writes a line per call to the terminal ("PTBTokenizer tokenized
+    53586 tokens at ..."). Its stderr (file descriptor 2, shared with this process) goes to a temporary
+    file instead, which is shown if the call fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def score_captions(
     references: dict[Any, list[str]],
     candidates: dict[Any, str],
@@ -63,8 +88,9 @@ def score_captions(
         raise UserError(f"{len(missing)} candidate ids have no references (e.g. {missing[0]!r})")
     ids = list(candidates)
     tok = PTBTokenizer()
-    gts = tok.tokenize({i: [{"caption": c} for c in references[i]] for i in ids})
-    res = tok.tokenize({i: [{"caption": candidates[i]}] for i in ids})
+    with java_stderr_kept():
+        gts = tok.tokenize({i: [{"caption": c} for c in references[i]] for i in ids})
+        res = tok.tokenize({i: [{"caption": candidates[i]}] for i in ids})
     scorers: list[tuple[Any, Any]] = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"])]
     if meteor:
         scorers.append((Meteor(), "METEOR"))

@@ -41,12 +41,28 @@ def test_wrapper_equals_direct_cocoevalcap(monkeypatch):
 
 
 @needs_java
-def test_identical_candidate_scores_bleu4_one():
+def test_identical_candidate_scores_bleu4_one(capfd):
     refs = {1: ["a red circle to the left of a blue square"] * 5, 2: ["a green triangle above a yellow circle"] * 5}
     cands = {1: "a red circle to the left of a blue square", 2: "a green triangle above a yellow circle"}
     s = score_captions(refs, cands, spice=False, meteor=False)
     assert s["Bleu_4"] == pytest.approx(1.0, abs=1e-6)
     assert s["ROUGE_L"] == pytest.approx(1.0)
+    assert "PTBTokenizer" not in capfd.readouterr().err  # the Java tokenizer's chatter stays off the terminal
+
+
+def test_java_stderr_is_shown_when_the_call_fails(capfd):
+    import os
+    import subprocess
+
+    from mmfusion.evaluation.captions import java_stderr_kept
+
+    with java_stderr_kept():
+        subprocess.run(["sh", "-c", "echo quiet line >&2"], check=True)
+    with pytest.raises(subprocess.CalledProcessError), java_stderr_kept():
+        subprocess.run(["sh", "-c", "echo why it failed >&2; exit 3"], check=True)
+    os.write(2, b"after\n")  # fd 2 is back
+    err = capfd.readouterr().err
+    assert "quiet line" not in err and "why it failed" in err and "after" in err
 
 
 def test_results_file_has_coco_format():
