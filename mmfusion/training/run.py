@@ -211,10 +211,26 @@ class ThroughputLog(L.Callback):
     def __init__(self, every: int) -> None:
         self.every = max(1, every)
         self.last: tuple[float, torch.Tensor] | None = None
+        self.first: tuple[float, torch.Tensor] | None = None
+        self.first_step = 0
         self._logged_step = -1
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.last = (time.perf_counter(), self._total(trainer, module))
+        self.last = self.first = (time.perf_counter(), self._total(trainer, module))
+        self.first_step = trainer.global_step
+
+    def summary(self, trainer: L.Trainer, module: L.LightningModule) -> str:
+        """One line on what this fit trained, all processes together. Every process calls it after `fit`
+        (an all-reduce)."""
+        if self.first is None:
+            return ""
+        seconds = max(time.perf_counter() - self.first[0], 1e-9)
+        samples, tokens = (self._total(trainer, module) - self.first[1]).tolist()
+        took = f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
+        return (
+            f"trained {trainer.global_step - self.first_step:,} steps ({samples:,.0f} samples, {tokens:,.0f} "
+            f"tokens) in {took}: {samples / seconds:,.0f} samples/s, {tokens / seconds:,.0f} tokens/s"
+        )
 
     def _total(self, trainer: L.Trainer, module: L.LightningModule) -> torch.Tensor:
         seen = module.seen.clone()  # on the CPU
@@ -391,7 +407,11 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     if step is not None:  # SIGTERM: the run is not finished, so no model folder
         said = f"stopped by SIGTERM at step {step}; {ckpt} holds it: --resume goes on from there"
         raise Stopped(said if trainer.is_global_zero else "")
+    throughput = next((c for c in trainer.callbacks if isinstance(c, ThroughputLog)), None)
+    trained = throughput.summary(trainer, module) if throughput is not None else ""  # every process
     if trainer.is_global_zero:  # the skipped rows of all processes (gathered with the checkpoint)
+        if trained:
+            print(trained)
         print(module.skipped_summary())
         if module.nonfinite_total:
             print(f"skipped {module.nonfinite_total} steps with a non-finite loss")

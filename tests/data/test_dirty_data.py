@@ -127,4 +127,7 @@ def test_two_processes_report_the_rows_both_skipped_once(tmp_path):
     assert len(summary(two)) == 1 and summary(two) == summary(one), (one, two)
     assert summary(one)[0].startswith("skipped")  # the two steps did meet bad rows
     assert sum(x.startswith("model written to") for x in two) == 1
+    # one line on what was trained, the same samples and tokens as the one process (the times differ)
+    trained = lambda lines: [x.split(" in ")[0] for x in lines if x.startswith("trained ")]  # noqa: E731
+    assert len(trained(two)) == 1 and trained(two) == trained(one) and trained(one)[0].startswith("trained 2 steps (")
     assert sum(x.startswith("precision auto") for x in two) == 1
