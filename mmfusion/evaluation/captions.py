@@ -50,7 +50,11 @@ def java_stderr_kept() -> Iterator[None]:
     53586 tokens at ..."). Its stderr (file descriptor 2, shared with this process) goes to a temporary
     file instead, which is shown if the call fails."""
     sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2 (a daemon): nothing to keep quiet
+        yield
+        return
     with tempfile.TemporaryFile() as sink:
         os.dup2(sink.fileno(), 2)
         try:
