@@ -17,11 +17,11 @@ import lightning as L
 
 from mmfusion.config import DataConfig, ObjectiveConfig, RunConfig, TrainConfig
 from mmfusion.data.datamodule import MMFusionDataModule
-from mmfusion.errors import Stopped, UserError
+from mmfusion.errors import UserError
 from mmfusion.pipeline import MMFusion
 from mmfusion.training.lora import ATTENTION, add_lora, parameter_counts
 from mmfusion.training.module import MMFusionModule
-from mmfusion.training.run import build_trainer, choose_precision, lightning_warnings_filtered, stopped_at
+from mmfusion.training.run import build_trainer, choose_precision, lightning_warnings_filtered, stopped, stopped_at
 
 TASKS = ("t2i", "caption", "joint")
 
@@ -68,7 +68,7 @@ def _run_config(
             warmup_steps=min(20, steps // 10),
             ema_decay=0.0,
             checkpoint_every_n_steps=max(steps, 1),
-            log_every_n_steps=max(1, min(10, steps)),  # a shorter run than that: Lightning warns
+            log_every_n_steps=10,
             precision=precision,
         ),
     )
@@ -118,9 +118,9 @@ def finetune(
     with lightning_warnings_filtered():
         trainer.fit(module, datamodule=datamodule)
     seconds = time.perf_counter() - start
-    if stopped_at(trainer) is not None:
-        said = f"stopped by SIGTERM at step {stopped_at(trainer)}; fine-tuning keeps no checkpoint: nothing saved"
-        raise Stopped(said if trainer.is_global_zero else "")
+    step = stopped_at(trainer)
+    if step is not None:
+        raise stopped(trainer, f"stopped by SIGTERM at step {step}; fine-tuning keeps no checkpoint: nothing saved")
     pipe.model = net.eval()
     if full:
         pipe.save_pretrained(out)

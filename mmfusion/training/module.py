@@ -44,6 +44,11 @@ def resolve_model_config(cfg: RunConfig, image_tokenizer: Any, vocab_size: int) 
     )
 
 
+def find_callback(trainer: L.Trainer, kind: type) -> Any:
+    """The trainer's callback of this type, or None."""
+    return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
+
+
 class MMFusionModule(L.LightningModule):
     """Trains `model` (built from `cfg.model` unless given, e.g. a pretrained one wrapped with LoRA).
 
@@ -70,6 +75,7 @@ class MMFusionModule(L.LightningModule):
         self.nonfinite_total = 0
         self.nonfinite_run = 0
         self.seen = torch.zeros(2, dtype=torch.float64)  # samples and tokens trained on by this process
+        self.last_logged: dict[str, torch.Tensor] = {}  # each loss term's last value (the bar shows it)
         self.class_names: list[str] = []
 
     @property
@@ -112,8 +118,9 @@ class MMFusionModule(L.LightningModule):
         terms = (
             ("image_loss", "text_loss", "loss") if self.cfg.objective.condition == "text" else ("image_loss", "loss")
         )
-        logged = {f"train/{k}": losses[k].detach() if k in losses else math.nan for k in terms}
-        self.log_dict(logged, prog_bar=True, batch_size=batch["size"])
+        measured = {f"train/{k}": losses[k].detach() for k in terms if k in losses}
+        self.last_logged.update(measured)
+        self.log_dict({f"train/{k}": math.nan for k in terms} | measured, prog_bar=True, batch_size=batch["size"])
         return losses["loss"]
 
     def on_train_start(self) -> None:
@@ -133,7 +140,7 @@ class MMFusionModule(L.LightningModule):
             return
         from lightning.pytorch.callbacks import Timer
 
-        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        timer = find_callback(self.trainer, Timer)
         if timer is not None:
             spent = timer.time_elapsed("train") / (60 * budget)
             schedule.time_progress = float(self.trainer.strategy.broadcast(spent, src=0))

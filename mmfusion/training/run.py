@@ -29,7 +29,7 @@ from mmfusion.errors import Stopped, UserError
 from mmfusion.runtime import matmul_gflops, tune_malloc
 from mmfusion.tokenizers.text import TextTokenizer
 from mmfusion.training.checkpoint import AtomicCheckpointIO
-from mmfusion.training.module import MMFusionModule
+from mmfusion.training.module import MMFusionModule, find_callback
 
 
 def choose_precision(requested: str, accelerator: str = "auto") -> str:
@@ -95,10 +95,6 @@ def step_progress_bar(minutes: float | None = None, refresh_rate: int = 10) -> L
         started = False
         timer = None
 
-        def __init__(self, refresh_rate: int) -> None:
-            super().__init__(refresh_rate=refresh_rate)
-            self.last_measured: dict[str, Any] = {}
-
         @property
         def train_description(self) -> str:  # the bar's name from its first draw on
             return f"training ({minutes:g} min budget)" if minutes else "training"
@@ -111,14 +107,11 @@ def step_progress_bar(minutes: float | None = None, refresh_rate: int = 10) -> L
             bar.reset(total=None if minutes else trainer.max_steps)
             bar.initial = bar.n = trainer.global_step
             # Lightning's Timer, the clock that ends a run with a budget: its time left instead of an ETA
-            self.timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None) if minutes else None
+            self.timer = find_callback(trainer, Timer) if minutes else None
             if self.timer is not None:
                 bar.bar_format = "{desc}: {n_fmt} steps [{elapsed}, {rate_fmt}{postfix}]"
 
         def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *_: Any) -> None:
-            for key, value in trainer.progress_bar_metrics.items():  # every step: a term may skip refreshes
-                if not math.isnan(value):
-                    self.last_measured[key] = value
             step, bar = trainer.global_step, self.train_progress_bar
             if bar is not None and step != bar.n and (step % self.refresh_rate == 0 or step == bar.total):
                 bar.n = step
@@ -131,12 +124,13 @@ def step_progress_bar(minutes: float | None = None, refresh_rate: int = 10) -> L
 
         def get_metrics(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]:
             """Lightning's bar metrics, where a loss term the last step had no data for (NaN in the logs)
-            shows its last measured value instead."""
+            shows its last measured value instead (`MMFusionModule.last_logged`)."""
             metrics = super().get_metrics(trainer, module)
+            last = getattr(module, "last_logged", {})
             for key, value in list(metrics.items()):
                 if isinstance(value, float) and math.isnan(value):
-                    if key in self.last_measured:
-                        metrics[key] = self.last_measured[key]
+                    if key in last:
+                        metrics[key] = float(last[key])
                     else:
                         del metrics[key]
             return metrics
@@ -258,8 +252,13 @@ class ThroughputLog(L.Callback):
 
 def stopped_at(trainer: L.Trainer) -> int | None:
     """The step at which SIGTERM stopped this fit, or None if it ran to its end."""
-    stop = next((c for c in trainer.callbacks if isinstance(c, StopOnSigterm)), None)
+    stop = find_callback(trainer, StopOnSigterm)
     return None if stop is None else stop.stopped_at
+
+
+def stopped(trainer: L.Trainer, said: str) -> Stopped:
+    """The `Stopped` every process raises, its message said by rank 0 alone."""
+    return Stopped(said if trainer.is_global_zero else "")
 
 
 @contextmanager
@@ -283,7 +282,7 @@ def build_trainer(
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     t = cfg.train
-    every = min(t.log_every_n_steps, t.max_steps) if t.max_steps > 0 else t.log_every_n_steps
+    every = min(t.log_every_n_steps, t.max_steps)  # a shorter run than the interval: Lightning warns
     # the budget's Timer (Lightning's, which agrees across processes on when to stop: one rank alone would
     # hang DDP) decides before the callbacks after it, so that they see a stop at the step it comes
     timer = [Timer(duration=timedelta(minutes=t.max_time_minutes), interval="step")] if t.max_time_minutes else []
@@ -399,15 +398,13 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         try:
             trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if resume else None, weights_only=True)
         except SIGTERMException as err:  # before StopOnSigterm took over: Lightning's handler (exit 0)
-            said = "stopped by SIGTERM before the first step; nothing new to save"
-            raise Stopped(said if trainer.is_global_zero else "") from err
+            raise stopped(trainer, "stopped by SIGTERM before the first step; nothing new to save") from err
     # the final state (full, not weights only), so that a time-limited run can be resumed from its end
     trainer.save_checkpoint(ckpt, weights_only=False)
     step = stopped_at(trainer)
     if step is not None:  # SIGTERM: the run is not finished, so no model folder
-        said = f"stopped by SIGTERM at step {step}; {ckpt} holds it: --resume goes on from there"
-        raise Stopped(said if trainer.is_global_zero else "")
-    throughput = next((c for c in trainer.callbacks if isinstance(c, ThroughputLog)), None)
+        raise stopped(trainer, f"stopped by SIGTERM at step {step}; {ckpt} holds it: --resume goes on from there")
+    throughput = find_callback(trainer, ThroughputLog)
     trained = throughput.summary(trainer, module) if throughput is not None else ""  # every process
     if trainer.is_global_zero:  # the skipped rows of all processes (gathered with the checkpoint)
         if trained:

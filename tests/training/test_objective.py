@@ -164,12 +164,9 @@ def test_the_bar_shows_a_missing_term_at_its_last_measured_value():
     from mmfusion.training.run import step_progress_bar
 
     bar = step_progress_bar()
-    bar.train_progress_bar = SimpleNamespace(n=1, total=10)  # drawn at this step already: only records
-    metrics = {"train/text_loss": 5.5, "train/loss": 2.0}
-    trainer = SimpleNamespace(progress_bar_metrics=metrics, loggers=[], global_step=1)
-    bar.on_train_batch_end(trainer, None)
-    trainer.progress_bar_metrics = {"train/text_loss": float("nan"), "train/loss": 1.5}
-    assert bar.get_metrics(trainer, None) == {"train/text_loss": 5.5, "train/loss": 1.5}
+    module = SimpleNamespace(last_logged={"train/text_loss": torch.tensor(5.5), "train/loss": torch.tensor(2.0)})
+    trainer = SimpleNamespace(progress_bar_metrics={"train/text_loss": float("nan"), "train/loss": 1.5}, loggers=[])
+    assert bar.get_metrics(trainer, module) == {"train/text_loss": 5.5, "train/loss": 1.5}
     assert "train/image_loss" not in bar.get_metrics(
-        SimpleNamespace(progress_bar_metrics={"train/image_loss": float("nan")}, loggers=[]), None
+        SimpleNamespace(progress_bar_metrics={"train/image_loss": float("nan")}, loggers=[]), module
     )
