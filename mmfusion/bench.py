@@ -15,7 +15,8 @@ came from an earlier run): the figures of one table always come from one run. Me
   and that last in 2 data-parallel processes sharing the cores (DDP, as the demo trains);
 * CausalFusion sampling time for S = 1, 4, 16 AR steps, with and without the KV cache, for the demo's
   model (16 tokens per image), cached S = 16 against S = 1 for that model at 32, 128 and 512 images
-  per batch, and, cached, for a wider model at the paper's 256 tokens per image;
+  per batch, and, cached, for a wider model at the paper's 256 tokens per image; for cached S = 1 and
+  S = 16 also the floor of their ratio: the runs' own products and attention calls replayed alone;
 * captioning tokens/s with and without the KV cache (32 new tokens);
 * Token-Shuffle s = 1, 2, 4: tokens per image, training step time, sampling time;
 * FlexAttention (block-sparse, compiled) against dense masked SDPA on the generalized causal mask.
@@ -79,6 +80,95 @@ def timed_against_peak(fn, dtype: Any, rounds: int, per_round: int, warmup: int 
         times += _durations(fn, per_round)
     peaks.append(matmul_gflops(dtype, 2048, 0.3))
     return _median(times), _median(peaks)
+
+
+KERNELS_ALONE = "products and attention alone (floor)"  # the rows of `kernel_seconds`
+
+
+def _kernel_names() -> frozenset[str]:
+    """The matrix products and attention calls, as a TorchDispatchMode sees them (`linear` and SDPA reach
+    the mode whole, before they decompose)."""
+    return frozenset(
+        (
+            "aten.linear.default",
+            "aten.mm.default",
+            "aten.addmm.default",
+            "aten.bmm.default",
+            "aten.baddbmm.default",
+            "aten.matmul.default",
+            "aten.scaled_dot_product_attention.default",
+            "aten._scaled_dot_product_flash_attention_for_cpu.default",
+        )
+    )
+
+
+def _record_kernels(fn) -> list[tuple[int, Any, list, dict]]:  # noqa: ANN001
+    """Run `fn` once under a dispatch mode that records its products and attention calls: one entry per
+    kind (op, and the shapes, strides and dtypes of its arguments) with how often `fn` made it and the
+    arguments of its first call."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import torch
+
+    names = _kernel_names()
+
+    def signature(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return (tuple(x.shape), x.stride(), x.dtype, x.device.type)
+        if isinstance(x, (list, tuple)):
+            return tuple(signature(y) for y in x)
+        return x
+
+    kinds: dict[Any, list] = {}
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            kwargs = kwargs or {}
+            if str(func) in names:
+                key = (str(func), signature(args), signature(sorted(kwargs.items())))
+                if key not in kinds:
+                    copy = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+                    kinds[key] = [0, func, copy, dict(kwargs)]
+                kinds[key][0] += 1
+            return func(*args, **kwargs)
+
+    with Record():
+        fn()
+    return [tuple(k) for k in kinds.values()]
+
+
+def kernel_seconds(*fns, seconds: float = 0.02) -> list[dict]:  # noqa: ANN002
+    """What the matrix products and attention calls of one call of each of `fns` cost alone. Each fn runs
+    once while its calls are recorded (`_record_kernels`); then every recorded kind is replayed back to
+    back, with nothing between the calls, for `seconds` / 5, in five rounds that go through the kinds of
+    all the fns in turn (so that the fns being compared meet the same machine), and each kind's fastest
+    round's time per call is counted as often as its fn made it (the fastest: a busy machine only adds
+    time). Every other op, the Python between the ops and the caches' going cold are left out, so this
+    is a lower bound on a fn's time for any implementation that calls these kernels as it does. Returns
+    one {"seconds", "calls", "kinds"} per fn."""
+    import torch
+
+    recorded = [_record_kernels(fn) for fn in fns]
+    fastest: dict[tuple[int, int], float] = {}
+    with torch.inference_mode():
+        for _ in range(5):
+            for i, kinds in enumerate(recorded):
+                for j, (_, func, args, kwargs) in enumerate(kinds):
+                    func(*args, **kwargs)  # the first call after another kind's is not timed
+                    calls, start = 0, time.perf_counter()
+                    while calls < 3 or time.perf_counter() - start < seconds / 5:
+                        func(*args, **kwargs)
+                        calls += 1
+                    per_call = (time.perf_counter() - start) / calls
+                    fastest[i, j] = min(per_call, fastest.get((i, j), per_call))
+    return [
+        {
+            "seconds": sum(n * fastest[i, j] for j, (n, *_) in enumerate(kinds)),
+            "calls": sum(n for n, *_ in kinds),
+            "kinds": len(kinds),
+        }
+        for i, kinds in enumerate(recorded)
+    ]
 
 
 def peak_rss_mb() -> float:
@@ -370,7 +460,9 @@ def _sampling_times(
 ) -> dict:
     """Seconds to sample `images` images with S = 1, 4, 16 AR steps (20 DDIM steps each, CFG 3), with
     the KV cache, and without it for the S in `uncached`; with `bf16`, also cached with the model's
-    weights in bf16 (`to_dtype`), where this CPU multiplies bf16 natively."""
+    weights in bf16 (`to_dtype`), where this CPU multiplies bf16 natively. For cached float32 S = 1 and
+    S = 16 also the time of the run's products and attention calls alone (`kernel_seconds`): the floor
+    of S = 16 / S = 1 for any sampler that makes those calls."""
     import copy
 
     import torch
@@ -384,6 +476,7 @@ def _sampling_times(
     h, w = model.cfg.image_grid
     out = {"images": images, "denoising_steps": 20, "tokens_per_image": h * w, "parameters": model.num_parameters()}
     variants = [("", model, True), ("", model, False)]
+    floors: dict[int, Any] = {}  # cached float32 S = 1 and S = 16, for their products and attention alone
     if bf16 and bf16_native()[0]:
         variants.append(("_bf16", copy.deepcopy(model).to_dtype(torch.bfloat16), True))
     for steps in ar_steps:
@@ -395,8 +488,14 @@ def _sampling_times(
             gens = lambda: [torch.Generator().manual_seed(i) for i in range(images)]  # noqa: E731
             sec = timed(lambda: smp(conds, unconds, gens(), use_cache=cached), repeat=1 if not cached else 3)
             out[f"S={steps}_{'cached' if cached else 'uncached'}{suffix}_s"] = sec
+            if cached and not suffix and steps in (1, 16):
+                floors[steps] = lambda smp=smp: smp(conds, unconds, gens())
     for suffix in {suffix for suffix, _, _ in variants}:
         out[f"S16_over_S1_cached{suffix}"] = out[f"S=16_cached{suffix}_s"] / out[f"S=1_cached{suffix}_s"]
+    if set(floors) == {1, 16}:
+        s1, s16 = kernel_seconds(floors[1], floors[16])
+        out["S=1_kernels_s"], out["S=16_kernels_s"] = s1["seconds"], s16["seconds"]
+        out["S16_over_S1_kernels"] = s16["seconds"] / s1["seconds"]
     return out
 
 
@@ -656,16 +755,21 @@ def render_markdown(r: dict) -> str:
             f"{f(s.get(f'S={steps}_cached_bf16_s'))} |"
             for steps in (1, 4, 16)
         ]
-        lines += [
-            f"| S = 16 / S = 1, cached | {f(s.get('S16_over_S1_cached'))} | | {f(s.get('S16_over_S1_cached_bf16'))} |",
-            "",
-        ]
+        lines.append(
+            f"| S = 16 / S = 1, cached | {f(s.get('S16_over_S1_cached'))} | | {f(s.get('S16_over_S1_cached_bf16'))} |"
+        )
+        if "S16_over_S1_kernels" in s:
+            lines.append(f"| S = 16 / S = 1, {KERNELS_ALONE} | {f(s['S16_over_S1_kernels'])} | | |")
+        lines.append("")
     if has["sampling_batch"]:
-        lines += ["| sampling with the demo's model, by batch (cached) | S = 1 s | S = 16 s | S = 16 / S = 1 |"]
-        lines += ["|---|---|---|---|"]
+        lines += [
+            "| sampling with the demo's model, by batch (cached) | S = 1 s | S = 16 s | S = 16 / S = 1 | "
+            f"S = 16 / S = 1, {KERNELS_ALONE} |"
+        ]
+        lines += ["|---|---|---|---|---|"]
         lines += [
             f"| {images} images | {f(e.get('S=1_cached_s'))} | {f(e.get('S=16_cached_s'))} | "
-            f"{f(e.get('S16_over_S1_cached'))} |"
+            f"{f(e.get('S16_over_S1_cached'))} | {f(e.get('S16_over_S1_kernels'))} |"
             for images, e in r["sampling_batch"].items()
             if isinstance(e, dict)
         ]
@@ -682,10 +786,10 @@ def render_markdown(r: dict) -> str:
             f"| S = {steps} | {f(sp.get(f'S={steps}_cached_s'))} | {f(sp.get(f'S={steps}_cached_bf16_s'))} |"
             for steps in (1, 4, 16)
         ]
-        lines += [
-            f"| S = 16 / S = 1 | {f(sp.get('S16_over_S1_cached'))} | {f(sp.get('S16_over_S1_cached_bf16'))} |",
-            "",
-        ]
+        lines.append(f"| S = 16 / S = 1 | {f(sp.get('S16_over_S1_cached'))} | {f(sp.get('S16_over_S1_cached_bf16'))} |")
+        if "S16_over_S1_kernels" in sp:
+            lines.append(f"| S = 16 / S = 1, {KERNELS_ALONE} | {f(sp['S16_over_S1_kernels'])} | |")
+        lines.append("")
     if has["caption"]:
         c = r["caption"]
         lines += [

@@ -1,5 +1,6 @@
 """The benchmark suite's own arithmetic and machinery (the timings themselves live in docs/BENCHMARKS.md)."""
 
+import itertools
 import math
 
 import pytest
@@ -126,8 +127,55 @@ def test_sampling_rows_time_bf16_weights_beside_float32(monkeypatch):
     assert model.dtype == torch.float32
     assert {"S=1_cached_s", "S=1_uncached_s", "S=1_cached_bf16_s", "S=16_cached_bf16_s"} <= set(out)
     assert "S=16_uncached_s" not in out and out["S16_over_S1_cached_bf16"] == 1.0
+    # the floor of the float32 cached runs only
+    assert {"S=1_kernels_s", "S=16_kernels_s"} <= set(out) and "S=16_kernels_bf16_s" not in out
     text = bench.render_markdown({"date": "d", "machine": {"cores": 2, "cpu": "x", "torch": "t"}, "sampling": out})
     assert "| S = 1 | 0.5 | 0.5 | 0.5 |" in text and "| S = 16 / S = 1, cached | 1 | | 1 |" in text
+    assert f"| S = 16 / S = 1, {bench.KERNELS_ALONE} | {out['S16_over_S1_kernels']:.3g} | | |" in text
+
+
+def test_kernel_seconds_counts_each_product_and_attention_call_at_its_own_time(monkeypatch):
+    """The floor replays the recorded products and attention calls (and no other op), each kind timed
+    alone and counted as often as the function made it, at its fastest round's time. Each round of a
+    kind reads the clock before its first timed call, after its third (the round ends there, as the
+    time is past its share of `seconds`) and once more for the time taken; the clock below makes the
+    rounds take 10, 2, 6, 6 and 6 over their three calls (whichever kind they time), so each kind's
+    fastest is 2 / 3 per call (the mean would be 2)."""
+    x, w, w2 = torch.randn(8, 16), torch.randn(32, 16), torch.randn(16, 32)
+    q = torch.randn(2, 2, 3, 8)
+
+    def fn():
+        for _ in range(5):
+            h = torch.nn.functional.linear(x, w)
+        torch.nn.functional.linear(torch.relu(h), w2)
+        (x @ w.T).sum()
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        return (h * 2 + 1).mean()  # elementwise work is left out
+
+    ticks = itertools.accumulate(itertools.cycle([5, 5, 1, 1, 1, 1, 3, 3, 1, 3, 3, 1, 3, 3, 1]))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(ticks)))
+    (out,) = bench.kernel_seconds(fn, seconds=0.5)
+    # 5 + 1 linear, 1 matmul, 1 attention; x @ w.T is the very product linear(x, w) makes: one kind
+    assert out["calls"] == 8 and out["kinds"] == 3
+    assert out["seconds"] == pytest.approx(8 * 2 / 3)
+
+
+def test_kernel_floor_of_sampling_lies_below_the_sampling_time():
+    """For real kernels: the products and attention calls of a sampling run cost less alone than the run
+    itself, and S = 16 makes more of them (16 times the denoising passes) than S = 1."""
+    from mmfusion.diffusion.config import DiffusionConfig
+    from mmfusion.diffusion.sampler import NextTokenDiffusionSampler, SamplerSettings
+
+    model = bench._sampling_model(grid=4, token_dim=8, dim=64, n_layers=2, n_heads=2)
+    conds, unconds = [[1, 10, 20, 3]] * 4, [[1, 3]] * 4
+    samplers, whole = {}, {}
+    for steps in (1, 16):
+        settings = SamplerSettings(ar_steps=steps, sampler="ddim", steps=5, cfg_scale=3.0)
+        samplers[steps] = NextTokenDiffusionSampler(model, DiffusionConfig(), settings)
+        whole[steps] = bench.timed(lambda smp=samplers[steps]: smp(conds, unconds), repeat=3)
+    s1, s16 = bench.kernel_seconds(*(lambda smp=samplers[s]: smp(conds, unconds) for s in (1, 16)))
+    assert 0 < s1["seconds"] < whole[1] and 0 < s16["seconds"] < whole[16]
+    assert s16["calls"] > 10 * s1["calls"]
 
 
 def test_training_rows_time_steps_and_matmul_peak_in_turn(monkeypatch):
