@@ -85,32 +85,28 @@ def timed_against_peak(fn, dtype: Any, rounds: int, per_round: int, warmup: int 
 KERNELS_ALONE = "products and attention alone (floor)"  # the rows of `kernel_seconds`
 
 
-def _kernel_names() -> frozenset[str]:
-    """The matrix products and attention calls, as a TorchDispatchMode sees them (`linear` and SDPA reach
-    the mode whole, before they decompose)."""
-    return frozenset(
-        (
-            "aten.linear.default",
-            "aten.mm.default",
-            "aten.addmm.default",
-            "aten.bmm.default",
-            "aten.baddbmm.default",
-            "aten.matmul.default",
-            "aten.scaled_dot_product_attention.default",
-            "aten._scaled_dot_product_flash_attention_for_cpu.default",
-        )
+# the matrix products and attention calls, as a TorchDispatchMode sees them (`linear` and SDPA reach the
+# mode whole, before they decompose)
+KERNEL_OPS = frozenset(
+    (
+        "aten.linear.default",
+        "aten.mm.default",
+        "aten.addmm.default",
+        "aten.bmm.default",
+        "aten.baddbmm.default",
+        "aten.matmul.default",
+        "aten.scaled_dot_product_attention.default",
+        "aten._scaled_dot_product_flash_attention_for_cpu.default",
     )
+)
 
 
 def _record_kernels(fn) -> list[tuple[int, Any, list, dict]]:  # noqa: ANN001
     """Run `fn` once under a dispatch mode that records its products and attention calls: one entry per
     kind (op, and the shapes, strides and dtypes of its arguments) with how often `fn` made it and the
     arguments of its first call."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     import torch
-
-    names = _kernel_names()
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     def signature(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
@@ -124,7 +120,7 @@ def _record_kernels(fn) -> list[tuple[int, Any, list, dict]]:  # noqa: ANN001
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
             kwargs = kwargs or {}
-            if str(func) in names:
+            if str(func) in KERNEL_OPS:
                 key = (str(func), signature(args), signature(sorted(kwargs.items())))
                 if key not in kinds:
                     copy = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
