@@ -10,20 +10,6 @@ from pathlib import Path
 from mmfusion.errors import UserError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-FIXED_PROMPTS = [
-    "a red circle",
-    "a green square",
-    "a blue triangle",
-    "a yellow circle",
-    "a red triangle",
-    "a blue square",
-    "a red circle to the left of a blue square",
-    "a green triangle above a yellow circle",
-    "a blue circle to the right of a red triangle",
-    "a yellow square below a green circle",
-    "a red square above a blue circle",
-    "a green circle to the left of a yellow triangle",
-]
 
 
 def demo(
@@ -58,10 +44,11 @@ def demo(
         resume: go on with a demo that was stopped (Ctrl-C, SIGTERM) from OUT/checkpoints/last.ckpt, with
             the same options: the rest of its time budget, then the evaluation
     """
+    # deferred: `mmfusion --help` imports every command module and should not load torch
     from mmfusion.config import load_config
-    from mmfusion.evaluation.demo_eval import evaluate_captions, evaluate_t2i
+    from mmfusion.evaluation.demo_eval import evaluate_shapes_model, write_fixed_prompt_grid
     from mmfusion.pipeline import MMFusion
-    from mmfusion.sampling.images import make_grid, write_outputs
+    from mmfusion.sampling.images import make_grid
     from mmfusion.training.run import train
 
     start = time.perf_counter()
@@ -89,27 +76,19 @@ def demo(
     pipe = MMFusion.from_pretrained(model_dir)
     outdir = Path(out)
     print("evaluating: samples of fixed prompts, the shapes benchmark, captions of the test split")
-    images = pipe.generate(FIXED_PROMPTS, num_images=4, seed=seed)
-    records = [{"file": f"{k:04d}.png", "prompt": FIXED_PROMPTS[k // 4], "seed": seed + k} for k in range(len(images))]
-    write_outputs(outdir / "samples", images, records, scale=4, cols=4)  # one row per prompt
-    t2i, eval_images, _ = evaluate_t2i(pipe, seed=seed, progress=True)
-    make_grid(eval_images, cols=16, scale=3).save(outdir / "eval_grid.png")
+    write_fixed_prompt_grid(pipe, outdir / "samples", seed)
     import datasets
 
     test = datasets.load_from_disk(str(outdir / "data"))["test"]
-    caption_metrics, captions = evaluate_captions(pipe, test, progress=True)
-    (outdir / "captions.json").write_text(
-        json.dumps(
-            [{"image": i, "caption": c, "references": test[i]["captions"]} for i, c in captions.items()], indent=2
-        )
-    )
-    metrics = {
-        "t2i": t2i,
-        "caption": caption_metrics,
-        # of this invocation: a resumed demo's earlier training is not in them
-        "minutes": {"training": (trained - start) / 60, "total": (time.perf_counter() - start) / 60, "resumed": resume},
-        "sampler": {k: v for k, v in pipe.sample_defaults.__dict__.items()},
+    metrics, eval_images = evaluate_shapes_model(pipe, test, seed=seed, progress=True)
+    make_grid(eval_images, cols=16, scale=3).save(outdir / "eval_grid.png")
+    (outdir / "captions.json").write_text(json.dumps(metrics.pop("captions"), indent=2))
+    metrics["minutes"] = {  # of this invocation: a resumed demo's earlier training is not in them
+        "training": (trained - start) / 60,
+        "total": (time.perf_counter() - start) / 60,
+        "resumed": resume,
     }
+    metrics["sampler"] = dict(pipe.sample_defaults.__dict__)
     (outdir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(_summary(metrics, outdir))
 
@@ -140,19 +119,10 @@ def _check_same_run(recorded: Path, now: dict) -> None:
 
 
 def _summary(m: dict, outdir: Path) -> str:
-    t = m["t2i"]
     then = " (this invocation, resumed)" if m["minutes"].get("resumed") else ""
-    lines = [
-        f"demo finished in {m['minutes']['total']:.1f} min{then}; model in {outdir / 'model'}",
-        f"T2I accuracy: one object {t['single']['accuracy']:.1%}, two objects + relation {t['pair']['accuracy']:.1%}",
-    ]
-    c = m["caption"]
-    if "CIDEr" in c:
-        lines.append(
-            f"captions (test split): BLEU-4 {c['Bleu_4']:.3f}  METEOR {c['METEOR']:.3f}  "
-            f"ROUGE-L {c['ROUGE_L']:.3f}  CIDEr {c['CIDEr']:.3f}"
-        )
-    else:
-        lines.append(f"caption metrics skipped: {c.get('skipped')}")
+    lines = [f"demo finished in {m['minutes']['total']:.1f} min{then}; model in {outdir / 'model'}"]
+    from mmfusion.evaluation.demo_eval import summary_lines
+
+    lines += summary_lines(m)
     lines.append(f"samples: {outdir / 'samples' / 'grid.png'}; metrics: {outdir / 'metrics.json'}")
     return "\n".join(lines)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 
 def _write_json(path: Path, data: object) -> None:
@@ -75,29 +75,39 @@ def shapes(
     *,
     model: str,
     out: str,
+    data: str | None = None,
+    captions: int = 1000,
     n_single: int = 96,
     n_pair: int = 96,
     seed: int = 0,
     ar_steps: int | None = None,
+    order: Literal["random", "raster", "block_raster"] | None = None,
     sampler: Literal["ddpm", "ddim"] | None = None,
     steps: int | None = None,
     cfg: float | None = None,
     dtype: Literal["float32", "bfloat16"] = "float32",
     device: str = "auto",
 ) -> None:
-    """The shapes benchmark (GenEval-style): object count, colour, shape, relative position, clutter.
+    """The shapes benchmark: text-to-image accuracy (GenEval-style) in several AR modes, and captions.
 
-    Generates images for plain prompts (or per class for class-conditional models), judges each with the
-    analytic checker and reports accuracy per category with 95% confidence intervals.
-    Writes OUT/shapes_metrics.json and OUT/shapes_grid.png.
+    Generates images for plain prompts (or per class for class-conditional models) and judges each with
+    the analytic checker: object count, colour, shape, relative position, clutter. A CausalFusion model is
+    sampled in one AR step, in 4 AR steps of random order and one token per step in raster order, unless
+    --ar-steps picks one mode. Test images are captioned and scored by content (the right objects and
+    relation, in any phrasing of the data's templates) and by pycocoevalcap. Every figure comes with its
+    95% interval. Writes OUT/shapes_metrics.json, OUT/shapes_grid.png and OUT/captions.json.
 
     Args:
         model: a model folder
         out: output folder
+        data: a saved shapes data set whose test split is captioned (default: the test split rendered
+          for --seed)
+        captions: test images to caption (0: no captions)
         n_single: prompts naming one object (class-conditional: images per class = n_single / 12)
         n_pair: prompts naming two objects and a relation
-        seed: random seed
-        ar_steps: AR steps S for sampling (default: the model's)
+        seed: random seed of prompts, sampling and the rendered test split
+        ar_steps: sample in this many AR steps only (default: every AR mode of the benchmark)
+        order: token order with --ar-steps (default: the model's)
         sampler: ddpm or ddim (default: the model's)
         steps: denoising steps per AR step
         cfg: guidance scale
@@ -106,7 +116,7 @@ def shapes(
         device: cpu, cuda, cuda:N, or auto (a GPU when there is one)
     """
     from mmfusion.errors import require
-    from mmfusion.evaluation.demo_eval import evaluate_classes, evaluate_t2i
+    from mmfusion.evaluation import demo_eval
     from mmfusion.pipeline import MMFusion
     from mmfusion.sampling.images import make_grid
 
@@ -114,32 +124,48 @@ def shapes(
         [
             (n_single >= 0 and n_pair >= 0, "--n-single and --n-pair must not be negative"),
             (n_single + n_pair > 0, "nothing to evaluate: give --n-single and / or --n-pair above 0"),
+            (captions >= 0, "--captions must not be negative"),
+            (order is None or ar_steps is not None, "--order needs --ar-steps (the benchmark's modes fix it)"),
         ]
     )
     pipe = MMFusion.from_pretrained(model, dtype=dtype, device=device)
     settings = {
-        k: v
-        for k, v in {"ar_steps": ar_steps, "sampler": sampler, "steps": steps, "cfg_scale": cfg}.items()
-        if v is not None
+        k: v for k, v in {"order": order, "sampler": sampler, "steps": steps, "cfg_scale": cfg}.items() if v is not None
     }
-    if pipe.condition == "class":
-        summary, images = evaluate_classes(
-            pipe, per_class=max(1, n_single // len(pipe.class_names)), seed=seed, **settings
-        )
-        summary = {"single": summary}
-    else:
-        summary, images, _ = evaluate_t2i(pipe, n_single, n_pair, seed=seed, progress=True, **settings)
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
+    if pipe.condition == "class":
+        summary, images = demo_eval.evaluate_classes(
+            pipe, per_class=max(1, n_single // len(pipe.class_names)), seed=seed, **settings
+        )
+        metrics = {"t2i": {"class": {"single": summary}}}
+    else:
+        modes = None if ar_steps is None else {f"S={ar_steps}" + (f" {order}" if order else ""): {"ar_steps": ar_steps}}
+        metrics, images = demo_eval.evaluate_shapes_model(
+            pipe, _shapes_test(data, captions, seed), seed, n_single, n_pair, True, modes, **settings
+        )
+        if "captions" in metrics:
+            _write_json(outdir / "captions.json", metrics.pop("captions"))
     make_grid(images, cols=16, scale=3).save(outdir / "shapes_grid.png")
-    _write_json(outdir / "shapes_metrics.json", summary)
-    for kind, s in summary.items():
-        parts = [
-            f"{k} {v:.1%} [{s[k + '_ci95'][0]:.0%}, {s[k + '_ci95'][1]:.0%}]"
-            for k, v in s.items()
-            if isinstance(v, float)
-        ]
-        print(f"{kind} (n={s['n']}): " + ", ".join(parts))
+    _write_json(outdir / "shapes_metrics.json", metrics)
+    print("\n".join(demo_eval.summary_lines(metrics)))
+
+
+def _shapes_test(data: str | None, n: int, seed: int) -> Any:
+    """The first `n` rows of the test split of saved shapes data, or of the one rendered for `seed`."""
+    from mmfusion.errors import UserError
+    from mmfusion.evaluation.demo_eval import shapes_test_rows
+
+    if data is None:
+        return shapes_test_rows(n, seed)
+    from mmfusion.data.datasets import load_captioned
+
+    ds = load_captioned(data)
+    if "test" not in ds:
+        raise UserError(f"{data} has no test split (has: {', '.join(ds)})")
+    if "objects" not in ds["test"].column_names:
+        raise UserError(f"{data} is not a shapes data set: its rows carry no scene to judge captions by")
+    return ds["test"].select(range(min(n, len(ds["test"]))))
 
 
 def generation(

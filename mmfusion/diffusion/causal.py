@@ -18,19 +18,24 @@ from mmfusion.model.masks import CLEAN, NOISY
 from mmfusion.model.sequence import SequenceBuilder
 
 
-def ar_step_probs(n_tokens: int, gamma: float, max_steps: int | None = None) -> torch.Tensor:
-    """P(S = s) for s = 1..max, proportional to gamma^(s-1)."""
+def ar_step_probs(
+    n_tokens: int, gamma: float, max_steps: int | None = None, one_step_fraction: float = 0.0
+) -> torch.Tensor:
+    """P(S = s) for s = 1..max: proportional to gamma^(s-1), mixed with `one_step_fraction` of S = 1."""
     s_max = min(n_tokens, max_steps or n_tokens)
-    if gamma == 0.0:
-        probs = torch.zeros(s_max, dtype=torch.float64)
-        probs[0] = 1.0
-        return probs
-    logp = torch.arange(s_max, dtype=torch.float64) * math.log(gamma)
-    return torch.softmax(logp, 0)
+    probs = torch.zeros(s_max, dtype=torch.float64)
+    probs[0] = 1.0
+    if gamma > 0.0:
+        probs = torch.softmax(torch.arange(s_max, dtype=torch.float64) * math.log(gamma), 0)
+    probs = probs * (1.0 - one_step_fraction)
+    probs[0] += one_step_fraction
+    return probs
 
 
-def sample_ar_steps(n_tokens: int, gamma: float, generator: torch.Generator, max_steps: int | None = None) -> int:
-    return int(torch.multinomial(ar_step_probs(n_tokens, gamma, max_steps), 1, generator=generator)) + 1
+def sample_ar_steps(cfg: DiffusionConfig, n_tokens: int, generator: torch.Generator) -> int:
+    """Draw the number of AR steps S of one training image (`ar_step_probs` under `cfg`)."""
+    probs = ar_step_probs(n_tokens, cfg.gamma, cfg.max_ar_steps, cfg.one_step_fraction)
+    return int(torch.multinomial(probs, 1, generator=generator)) + 1
 
 
 def random_group_sizes(n_tokens: int, steps: int, generator: torch.Generator) -> list[int]:
@@ -93,7 +98,7 @@ def add_image(
     """
     tokens = tokens.float()
     n = tokens.shape[0]
-    steps = ar_steps or sample_ar_steps(n, cfg.gamma, generator, cfg.max_ar_steps)
+    steps = ar_steps or sample_ar_steps(cfg, n, generator)
     sizes = random_group_sizes(n, steps, generator)
     order = token_order(grid, cfg.order, generator, cfg.block_size)
     x0, pos = tokens[order], order

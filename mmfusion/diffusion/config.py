@@ -17,6 +17,9 @@ class DiffusionConfig:
     prediction_type: str = "epsilon"  # epsilon (paper), v_prediction or sample
     clip_sample: bool = False  # clip predicted x0 to [-1, 1] while sampling (pixel tokens)
     gamma: float = 0.9  # P(S) ~ gamma^(S-1); 0 -> always S = 1 (in-context DiT); 1 -> uniform
+    # share of images trained in one AR step before S is drawn as above: keeps most of the training on
+    # the one-step layout while every S still gets its share (0: the paper's distribution)
+    one_step_fraction: float = 0.0
     max_ar_steps: int | None = None  # cap on S during training (default: N tokens)
     ar_weight: float = 2.0  # loss weight on AR group 1, falling linearly to 1 on group S
     order: str = "random"  # token order during training: random | raster | block_raster
@@ -32,6 +35,8 @@ class DiffusionConfig:
             raise ValueError(f"prediction_type must be one of {PREDICTIONS}, got {self.prediction_type!r}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
+        if not 0.0 <= self.one_step_fraction <= 1.0:
+            raise ValueError(f"one_step_fraction must be in [0, 1], got {self.one_step_fraction}")
         if self.t_sampling not in ("uniform", "logit_normal"):
             raise ValueError(f"t_sampling must be uniform or logit_normal, got {self.t_sampling!r}")
         if self.k_times < 1:

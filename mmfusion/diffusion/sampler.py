@@ -243,7 +243,7 @@ class _State:
         self._template_key: tuple[int, int] | None = None
         if use_cache:
             self.cache = self.model.new_cache()
-            prefix = collate([SequenceBuilder(sampler.dim).text(p).tensors() for p in prefixes])
+            prefix = collate([SequenceBuilder(sampler.dim).text(p, prompt=True).tensors() for p in prefixes])
             self.model(prefix, self.cache, store=True)
             if any(len(k[0]) for k in known_rows):
                 self.model(image_block(known_rows, CLEAN, img_pos, sampler.dim), self.cache, store=True)
@@ -276,7 +276,7 @@ class _State:
     def _uncached(self, noisy: list[tuple[torch.Tensor, torch.Tensor]], t: int, rows: int) -> torch.Tensor:
         samples, starts = [], []
         for i in range(rows):
-            b = SequenceBuilder(self.s.dim).text(self.prefixes[i])
+            b = SequenceBuilder(self.s.dim).text(self.prefixes[i], prompt=True)
             for g, (pos, vals) in enumerate(self.clean[i]):
                 if len(pos):
                     b.image(vals, pos, kind=CLEAN, group=torch.full((len(pos),), g))

@@ -12,6 +12,7 @@ import re
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from itertools import permutations
+from typing import Any
 
 import numpy as np
 
@@ -240,11 +241,16 @@ def summarize(verdicts: list[Verdict], prompts: list[str]) -> dict[str, dict[str
         }
         if want == 2:
             rows["position"] = [bool(v.position) for v in vs]
-        out[kind] = {"n": len(vs)}
-        for key, vals in rows.items():
-            lo, hi = wilson(sum(vals), len(vals))
-            out[kind][key] = float(np.mean(vals))
-            out[kind][f"{key}_ci95"] = [lo, hi]
+        out[kind] = proportions(rows)
+    return out
+
+
+def proportions(parts: dict[str, list[bool]]) -> dict[str, Any]:
+    """Each part's share of True (`n`: how many were judged), with its 95% Wilson interval (`<part>_ci95`)."""
+    out: dict[str, Any] = {"n": len(next(iter(parts.values())))}
+    for key, values in parts.items():
+        out[key] = float(np.mean(values))
+        out[f"{key}_ci95"] = list(wilson(sum(values), len(values)))
     return out
 
 

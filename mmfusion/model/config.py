@@ -49,9 +49,17 @@ class ModelConfig:
     image_token_dim: int = 48  # C: channels of one continuous image token (p * p * channels)
     image_grid: tuple[int, int] = (8, 8)  # tokens per image side (h, w)
     image_pos_embed: str = "sincos"  # "sincos" (fixed 2-D) or "learned"
+    # width of a SiLU hidden layer before the image output (0: one linear map). A linear head can only
+    # produce image tokens in a dim-wide subspace, a real limit where a token is wider than the model
+    # (8 x 8 RGB pixel patches are 192 values, the demo model 128 wide)
+    image_head_hidden: int = 0
     # 2-D rotary for image tokens (multimodal RoPE): rotary frequencies are shared out, interleaved,
     # between the sequence position, the image row and the image column; text is unaffected
     image_rope: bool = False
+    # attention among the tokens of a condition prefix (`<bos> caption <boi>`, class tokens): "causal" as
+    # in a language model (the paper), or "bidirectional" (a prefix LM): every word of the prompt sees
+    # the whole prompt, so "a red circle" knows from the words after it on which side it belongs
+    prompt_attention: str = "causal"
     # class-conditional mode: learned class tokens, repeated (CausalFusion appendix B)
     num_classes: int = 0
     class_tokens: int = 4
@@ -84,6 +92,8 @@ class ModelConfig:
             raise ValueError(f"shuffle must be 1, 2 or 4, got {self.shuffle}")
         if self.window_head not in ("independent", "autoregressive"):
             raise ValueError(f"window_head must be independent or autoregressive, got {self.window_head!r}")
+        if self.prompt_attention not in ("causal", "bidirectional"):
+            raise ValueError(f"prompt_attention must be causal or bidirectional, got {self.prompt_attention!r}")
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_type must be one of {', '.join(ROPE_TYPES)}, got {self.rope_type!r}")
         if self.rope_type == "llama3" and not self.rope_low_freq_factor < self.rope_high_freq_factor:
@@ -103,6 +113,10 @@ class ModelConfig:
             return self.hidden_dim
         hidden = int(8 * self.dim / 3)
         return self.multiple_of * -(-hidden // self.multiple_of)
+
+    @property
+    def bidirectional_prompt(self) -> bool:
+        return self.prompt_attention == "bidirectional"
 
     @property
     def discrete(self) -> bool:

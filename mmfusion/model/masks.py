@@ -10,13 +10,20 @@ from __future__ import annotations
 import torch
 
 PAD, TEXT, CLEAN, NOISY, CODE = 0, 1, 2, 3, 4  # CODE: a fused token of discrete image codes (causal)
+# the group of text tokens that form a condition prefix (`<bos> caption <boi>`, class tokens): causal like
+# all text, or, in a model with a bidirectional prompt, seeing each other whole
+PROMPT = -2
 
 
-def generalized_causal_mask(kind: torch.Tensor, group: torch.Tensor, text_sees_noisy: bool = False) -> torch.Tensor:
+def generalized_causal_mask(
+    kind: torch.Tensor, group: torch.Tensor, text_sees_noisy: bool = False, bidirectional_prompt: bool = False
+) -> torch.Tensor:
     """kind, group (B, L) -> mask (B, L, L); mask[b, q, k] is True where query q may attend to key k.
 
     Rules:
-      * text / condition tokens are causal: a text key is visible to every later token;
+      * text / condition tokens are causal: a text key is visible to every later token; with
+        `bidirectional_prompt` the tokens of a condition prefix (group PROMPT) also see each other whole,
+        so that the first words of a prompt already know the relation stated after them;
       * a clean image token of group j sees the earlier text and the clean tokens of groups <= j;
       * a noisy token of group s sees the earlier text, the clean tokens of groups < s and all of
         noisy group s (bidirectional), never its own clean copy nor any later group;
@@ -32,6 +39,8 @@ def generalized_causal_mask(kind: torch.Tensor, group: torch.Tensor, text_sees_n
     qg, kg = group[:, :, None], group[:, None, :]
     q_text, q_clean, q_noisy = (qk == TEXT) | (qk == CODE), qk == CLEAN, qk == NOISY
     sees_text = ((kk == TEXT) | (kk == CODE)) & causal & (qk != PAD)
+    if bidirectional_prompt:
+        sees_text = sees_text | ((qk == TEXT) & (kk == TEXT) & (qg == PROMPT) & (kg == PROMPT))
     sees_clean = (kk == CLEAN) & ((q_text & causal) | (q_clean & (kg <= qg)) | (q_noisy & (kg < qg)))
     sees_noisy = (kk == NOISY) & ((q_noisy & (kg == qg)) | (q_text & causal & text_sees_noisy))
     eye = torch.eye(n, dtype=torch.bool, device=kind.device)[None]

@@ -69,7 +69,11 @@ class MMFusionModel(nn.Module):
         self.time_embed = TimestepEmbedder(cfg.dim)
         self.backbone = Transformer(cfg)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.image_head = nn.Linear(cfg.dim, cfg.image_token_dim)
+        head_in = cfg.image_head_hidden or cfg.dim
+        self.image_head_mlp = (
+            nn.Sequential(nn.Linear(cfg.dim, head_in), nn.SiLU()) if cfg.image_head_hidden else nn.Identity()
+        )
+        self.image_head = nn.Linear(head_in, cfg.image_token_dim)
         if cfg.discrete:  # Token-Shuffle path for discrete image codes
             self.shuffle_in = TokenShuffle(cfg)
             self.shuffle_out = TokenUnshuffle(cfg)
@@ -140,7 +144,7 @@ class MMFusionModel(nn.Module):
         mask) built on the CPU, as the samplers build theirs, is moved to the model's device here."""
         if batch.ids.device != self.device:
             batch = batch.to(self.device)
-        mask = batch.mask() if mask is None else mask.to(self.device)
+        mask = batch.mask(bidirectional_prompt=self.cfg.bidirectional_prompt) if mask is None else mask.to(self.device)
         x = self.embed(batch)
         positions = self.rotary_positions(batch)
         # The rotary tables are made here, not inside the backbone: a compiled backbone then takes them
@@ -177,7 +181,7 @@ class MMFusionModel(nn.Module):
         return self._head(self.shuffle_out.head, self.shuffle_out.slots(hidden, codes))
 
     def image_output(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._head(self.image_head, hidden)
+        return self._head(self.image_head, self.image_head_mlp(hidden))
 
     @property
     def dtype(self) -> torch.dtype:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmfusion.model.masks import CLEAN, CODE, NOISY, PAD, TEXT, generalized_causal_mask
+from mmfusion.model.masks import CLEAN, CODE, NOISY, PAD, PROMPT, TEXT, generalized_causal_mask
 
 IGNORE = -100
 
@@ -26,7 +26,7 @@ class TokenBatch:
     values: torch.Tensor  # (B, L, C) continuous image tokens (clean or noised)
     image_pos: torch.Tensor  # (B, L) index of the token in the image grid
     t: torch.Tensor  # (B, L) diffusion timestep of image tokens, 0 for clean ones
-    group: torch.Tensor  # (B, L) AR group of image tokens, -1 elsewhere
+    group: torch.Tensor  # (B, L) AR group of image tokens, PROMPT for condition text, -1 elsewhere
     position_ids: torch.Tensor  # (B, L) rotary positions
     labels: torch.Tensor | None = None  # (B, L) next text token to predict, IGNORE elsewhere
     targets: torch.Tensor | None = None  # (B, L, C) diffusion regression targets at noisy tokens
@@ -35,8 +35,8 @@ class TokenBatch:
     code_labels: torch.Tensor | None = None  # (B, L, W) codes of the next fused token, IGNORE elsewhere
     segment: torch.Tensor | None = None  # (B, L) packed rows: index of the token's sample in its row, -1 at padding
 
-    def mask(self, text_sees_noisy: bool = False) -> torch.Tensor:
-        mask = generalized_causal_mask(self.kind, self.group, text_sees_noisy)
+    def mask(self, text_sees_noisy: bool = False, bidirectional_prompt: bool = False) -> torch.Tensor:
+        mask = generalized_causal_mask(self.kind, self.group, text_sees_noisy, bidirectional_prompt)
         if self.segment is not None:  # packed samples never see each other
             mask = mask & (self.segment[:, :, None] == self.segment[:, None, :])
         return mask
@@ -122,8 +122,9 @@ class SequenceBuilder:
         p["code_labels"].append(torch.full((n, w), IGNORE, dtype=torch.long) if code_labels is None else code_labels)
         self.length += n
 
-    def text(self, ids: list[int], loss: bool = False) -> SequenceBuilder:
-        """Append text tokens; with `loss`, the token before each of them learns to predict it."""
+    def text(self, ids: list[int], loss: bool = False, prompt: bool = False) -> SequenceBuilder:
+        """Append text tokens; with `loss`, the token before each of them learns to predict it. `prompt`
+        marks a condition prefix (group PROMPT), which a model with a bidirectional prompt reads whole."""
         n = len(ids)
         if n == 0:
             return self
@@ -133,7 +134,10 @@ class SequenceBuilder:
             self._set_last("labels", ids[0])
         labels = list(ids[1:]) + [IGNORE] if loss else None
         positions = torch.arange(self.position, self.position + n)
-        self._add(n, kind=TEXT, ids=torch.tensor(ids, dtype=torch.long), positions=positions, labels=labels)
+        group = torch.full((n,), PROMPT if prompt else -1)
+        self._add(
+            n, kind=TEXT, ids=torch.tensor(ids, dtype=torch.long), positions=positions, labels=labels, group=group
+        )
         self.position += n
         return self
 

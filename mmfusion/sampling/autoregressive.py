@@ -131,13 +131,16 @@ class ARImageSampler:
         width = self.model.cfg.code_width
         if cache is None:  # reference path: the whole sequence every time
             samples = [
-                SequenceBuilder(0, code_width=width).text(p).codes(codes[r], torch.arange(codes.shape[1])).tensors()
+                SequenceBuilder(0, code_width=width)
+                .text(p, prompt=True)
+                .codes(codes[r], torch.arange(codes.shape[1]))
+                .tensors()
                 for r, p in enumerate(prefixes)
             ]
             batch = collate(samples)
             last = torch.tensor([len(p) + codes.shape[1] - 1 for p in prefixes])
         elif done.shape[1] == 0:
-            batch = collate([SequenceBuilder(0, code_width=width).text(p).tensors() for p in prefixes])
+            batch = collate([SequenceBuilder(0, code_width=width).text(p, prompt=True).tensors() for p in prefixes])
             last = torch.tensor([len(p) - 1 for p in prefixes])
         else:
             i = done.shape[1] - 1

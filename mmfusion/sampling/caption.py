@@ -56,7 +56,7 @@ class CaptionDecoder:
             fused = fuse_grid(tokens.long(), cfg.shuffle)
             return [
                 SequenceBuilder(0, code_width=cfg.code_width)
-                .text([self.bos, self.boi])
+                .text([self.bos, self.boi], prompt=True)
                 .codes(x, torch.arange(len(x)))
                 .text([self.eoi])
                 .tensors()
@@ -65,7 +65,9 @@ class CaptionDecoder:
         n = tokens.shape[1]
         rows = []
         for x in tokens:
-            b = SequenceBuilder(tokens.shape[-1], image_span=self.model.cfg.image_span).text([self.bos, self.boi])
+            b = SequenceBuilder(tokens.shape[-1], image_span=self.model.cfg.image_span).text(
+                [self.bos, self.boi], prompt=True
+            )
             b.image(x, torch.arange(n), kind=CLEAN, group=torch.zeros(n, dtype=torch.long))
             rows.append(b.end_image().text([self.eoi]).tensors())
         return rows

@@ -83,14 +83,14 @@ class JointObjective:
             b = self.builder(tokens.shape[-1])
             if self.obj.condition == "class":
                 drop = u[1] < self.obj.caption_dropout
-                b.text(self.prompts.classes(None if drop else labels[i]))
+                b.text(self.prompts.classes(None if drop else labels[i]), prompt=True)
                 self._image(b, tokens[i], g, caption_order=False)
             elif u[0] < self.obj.t2i_fraction:
                 drop = u[1] < self.obj.caption_dropout
-                b.text(self.prompts.text(None if drop else captions[i]))
+                b.text(self.prompts.text(None if drop else captions[i]), prompt=True)
                 self._image(b, tokens[i], g, caption_order=False)
             else:
-                b.text(self.prompts.text(None))
+                b.text(self.prompts.text(None), prompt=True)
                 self._image(b, tokens[i], g, caption_order=True, weight=self.obj.caption_image_loss_weight)
                 b.text([self.eoi]).text([*captions[i], self.eos], loss=True)
             rows.append(b.tensors())
@@ -140,7 +140,7 @@ class JointObjective:
         A term the batch has nothing for (no caption-order sample, no noisy token) is left out of the
         dict rather than given as 0, so that the logs do not read "text loss 0" for a small batch that
         had no caption to learn from."""
-        hidden = model(batch, mask=batch.mask(self.text_sees_noisy))
+        hidden = model(batch, mask=batch.mask(self.text_sees_noisy, self.model_cfg.bidirectional_prompt))
         out: dict[str, torch.Tensor] = {}
         noisy = batch.weights > 0
         if self.model_cfg.discrete and noisy.any():

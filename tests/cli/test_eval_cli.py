@@ -78,31 +78,38 @@ def test_eval_caption_on_coco_json(trained_tiny, tmp_path):
     assert len(json.loads((tmp_path / "out" / "captions_results.json").read_text())) == 4
 
 
-def test_eval_shapes(trained_tiny, tmp_path):
+def test_eval_shapes_reports_every_ar_mode_and_caption_content(trained_tiny, tmp_path):
+    """By default: T2I at S = 1, S = 4 in random order and one token per step in raster order (S = 16 for
+    this model's 16 tokens), each from the same prompts; captions of rendered test images judged by
+    content, equal to the judge called on the captions written."""
+    from mmfusion.evaluation.caption_content import caption_content
+    from mmfusion.evaluation.demo_eval import shapes_test_rows
+
     out = tmp_path / "shapes"
-    assert (
-        main(
-            [
-                "eval",
-                "shapes",
-                "--model",
-                str(trained_tiny),
-                "--out",
-                str(out),
-                "--n-single",
-                "4",
-                "--n-pair",
-                "4",
-                "--steps",
-                "2",
-            ]
-        )
-        == 0
-    )
+    args = ["--model", str(trained_tiny), "--out", str(out), "--n-single", "4", "--n-pair", "4", "--steps", "2"]
+    assert main(["eval", "shapes", *args, "--captions", "6", "--seed", "3"]) == 0
     m = json.loads((out / "shapes_metrics.json").read_text())
-    assert m["single"]["n"] == 4 and m["pair"]["n"] == 4 and "position" in m["pair"]
-    assert 0 <= m["pair"]["accuracy_ci95"][0] <= m["pair"]["accuracy_ci95"][1] <= 1
+    assert list(m["t2i"]) == ["S=1", "S=4 random", "S=16 raster"]
+    for t in m["t2i"].values():
+        assert t["single"]["n"] == 4 and t["pair"]["n"] == 4 and "position" in t["pair"]
+        assert 0 <= t["pair"]["accuracy_ci95"][0] <= t["pair"]["accuracy_ci95"][1] <= 1
+    written = json.loads((out / "captions.json").read_text())
+    rows = shapes_test_rows(6, seed=3)
+    assert [r["references"] for r in written] == [r["captions"] for r in rows]
+    assert m["caption"]["content"] == caption_content([r["caption"] for r in written], rows)
     assert (out / "shapes_grid.png").exists()
+    # one mode when asked for it, and no captions with --captions 0
+    one = tmp_path / "one"
+    assert main(["eval", "shapes", *args[:2], "--out", str(one), "--n-single", "2", "--n-pair", "0",
+                 "--ar-steps", "2", "--order", "raster", "--captions", "0"]) == 0  # fmt: skip
+    m = json.loads((one / "shapes_metrics.json").read_text())
+    assert list(m["t2i"]) == ["S=2 raster"] and "caption" not in m and "pair" not in m["t2i"]["S=2 raster"]
+
+
+def test_eval_shapes_order_needs_ar_steps(trained_tiny, tmp_path, capsys):
+    args = ["--model", str(trained_tiny), "--out", str(tmp_path / "x"), "--order", "raster"]
+    assert main(["eval", "shapes", *args]) == 2
+    assert "--order needs --ar-steps" in capsys.readouterr().err
 
 
 def test_eval_generation_needs_local_weights(trained_tiny, tmp_path):

@@ -20,10 +20,23 @@ def test_ar_step_distribution_decays_exponentially():
     assert ar_step_probs(64, 0.0).tolist() == [1.0] + [0.0] * 63  # in-context DiT
     torch.testing.assert_close(ar_step_probs(8, 1.0), torch.full((8,), 1 / 8, dtype=torch.float64))
     g = torch.Generator().manual_seed(0)
-    draws = torch.tensor([sample_ar_steps(16, 0.9, g) for _ in range(4000)])
+    draws = torch.tensor([sample_ar_steps(DiffusionConfig(gamma=0.9), 16, g) for _ in range(4000)])
     expected = (ar_step_probs(16, 0.9) * torch.arange(1, 17)).sum().item()
     assert abs(draws.float().mean().item() - expected) < 0.25
-    assert sample_ar_steps(16, 0.9, g, max_steps=3) <= 3
+    assert sample_ar_steps(DiffusionConfig(gamma=0.9, max_ar_steps=3), 16, g) <= 3
+
+
+def test_one_step_fraction_mixes_in_one_step_images():
+    """A share of S = 1 on top of the decaying distribution: the rest keeps its shape, every S its share."""
+    p = ar_step_probs(16, 0.9, one_step_fraction=0.5)
+    base = ar_step_probs(16, 0.9)
+    torch.testing.assert_close(p[1:], 0.5 * base[1:])
+    assert abs(p[0].item() - (0.5 + 0.5 * base[0].item())) < 1e-12 and abs(p.sum().item() - 1) < 1e-12
+    assert ar_step_probs(16, 0.0, one_step_fraction=0.3).tolist() == [1.0] + [0.0] * 15
+    g = torch.Generator().manual_seed(0)
+    cfg = DiffusionConfig(gamma=0.9, one_step_fraction=0.5)
+    draws = torch.tensor([sample_ar_steps(cfg, 16, g) for _ in range(4000)])
+    assert abs((draws == 1).float().mean().item() - p[0].item()) < 0.03 and (draws == 16).any()
 
 
 def test_group_sizes_partition_the_tokens():

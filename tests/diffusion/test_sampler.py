@@ -174,3 +174,20 @@ def test_guidance_at_scale_zero_is_the_unconditional_stream(model):
     uncond, cond = plain(UNCONDS, None, _gens([0, 1])), plain(CONDS, None, _gens([0, 1]))
     assert (uncond - cond).abs().max() > 1e-3
     torch.testing.assert_close(guided(CONDS, UNCONDS, _gens([0, 1])), uncond, atol=1e-5, rtol=1e-5)
+
+
+def test_bidirectional_prompt_cached_equals_uncached_and_matters():
+    """A model whose prompt is read whole samples the same with and without the KV cache, and other
+    images than the same weights with a causal prompt (the flag reaches the prefix pass)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name("tiny", image_grid=(4, 4), image_token_dim=12, prompt_attention="bidirectional")
+    bidir = MMFusionModel(cfg).eval()
+    torch.nn.init.normal_(bidir.image_head.weight, std=0.05)
+    causal = MMFusionModel(cfg.replace(prompt_attention="causal")).eval()
+    causal.load_state_dict(bidir.state_dict())
+    s = SamplerSettings(ar_steps=4, steps=3, cfg_scale=2.0)
+    smp = NextTokenDiffusionSampler(bidir, DiffusionConfig(), s)
+    cached = smp(CONDS, UNCONDS, _gens([0, 1]))
+    torch.testing.assert_close(cached, smp(CONDS, UNCONDS, _gens([0, 1]), use_cache=False), atol=1e-4, rtol=1e-4)
+    other = NextTokenDiffusionSampler(causal, DiffusionConfig(), s)(CONDS, UNCONDS, _gens([0, 1]))
+    assert (cached - other).abs().max() > 1e-3

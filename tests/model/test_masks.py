@@ -2,7 +2,7 @@
 
 import torch
 
-from mmfusion.model.masks import CLEAN, CODE, NOISY, PAD, TEXT, generalized_causal_mask, layout
+from mmfusion.model.masks import CLEAN, CODE, NOISY, PAD, PROMPT, TEXT, generalized_causal_mask, layout
 
 # T2I with a 2-token condition and groups of sizes 2, 1, 2:
 # index: 0 1 | 2 3 (clean g0) | 4 (clean g1) | 5 6 (noisy g0) | 7 (noisy g1) | 8 9 (noisy g2)
@@ -42,6 +42,23 @@ def test_text_first_layout_by_hand():
 def test_image_first_layout_by_hand():
     kind, group = layout(2, [1, 1], image_first=True, text_len=2)
     assert torch.equal(generalized_causal_mask(kind, group)[0], torch.tensor(CAPTION, dtype=torch.bool))
+
+
+def test_a_bidirectional_prompt_sees_itself_whole_and_nothing_else_changes():
+    """Caption order with a 3-token prompt: under `bidirectional_prompt` the prompt's tokens see each
+    other (the first one the last); everything else is the causal layout's; without it, the prompt
+    group changes nothing."""
+    kind, group = layout(3, [1, 1], image_first=True, text_len=2)
+    group[0, :3] = PROMPT
+    causal = generalized_causal_mask(kind, group)[0]
+    prompt = generalized_causal_mask(kind, group, bidirectional_prompt=True)[0]
+    assert torch.equal(causal, generalized_causal_mask(*layout(3, [1, 1], image_first=True, text_len=2))[0])
+    assert prompt[:3, :3].all() and not causal[0, 1]
+    inside = torch.zeros_like(prompt)
+    inside[:3, :3] = True
+    assert torch.equal(prompt & ~inside, causal & ~inside)
+    # the caption after the image stays causal: its first token does not see its second
+    assert not prompt[-2, -1] and prompt[-1, :3].all()
 
 
 def test_transfusion_text_reads_noisy_image():

@@ -79,8 +79,8 @@ def test_packed_samples_do_not_see_each_other():
             assert torch.equal(mask[r][idx][:, idx], alone.mask()[0])
 
 
-@pytest.mark.parametrize("caption_ar_steps", [1, None])
-def test_caption_order_text_reads_the_image_as_captioning_does(caption_ar_steps):
+@pytest.mark.parametrize("caption_ar_steps,prompt_attention", [(1, "causal"), (None, "causal"), (1, "bidirectional")])
+def test_caption_order_text_reads_the_image_as_captioning_does(caption_ar_steps, prompt_attention):
     """In caption-order samples the text's logits equal those of captioning at inference (the image as
     one clean group, `CaptionDecoder`), even where T2I draws many AR steps (gamma 0.9). Drawing the
     caption-order image's AR steps as for T2I (`caption_ar_steps: null`) gives the text clean tokens
@@ -90,7 +90,7 @@ def test_caption_order_text_reads_the_image_as_captioning_does(caption_ar_steps)
     from mmfusion.sampling.caption import CaptionDecoder
 
     torch.manual_seed(0)
-    cfg = ModelConfig.from_name("tiny", image_grid=(4, 4), image_rope=True)
+    cfg = ModelConfig.from_name("tiny", image_grid=(4, 4), image_rope=True, prompt_attention=prompt_attention)
     model = MMFusionModel(cfg).eval()
     tokens, captions = _inputs(cfg, 8)
     bos, eos, boi, eoi = 1, 2, 3, 4
@@ -98,23 +98,28 @@ def test_caption_order_text_reads_the_image_as_captioning_does(caption_ar_steps)
     obj = JointObjective(cfg, DiffusionConfig(gamma=0.9), objective, bos, eos, boi, eoi)
     batch = obj.build(tokens, captions, None, [torch.Generator().manual_seed(i) for i in range(8)])
     with torch.no_grad():
-        train = model.text_logits(model(batch, mask=batch.mask())[batch.labels != IGNORE])
+        train = model.text_logits(model(batch, mask=obj_mask(obj, batch))[batch.labels != IGNORE])
 
         decoder, n = CaptionDecoder(model, bos, boi, eoi, eos), cfg.num_image_tokens
         rows = []
         for x, prefix, caption in zip(tokens, decoder._prefix_rows(tokens), captions):
-            b = SequenceBuilder(cfg.image_token_dim, image_span=cfg.image_span).text([bos, boi])
+            b = SequenceBuilder(cfg.image_token_dim, image_span=cfg.image_span).text([bos, boi], prompt=True)
             b.image(x, torch.arange(n), kind=CLEAN, group=torch.zeros(n, dtype=torch.long))
             row = b.end_image().text([eoi]).text([*caption, eos], loss=True).tensors()
             assert all(torch.equal(row[k][: len(prefix["kind"])], v) for k, v in prefix.items() if k != "labels")
             rows.append(row)
         infer = collate(rows)
-        infer_logits = model.text_logits(model(infer, mask=infer.mask())[infer.labels != IGNORE])
+        infer_logits = model.text_logits(model(infer)[infer.labels != IGNORE])
     assert torch.equal(batch.labels[batch.labels != IGNORE], infer.labels[infer.labels != IGNORE])
     if caption_ar_steps == 1:
         torch.testing.assert_close(train, infer_logits, atol=1e-5, rtol=1e-5)
     else:
         assert (train - infer_logits).abs().max() > 1e-4
+
+
+def obj_mask(obj: JointObjective, batch):  # noqa: ANN001, ANN201
+    """The mask the objective trains with."""
+    return batch.mask(obj.text_sees_noisy, obj.model_cfg.bidirectional_prompt)
 
 
 def test_a_term_without_data_is_left_out_not_zero():

@@ -61,6 +61,20 @@ def _wait_for_second_checkpoint(proc, last, deadline):
     return time.time() - first[0]
 
 
+def _signal_between_checkpoints(proc, last, sig, fraction):
+    """Send `sig` at a random moment after the run's second checkpoint (step 20 of 120): `fraction` of
+    the interval the checkpoints were measured apart, but never later than the moment the third
+    checkpoint (step 30) lands, however fast the machine runs then. So the signal always reaches a run
+    that is still training, with 90 steps to go."""
+    interval = _wait_for_second_checkpoint(proc, last, time.time() + 300)
+    second = last.stat().st_mtime_ns
+    wake = time.time() + fraction * interval
+    while time.time() < wake and last.stat().st_mtime_ns == second and proc.poll() is None:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before the signal"
+    proc.send_signal(sig)
+
+
 def _resume_and_compare(reference, victim):
     """Resume the interrupted run to its end: the same final state as the uninterrupted one."""
     last = victim / "checkpoints" / "last.ckpt"
@@ -87,11 +101,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, reference):
     victim = tmp_path / "victim"
     proc = _train(victim, wait=False)
     last = victim / "checkpoints" / "last.ckpt"
-    # kill at a random moment between two checkpoints, measured on this machine: after the second one
-    # (step 20 of 120), within the time one checkpoint interval took
-    interval = _wait_for_second_checkpoint(proc, last, time.time() + 300)
-    time.sleep(random.Random(0).uniform(0.0, 1.0) * interval)
-    proc.send_signal(signal.SIGKILL)
+    _signal_between_checkpoints(proc, last, signal.SIGKILL, random.Random(0).uniform(0.0, 1.0))
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     killed_at = torch.load(last, weights_only=True)["global_step"]
@@ -108,9 +118,7 @@ def test_sigterm_stops_at_a_step_saves_it_and_resumes(tmp_path, reference):
     # logs every 50 steps: the stop step (between 20 and 120) is almost never one of them
     proc = _train(victim, "train.log_every_n_steps=50", wait=False, logs=tmp_path / "log")
     last = victim / "checkpoints" / "last.ckpt"
-    interval = _wait_for_second_checkpoint(proc, last, time.time() + 300)
-    time.sleep(random.Random(1).uniform(0.0, 1.0) * interval)
-    proc.send_signal(signal.SIGTERM)
+    _signal_between_checkpoints(proc, last, signal.SIGTERM, random.Random(1).uniform(0.0, 1.0))
     assert proc.wait(timeout=120) == 143, (tmp_path / "log").read_text()[-2000:]
     said = re.search(r"stopped by SIGTERM at step (\d+); (.+) holds it", (tmp_path / "log").read_text())
     assert said and Path(said[2]) == last
@@ -211,88 +219,18 @@ def test_ctrl_c_says_where_the_run_stands(tmp_path, capsys):
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT")
 def test_ctrl_c_on_a_real_run_prints_the_notice(tmp_path):
+    """Ctrl-C on a run that is training: a run of 100,000 steps cannot end before the signal, whatever
+    the machine's speed. It comes once the second checkpoint has landed, so the callback has recorded the
+    first one's step and the notice offers --resume."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "mmfusion.cli.main", "train", *RUN, f"train.out={out}"]
+    cmd = [sys.executable, "-m", "mmfusion.cli.main", "train", *RUN, f"train.out={out}", "train.max_steps=100000"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    time.sleep(0.3)  # the checkpoint callback records its step just after the file lands
-    proc.send_signal(signal.SIGINT)
-    stdout, _ = proc.communicate(timeout=120)
-    assert "interrupted at step" in stdout and "--resume goes on from there" in stdout, stdout[-2000:]
-
-
-@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM")
-def test_sigterm_stop_waits_for_an_optimizer_step():
-    """With gradient accumulation the stop comes after an optimizer step, never inside one, also on the
-    first micro-batch of a (resumed) fit; and a run at its last step is not called stopped."""
-    from types import SimpleNamespace
-
-    from mmfusion.training.run import StopOnSigterm
-
-    def trainer(step):
-        return SimpleNamespace(
-            global_step=step,
-            world_size=1,
-            max_steps=100,
-            should_stop=False,
-            strategy=SimpleNamespace(root_device="cpu"),
-        )
-
-    previous = signal.getsignal(signal.SIGTERM)
     try:
-        stop, t = StopOnSigterm(), trainer(3)  # resumed at step 3
-        stop.on_train_start(t, None)
-        os.kill(os.getpid(), signal.SIGTERM)  # only recorded by the callback's handler
-        assert stop.requested and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-        stop.on_train_batch_end(t)  # a micro-batch: still step 3
-        assert not t.should_stop and stop.stopped_at is None
-        t.global_step = 4
-        stop.on_train_batch_end(t)
-        assert t.should_stop and stop.stopped_at == 4
-        last, t = StopOnSigterm(), trainer(99)
-        last.on_train_start(t, None)
-        last.requested, t.global_step = True, 100
-        last.on_train_batch_end(t)
-        assert last.stopped_at is None  # the run ended as planned
+        _wait_for_second_checkpoint(proc, out / "checkpoints" / "last.ckpt", time.time() + 300)
+        assert proc.poll() is None, "the run ended before the signal"
+        proc.send_signal(signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=120)
     finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def test_under_slurm_lightning_auto_requeue_is_off(monkeypatch):
-    """Where Lightning would pick SLURM's environment, it gets one without the SIGUSR1 handler that saves
-    from inside a signal handler; elsewhere (no SLURM, an interactive job, torchrun) nothing changes."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment
-
-    from mmfusion.training.run import slurm_without_requeue
-
-    for name in ("SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID"):
-        monkeypatch.delenv(name, raising=False)
-    assert slurm_without_requeue() == []
-    monkeypatch.setenv("SLURM_NTASKS", "8")
-    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8")
-    monkeypatch.setenv("SLURM_JOB_NAME", "mmfusion-L")
-    (env,) = slurm_without_requeue()
-    assert isinstance(env, SLURMEnvironment) and env.auto_requeue is False
-    monkeypatch.setenv("SLURM_JOB_NAME", "interactive")
-    assert slurm_without_requeue() == []
-    monkeypatch.setenv("SLURM_JOB_NAME", "mmfusion-L")
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")  # torchrun inside a SLURM allocation: Lightning picks torchrun
-    assert slurm_without_requeue() == []
-
-
-def test_resume_keeps_the_runs_tokenizer(tmp_path):
-    """The checkpoint's text embeddings index the run's tokenizer: --resume reads OUT/tokenizer.json
-    instead of training one again on the data and settings as they are now."""
-    from mmfusion.config import load_config
-    from mmfusion.training.run import train
-
-    out = tmp_path / "run"
-    base = [*TINY_RUN, "train.max_steps=4", "train.checkpoint_every_n_steps=2", f"train.out={out}"]
-    train(load_config(None, base))
-    before = (out / "tokenizer.json").read_bytes()
-    train(load_config(None, [*base, "train.max_steps=6", "data.vocab_size=280"]), resume=True)
-    assert (out / "tokenizer.json").read_bytes() == before
-    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+        proc.kill()
+    assert "interrupted at step" in stdout and "--resume goes on from there" in stdout, stdout[-2000:]
