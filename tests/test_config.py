@@ -65,7 +65,7 @@ def test_global_batch_splits_between_processes():
 def test_per_process_batch_override_under_a_global_batch_is_refused():
     from mmfusion.cli.demo import DEMO_CONFIG as demo
 
-    with pytest.raises(UserError, match="data.global_batch_size=64"):
+    with pytest.raises(UserError, match="data.global_batch_size=128"):
         load_config(demo, ["data.batch_size=16"])
     assert load_config(demo, ["data.global_batch_size=32"]).data.process_batch(2) == 16
     assert load_config(demo, ["data.batch_size=16", "data.global_batch_size=null"]).data.process_batch(2) == 16

@@ -24,9 +24,11 @@ def demo(
 ) -> None:
     """The CPU demo: render the shapes data, train the small joint T2I + captioning model, evaluate it.
 
-    Writes OUT/model (the model folder), OUT/samples (grid.png for fixed prompts, index.json),
-    OUT/captions.json (held-out test images), OUT/metrics.json (T2I accuracy from the shapes checker,
-    caption BLEU-4 / METEOR / ROUGE-L / CIDEr from pycocoevalcap) and OUT/eval_grid.png.
+    Writes OUT/model (the model folder), OUT/samples (grid.png: fixed prompts sampled in one AR step
+    and one token per step in raster order, side by side; index.json), OUT/captions.json (held-out
+    test images), OUT/metrics.json (T2I accuracy from the shapes checker at S = 1, S = 4 in random
+    order and S = 16 in raster order; caption content accuracy and BLEU-4 / METEOR / ROUGE-L / CIDEr
+    from pycocoevalcap) and OUT/eval_grid.png.
 
     Args:
         overrides: dotted changes to the demo config (configs/demo.yaml), e.g. model.dim=192 train.lr=1e-3
@@ -38,9 +40,8 @@ def demo(
             processes)
         processes: training processes (default: 2 on a machine with two or more cores, else 1). Two
             processes train data-parallel (Lightning DDP over gloo). The demo's batch is global
-            (data.global_batch_size, 64), so any number of processes trains the same recipe: two take
-            32 samples each, one takes all 64. On 2 cores both layouts run at the same speed (725 vs
-            704 samples/s, docs/BENCHMARKS.md).
+            (data.global_batch_size, 128), so any number of processes trains the same recipe: two
+            take 64 samples each, one takes all 128.
         resume: go on with a demo that was stopped (Ctrl-C, SIGTERM) from OUT/checkpoints/last.ckpt, with
             the same options: the rest of its time budget, then the evaluation
     """

@@ -100,7 +100,7 @@ def add_image(
     n = tokens.shape[0]
     steps = ar_steps or sample_ar_steps(cfg, n, generator)
     sizes = random_group_sizes(n, steps, generator)
-    order = token_order(grid, cfg.order, generator, cfg.block_size)
+    order = token_order(grid, training_order(cfg, steps, generator), generator, cfg.block_size)
     x0, pos = tokens[order], order
     group = torch.repeat_interleave(torch.arange(steps), torch.tensor(sizes))
     k = cfg.k_times
@@ -125,6 +125,15 @@ def add_image(
             weights=weights,
         )
     return builder.end_image()
+
+
+def training_order(cfg: DiffusionConfig, steps: int, generator: torch.Generator) -> str:
+    """The token order of one training image: `cfg.order`, or raster for a `raster_fraction` share of the
+    images trained in several AR steps (one AR step has no order). Nothing is drawn when the share is 0,
+    so the random stream of a run without it is unchanged."""
+    if steps > 1 and cfg.raster_fraction > 0 and float(torch.rand(1, generator=generator)) < cfg.raster_fraction:
+        return "raster"
+    return cfg.order
 
 
 def sample_timesteps(cfg: DiffusionConfig, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:

@@ -23,6 +23,9 @@ class DiffusionConfig:
     max_ar_steps: int | None = None  # cap on S during training (default: N tokens)
     ar_weight: float = 2.0  # loss weight on AR group 1, falling linearly to 1 on group S
     order: str = "random"  # token order during training: random | raster | block_raster
+    # share of the images trained in several AR steps whose tokens go in raster order instead (sampling
+    # one token per step in raster order then follows a layout the model has seen)
+    raster_fraction: float = 0.0
     block_size: int = 4  # block side for block_raster
     per_group_t: bool = False  # draw one t per AR group instead of one per image
     k_times: int = 1  # diffusion times per AR step, sharing one clean prefix
@@ -35,6 +38,8 @@ class DiffusionConfig:
             raise ValueError(f"prediction_type must be one of {PREDICTIONS}, got {self.prediction_type!r}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
+        if not 0.0 <= self.raster_fraction <= 1.0:
+            raise ValueError(f"raster_fraction must be in [0, 1], got {self.raster_fraction}")
         if not 0.0 <= self.one_step_fraction <= 1.0:
             raise ValueError(f"one_step_fraction must be in [0, 1], got {self.one_step_fraction}")
         if self.t_sampling not in ("uniform", "logit_normal"):

@@ -403,6 +403,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     trainer.save_checkpoint(ckpt, weights_only=False)
     step = stopped_at(trainer)
     if step is not None:  # SIGTERM: the run is not finished, so no model folder
+        leave_process_group()
         raise stopped(trainer, f"stopped by SIGTERM at step {step}; {ckpt} holds it: --resume goes on from there")
     throughput = find_callback(trainer, ThroughputLog)
     trained = throughput.summary(trainer, module) if throughput is not None else ""  # every process
@@ -419,7 +420,18 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         MMFusion.from_module(module).save_pretrained(model_dir)
     if trainer.is_global_zero:
         print(f"model written to {model_dir}")
+    leave_process_group()
     return model_dir
+
+
+def leave_process_group() -> None:
+    """End a multi-process run together: every process waits for the others, then frees the group.
+    Lightning frees only NCCL groups at exit; a gloo group left open lets one process exit while its
+    peer's transport threads still talk to it, and the C++ runtime then aborts that process at exit
+    ("terminate called without an active exception", exit code -6)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def export_fsdp(trainer: L.Trainer, module: MMFusionModule, model_dir: Path) -> None:

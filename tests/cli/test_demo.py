@@ -34,7 +34,7 @@ def test_demo_trains_data_parallel_on_two_or_more_cores(monkeypatch, tmp_path):
     cfg = _train_config(monkeypatch, tmp_path)
     t = cfg.train
     assert (t.devices, t.strategy, t.accelerator, t.threads) == (2, "ddp", "cpu", 2)
-    assert cfg.data.process_batch(t.devices) == 32  # 64 samples per step, 32 in each process
+    assert cfg.data.process_batch(t.devices) == 64  # 128 samples per step, 64 in each process
     assert _train_config(monkeypatch, tmp_path, threads=1).train.threads == 1
 
 
@@ -43,7 +43,7 @@ def test_demo_one_process_takes_every_core(monkeypatch, tmp_path):
     cfg = _train_config(monkeypatch, tmp_path, processes=1)
     t = cfg.train
     assert (t.devices, t.strategy, t.threads) == (1, "auto", 4)
-    assert cfg.data.process_batch(t.devices) == 64  # the same 64 samples per step, all in one process
+    assert cfg.data.process_batch(t.devices) == 128  # the same 128 samples per step, all in one process
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
     t = _train_config(monkeypatch, tmp_path).train
     assert (t.devices, t.strategy, t.threads) == (1, "auto", 1)

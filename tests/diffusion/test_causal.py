@@ -131,3 +131,15 @@ def test_noisy_tokens_see_exactly_the_clean_groups_before_theirs():
 def test_caption_order_keeps_clean_copy_of_last_group():
     _, t, _ = _image(DiffusionConfig(), clean_last=True, steps=4)
     assert (t["kind"] == CLEAN).sum() == 16
+
+
+def test_raster_fraction_puts_that_share_of_multi_step_images_in_raster_order():
+    from mmfusion.diffusion.causal import training_order
+
+    g = torch.Generator().manual_seed(0)
+    cfg = DiffusionConfig(raster_fraction=0.25)
+    orders = [training_order(cfg, 4, g) for _ in range(4000)]
+    assert abs(orders.count("raster") / 4000 - 0.25) < 0.03 and set(orders) == {"raster", "random"}
+    assert {training_order(cfg, 1, g) for _ in range(100)} == {"random"}  # one AR step: no order drawn
+    before = g.get_state()
+    assert training_order(DiffusionConfig(), 4, g) == "random" and torch.equal(g.get_state(), before)

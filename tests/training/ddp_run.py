@@ -1,7 +1,10 @@
 """Helper for test_ddp.py: train the tiny config with N processes (Lightning DDP, gloo on CPU) and
 save every rank's initial and final weights to OUT/rank{r}_init.pt and OUT/rank{r}.pt. BATCH is the
-global batch (data.global_batch_size): each of the N processes takes BATCH / N."""
+global batch (data.global_batch_size): each of the N processes takes BATCH / N. With `--run` first, the
+run goes through `mmfusion.training.run.train` instead, and each rank then writes whether its process
+group is still open to OUT/group_open_rank{r}.txt."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,7 +14,7 @@ import torch
 from mmfusion.config import load_config
 from mmfusion.data.datamodule import MMFusionDataModule
 from mmfusion.training.module import MMFusionModule
-from mmfusion.training.run import build_trainer
+from mmfusion.training.run import build_trainer, train
 
 
 class SaveRankWeights(L.Callback):
@@ -29,10 +32,8 @@ class SaveRankWeights(L.Callback):
         self._save(trainer, module, "")
 
 
-def main(out: str, devices: int, batch: int, overrides: list[str], strategy: str = "ddp") -> None:
-    out_path = Path(out)
-    out_path.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(
+def config(out: str, devices: int, batch: int, overrides: list[str], strategy: str = "ddp"):  # noqa: ANN201
+    return load_config(
         None,
         [
             *overrides,
@@ -43,6 +44,12 @@ def main(out: str, devices: int, batch: int, overrides: list[str], strategy: str
             f"train.strategy={strategy if devices > 1 else 'auto'}",
         ],
     )
+
+
+def main(out: str, devices: int, batch: int, overrides: list[str], strategy: str = "ddp") -> None:
+    out_path = Path(out)
+    out_path.mkdir(parents=True, exist_ok=True)
+    cfg = config(out, devices, batch, overrides, strategy)
     L.seed_everything(cfg.train.seed, verbose=False)
     data = MMFusionDataModule(
         cfg.data,
@@ -56,5 +63,14 @@ def main(out: str, devices: int, batch: int, overrides: list[str], strategy: str
     trainer.fit(module, datamodule=data)
 
 
+def run_and_report(out: str, devices: int, batch: int, overrides: list[str]) -> None:
+    train(config(out, devices, batch, overrides))
+    rank = os.environ.get("LOCAL_RANK", "0")
+    Path(out, f"group_open_rank{rank}.txt").write_text(str(torch.distributed.is_initialized()))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
+    if sys.argv[1] == "--run":
+        run_and_report(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:])
+    else:
+        main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])

@@ -15,11 +15,11 @@ SCRIPT = Path(__file__).parent / "ddp_run.py"
 RUN = [*TINY_RUN, "train.max_steps=4", "objective.t2i_fraction=1.0", "train.lr=1e-2", "train.ema_decay=0.9"]
 
 
-def _run(out, devices, batch):
+def _run(out, devices, batch, *first):
     """Train with `devices` processes and a global batch of `batch` samples."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), str(devices), str(batch), *RUN],
+        [sys.executable, str(SCRIPT), *first, str(out), str(devices), str(batch), *RUN],
         capture_output=True,
         text=True,
         env=env,
@@ -58,3 +58,11 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 def _perf(out):
     rows = csv.DictReader(open(next(Path(out).glob("logs/*/metrics.csv"))))
     return [{k: float(v) for k, v in r.items() if k.startswith("perf/")} for r in rows if r.get("perf/samples")]
+
+
+def test_a_finished_run_closes_its_process_group(tmp_path):
+    """`train` ends a 2-process run by leaving the gloo group together: left open, one process can exit
+    while its peer's transport threads still talk to it, and the C++ runtime aborts it at exit."""
+    _run(tmp_path / "run", 2, 8, "--run")
+    for rank in (0, 1):
+        assert (tmp_path / "run" / f"group_open_rank{rank}.txt").read_text() == "False"

@@ -225,12 +225,17 @@ def test_ctrl_c_on_a_real_run_prints_the_notice(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "mmfusion.cli.main", "train", *RUN, f"train.out={out}", "train.max_steps=100000"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    try:
-        _wait_for_second_checkpoint(proc, out / "checkpoints" / "last.ckpt", time.time() + 300)
-        assert proc.poll() is None, "the run ended before the signal"
-        proc.send_signal(signal.SIGINT)
-        stdout, _ = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    log = tmp_path / "stderr.txt"  # kept so that a run that outlives its Ctrl-C says where it was
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        try:
+            _wait_for_second_checkpoint(proc, out / "checkpoints" / "last.ckpt", time.time() + 300)
+            assert proc.poll() is None, "the run ended before the signal"
+            proc.send_signal(signal.SIGINT)
+            try:
+                stdout, _ = proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                pytest.fail("still running 120 s after Ctrl-C; its stderr ends:\n" + log.read_text()[-3000:])
+        finally:
+            proc.kill()
     assert "interrupted at step" in stdout and "--resume goes on from there" in stdout, stdout[-2000:]
