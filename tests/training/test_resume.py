@@ -227,7 +227,17 @@ def test_ctrl_c_on_a_real_run_prints_the_notice(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = tmp_path / "stderr.txt"  # kept so that a run that outlives its Ctrl-C says where it was
     with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        # SIGINT back to its default in the child: a suite started in the background (`cmd &` in a
+        # script, nohup) runs with SIGINT ignored, which exec passes on, and Python then installs no
+        # KeyboardInterrupt handler, so the run would train on through its Ctrl-C
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=env,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         try:
             _wait_for_second_checkpoint(proc, out / "checkpoints" / "last.ckpt", time.time() + 300)
             assert proc.poll() is None, "the run ended before the signal"
