@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from mmfusion.config import load_config
+from mmfusion.config import RunConfig, load_config
 from mmfusion.data.datamodule import MMFusionDataModule
 from mmfusion.training.module import MMFusionModule
 from mmfusion.training.run import build_trainer, train
@@ -32,7 +32,7 @@ class SaveRankWeights(L.Callback):
         self._save(trainer, module, "")
 
 
-def config(out: str, devices: int, batch: int, overrides: list[str], strategy: str = "ddp"):  # noqa: ANN201
+def config(out: str, devices: int, batch: int, overrides: list[str], strategy: str = "ddp") -> RunConfig:
     return load_config(
         None,
         [
