@@ -436,6 +436,105 @@ def bench_train(preset: str, quick: bool) -> dict:
     return out
 
 
+PIPELINE_BATCH = 64  # one demo process's share of the demo's global batch of 128
+
+
+def bench_pipeline(quick: bool, overrides: tuple[str, ...] = (), rows_n: int = 0, rounds: int = 0) -> dict:
+    """The demo configuration's training step as one process of `mmfusion demo` runs it (1 thread, its
+    64 of the 128 samples a step), from data set rows to the optimizer step, by two paths in turn:
+    "rows" reads each row (kept once read, so every row is warm: the path's best case) and lays the
+    batch out one sample at a time, as training did before; "decoded" indexes rows decoded once into
+    tensors and lays the batch out for the whole batch, as training does now. Both make the same
+    batches (tests/training/test_layout.py). Reports samples/s of each, their ratio, and the share of
+    a step spent outside the forward, backward and optimizer (reading, collating, Lightning's batch
+    transfer, drawing and laying out the batch); Lightning's loop itself is left out of both.
+    `overrides` change the demo config, `rows_n` and `rounds` the data set's size and the rounds (tests)."""
+    import tempfile
+
+    import torch
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    from mmfusion.cli.demo import DEMO_CONFIG
+    from mmfusion.config import load_config
+    from mmfusion.data.datamodule import CaptionedImages, MMFusionDataModule, StepBatchSampler, collate_items
+    from mmfusion.runtime import bf16_native
+    from mmfusion.training.module import MMFusionModule, compile_blocks
+
+    torch.set_num_threads(1)
+    tmp = tempfile.mkdtemp(prefix="mmfusion-bench-")
+    rows_n = rows_n or (1024 if quick else 4096)
+    cfg = load_config(DEMO_CONFIG, [f"data.shapes_n={rows_n}", f"train.out={tmp}", *overrides])
+    data = MMFusionDataModule(cfg.data, cfg.image.image_size, tmp, seed=0)
+    tok = data.text_tokenizer()
+    split = data.load()[cfg.data.train_split]
+    start = time.perf_counter()
+    decoded = data.dataset(cfg.data.train_split)
+    decode_s = time.perf_counter() - start
+    rows = CaptionedImages(split, tok, cfg.image.image_size, cfg.data.max_text_len, cache=True)
+    start = time.perf_counter()
+    for i in range(len(rows)):  # the first epoch's reads; later ones come from the cache
+        rows[i]
+    first_read_s = time.perf_counter() - start
+    torch.manual_seed(0)
+    module = MMFusionModule(cfg, tok)
+    compiled = cfg.train.compile and compile_blocks(module.model)
+    dtype = torch.bfloat16 if bf16_native()[0] else None
+    layout = module.objective.layout
+    opt = torch.optim.AdamW(module.model.parameters(), lr=1e-4, fused=True)
+    sampler = StepBatchSampler(len(rows), PIPELINE_BATCH, seed=0)
+    paths = {
+        "rows": (lambda idx: collate_items([rows[i] for i in idx]), None),
+        "decoded": (lambda idx: collate_items(decoded.__getitems__(idx)), layout),
+    }
+
+    def run(path: str, steps: range) -> tuple[float, float]:
+        """Seconds spent making the batches and in the model's step, over `steps`."""
+        fetch, module.objective.layout = paths[path]
+        outside = inside = 0.0
+        for step in steps:
+            t0 = time.perf_counter()
+            batch = move_data_to_device(fetch(sampler.indices(step)), "cpu")  # as Lightning moves each batch
+            built = module.token_batch(batch)
+            t1 = time.perf_counter()
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                loss = module.objective.loss(module.model, built)["loss"]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(module.model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+            module.update_ema()
+            t2 = time.perf_counter()
+            outside, inside = outside + t1 - t0, inside + t2 - t1
+        return outside, inside
+
+    per_round = 20 if quick else 60
+    for path in paths:  # warm-up (the compiled graph for the shapes both paths make)
+        run(path, range(5 if compiled else 2))
+    times: dict[str, list[tuple[float, float]]] = {path: [] for path in paths}
+    for r in range(rounds or (2 if quick else 4)):
+        for path in paths:
+            times[path].append(run(path, range(r * per_round, (r + 1) * per_round)))
+    out: dict[str, Any] = {
+        "rows": rows_n,
+        "batch": PIPELINE_BATCH,
+        "threads": 1,
+        "compiled": bool(compiled),
+        "precision": "bf16" if dtype else "fp32",
+        "decode_s_per_1k_rows": decode_s / rows_n * 1000,
+        "first_read_s_per_1k_rows": first_read_s / rows_n * 1000,
+    }
+    for path, rounds in times.items():
+        rates = [per_round * PIPELINE_BATCH / (a + b) for a, b in rounds]
+        out[path] = {
+            "samples_per_s": _median(rates),
+            "outside_share": _median([a / (a + b) for a, b in rounds]),
+            "batch_ms": _median([a / per_round * 1000 for a, _ in rounds]),
+            "model_step_ms": _median([b / per_round * 1000 for _, b in rounds]),
+        }
+    out["speedup"] = out["decoded"]["samples_per_s"] / out["rows"]["samples_per_s"]
+    return out
+
+
 def _sampling_model(grid: int = 4, token_dim: int = 192, **overrides: Any):  # noqa: ANN202
     import torch
 
@@ -609,6 +708,7 @@ BENCHES = {
     "matmul": bench_matmul,
     "train_tiny": lambda quick: bench_train("tiny", quick),
     "train_small": lambda quick: bench_train("small", quick),
+    "pipeline": bench_pipeline,
     "sampling": bench_sampling,
     "sampling_batch": bench_sampling_batch,
     "sampling_paper_tokens": bench_sampling_paper_tokens,
@@ -739,6 +839,8 @@ def render_markdown(r: dict) -> str:
                 f"{' per process' if 'peak_rss_mb_per_process' in p else ''} |"
             )
     lines.append("")
+    if has["pipeline"]:
+        lines += pipeline_rows(r["pipeline"], f)
     if has["sampling"]:
         s = r["sampling"]
         lines += [
@@ -825,6 +927,31 @@ def render_markdown(r: dict) -> str:
             f"(max abs diff {f(a.get('max_abs_diff'), '.1e')}) |",
         ]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).rstrip() + "\n"
+
+
+def pipeline_rows(p: dict, f: Any) -> list[str]:
+    """The table of `bench_pipeline`: each path's samples/s and where its step goes."""
+    head = (
+        f"| the demo's training step, one process ({p.get('batch')} samples, {p.get('threads')} thread, "
+        f"{p.get('precision')}{', compiled' if p.get('compiled') else ''}) | samples/s | batch ms | model step ms | "
+        "outside forward, backward, optimizer |"
+    )
+    lines = [head, "|---|---|---|---|---|"]
+    names = {"rows": "rows read one by one (warm), laid out per sample", "decoded": "decoded rows, whole-batch layout"}
+    for key, name in names.items():
+        e = p.get(key, {})
+        lines.append(
+            f"| {name} | {f(e.get('samples_per_s'), '.0f')} | {f(e.get('batch_ms'), '.3g')} | "
+            f"{f(e.get('model_step_ms'), '.3g')} | {f(e.get('outside_share'), '.1%')} |"
+        )
+    lines += [
+        f"| speed-up | {f(p.get('speedup'), '.2f')}x | | | |",
+        "",
+        f"Decoding the rows once: {f(p.get('decode_s_per_1k_rows'), '.2f')} s per 1,000 rows; reading them one by one "
+        f"the first time (the row path's first epoch): {f(p.get('first_read_s_per_1k_rows'), '.2f')} s per 1,000.",
+        "",
+    ]
+    return lines
 
 
 def write_doc(results: dict) -> None:

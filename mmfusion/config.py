@@ -70,8 +70,9 @@ class DataConfig:
     vocab_size: int = 512
     max_text_len: int = 35
     hflip: bool = False  # horizontal flip augmentation (never for shapes: it would swap left / right)
-    # keep decoded rows in memory (images as uint8) when the training split fits in this many MB;
-    # 0 decodes every row on every read
+    # decode the training split once into tensors in memory (images as uint8, captions as token ids)
+    # when its images fit in this many MB; above it (or with 0) every row is read and decoded anew
+    # on every pass
     cache_mb: int = 1024
 
     def process_batch(self, world_size: int) -> int:

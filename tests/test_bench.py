@@ -224,3 +224,21 @@ def test_quick_runs_keep_to_their_own_json_and_partial_runs_show_only_what_they_
     text = bench.DOC.read_text()
     assert "| speed-up | 9.0x |" in text
     assert "n/a" not in text and "None" not in text and "matmul peak" not in text and "sampling" not in text
+
+
+def test_pipeline_times_both_paths_in_turn_and_renders_them():
+    """The pipeline item runs the row path and the decoded path on the same steps and reports each,
+    their ratio and the share outside the model's step; the table shows both rows."""
+    from mmfusion.bench import bench_pipeline, render_markdown
+
+    out = bench_pipeline(True, overrides=("model.preset=tiny", "train.compile=false"), rows_n=256, rounds=1)
+    for path in ("rows", "decoded"):
+        e = out[path]
+        assert e["samples_per_s"] > 0 and 0 < e["outside_share"] < 1
+        assert e["batch_ms"] > 0 and e["model_step_ms"] > 0
+        assert abs(e["batch_ms"] / (e["batch_ms"] + e["model_step_ms"]) - e["outside_share"]) < 1e-6
+    assert out["speedup"] == out["decoded"]["samples_per_s"] / out["rows"]["samples_per_s"]
+    assert not out["compiled"] and out["batch"] == 64
+    r = {"date": "d", "machine": {"cores": 2, "cpu": "c", "torch": "t"}, "pipeline": out}
+    table = render_markdown(r)
+    assert "decoded rows, whole-batch layout" in table and "rows read one by one" in table

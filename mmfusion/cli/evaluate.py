@@ -230,7 +230,8 @@ def generation(
 
 
 def bench(*, quick: bool = False, only: list[str] | None = None, doc: bool = True) -> None:
-    """Run the benchmark suite: matmul peak, training throughput and MFU, sampling and captioning with
+    """Run the benchmark suite: matmul peak, training throughput and MFU, the demo's training step from
+    data rows to optimizer step (new path against the old, in turn), sampling and captioning with
     and without the KV cache, Token-Shuffle s = 1, 2, 4, FlexAttention vs SDPA. Writes
     docs/benchmarks.json and the tables of docs/BENCHMARKS.md under the current folder.
 
@@ -239,7 +240,7 @@ def bench(*, quick: bool = False, only: list[str] | None = None, doc: bool = Tru
             and leaves the recorded tables alone
         only: run only this benchmark (repeat; the others' results are kept from the last run on this
             machine, torch and mode; where none carry over, only the items run get tables): matmul,
-            train_tiny, train_small, sampling, sampling_batch, sampling_paper_tokens,
+            train_tiny, train_small, pipeline, sampling, sampling_batch, sampling_paper_tokens,
             caption, token_shuffle, attention
         doc: update the tables of docs/BENCHMARKS.md (--no-doc: write the JSON only)
     """

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
 
 from mmfusion.config import DataConfig
 from mmfusion.data.datasets import load_captioned
@@ -70,6 +71,10 @@ class CaptionedImages(Dataset):
             row = self.ds[i]
         except Exception as err:  # unreadable / truncated / missing image file
             return {"skip": f"unreadable image ({type(err).__name__})", "index": i}
+        return self._item(i, row, self.tok.encode if self.tok is not None else None)
+
+    def _item(self, i: int, row: dict[str, Any], encode: Callable[[str, int], list[int]] | None) -> dict[str, Any]:
+        """Row i's item from its columns (`_read`), with `encode` the caption tokenizer."""
         item: dict[str, Any] = {"index": i, "label": int(row["label"]) if self.has_label else -1}
         if self.has_tokens:
             item["tokens"] = torch.as_tensor(np.asarray(row["tokens"], dtype=np.float32))
@@ -78,27 +83,128 @@ class CaptionedImages(Dataset):
                 item["pixels"] = to_uint8(row["image"], self.size)
             except Exception as err:
                 return {"skip": f"unreadable image ({type(err).__name__})", "index": i}
-        if self.tok is not None:
+        if encode is not None:
             texts = [c for c in (clean_text(c) for c in (row.get("captions") or [])) if c]
             if not texts:
                 return {"skip": "no usable caption", "index": i}
-            item["captions"] = [self.tok.encode(c, self.max_len) for c in texts]
+            item["captions"] = [encode(c, self.max_len) for c in texts]
         return item
 
+    def read_all(self, chunk: int = 1000, progress: bool = False) -> list[dict[str, Any]]:
+        """Every row as `_read` gives it, read `chunk` rows at a time (a slice of the data set decodes in
+        one call, and each distinct caption is tokenized once); a chunk holding a row that cannot be
+        read is read again row by row, so that only that row is skipped."""
+        encoded: dict[str, list[int]] = {}
 
-def collate_items(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack usable items; skipped ones are only reported (`skipped`: [(row index, reason)])."""
+        def encode(text: str, max_len: int) -> list[int]:
+            if text not in encoded:
+                encoded[text] = self.tok.encode(text, max_len)
+            return encoded[text]
+
+        items: list[dict[str, Any]] = []
+        bar = tqdm(total=len(self), desc="decoding the training rows", unit="rows", disable=not progress)
+        for start in range(0, len(self), chunk):
+            stop = min(start + chunk, len(self))
+            try:
+                columns = self.ds[start:stop]
+            except Exception:  # a bad row in the chunk
+                items += [self._read(i) for i in range(start, stop)]
+            else:
+                rows = ({k: v[j] for k, v in columns.items()} for j in range(stop - start))
+                tok = encode if self.tok is not None else None
+                items += [self._item(start + j, row, tok) for j, row in enumerate(rows)]
+            bar.update(stop - start)
+        bar.close()
+        return items
+
+
+def caption_tensors(captions: list[list[list[int]]]) -> dict[str, torch.Tensor]:
+    """Each row's captions (token id lists) as tensors: `captions` (rows, K, L) padded with 0,
+    `caption_lengths` (rows, K) and `caption_counts` (rows,), K and L the most in any row."""
+    counts = [len(caps) for caps in captions]
+    k = max(counts, default=1)
+    flat = [c for caps in captions for c in caps]
+    width = max((len(c) for c in flat), default=0)
+    ids = torch.zeros(len(captions) * k, width, dtype=torch.long)
+    lengths = torch.zeros(len(captions) * k, dtype=torch.long)
+    if width:  # every caption into its (row, j) slot in one copy
+        slots = torch.tensor([i * k + j for i, n in enumerate(counts) for j in range(n)])
+        ids[slots] = torch.tensor([c + [0] * (width - len(c)) for c in flat], dtype=torch.long)
+        lengths[slots] = torch.tensor([len(c) for c in flat], dtype=torch.long)
+    return {
+        "captions": ids.view(len(captions), k, width),
+        "caption_lengths": lengths.view(len(captions), k),
+        "caption_counts": torch.tensor(counts, dtype=torch.long),
+    }
+
+
+def pick_captions(batch: dict[str, Any], generators: list[torch.Generator]) -> list[list[int]]:
+    """One caption of each row, drawn uniformly with the row's generator."""
+    ids, lengths, counts = batch["captions"], batch["caption_lengths"], batch["caption_counts"].tolist()
+    picked = []
+    for i, (n, g) in enumerate(zip(counts, generators)):
+        j = int(torch.randint(n, (1,), generator=g))
+        picked.append(ids[i, j, : int(lengths[i, j])].tolist())
+    return picked
+
+
+def collate_items(items: list[dict[str, Any]] | dict[str, Any]) -> dict[str, Any]:
+    """Stack usable items; skipped ones are only reported (`skipped`: [(row index, reason)]). Captions,
+    labels and row indices become tensors (`caption_tensors`): Lightning moves a tensor to the device
+    in one call, a list item by item. A batch a data set made whole (`DecodedRows`) passes through."""
+    if isinstance(items, dict):
+        return items
     good = [x for x in items if "skip" not in x]
     batch: dict[str, Any] = {"skipped": [(x["index"], x["skip"]) for x in items if "skip" in x]}
+    if good and "pixels" in good[0]:
+        batch["images"] = torch.stack([x["pixels"] for x in good]).float() / 127.5 - 1.0  # as to_tensor
     if good and "image" in good[0]:
         batch["images"] = torch.stack([x["image"] for x in good])
     if good and "tokens" in good[0]:
         batch["tokens"] = torch.stack([x["tokens"] for x in good])
-    batch["captions"] = [x.get("captions", [[]]) for x in good]
-    batch["labels"] = [x["label"] for x in good]
-    batch["index"] = [x["index"] for x in good]
+    batch.update(caption_tensors([x.get("captions", [[]]) for x in good]))
+    batch["labels"] = torch.tensor([x["label"] for x in good], dtype=torch.long)
+    batch["index"] = torch.tensor([x["index"] for x in good], dtype=torch.long)
     batch["size"] = len(good)
     return batch
+
+
+class DecodedRows(Dataset):
+    """A split decoded once into tensors: images as uint8 (or precomputed tokens), captions as token
+    ids (`caption_tensors`), labels; rows that cannot be used are kept only as their reasons. A batch
+    of rows is a handful of indexing operations (`__getitems__`), the same batch `collate_items` makes
+    of `CaptionedImages` reads."""
+
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        good = [x for x in items if "skip" not in x]
+        self.skip = {x["index"]: x["skip"] for x in items if "skip" in x}
+        self.row = torch.full((len(items),), -1, dtype=torch.long)  # data set row -> place here, -1: skipped
+        self.row[torch.tensor([x["index"] for x in good], dtype=torch.long)] = torch.arange(len(good))
+        self.images = torch.stack([x["pixels"] for x in good]) if good and "pixels" in good[0] else None
+        self.tokens = torch.stack([x["tokens"] for x in good]) if good and "tokens" in good[0] else None
+        self.captions = caption_tensors([x.get("captions", [[]]) for x in good])
+        self.labels = torch.tensor([x["label"] for x in good], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Any]:
+        rows = self.row[torch.tensor(indices, dtype=torch.long)]
+        good = rows >= 0
+        batch: dict[str, Any] = {"skipped": [(i, self.skip[i]) for i in indices if i in self.skip]}
+        at = rows[good]
+        if self.images is not None:
+            batch["images"] = self.images[at].float() / 127.5 - 1.0
+        if self.tokens is not None:
+            batch["tokens"] = self.tokens[at]
+        batch.update({k: v[at] for k, v in self.captions.items()})
+        batch["labels"] = self.labels[at]
+        batch["index"] = torch.tensor(indices, dtype=torch.long)[good]
+        batch["size"] = len(at)
+        return batch
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.__getitems__([i])
 
 
 class StepBatchSampler(Sampler[list[int]]):
@@ -219,14 +325,18 @@ class MMFusionDataModule(L.LightningDataModule):
                 self.tokenizer = TextTokenizer.train(texts, self.cfg.vocab_size, self.cfg.max_text_len)
         return self.tokenizer
 
-    def dataset(self, split: str) -> CaptionedImages:
+    def dataset(self, split: str, progress: bool = False) -> CaptionedImages | DecodedRows:
+        """The split's rows: decoded into tensors once (`DecodedRows`) when they fit in
+        `data.cache_mb`, else read and decoded row by row on every pass."""
         data = self.load()
         if split not in data:
             raise UserError(f"split {split!r} not in the data set (it has: {', '.join(data)}); set data.train_split")
         tok = self.text_tokenizer() if self.need_text else None
         ds = data[split]
-        cache = self.row_bytes(ds) * len(ds) <= self.cfg.cache_mb * 2**20
-        return CaptionedImages(ds, tok, self.image_size, self.cfg.max_text_len, cache=cache)
+        rows = CaptionedImages(ds, tok, self.image_size, self.cfg.max_text_len)
+        if self.row_bytes(ds) * len(ds) > self.cfg.cache_mb * 2**20:
+            return rows
+        return DecodedRows(rows.read_all(progress=progress))
 
     def row_bytes(self, ds: Any) -> int:
         """Memory one cached row takes: its uint8 image, or its precomputed float32 tokens."""
@@ -235,8 +345,8 @@ class MMFusionDataModule(L.LightningDataModule):
         return 3 * self.image_size * self.image_size
 
     def train_dataloader(self) -> DataLoader:
-        ds = self.dataset(self.cfg.train_split)
         trainer = getattr(self, "trainer", None)
+        ds = self.dataset(self.cfg.train_split, progress=trainer is None or trainer.is_global_zero)
         start = trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else 0
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         batch = self.cfg.process_batch(world)

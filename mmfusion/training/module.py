@@ -12,9 +12,11 @@ import torch
 from torch import nn
 
 from mmfusion.config import RunConfig, check_lr_schedule
+from mmfusion.data.datamodule import pick_captions
 from mmfusion.errors import UserError
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel
+from mmfusion.model.sequence import TokenBatch
 from mmfusion.tokenizers.image import build_image_tokenizer
 from mmfusion.tokenizers.text import TextTokenizer
 from mmfusion.training.objective import JointObjective
@@ -88,27 +90,19 @@ class MMFusionModule(L.LightningModule):
             if self.trainer.is_global_zero:  # the first steps wait for it: say why the bar stands still
                 print("train.compile: compiling the transformer at the first steps (10-60 s; inductor caches it)")
 
-    def sample_generators(self, indices: list[int]) -> list[torch.Generator]:
+    def sample_generators(self, indices: list[int] | torch.Tensor) -> list[torch.Generator]:
         """One generator per sample, seeded by (seed, step, row): the randomness of a sample does not
         depend on the batch or the process it lands in, nor on whether the run was resumed."""
         base = (self.cfg.train.seed * 1_000_003 + self.global_step) * 10_000_019
-        return [torch.Generator().manual_seed(base + int(i)) for i in indices]
+        rows = indices.tolist() if isinstance(indices, torch.Tensor) else indices
+        return [torch.Generator().manual_seed(base + int(i)) for i in rows]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         for row, reason in batch["skipped"]:
             self.skipped[reason].add(int(row))
         if batch["size"] == 0:
             return None
-        gens = self.sample_generators(batch["index"])
-        tokens = batch.get("tokens")
-        if tokens is None:
-            images = batch["images"]
-            if self.cfg.data.hflip:
-                flip = torch.tensor([bool(torch.rand(1, generator=g) < 0.5) for g in gens], device=images.device)
-                images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-            tokens = self.image_tokenizer.encode(images)
-        captions = [caps[int(torch.randint(len(caps), (1,), generator=g))] for caps, g in zip(batch["captions"], gens)]
-        built = self.objective.build(tokens.cpu(), captions, batch["labels"], gens)
+        built = self.token_batch(batch)
         seen = torch.tensor([batch["size"], int(built.valid().sum())], dtype=torch.float64)  # on the CPU: no sync
         losses = self.objective.loss(self.model, built.to(self.device))
         if self._non_finite(losses["loss"]):
@@ -122,6 +116,19 @@ class MMFusionModule(L.LightningModule):
         self.last_logged.update(measured)
         self.log_dict({f"train/{k}": math.nan for k in terms} | measured, prog_bar=True, batch_size=batch["size"])
         return losses["loss"]
+
+    def token_batch(self, batch: dict[str, Any]) -> TokenBatch:
+        """The objective's training batch of a loader batch: flipped images (with `data.hflip`), image
+        tokens, one caption per row, all drawn from generators of (seed, step, row)."""
+        gens = self.sample_generators(batch["index"])
+        tokens = batch.get("tokens")
+        if tokens is None:
+            images = batch["images"]
+            if self.cfg.data.hflip:
+                flip = torch.tensor([bool(torch.rand(1, generator=g) < 0.5) for g in gens], device=images.device)
+                images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+            tokens = self.image_tokenizer.encode(images)
+        return self.objective.build(tokens.cpu(), pick_captions(batch, gens), batch["labels"].tolist(), gens)
 
     def on_train_start(self) -> None:
         # a resumed run's LambdaLR brings back the checkpoint's schedule settings with its state: the

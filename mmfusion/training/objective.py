@@ -19,6 +19,7 @@ from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.model.sequence import IGNORE, SequenceBuilder, TokenBatch, collate, pack, row_index, select_rows
 from mmfusion.model.token_shuffle import code_bits, fuse_grid
+from mmfusion.training.layout import BatchLayout
 
 
 class Prompts:
@@ -56,6 +57,11 @@ class JointObjective:
         if objective.baseline == "transfusion":
             # Transfusion: one AR step, no clean copy for T2I; the caption reads the noisy image
             self.diffusion = DiffusionConfig(**{**diffusion.to_dict(), "gamma": 0.0, "ar_weight": 1.0, "k_times": 1})
+        self.layout = None  # whole-batch layout: continuous tokens under a text condition
+        if not model_cfg.discrete and objective.condition == "text":
+            specials = (bos, eos, boi, eoi)
+            span, clean_last = model_cfg.image_span, not self.text_sees_noisy
+            self.layout = BatchLayout(self.diffusion, self.scheduler, model_cfg.image_grid, specials, span, clean_last)
 
     @property
     def text_sees_noisy(self) -> bool:
@@ -70,10 +76,41 @@ class JointObjective:
     ) -> TokenBatch:
         """A training batch from image tokens (B, N, C) -- or, on the discrete path, code grids
         (B, h, w) -- and captions (token ids) or class labels. `generators`: one per sample (or one
-        shared by all) for the random choices of the objective."""
-        if not isinstance(generators, list):
-            shared = generators or torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
-            generators = [shared] * tokens.shape[0]
+        shared by all) for the random choices of the objective. Laid out for the whole batch at once
+        where `BatchLayout` covers the configuration, else one sample at a time: the same batch."""
+        generators = self._per_sample(generators, tokens.shape[0])
+        if self.layout is None:
+            return self.build_per_sample(tokens, captions, labels, generators)
+        o = self.obj
+        draws = self.layout.draw(
+            generators,
+            tokens.shape[1],
+            tokens.shape[2],
+            captions,
+            o.t2i_fraction,
+            o.caption_dropout,
+            o.caption_ar_steps,
+            o.caption_image_loss_weight,
+        )
+        return self.layout.build(tokens, draws, o.pack_length)
+
+    @staticmethod
+    def _per_sample(generators: torch.Generator | list[torch.Generator] | None, n: int) -> list[torch.Generator]:
+        if isinstance(generators, list):
+            return generators
+        shared = generators or torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+        return [shared] * n
+
+    def build_per_sample(
+        self,
+        tokens: torch.Tensor,
+        captions: list[list[int]] | None = None,
+        labels: list[int] | None = None,
+        generators: torch.Generator | list[torch.Generator] | None = None,
+    ) -> TokenBatch:
+        """`build`, one sample at a time through `SequenceBuilder`: every configuration (Token-Shuffle
+        codes, class conditions), and the reference the whole-batch layout is tested against."""
+        generators = self._per_sample(generators, tokens.shape[0])
         if self.model_cfg.discrete:
             tokens = fuse_grid(tokens.long(), self.model_cfg.shuffle)  # (B, N', s^2)
         rows = []

@@ -131,3 +131,29 @@ def test_two_processes_report_the_rows_both_skipped_once(tmp_path):
     trained = lambda lines: [x.split(" in ")[0] for x in lines if x.startswith("trained ")]  # noqa: E731
     assert len(trained(two)) == 1 and trained(two) == trained(one) and trained(one)[0].startswith("trained 2 steps (")
     assert sum(x.startswith("precision auto") for x in two) == 1
+
+
+def test_decoded_rows_give_the_batches_of_row_reads(tmp_path):
+    """Rows decoded once into tensors (read in chunks, a chunk with a bad row re-read row by row) give
+    the batches that reading each row gives: the same images, captions, labels and skipped rows."""
+    from mmfusion.data.datamodule import CaptionedImages, DecodedRows, collate_items, pick_captions
+    from mmfusion.data.datasets import load_captioned
+    from mmfusion.tokenizers.text import TextTokenizer
+
+    split = load_captioned(_dirty_folder(tmp_path / "dirty"))["train"]
+    tok = TextTokenizer.train(["a red circle", "a blue square"], vocab_size=300)
+    rows = CaptionedImages(split, tok, 16, 35)
+    decoded = DecodedRows(rows.read_all(chunk=7))
+    assert len(decoded) == len(split) and len(decoded.skip) >= 5
+    for indices in ([0, 1, 2], list(range(len(split)))[::-1], [30, 3, 25, 26, 24]):
+        a, b = collate_items([rows[i] for i in indices]), collate_items(decoded.__getitems__(indices))
+        assert a["skipped"] == b["skipped"] and torch.equal(a["index"], b["index"])
+        assert torch.equal(a["labels"], b["labels"])
+        assert a["size"] == b["size"] and torch.equal(a["images"], b["images"])
+        assert torch.equal(a["caption_counts"], b["caption_counts"])
+        gens = [torch.Generator().manual_seed(i) for i in a["index"].tolist()]
+        picked_a = pick_captions(a, gens)
+        gens = [torch.Generator().manual_seed(i) for i in b["index"].tolist()]
+        assert picked_a == pick_captions(b, gens)
+    every = collate_items([rows[i] for i in range(len(split))])
+    assert max(every["caption_counts"].tolist()) > 1  # rows with several captions: the draw matters
