@@ -1,5 +1,7 @@
 """mmfusion: one decoder-only transformer for text-to-image generation and image captioning."""
 
+# Deferred imports: `import mmfusion` stays fast for the CLI; `mmfusion.MMFusion` imports the pipeline on first use
+
 __version__ = "0.1.0"
 
 

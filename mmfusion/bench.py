@@ -22,6 +22,9 @@ came from an earlier run): the figures of one table always come from one run. Me
 * FlexAttention (block-sparse, compiled) against dense masked SDPA on the generalized causal mask.
 """
 
+# Deferred imports: each item imports what it times inside its own child process, so that the
+# process's peak memory is that item's alone
+
 from __future__ import annotations
 
 import argparse
@@ -449,90 +452,95 @@ def bench_pipeline(quick: bool, overrides: tuple[str, ...] = (), rows_n: int = 0
     a step spent outside the forward, backward and optimizer (reading, collating, Lightning's batch
     transfer, drawing and laying out the batch); Lightning's loop itself is left out of both.
     `overrides` change the demo config, `rows_n` and `rounds` the data set's size and the rounds (tests)."""
-    import tempfile
+    bench = _PipelineBench(quick, overrides, rows_n or (1024 if quick else 4096))
+    per_round = 20 if quick else 60
+    for path in bench.paths:  # warm-up (the compiled graph for the shapes both paths make)
+        bench.seconds(path, range(5 if bench.compiled else 2))
+    times: dict[str, list[tuple[float, float]]] = {path: [] for path in bench.paths}
+    for r in range(rounds or (2 if quick else 4)):
+        for path in bench.paths:
+            times[path].append(bench.seconds(path, range(r * per_round, (r + 1) * per_round)))
+    out: dict[str, Any] = {"batch": PIPELINE_BATCH, "threads": 1, **bench.info}
+    for path, measured in times.items():
+        out[path] = {
+            "samples_per_s": _median([per_round * PIPELINE_BATCH / (a + b) for a, b in measured]),
+            "outside_share": _median([a / (a + b) for a, b in measured]),
+            "batch_ms": _median([a / per_round * 1000 for a, _ in measured]),
+            "model_step_ms": _median([b / per_round * 1000 for _, b in measured]),
+        }
+    out["speedup"] = out["decoded"]["samples_per_s"] / out["rows"]["samples_per_s"]
+    return out
 
-    import torch
-    from lightning.fabric.utilities.apply_func import move_data_to_device
 
-    from mmfusion.cli.demo import DEMO_CONFIG
-    from mmfusion.config import load_config
-    from mmfusion.data.datamodule import CaptionedImages, MMFusionDataModule, StepBatchSampler, collate_items
-    from mmfusion.runtime import bf16_native
-    from mmfusion.training.module import MMFusionModule, compile_blocks
+class _PipelineBench:
+    """`bench_pipeline`'s model, optimizer and the two ways to a batch, over the demo config."""
 
-    torch.set_num_threads(1)
-    tmp = tempfile.mkdtemp(prefix="mmfusion-bench-")
-    rows_n = rows_n or (1024 if quick else 4096)
-    cfg = load_config(DEMO_CONFIG, [f"data.shapes_n={rows_n}", f"train.out={tmp}", *overrides])
-    data = MMFusionDataModule(cfg.data, cfg.image.image_size, tmp, seed=0)
-    tok = data.text_tokenizer()
-    split = data.load()[cfg.data.train_split]
-    start = time.perf_counter()
-    decoded = data.dataset(cfg.data.train_split)
-    decode_s = time.perf_counter() - start
-    rows = CaptionedImages(split, tok, cfg.image.image_size, cfg.data.max_text_len, cache=True)
-    start = time.perf_counter()
-    for i in range(len(rows)):  # the first epoch's reads; later ones come from the cache
-        rows[i]
-    first_read_s = time.perf_counter() - start
-    torch.manual_seed(0)
-    module = MMFusionModule(cfg, tok)
-    compiled = cfg.train.compile and compile_blocks(module.model)
-    dtype = torch.bfloat16 if bf16_native()[0] else None
-    layout = module.objective.layout
-    opt = torch.optim.AdamW(module.model.parameters(), lr=1e-4, fused=True)
-    sampler = StepBatchSampler(len(rows), PIPELINE_BATCH, seed=0)
-    paths = {
-        "rows": (lambda idx: collate_items([rows[i] for i in idx]), None),
-        "decoded": (lambda idx: collate_items(decoded.__getitems__(idx)), layout),
-    }
+    def __init__(self, quick: bool, overrides: tuple[str, ...], rows_n: int) -> None:
+        import tempfile
 
-    def run(path: str, steps: range) -> tuple[float, float]:
-        """Seconds spent making the batches and in the model's step, over `steps`."""
-        fetch, module.objective.layout = paths[path]
+        import torch
+
+        from mmfusion.cli.demo import DEMO_CONFIG
+        from mmfusion.config import load_config
+        from mmfusion.data.datamodule import CaptionedImages, MMFusionDataModule, StepBatchSampler, collate_items
+        from mmfusion.runtime import bf16_native
+        from mmfusion.training.module import MMFusionModule, compile_blocks
+
+        torch.set_num_threads(1)
+        tmp = tempfile.mkdtemp(prefix="mmfusion-bench-")
+        cfg = load_config(DEMO_CONFIG, [f"data.shapes_n={rows_n}", f"train.out={tmp}", *overrides])
+        data = MMFusionDataModule(cfg.data, cfg.image.image_size, tmp, seed=0)
+        tok = data.text_tokenizer()
+        split = data.load()[cfg.data.train_split]
+        start = time.perf_counter()
+        decoded = data.dataset(cfg.data.train_split)
+        decode_s = time.perf_counter() - start
+        rows = CaptionedImages(split, tok, cfg.image.image_size, cfg.data.max_text_len, cache=True)
+        start = time.perf_counter()
+        for i in range(len(rows)):  # the first epoch's reads; later ones come from the cache
+            rows[i]
+        first_read_s = time.perf_counter() - start
+        torch.manual_seed(0)
+        self.module = MMFusionModule(cfg, tok)
+        self.compiled = bool(cfg.train.compile and compile_blocks(self.module.model))
+        self.dtype = torch.bfloat16 if bf16_native()[0] else None
+        self.opt = torch.optim.AdamW(self.module.model.parameters(), lr=1e-4, fused=True)
+        self.sampler = StepBatchSampler(len(rows), PIPELINE_BATCH, seed=0)
+        self.paths = {
+            "rows": (lambda idx: collate_items([rows[i] for i in idx]), None),
+            "decoded": (lambda idx: collate_items(decoded.__getitems__(idx)), self.module.objective.layout),
+        }
+        self.info = {
+            "rows": rows_n,
+            "compiled": self.compiled,
+            "precision": "bf16" if self.dtype else "fp32",
+            "decode_s_per_1k_rows": decode_s / rows_n * 1000,
+            "first_read_s_per_1k_rows": first_read_s / rows_n * 1000,
+        }
+
+    def seconds(self, path: str, steps: range) -> tuple[float, float]:
+        """Seconds spent making the batches and in the model's step, over `steps`, by `path`."""
+        import torch
+        from lightning.fabric.utilities.apply_func import move_data_to_device
+
+        module = self.module
+        fetch, module.objective.layout = self.paths[path]
         outside = inside = 0.0
         for step in steps:
             t0 = time.perf_counter()
-            batch = move_data_to_device(fetch(sampler.indices(step)), "cpu")  # as Lightning moves each batch
+            batch = move_data_to_device(fetch(self.sampler.indices(step)), "cpu")  # as Lightning moves each batch
             built = module.token_batch(batch)
             t1 = time.perf_counter()
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype is not None):
                 loss = module.objective.loss(module.model, built)["loss"]
             loss.backward()
             torch.nn.utils.clip_grad_norm_(module.model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad()
+            self.opt.step()
+            self.opt.zero_grad()
             module.update_ema()
             t2 = time.perf_counter()
             outside, inside = outside + t1 - t0, inside + t2 - t1
         return outside, inside
-
-    per_round = 20 if quick else 60
-    for path in paths:  # warm-up (the compiled graph for the shapes both paths make)
-        run(path, range(5 if compiled else 2))
-    times: dict[str, list[tuple[float, float]]] = {path: [] for path in paths}
-    for r in range(rounds or (2 if quick else 4)):
-        for path in paths:
-            times[path].append(run(path, range(r * per_round, (r + 1) * per_round)))
-    out: dict[str, Any] = {
-        "rows": rows_n,
-        "batch": PIPELINE_BATCH,
-        "threads": 1,
-        "compiled": bool(compiled),
-        "precision": "bf16" if dtype else "fp32",
-        "decode_s_per_1k_rows": decode_s / rows_n * 1000,
-        "first_read_s_per_1k_rows": first_read_s / rows_n * 1000,
-    }
-    for path, rounds in times.items():
-        rates = [per_round * PIPELINE_BATCH / (a + b) for a, b in rounds]
-        out[path] = {
-            "samples_per_s": _median(rates),
-            "outside_share": _median([a / (a + b) for a, b in rounds]),
-            "batch_ms": _median([a / per_round * 1000 for a, _ in rounds]),
-            "model_step_ms": _median([b / per_round * 1000 for _, b in rounds]),
-        }
-    out["speedup"] = out["decoded"]["samples_per_s"] / out["rows"]["samples_per_s"]
-    return out
 
 
 def _sampling_model(grid: int = 4, token_dim: int = 192, **overrides: Any):  # noqa: ANN202

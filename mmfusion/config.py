@@ -55,20 +55,20 @@ BASELINES = ("causalfusion", "transfusion")
 class DataConfig:
     source: str = "shapes"  # "shapes" (rendered on the fly into the run folder) or a data set path
     image_root: str | None = None  # folder the image paths of a COCO / Karpathy JSON are relative to
-    shapes_n: int = 20000
-    shapes_seed: int = 0
-    shapes_pair_fraction: float = 0.5
-    train_split: str = "train"
-    val_split: str = "validation"
+    shapes_n: int = 20000  # images the built-in shapes set renders (its train split; test and validation are fixed)
+    shapes_seed: int = 0  # seed of the shapes rendering
+    shapes_pair_fraction: float = 0.5  # share of shapes scenes with two objects and a relation (the rest have one)
+    train_split: str = "train"  # split of the data set to train on
+    val_split: str = "validation"  # split held out for the demo's and `eval`'s judging
     batch_size: int = 64  # samples per step in each process (Lightning's convention)
     # when set, the samples per step of all processes together: each takes global / processes (which
     # must divide it), and batch_size is ignored. A run then trains the same recipe on any number of
     # processes (the demo's 64 as two processes of 32 or one of 64).
     global_batch_size: int | None = None
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes (0: batches made in the training process)
     tokenizer: str | None = None  # a tokenizer.json; None trains a byte-level BPE on the captions
-    vocab_size: int = 512
-    max_text_len: int = 35
+    vocab_size: int = 512  # size of the byte-level BPE trained on the captions when no tokenizer is given
+    max_text_len: int = 35  # captions are cut to this many tokens
     hflip: bool = False  # horizontal flip augmentation (never for shapes: it would swap left / right)
     # decode the training split once into tensors in memory (images as uint8, captions as token ids)
     # when its images fit in this many MB; above it (or with 0) every row is read and decoded anew
@@ -105,35 +105,35 @@ STRATEGIES = ("auto", "ddp", "fsdp")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    out: str = "runs/mmfusion"
-    seed: int = 0
-    max_steps: int = 1000
+    out: str = "runs/mmfusion"  # the run folder: checkpoints, logs, the model folder
+    seed: int = 0  # seed of the weights, the data order and every random draw of the objective
+    max_steps: int = 1000  # optimizer steps to train (the run also stops at max_time_minutes)
     max_time_minutes: float | None = None  # stop after this wall time, whatever max_steps says
-    lr: float = 1e-4
+    lr: float = 1e-4  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1  # floor of the cosine and wsd schedules (x lr)
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = 100
+    weight_decay: float = 0.0  # AdamW weight decay (not on norms, biases and embeddings)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    warmup_steps: int = 100  # linear warm-up of the learning rate from 0
     # constant | cosine | wsd (warmup-stable-decay: constant, then linear down to min_lr_ratio over the
     # last lr_decay_fraction of the run), all after linear warmup. The run's end is max_steps or, if
     # it comes first, max_time_minutes: a run cut by its time budget still completes its decay
     lr_schedule: str = "constant"
-    lr_decay_fraction: float = 0.2
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
+    lr_decay_fraction: float = 0.2  # share of the run the wsd schedule decays over
+    grad_clip: float = 1.0  # gradients clipped to this global norm (0: off)
+    ema_decay: float = 0.999  # EMA of the weights for sampling (0: sample with the live weights)
     precision: str = "auto"  # auto (measure bf16 vs fp32 matmul speed here) | 32-true | bf16-mixed
-    accumulate_grad_batches: int = 1
-    accelerator: str = "auto"
-    devices: int | str = 1
-    num_nodes: int = 1
+    accumulate_grad_batches: int = 1  # batches whose gradients add up to one optimizer step
+    accelerator: str = "auto"  # auto | cpu | gpu (Lightning's accelerator)
+    devices: int | str = 1  # processes (devices) per node, or a list of GPU ids
+    num_nodes: int = 1  # machines of a multi-node run (SLURM or torchrun)
     strategy: str = "auto"  # auto | ddp | fsdp
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward instead of keeping them
     # torch.compile the transformer blocks, as one graph (block by block under FSDP); inductor needs a
     # C++ compiler on CPU, skipped with a message where there is none. Measured on 2 CPU cores with
     # bf16: training steps 1.5x faster, after some 10-30 s of compiling
     compile: bool = False
-    log_every_n_steps: int = 25
-    checkpoint_every_n_steps: int = 500
+    log_every_n_steps: int = 25  # steps between logged losses (csv or TensorBoard)
+    checkpoint_every_n_steps: int = 500  # steps between checkpoints (RUN/checkpoints/last.ckpt, for --resume)
     keep_all_checkpoints: bool = False  # keep one checkpoint per interval instead of only the last
     logger: str = "csv"  # csv | tensorboard
     threads: int | None = None  # torch CPU threads (default: torch's choice)

@@ -21,13 +21,16 @@ from tqdm.auto import tqdm
 from mmfusion.diffusion.config import DiffusionConfig
 from mmfusion.diffusion.sampler import NextTokenDiffusionSampler, SamplerSettings
 from mmfusion.errors import UserError
+from mmfusion.model.adapters import merge_adapters
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel
+from mmfusion.model.prompts import Prompts
+from mmfusion.runtime import bf16_native
 from mmfusion.sampling.autoregressive import ARImageSampler
 from mmfusion.sampling.caption import CaptionDecoder, CaptionSettings
-from mmfusion.tokenizers.image import ImageTokenizerConfig, build_image_tokenizer, to_pil, to_tensor
+from mmfusion.tokenizers.build import build_image_tokenizer
+from mmfusion.tokenizers.image import ImageTokenizerConfig, to_pil, to_tensor
 from mmfusion.tokenizers.text import TextTokenizer
-from mmfusion.training.objective import Prompts
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -231,8 +234,6 @@ class MMFusion:
         stay float32, and the samplers keep their own state (noisy tokens, logits) in float32."""
         dtype = inference_dtype(dtype)
         if dtype == torch.bfloat16 and self.model.device.type == "cpu":
-            from mmfusion.runtime import bf16_native
-
             native, bf16, fp32 = bf16_native()
             if not native:
                 warnings.warn(
@@ -245,8 +246,6 @@ class MMFusion:
 
     def load_adapters(self, adapters: list[str | Path]) -> MMFusion:
         """Apply one or more LoRA adapters (folders from `mmfusion finetune`), merged into the weights."""
-        from mmfusion.training.lora import merge_adapters
-
         self.model = merge_adapters(self.model, adapters).eval()
         return self
 
@@ -422,23 +421,3 @@ def _atomic(path: Path, write) -> None:  # noqa: ANN001
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     tmp.replace(path)
-
-
-def load_run_checkpoint(ckpt: str | Path) -> MMFusion:
-    """An MMFusion (EMA weights) from a Lightning checkpoint of `mmfusion train`, read safely
-    (`weights_only=True`); the run folder two levels up supplies config.json and tokenizer.json."""
-    from mmfusion.config import config_from_dict
-    from mmfusion.training.checkpoint import safe_torch_load
-    from mmfusion.training.module import MMFusionModule
-
-    ckpt = Path(ckpt)
-    run = ckpt.parent.parent
-    try:
-        cfg = config_from_dict(json.loads((run / "config.json").read_text()))
-    except ValueError as err:  # a run config of an older version, say
-        raise UserError(f"{run / 'config.json'}: {err}") from err
-    tok = TextTokenizer.from_file(run / "tokenizer.json", max_len=cfg.data.max_text_len)
-    module = MMFusionModule(cfg, tok)
-    state = safe_torch_load(ckpt)["state_dict"]
-    module.load_state_dict(state)
-    return MMFusion.from_module(module)

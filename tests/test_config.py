@@ -69,3 +69,49 @@ def test_per_process_batch_override_under_a_global_batch_is_refused():
         load_config(demo, ["data.batch_size=16"])
     assert load_config(demo, ["data.global_batch_size=32"]).data.process_batch(2) == 16
     assert load_config(demo, ["data.batch_size=16", "data.global_batch_size=null"]).data.process_batch(2) == 16
+
+
+def _config_docs():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "config_docs.py"
+    spec = importlib.util.spec_from_file_location("config_docs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_config_page_is_current_and_explains_every_key():
+    """docs/config.md is what scripts/config_docs.py makes from the dataclasses now, and every key of
+    every section has a default and a meaning there."""
+    import dataclasses
+
+    from mmfusion.config import RunConfig
+
+    docs = _config_docs()
+    assert docs.main(["--check"]) == 0, "docs/config.md is stale: run python scripts/config_docs.py"
+    text = docs.DOC.read_text()
+    for section in dataclasses.fields(RunConfig):
+        assert f"## `{section.name}`" in text
+        for f in dataclasses.fields(type(getattr(RunConfig(), section.name))):
+            rows = [line for line in text.splitlines() if line.startswith(f"| `{f.name}` |")]
+            assert rows and all(line.split(" | ")[3].strip(" |") for line in rows), f"{section.name}.{f.name}"
+
+
+def test_config_page_reads_the_comments_above_and_beside_a_field(tmp_path):
+    from dataclasses import dataclass
+
+    @dataclass
+    class Example:
+        # first line
+        # second line
+        a: int = 1  # beside
+        b: str = "x#y"  # only beside
+        c: float = 2.0
+
+        def method(self) -> None:  # not a field
+            pass
+
+    notes = _config_docs().field_notes(Example)
+    assert notes == {"a": "first line second line beside", "b": "only beside", "c": ""}

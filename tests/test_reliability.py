@@ -150,7 +150,7 @@ def test_crafted_pickle_checkpoint_does_not_execute(trained_tiny, tmp_path, monk
     with open(run / "checkpoints" / "last.ckpt", "wb") as f:
         pickle.dump({"state_dict": _Exploit()}, f)
     from mmfusion.errors import UserError
-    from mmfusion.pipeline import load_run_checkpoint
+    from mmfusion.training.checkpoint import load_run_checkpoint
 
     with pytest.raises(UserError, match="not a weights-only checkpoint"):
         load_run_checkpoint(run / "checkpoints" / "last.ckpt")

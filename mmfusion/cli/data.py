@@ -1,5 +1,7 @@
 """`mmfusion data ...` and `mmfusion tokenizer ...`."""
 
+# Deferred imports: the commands import torch and the library when they run, so `--help` stays instant
+
 from __future__ import annotations
 
 from pathlib import Path

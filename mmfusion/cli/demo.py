@@ -1,5 +1,7 @@
 """`mmfusion demo`: data -> training -> model folder -> samples, captions and metrics, on a CPU."""
 
+# Deferred imports: the command imports torch and the library when it runs, so `--help` stays instant
+
 from __future__ import annotations
 
 import json

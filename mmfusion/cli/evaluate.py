@@ -1,5 +1,7 @@
 """`mmfusion eval ...`: captioning metrics, the shapes benchmark, FID / CLIP score."""
 
+# Deferred imports: the commands import torch and the library when they run, so `--help` stays instant
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,7 @@
 """`mmfusion finetune`."""
 
+# Deferred imports: the command imports torch and the library when it runs, so `--help` stays instant
+
 from __future__ import annotations
 
 from typing import Literal

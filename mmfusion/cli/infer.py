@@ -1,5 +1,7 @@
 """`mmfusion generate`, `mmfusion caption`, `mmfusion edit`."""
 
+# Deferred imports: the commands import torch and the library when they run, so `--help` stays instant
+
 from __future__ import annotations
 
 import json as jsonlib

@@ -1,5 +1,7 @@
 """`mmfusion train`."""
 
+# Deferred imports: the command imports torch and the library when it runs, so `--help` stays instant
+
 from __future__ import annotations
 
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from mmfusion.config import DataConfig
 from mmfusion.data.datasets import load_captioned
+from mmfusion.data.shapes import build_shapes
 from mmfusion.errors import UserError
 from mmfusion.tokenizers.image import to_uint8
 from mmfusion.tokenizers.text import TextTokenizer, clean_text
@@ -284,8 +285,6 @@ class MMFusionDataModule(L.LightningDataModule):
         """RUN/data: the shapes set this config asks for, rendered once and reused while the settings it
         was rendered with (recorded beside it) are the same; rendered anew when they are not."""
         import shutil
-
-        from mmfusion.data.shapes import build_shapes
 
         path, c = self.run_dir / "data", self.cfg
         wanted = {

@@ -16,7 +16,8 @@ import torch
 
 from mmfusion.data.datasets import load_captioned
 from mmfusion.errors import UserError
-from mmfusion.tokenizers.image import ImageTokenizerConfig, build_image_tokenizer, to_tensor
+from mmfusion.tokenizers.build import build_image_tokenizer
+from mmfusion.tokenizers.image import ImageTokenizerConfig, to_tensor
 
 META = "mmfusion_tokens.json"
 

@@ -12,7 +12,7 @@ PREDICTIONS = ("epsilon", "v_prediction", "sample")
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    num_train_timesteps: int = 1000
+    num_train_timesteps: int = 1000  # diffusion timesteps T of the noise schedule
     beta_schedule: str = "linear"  # diffusers names: linear (DDPM), scaled_linear, squaredcos_cap_v2
     prediction_type: str = "epsilon"  # epsilon (paper), v_prediction or sample
     clip_sample: bool = False  # clip predicted x0 to [-1, 1] while sampling (pixel tokens)

@@ -1,4 +1,4 @@
-"""Write an experiment's results as JSON plus a Markdown table, the form the README quotes."""
+"""Write an experiment's results as JSON plus a Markdown table, the form the docs quote."""
 
 from __future__ import annotations
 

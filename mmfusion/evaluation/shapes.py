@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mmfusion.data.shapes import ALL_COLOURS, COLOURS, RELATIONS, SHAPES
+from mmfusion.data.shapes import ALL_COLOURS, COLOURS, RELATIONS, SHAPES, class_names, render_example
 
 _PROMPT = re.compile(
     r"^a (?P<c1>\w+) (?P<s1>\w+)(?: (?P<rel>" + "|".join(RELATIONS) + r") a (?P<c2>\w+) (?P<s2>\w+))?$"
@@ -212,8 +212,6 @@ def score(images: list, prompts: list[str]) -> dict[str, float]:
 
 def benchmark_prompts(n_single: int = 48, n_pair: int = 48, seed: int = 0) -> list[str]:
     """Plain prompts: each colour x shape equally often, and pairs drawn from the shapes test split."""
-    from mmfusion.data.shapes import class_names, render_example
-
     names = class_names()
     single = [f"a {names[i % len(names)]}" for i in range(n_single)]
     pairs, i = [], 0

@@ -19,29 +19,29 @@ class ModelConfig:
     image fields describe how continuous image tokens enter and leave the sequence.
     """
 
-    dim: int = 256
-    n_layers: int = 6
-    n_heads: int = 4
+    dim: int = 256  # model width (hidden size)
+    n_layers: int = 6  # transformer blocks
+    n_heads: int = 4  # attention heads
     n_kv_heads: int | None = None  # grouped-query attention; None means n_heads
     attn_head_dim: int | None = None  # None means dim // n_heads (Qwen3 sets it explicitly)
     hidden_dim: int | None = None  # SwiGLU width; None means 8/3 * dim rounded up to multiple_of
-    multiple_of: int = 64
-    vocab_size: int = 512
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    multiple_of: int = 64  # the SwiGLU width is rounded up to a multiple of this
+    vocab_size: int = 512  # text vocabulary (set from the tokenizer when a run builds the model)
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # rotary base frequency
     # rotary frequency scaling of long-context checkpoints (Hugging Face's rope types): "default" (none),
     # "linear" (every frequency / rope_factor) or "llama3" (Llama 3.1+: low frequencies / rope_factor,
     # high ones kept, a smooth blend between, set by the two band factors and the original context)
     rope_type: str = "default"
-    rope_factor: float = 1.0
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_context: int = 8192
+    rope_factor: float = 1.0  # rope_type's scaling factor
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths over original_context / this get / rope_factor
+    rope_high_freq_factor: float = 4.0  # llama3 scaling: wavelengths below original_context / this are kept
+    rope_original_context: int = 8192  # llama3 scaling: the context the checkpoint was first trained at
     qk_norm: bool = True  # per-head RMSNorm on q and k (CausalFusion, Switti, Qwen3)
     sandwich_norm: bool = False  # Switti: RMSNorm after attention and after the MLP, before the add
     fp32_head: bool = True  # Switti: output heads in float32 under bf16 autocast
-    tie_embeddings: bool = False
-    init_std: float = 0.02
+    tie_embeddings: bool = False  # the text head shares the token embedding's weights
+    init_std: float = 0.02  # standard deviation of the initial weights
     # auto (SDPA; the explicit form for short bf16 training on CPU, where it is faster) | sdpa | math |
     # flex (block-sparse, no-grad on CPU); see model/attention_backends.py
     attention: str = "auto"
@@ -62,8 +62,8 @@ class ModelConfig:
     prompt_attention: str = "causal"
     # class-conditional mode: learned class tokens, repeated (CausalFusion appendix B)
     num_classes: int = 0
-    class_tokens: int = 4
-    class_repeat: int = 16
+    class_tokens: int = 4  # distinct learned tokens per class
+    class_repeat: int = 16  # times the class tokens are repeated in the prefix
     # discrete image path (Token-Shuffle): set from the VQ tokenizer; 0 means continuous tokens
     image_codebook_size: int = 0  # K codes (2^bits for a binary quantiser)
     code_bits: int = 0  # d > 0: codes are d-bit binary codes (lookup-free quantiser)
@@ -71,7 +71,7 @@ class ModelConfig:
     shuffle: int = 1  # s: each transformer token fuses an s x s window of codes
     # width of one code's embedding in the fuse / unfuse MLPs (default: dim, whatever s is). The
     # paper's dim // s^2 keeps the concatenation at dim wide; at s = 2 on shapes (dim 128) that 32-wide
-    # bottleneck cost 17 points of one-object accuracy (README, Token-Shuffle)
+    # bottleneck cost one-object accuracy (docs/experiments.md, Token-Shuffle)
     code_dim: int | None = None
     # how the s^2 codes of one fused token are predicted: "independent" (Token-Shuffle: one head per
     # slot, drawn independently) or "autoregressive" (slot j also sees the codes of slots < j of its
@@ -168,7 +168,7 @@ class ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     # unit tests: seconds on a CPU
     "tiny": ModelConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=512),
-    # the CPU demo: the size that learned fastest per CPU-minute on shapes (see README, "recipe")
+    # the CPU demo: the size that learned fastest per CPU-minute on shapes (docs/experiments.md)
     "small": ModelConfig(dim=128, n_layers=4, n_heads=2, vocab_size=512),
     # CausalFusion-L / XL (paper appendix C): 256 px, SD-VAE f8 c4, patch 2 -> 16 x 16 tokens of 16 dims.
     # SwiGLU width 2/3 * 4 * dim keeps the parameter count of the paper's 4x GELU MLP.

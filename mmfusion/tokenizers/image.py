@@ -35,7 +35,7 @@ def unpatchify(tokens: torch.Tensor, p: int, grid: tuple[int, int], channels: in
 @dataclass(frozen=True)
 class ImageTokenizerConfig:
     kind: str = "pixels"  # pixels | vae | vq (discrete, see mmfusion.tokenizers.vq)
-    image_size: int = 32
+    image_size: int = 32  # images are resized to this side in pixels
     patch_size: int = 4  # p: tokens are p x p patches (of pixels, or of VAE latents)
     path: str | None = None  # VAE / VQ model: a local folder or a hub id
     channels: int = 3  # pixel channels, or latent channels (read from the VAE when loaded)
@@ -146,18 +146,6 @@ def load_autoencoder(path: str | None):  # noqa: ANN201
             f"cannot load an AutoencoderKL from {path!r} ({err}); pass a local folder, or a hub "
             "id on a machine with internet access"
         ) from err
-
-
-def build_image_tokenizer(cfg: ImageTokenizerConfig) -> nn.Module:
-    if cfg.kind == "pixels":
-        return PixelTokenizer(cfg)
-    if cfg.kind == "vae":
-        return VAETokenizer(cfg)
-    if cfg.kind == "vq":
-        from mmfusion.tokenizers.vq import VQTokenizer
-
-        return VQTokenizer(cfg)
-    raise UserError(f"unknown image tokenizer kind {cfg.kind!r}: use pixels or vae (vq for Token-Shuffle)")
 
 
 def to_rgb(image: Any) -> Any:

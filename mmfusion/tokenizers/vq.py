@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mmfusion.errors import UserError
+from mmfusion.tokenizers.image import ImageTokenizerConfig
 
 QUANTIZER_FILE = "mmfusion_quantizer.json"
 
@@ -91,8 +92,6 @@ class VQTokenizer(nn.Module):
 
     def __init__(self, cfg: Any, vq: nn.Module | None = None) -> None:
         super().__init__()
-        from mmfusion.tokenizers.image import ImageTokenizerConfig
-
         vq = vq if vq is not None else load_vq(cfg.path)
         self.vq = vq.requires_grad_(False).eval()
         down = 2 ** (len(vq.config.block_out_channels) - 1)

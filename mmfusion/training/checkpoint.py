@@ -1,4 +1,5 @@
-"""Checkpoint I/O: atomic writes (temporary file, fsync, rename) and weights-only reads.
+"""Checkpoint I/O: atomic writes (temporary file, fsync, rename), weights-only reads, and a sampling
+pipeline from a run's checkpoint.
 
 A process killed while a checkpoint is being written leaves the previous file untouched, and a
 checkpoint is never unpickled with arbitrary code execution (`torch.load(weights_only=True)`).
@@ -6,6 +7,7 @@ checkpoint is never unpickled with arbitrary code execution (`torch.load(weights
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -14,7 +16,11 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from mmfusion.config import config_from_dict
 from mmfusion.errors import UserError
+from mmfusion.pipeline import MMFusion
+from mmfusion.tokenizers.text import TextTokenizer
+from mmfusion.training.module import MMFusionModule
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -52,3 +58,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> Any:
         return safe_torch_load(path, map_location or "cpu")
+
+
+def load_run_checkpoint(ckpt: str | Path) -> MMFusion:
+    """An MMFusion (EMA weights) from a Lightning checkpoint of `mmfusion train`, read safely
+    (`weights_only=True`); the run folder two levels up supplies config.json and tokenizer.json."""
+    ckpt = Path(ckpt)
+    run = ckpt.parent.parent
+    try:
+        cfg = config_from_dict(json.loads((run / "config.json").read_text()))
+    except ValueError as err:  # a run config of an older version, say
+        raise UserError(f"{run / 'config.json'}: {err}") from err
+    tok = TextTokenizer.from_file(run / "tokenizer.json", max_len=cfg.data.max_text_len)
+    module = MMFusionModule(cfg, tok)
+    state = safe_torch_load(ckpt)["state_dict"]
+    module.load_state_dict(state)
+    return MMFusion.from_module(module)

@@ -136,28 +136,7 @@ class BatchLayout:
         start = torch.tensor(starts)
         out = empty_rows(rows * width, c, packed=bool(pack_length))
 
-        # text: the prompt, and in caption order <eoi> caption <eos> after the image
-        dest, ids, pos, grp, labels, seg = [], [], [], [], [], []
-        for i, (prompt, tail) in enumerate(zip(draws.prompts, draws.tails)):
-            p = len(prompt)
-            dest += range(starts[i], starts[i] + p)
-            ids += prompt
-            pos += range(p)
-            grp += [PROMPT] * p
-            labels += [IGNORE] * p
-            if tail:
-                at = starts[i] + p + int(n_clean[i]) + k * n
-                dest += range(at, at + len(tail))
-                ids += tail
-                pos += range(p + self.image_span, p + self.image_span + len(tail))
-                grp += [-1] * len(tail)
-                labels += [*tail[1:], IGNORE]
-            seg += [segment[i]] * (p + len(tail))
-        text = torch.tensor(dest)
-        out["kind"][text] = TEXT
-        for name, values in (("ids", ids), ("position_ids", pos), ("group", grp), ("labels", labels)):
-            out[name][text] = torch.tensor(values)
-
+        self._put_text(out, draws, starts, segment, (n_clean + k * n).tolist())
         # image: the clean groups the noisy ones are conditioned on, then K noisy copies of every token
         column = torch.arange(n)
         image_at = (start + prompt_len)[:, None]  # (B, 1) where each image begins
@@ -174,11 +153,38 @@ class BatchLayout:
         out["targets"][copies.reshape(-1)] = targets.float()
         out["weights"][copies.reshape(-1)] = weights[:, None].expand(b, k, n).reshape(-1)
         if pack_length:
-            out["segment"][text] = torch.tensor(seg, dtype=torch.long)
             where = torch.tensor(segment)
             out["segment"][at_clean] = where[:, None].expand(b, n)[clean]
             out["segment"][copies.reshape(-1)] = where[:, None].expand(b, k * n).reshape(-1)
         return TokenBatch(**{name: v.view(rows, width, *v.shape[1:]) for name, v in out.items()})
+
+    def _put_text(
+        self, out: dict[str, torch.Tensor], draws: Draws, starts: list[int], segment: list[int], image: list[int]
+    ) -> None:
+        """The text tokens of every sample at its flat `starts`: the prompt, and in caption order
+        <eoi> caption <eos> after the sample's `image` tokens."""
+        dest, ids, pos, grp, labels, seg = [], [], [], [], [], []
+        for i, (prompt, tail) in enumerate(zip(draws.prompts, draws.tails)):
+            p = len(prompt)
+            dest += range(starts[i], starts[i] + p)
+            ids += prompt
+            pos += range(p)
+            grp += [PROMPT] * p
+            labels += [IGNORE] * p
+            if tail:
+                at = starts[i] + p + image[i]
+                dest += range(at, at + len(tail))
+                ids += tail
+                pos += range(p + self.image_span, p + self.image_span + len(tail))
+                grp += [-1] * len(tail)
+                labels += [*tail[1:], IGNORE]  # each token learns the next; the last, <eos>, nothing
+            seg += [segment[i]] * (p + len(tail))
+        text = torch.tensor(dest)
+        out["kind"][text] = TEXT
+        for name, values in (("ids", ids), ("position_ids", pos), ("group", grp), ("labels", labels)):
+            out[name][text] = torch.tensor(values)
+        if "segment" in out:
+            out["segment"][text] = torch.tensor(seg, dtype=torch.long)
 
     def _put(
         self,

@@ -7,7 +7,6 @@ Our projections carry LLaMA's names, so `target_modules` are the usual `q_proj,k
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
@@ -46,15 +45,3 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
-
-
-def merge_adapters(model: nn.Module, adapters: Sequence[str | Path]) -> nn.Module:
-    """Fold one or more saved adapters into the weights of `model` (their deltas add up)."""
-    for path in adapters:
-        path = Path(path)
-        if not (path / "adapter_config.json").is_file():
-            raise UserError(
-                f"{path} is not a LoRA adapter folder (no adapter_config.json); make one with `mmfusion finetune`"
-            )
-        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-    return model

@@ -17,7 +17,8 @@ from mmfusion.errors import UserError
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.model.sequence import TokenBatch
-from mmfusion.tokenizers.image import build_image_tokenizer
+from mmfusion.model.transformer import Block, Transformer
+from mmfusion.tokenizers.build import build_image_tokenizer
 from mmfusion.tokenizers.text import TextTokenizer
 from mmfusion.training.objective import JointObjective
 
@@ -286,8 +287,6 @@ def compile_blocks(model: nn.Module, per_block: bool = False) -> bool:
     if not torch.cuda.is_available() and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         print("train.compile: no C++ compiler found (install g++), training uncompiled")
         return False
-    from mmfusion.model.transformer import Block, Transformer
-
     kind = Block if per_block else Transformer
     for module in model.modules():
         if isinstance(module, kind):

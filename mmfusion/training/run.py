@@ -25,7 +25,12 @@ from mmfusion.config import RunConfig
 from mmfusion.data.datamodule import MMFusionDataModule
 from mmfusion.data.datasets import check_source
 from mmfusion.data.encode import check_encoded
+from mmfusion.data.shapes import class_names
 from mmfusion.errors import Stopped, UserError
+from mmfusion.model.hf import config_from_hf, load_hf_backbone, read_hf_config
+from mmfusion.model.multimodal import MMFusionModel
+from mmfusion.model.transformer import Block
+from mmfusion.pipeline import MMFusion
 from mmfusion.runtime import matmul_gflops, tune_malloc
 from mmfusion.tokenizers.text import TextTokenizer
 from mmfusion.training.checkpoint import AtomicCheckpointIO
@@ -71,8 +76,6 @@ def fsdp_strategy(t: Any) -> Any:
     """FSDP sharding whole transformer blocks, with sharded checkpoints and optional activation
     checkpointing of the blocks."""
     from lightning.pytorch.strategies import FSDPStrategy
-
-    from mmfusion.model.transformer import Block
 
     return FSDPStrategy(
         auto_wrap_policy={Block},
@@ -346,8 +349,6 @@ def slurm_without_requeue() -> list[Any]:
 
 def train(cfg: RunConfig, resume: bool = False) -> Path:
     """Train, then write the model folder (`OUT/model`); returns that folder."""
-    from mmfusion.pipeline import MMFusion
-
     tune_malloc()
     out = Path(cfg.train.out)
     ckpt = out / "checkpoints" / "last.ckpt"
@@ -384,8 +385,6 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     if llm:
         init_from_llm(module, llm)
     if cfg.objective.condition == "class" and cfg.data.source == "shapes":
-        from mmfusion.data.shapes import class_names
-
         module.class_names = class_names()
     precision = choose_precision(cfg.train.precision, cfg.train.accelerator)
     trainer = build_trainer(cfg, out, precision)
@@ -441,9 +440,6 @@ def export_fsdp(trainer: L.Trainer, module: MMFusionModule, model_dir: Path) -> 
     from torch.distributed.fsdp import FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    from mmfusion.model.multimodal import MMFusionModel
-    from mmfusion.pipeline import MMFusion
-
     config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
     with FSDP.state_dict_type(module, StateDictType.FULL_STATE_DICT, config):
         state = module.state_dict()
@@ -458,8 +454,6 @@ def export_fsdp(trainer: L.Trainer, module: MMFusionModule, model_dir: Path) -> 
 
 def with_llm_backbone(cfg: RunConfig, folder: str) -> RunConfig:
     """The run config with the backbone shape of a Hugging Face LLaMA / Qwen3 folder and its tokenizer."""
-    from mmfusion.model.hf import config_from_hf, read_hf_config
-
     keep = (
         "image_token_dim",
         "image_grid",
@@ -485,8 +479,6 @@ def with_llm_backbone(cfg: RunConfig, folder: str) -> RunConfig:
 
 def init_from_llm(module: MMFusionModule, folder: str) -> None:
     """Load the LLM's weights into the backbone and text embeddings / head (the EMA copy too)."""
-    from mmfusion.model.hf import load_hf_backbone
-
     loaded = load_hf_backbone(module.model, folder)
     if module.ema is not None:
         module.ema.load_state_dict(module.model.state_dict())
@@ -495,6 +487,4 @@ def init_from_llm(module: MMFusionModule, folder: str) -> None:
 
 def _class_tokenizer():  # noqa: ANN202
     """Class-conditional models still carry a (trivial) text tokenizer for the special tokens."""
-    from mmfusion.tokenizers.text import TextTokenizer
-
     return TextTokenizer.train(["class"], vocab_size=300)

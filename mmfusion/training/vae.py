@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from mmfusion.data.datamodule import CaptionedImages, collate_items
 from mmfusion.data.datasets import load_captioned
+from mmfusion.tokenizers.vq import QUANTIZER_FILE, BinaryQuantizer
 from mmfusion.training.run import lightning_warnings_filtered, step_progress_bar
 
 
@@ -133,8 +134,6 @@ class VQConfig:
 def build_vq(cfg: VQConfig):  # noqa: ANN201
     from diffusers import VQModel
 
-    from mmfusion.tokenizers.vq import BinaryQuantizer
-
     if cfg.quantizer not in ("vq", "binary"):
         raise ValueError(f"quantizer must be vq or binary, got {cfg.quantizer!r}")
     levels = len(cfg.channels)
@@ -181,8 +180,6 @@ def train_vq(data: str, out: str | Path, cfg: VQConfig, split: str = "train", se
     """Train a small VQ autoencoder on `data`; save a diffusers VQModel folder (plus the binary
     quantiser's settings, which VQModel does not know about)."""
     import json
-
-    from mmfusion.tokenizers.vq import QUANTIZER_FILE
 
     module = VQModule(cfg)
     fit_autoencoder(module, data, split, cfg, seed, out)

@@ -155,7 +155,7 @@ def test_finetune_cli_end_to_end(trained_tiny, tmp_path, task, capsys):
 
 
 def test_two_saved_adapters_merge_into_the_sum_of_their_deltas(tiny_cfg, tmp_path):
-    from mmfusion.training.lora import merge_adapters
+    from mmfusion.model.adapters import merge_adapters
 
     base = MMFusionModel(tiny_cfg).eval()
     deltas = []
