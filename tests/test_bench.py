@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mmfusion import bench
+from benchmarks import bench
 from mmfusion.config import ObjectiveConfig
 from mmfusion.diffusion.config import DiffusionConfig
 from mmfusion.model.config import ModelConfig
@@ -211,7 +211,6 @@ def test_quick_runs_keep_to_their_own_json_and_partial_runs_show_only_what_they_
         return {"machine": machine, "date": "d", "quick": quick, "caption": {**caption, "date": "d"}}
 
     monkeypatch.setattr(bench, "run_all", run_all)
-    monkeypatch.setattr(bench, "ROOT", tmp_path)
     monkeypatch.setattr(bench, "DOC", tmp_path / "docs" / "BENCHMARKS.md")
     (tmp_path / "docs").mkdir()
     recorded = '{"machine": {}, "date": "old"}'
@@ -229,7 +228,7 @@ def test_quick_runs_keep_to_their_own_json_and_partial_runs_show_only_what_they_
 def test_pipeline_times_both_paths_in_turn_and_renders_them():
     """The pipeline item runs the row path and the decoded path on the same steps and reports each,
     their ratio and the share outside the model's step; the table shows both rows."""
-    from mmfusion.bench import bench_pipeline, render_markdown
+    from benchmarks.bench import bench_pipeline, render_markdown
 
     out = bench_pipeline(True, overrides=("model.preset=tiny", "train.compile=false"), rows_n=256, rounds=1)
     for path in ("rows", "decoded"):

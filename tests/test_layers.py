@@ -7,7 +7,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mmfusion"
 INFERENCE = ("mmfusion.model", "mmfusion.diffusion", "mmfusion.sampling", "mmfusion.tokenizers", "mmfusion.pipeline")
-ABOVE_INFERENCE = ("mmfusion.training", "mmfusion.cli", "mmfusion.bench")
+ABOVE_INFERENCE = ("mmfusion.training", "mmfusion.cli")
 DEFERRED = "# Deferred imports:"  # a module that imports mmfusion inside functions says why, once
 
 

@@ -4,9 +4,14 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
+
+from mmfusion.errors import UserError
 
 
 def _write_json(path: Path, data: object) -> None:
@@ -235,7 +240,8 @@ def bench(*, quick: bool = False, only: list[str] | None = None, doc: bool = Tru
     """Run the benchmark suite: matmul peak, training throughput and MFU, the demo's training step from
     data rows to optimizer step (new path against the old, in turn), sampling and captioning with
     and without the KV cache, Token-Shuffle s = 1, 2, 4, FlexAttention vs SDPA. Writes
-    docs/benchmarks.json and the tables of docs/BENCHMARKS.md under the current folder.
+    docs/benchmarks.json and the tables of docs/BENCHMARKS.md in the repository. The benchmarks live in
+    the repository (benchmarks/bench.py), not in the installed package: run this from a checkout.
 
     Args:
         quick: fewer repetitions and smaller batches, a smoke test: writes docs/benchmarks-quick.json
@@ -246,7 +252,25 @@ def bench(*, quick: bool = False, only: list[str] | None = None, doc: bool = Tru
             caption, token_shuffle, attention
         doc: update the tables of docs/BENCHMARKS.md (--no-doc: write the JSON only)
     """
-    from mmfusion.bench import main
-
     argv = (["--quick"] if quick else []) + (["--only", *only] if only else []) + ([] if doc else ["--no-doc"])
-    main(argv)
+    load_bench().main(argv)
+
+
+def load_bench() -> ModuleType:
+    """benchmarks/bench.py of the checkout this mmfusion was installed from."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench.py"
+    if not path.is_file():
+        raise UserError(
+            f"no benchmarks at {path}: they live in the repository, not in the installed package; "
+            "run `mmfusion bench` from a checkout installed with `pip install -e .`"
+        )
+    try:  # the repository on sys.path (tests, `python -m` from its root): the module as imported there
+        module = importlib.import_module("benchmarks.bench")
+        if Path(module.__file__).resolve() == path:
+            return module
+    except ImportError:
+        pass
+    spec = importlib.util.spec_from_file_location("mmfusion_benchmarks", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

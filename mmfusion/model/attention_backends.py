@@ -2,7 +2,7 @@
 
 The generalized causal mask is block-structured (text causal, image groups), so FlexAttention can skip
 blocks that are fully masked. On CPU FlexAttention has a forward only (no backward) and must be
-compiled to be fast; `scripts/bench.py` measures both and docs/BENCHMARKS.md records the result.
+compiled to be fast; `benchmarks/bench.py` measures both and docs/BENCHMARKS.md records the result.
 
 `ModelConfig.attention`:
   * "auto" (default): SDPA, except for CPU training under bf16 autocast on short sequences, where

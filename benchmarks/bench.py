@@ -1,15 +1,18 @@
 """mmfusion benchmarks: every figure measured in one run, on this machine.
 
-    python scripts/bench.py [--quick] [--only NAME ...] [--json docs/benchmarks.json]
-    mmfusion bench [--quick] [--only NAME ...]        (the same)
+    python benchmarks/bench.py [--quick] [--only NAME ...] [--docs DIR]
+    mmfusion bench [--quick] [--only NAME ...]        (the same, from a checkout of the repository)
 
 Each benchmark runs in its own subprocess, so its peak memory (peak RSS of that process) is its own.
-Results go to a JSON file and to the tables of docs/BENCHMARKS.md (between the generated markers;
-the rest of that file is prose kept by hand). `--only` re-runs some items and keeps the others from
+Results go to a JSON file and to the tables of BENCHMARKS.md (between the generated markers; the rest
+of that file is prose kept by hand), both in the repository's docs/ folder, found from this file, or in
+the folder `--docs` names. `--only` re-runs some items and keeps the others from
 the JSON of the last run on this machine, each with the date it was measured (the tables say which
 came from an earlier run): the figures of one table always come from one run. Measured items:
 
 * the dense matmul peak of this machine (fp32 and bf16 GFLOP/s): the reference for utilisation;
+* the demo's training step from data set rows to the optimizer step, by the row-by-row path and by
+  decoded rows with the whole-batch layout, in turn;
 * training throughput (tokens/s) and model-FLOPs utilisation of the `tiny` and `small` configs, in
   fp32 and bf16: eager, compiled (`train.compile`), compiled on packed rows (`objective.pack_length`),
   and that last in 2 data-parallel processes sharing the cores (DDP, as the demo trains);
@@ -39,8 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(os.environ.get("MMFUSION_ROOT", Path.cwd()))
-DOC = ROOT / "docs" / "BENCHMARKS.md"
+DOC = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"  # the repository's docs/
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -785,7 +787,7 @@ def run_all(names: list[str], quick: bool, previous: dict | None = None) -> dict
         print("[bench] the earlier results are from another machine, torch or mode: not carried over", flush=True)
     for name in names:
         print(f"[bench] {name} ...", flush=True)
-        cmd = [sys.executable, "-m", "mmfusion.bench", "--child", name] + (["--quick"] if quick else [])
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name] + (["--quick"] if quick else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             results[name] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
@@ -796,10 +798,12 @@ def run_all(names: list[str], quick: bool, previous: dict | None = None) -> dict
     return results
 
 
-def render_markdown(r: dict) -> str:
-    def f(x: Any, fmt: str = ".3g") -> str:
-        return format(x, fmt) if isinstance(x, (int, float)) else "n/a"
+def _fmt(x: Any, fmt: str = ".3g") -> str:
+    return format(x, fmt) if isinstance(x, (int, float)) else "n/a"
 
+
+def render_markdown(r: dict) -> str:
+    """The tables of BENCHMARKS.md: one per item this run measured or carried over, none of n/a rows."""
     lines = [
         f"Measured {r['date']} on {r['machine']['cores']} cores ({r['machine']['cpu']}), torch "
         f"{r['machine']['torch']}{' (quick mode)' if r.get('quick') else ''}.",
@@ -811,27 +815,37 @@ def render_markdown(r: dict) -> str:
     failed = [f"{name} ({r[name]['error']})" for name in BENCHES if "error" in r.get(name, {})]
     if failed:
         lines += [f"Failed: {'; '.join(failed)}.", ""]
-    # a table only for what this run measured or carried over: no rows of n/a
     has = {name: bool(r.get(name)) and "error" not in r[name] for name in BENCHES}
     if has["matmul"]:
-        m = r["matmul"]
-        lines += [
-            "| matmul peak | GFLOP/s |",
-            "|---|---|",
-            f"| fp32 {m.get('n')}^3 | {f(m.get('fp32_gflops'), '.0f')} |",
-            f"| bf16 {m.get('bf16_n', m.get('n'))}^3 | {f(m.get('bf16_gflops'), '.0f')}"
-            f"{'' if m.get('bf16_native', True) else ' (emulated: this CPU has no native bf16)'} |",
-            "",
-        ]
+        lines += _matmul_rows(r["matmul"])
     if has["train_tiny"] or has["train_small"]:
-        lines += [
-            f"| training (batch 64, shapes, patch 8; packed: rows of {PACK_LENGTH} tokens) | params | tokens/step | "
-            "precision | step s | tokens/s | achieved GFLOP/s | matmul peak | MFU | peak RSS MB |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-    for key in ("train_tiny", "train_small"):
-        t = r.get(key, {})
-        variants = ("", " compiled", " compiled packed", DDP_ROW)
+        lines += _train_rows({key: r.get(key, {}) for key in ("train_tiny", "train_small")})
+    for name, rows in TABLES.items():
+        if has[name]:
+            lines += rows(r[name], _fmt)
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).rstrip() + "\n"
+
+
+def _matmul_rows(m: dict) -> list[str]:
+    native = "" if m.get("bf16_native", True) else " (emulated: this CPU has no native bf16)"
+    return [
+        "| matmul peak | GFLOP/s |",
+        "|---|---|",
+        f"| fp32 {m.get('n')}^3 | {_fmt(m.get('fp32_gflops'), '.0f')} |",
+        f"| bf16 {m.get('bf16_n', m.get('n'))}^3 | {_fmt(m.get('bf16_gflops'), '.0f')}{native} |",
+        "",
+    ]
+
+
+def _train_rows(items: dict[str, dict]) -> list[str]:
+    f = _fmt
+    lines = [
+        f"| training (batch 64, shapes, patch 8; packed: rows of {PACK_LENGTH} tokens) | params | tokens/step | "
+        "precision | step s | tokens/s | achieved GFLOP/s | matmul peak | MFU | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    variants = ("", " compiled", " compiled packed", DDP_ROW)
+    for key, t in items.items():
         for prec in (p + v for p in ("fp32", "bf16") for v in variants):
             p = t.get(prec, {})
             if not p:
@@ -839,102 +853,118 @@ def render_markdown(r: dict) -> str:
             if "skipped" in p:
                 lines.append(f"| {t.get('preset', key)} | | | {prec} | skipped: {p['skipped']} | | | | | |")
                 continue
+            per_process = " per process" if "peak_rss_mb_per_process" in p else ""
             lines.append(
                 f"| {t.get('preset', key)} | {f(t.get('parameters'), ',')} | {t.get('tokens_per_step')} | "
                 f"{prec} | {f(p.get('step_s'))} | {f(p.get('tokens_per_s'), '.0f')} | "
                 f"{f(p.get('achieved_gflops'), '.0f')} | {f(p.get('matmul_peak_gflops'), '.0f')} | "
                 f"{f(p.get('mfu'), '.1%')} | {f(p.get('peak_rss_mb_per_process', t.get('peak_rss_mb')), '.0f')}"
-                f"{' per process' if 'peak_rss_mb_per_process' in p else ''} |"
+                f"{per_process} |"
             )
+    return [*lines, ""]
+
+
+def _sampling_rows(s: dict, f: Any) -> list[str]:
+    lines: list[str] = []
+    lines += [
+        f"| sampling ({s.get('images')} images, {s.get('denoising_steps')} DDIM steps per AR step, CFG) | "
+        "cached s | uncached s | cached s, bf16 weights |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| S = {steps} | {f(s.get(f'S={steps}_cached_s'))} | {f(s.get(f'S={steps}_uncached_s'))} | "
+        f"{f(s.get(f'S={steps}_cached_bf16_s'))} |"
+        for steps in (1, 4, 16)
+    ]
+    lines.append(
+        f"| S = 16 / S = 1, cached | {f(s.get('S16_over_S1_cached'))} | | {f(s.get('S16_over_S1_cached_bf16'))} |"
+    )
+    if "S16_over_S1_kernels" in s:
+        lines.append(f"| S = 16 / S = 1, {KERNELS_ALONE} | {f(s['S16_over_S1_kernels'])} | | |")
     lines.append("")
-    if has["pipeline"]:
-        lines += pipeline_rows(r["pipeline"], f)
-    if has["sampling"]:
-        s = r["sampling"]
-        lines += [
-            f"| sampling ({s.get('images')} images, {s.get('denoising_steps')} DDIM steps per AR step, CFG) | "
-            "cached s | uncached s | cached s, bf16 weights |",
-            "|---|---|---|---|",
-        ]
-        lines += [
-            f"| S = {steps} | {f(s.get(f'S={steps}_cached_s'))} | {f(s.get(f'S={steps}_uncached_s'))} | "
-            f"{f(s.get(f'S={steps}_cached_bf16_s'))} |"
-            for steps in (1, 4, 16)
-        ]
+    return lines
+
+
+def _sampling_batch_rows(batches: dict, f: Any) -> list[str]:
+    lines: list[str] = []
+    lines += [
+        "| sampling with the demo's model, by batch (cached) | S = 1 s | S = 16 s | S = 16 / S = 1 | "
+        f"S = 16 / S = 1, {KERNELS_ALONE} |"
+    ]
+    lines += ["|---|---|---|---|---|"]
+    lines += [
+        f"| {images} images | {f(e.get('S=1_cached_s'))} | {f(e.get('S=16_cached_s'))} | "
+        f"{f(e.get('S16_over_S1_cached'))} | {f(e.get('S16_over_S1_kernels'))} |"
+        for images, e in batches.items()
+        if isinstance(e, dict)
+    ]
+    lines.append("")
+    return lines
+
+
+def _sampling_paper_tokens_rows(sp: dict, f: Any) -> list[str]:
+    lines: list[str] = []
+    lines += [
+        f"| sampling at the paper's token count ({sp.get('tokens_per_image')} tokens per image, "
+        f"{f(sp.get('parameters'), ',')} params, {sp.get('images')} images, 20 DDIM steps, CFG) | cached s | "
+        "cached s, bf16 weights |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| S = {steps} | {f(sp.get(f'S={steps}_cached_s'))} | {f(sp.get(f'S={steps}_cached_bf16_s'))} |"
+        for steps in (1, 4, 16)
+    ]
+    lines.append(f"| S = 16 / S = 1 | {f(sp.get('S16_over_S1_cached'))} | {f(sp.get('S16_over_S1_cached_bf16'))} |")
+    if "S16_over_S1_kernels" in sp:
+        lines.append(f"| S = 16 / S = 1, {KERNELS_ALONE} | {f(sp['S16_over_S1_kernels'])} | |")
+    lines.append("")
+    return lines
+
+
+def _caption_rows(c: dict, f: Any) -> list[str]:
+    lines: list[str] = []
+    lines += [
+        "| captioning (32 new tokens) | tokens/s |",
+        "|---|---|",
+        f"| KV cache | {f(c.get('cached_tokens_per_s'), '.0f')} |",
+        f"| no cache | {f(c.get('uncached_tokens_per_s'), '.0f')} |",
+        f"| speed-up | {f(c.get('speedup'), '.1f')}x |",
+    ]
+    if "cached_bf16_tokens_per_s" in c:
+        lines.append(f"| KV cache, bf16 weights | {f(c['cached_bf16_tokens_per_s'], '.0f')} |")
+    lines.append("")
+    return lines
+
+
+def _token_shuffle_rows(ts: dict, f: Any) -> list[str]:
+    lines: list[str] = []
+    lines += [
+        "| Token-Shuffle (64 px, 16 x 16 codes) | tokens / image | train step s | sampling s (4 images) |",
+        "|---|---|---|---|",
+    ]
+    for s_ in (1, 2, 4):
+        e = ts.get(f"s={s_}", {})
         lines.append(
-            f"| S = 16 / S = 1, cached | {f(s.get('S16_over_S1_cached'))} | | {f(s.get('S16_over_S1_cached_bf16'))} |"
+            f"| s = {s_} | {e.get('tokens_per_image')} | {f(e.get('train_step_s'))} | {f(e.get('sample_s'))} |"
         )
-        if "S16_over_S1_kernels" in s:
-            lines.append(f"| S = 16 / S = 1, {KERNELS_ALONE} | {f(s['S16_over_S1_kernels'])} | | |")
-        lines.append("")
-    if has["sampling_batch"]:
-        lines += [
-            "| sampling with the demo's model, by batch (cached) | S = 1 s | S = 16 s | S = 16 / S = 1 | "
-            f"S = 16 / S = 1, {KERNELS_ALONE} |"
-        ]
-        lines += ["|---|---|---|---|---|"]
-        lines += [
-            f"| {images} images | {f(e.get('S=1_cached_s'))} | {f(e.get('S=16_cached_s'))} | "
-            f"{f(e.get('S16_over_S1_cached'))} | {f(e.get('S16_over_S1_kernels'))} |"
-            for images, e in r["sampling_batch"].items()
-            if isinstance(e, dict)
-        ]
-        lines.append("")
-    if has["sampling_paper_tokens"]:
-        sp = r["sampling_paper_tokens"]
-        lines += [
-            f"| sampling at the paper's token count ({sp.get('tokens_per_image')} tokens per image, "
-            f"{f(sp.get('parameters'), ',')} params, {sp.get('images')} images, 20 DDIM steps, CFG) | cached s | "
-            "cached s, bf16 weights |",
-            "|---|---|---|",
-        ]
-        lines += [
-            f"| S = {steps} | {f(sp.get(f'S={steps}_cached_s'))} | {f(sp.get(f'S={steps}_cached_bf16_s'))} |"
-            for steps in (1, 4, 16)
-        ]
-        lines.append(f"| S = 16 / S = 1 | {f(sp.get('S16_over_S1_cached'))} | {f(sp.get('S16_over_S1_cached_bf16'))} |")
-        if "S16_over_S1_kernels" in sp:
-            lines.append(f"| S = 16 / S = 1, {KERNELS_ALONE} | {f(sp['S16_over_S1_kernels'])} | |")
-        lines.append("")
-    if has["caption"]:
-        c = r["caption"]
-        lines += [
-            "| captioning (32 new tokens) | tokens/s |",
-            "|---|---|",
-            f"| KV cache | {f(c.get('cached_tokens_per_s'), '.0f')} |",
-            f"| no cache | {f(c.get('uncached_tokens_per_s'), '.0f')} |",
-            f"| speed-up | {f(c.get('speedup'), '.1f')}x |",
-        ]
-        if "cached_bf16_tokens_per_s" in c:
-            lines.append(f"| KV cache, bf16 weights | {f(c['cached_bf16_tokens_per_s'], '.0f')} |")
-        lines.append("")
-    if has["token_shuffle"]:
-        ts = r["token_shuffle"]
-        lines += [
-            "| Token-Shuffle (64 px, 16 x 16 codes) | tokens / image | train step s | sampling s (4 images) |",
-            "|---|---|---|---|",
-        ]
-        for s_ in (1, 2, 4):
-            e = ts.get(f"s={s_}", {})
-            lines.append(
-                f"| s = {s_} | {e.get('tokens_per_image')} | {f(e.get('train_step_s'))} | {f(e.get('sample_s'))} |"
-            )
-        lines += [
-            f"| s = 2 speed-up over s = 1 | | {f(ts.get('train_speedup_s2_vs_s1'), '.1f')}x | "
-            f"{f(ts.get('sample_speedup_s2_vs_s1'), '.1f')}x |",
-            "",
-        ]
-    if has["attention"]:
-        a = r["attention"]
-        lines += [
-            f"| generalized causal mask, L = {a.get('seq_len')}, forward | seconds |",
-            "|---|---|",
-            f"| dense masked SDPA | {f(a.get('sdpa_s'))} |",
-            f"| FlexAttention block mask (compiled) | {f(a.get('flex_s'))} |",
-            f"| speed-up of flex | {f(a.get('flex_speedup'), '.2f')}x "
-            f"(max abs diff {f(a.get('max_abs_diff'), '.1e')}) |",
-        ]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).rstrip() + "\n"
+    lines += [
+        f"| s = 2 speed-up over s = 1 | | {f(ts.get('train_speedup_s2_vs_s1'), '.1f')}x | "
+        f"{f(ts.get('sample_speedup_s2_vs_s1'), '.1f')}x |",
+        "",
+    ]
+    return lines
+
+
+def _attention_rows(a: dict, f: Any) -> list[str]:
+    lines: list[str] = []
+    lines += [
+        f"| generalized causal mask, L = {a.get('seq_len')}, forward | seconds |",
+        "|---|---|",
+        f"| dense masked SDPA | {f(a.get('sdpa_s'))} |",
+        f"| FlexAttention block mask (compiled) | {f(a.get('flex_s'))} |",
+        f"| speed-up of flex | {f(a.get('flex_speedup'), '.2f')}x (max abs diff {f(a.get('max_abs_diff'), '.1e')}) |",
+    ]
+    return lines
 
 
 def pipeline_rows(p: dict, f: Any) -> list[str]:
@@ -962,14 +992,26 @@ def pipeline_rows(p: dict, f: Any) -> list[str]:
     return lines
 
 
-def write_doc(results: dict) -> None:
+TABLES = {  # the tables after matmul and training, in their order on the page
+    "pipeline": pipeline_rows,
+    "sampling": _sampling_rows,
+    "sampling_batch": _sampling_batch_rows,
+    "sampling_paper_tokens": _sampling_paper_tokens_rows,
+    "caption": _caption_rows,
+    "token_shuffle": _token_shuffle_rows,
+    "attention": _attention_rows,
+}
+
+
+def write_doc(results: dict, doc: Path) -> None:
     table = render_markdown(results)
-    text = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    text = doc.read_text() if doc.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text:
         text += f"\n{BEGIN}\n{END}\n"
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    DOC.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -983,28 +1025,34 @@ def main(argv: list[str] | None = None) -> None:
         help="run only these; the others' results are kept from the last run's JSON (same machine), with its date",
     )
     ap.add_argument(
+        "--docs",
+        default=None,
+        help="folder for BENCHMARKS.md and benchmarks.json (default: the repository's docs/, found from this file)",
+    )
+    ap.add_argument(
         "--json",
         default=None,
-        help="where to write the results (default docs/benchmarks.json; with --quick docs/benchmarks-quick.json)",
+        help="where to write the results (default DOCS/benchmarks.json; with --quick DOCS/benchmarks-quick.json)",
     )
     ap.add_argument(
         "--no-doc",
         action="store_true",
-        help="do not update docs/BENCHMARKS.md (in the current folder); --quick never does",
+        help="do not update BENCHMARKS.md; --quick never does",
     )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(run_one(args.child, args.quick)))
         return
+    docs = Path(args.docs) if args.docs else DOC.parent
     # quick numbers are a smoke test: they go to their own JSON and never replace the recorded tables
-    json_path = Path(args.json or ROOT / "docs" / ("benchmarks-quick.json" if args.quick else "benchmarks.json"))
+    json_path = Path(args.json or docs / ("benchmarks-quick.json" if args.quick else "benchmarks.json"))
     previous = json.loads(json_path.read_text()) if args.only and json_path.exists() else None
     results = run_all(args.only or list(BENCHES), args.quick, previous)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2))
     if not (args.no_doc or args.quick):
-        write_doc(results)
+        write_doc(results, docs / DOC.name)
     print(render_markdown(results))
 
 

@@ -1,0 +1,1 @@
+"""mmfusion's benchmarks: `python benchmarks/bench.py` or `mmfusion bench` from a checkout."""
