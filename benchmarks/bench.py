@@ -865,8 +865,7 @@ def _train_rows(items: dict[str, dict]) -> list[str]:
 
 
 def _sampling_rows(s: dict, f: Any) -> list[str]:
-    lines: list[str] = []
-    lines += [
+    lines = [
         f"| sampling ({s.get('images')} images, {s.get('denoising_steps')} DDIM steps per AR step, CFG) | "
         "cached s | uncached s | cached s, bf16 weights |",
         "|---|---|---|---|",
@@ -886,8 +885,7 @@ def _sampling_rows(s: dict, f: Any) -> list[str]:
 
 
 def _sampling_batch_rows(batches: dict, f: Any) -> list[str]:
-    lines: list[str] = []
-    lines += [
+    lines = [
         "| sampling with the demo's model, by batch (cached) | S = 1 s | S = 16 s | S = 16 / S = 1 | "
         f"S = 16 / S = 1, {KERNELS_ALONE} |"
     ]
@@ -903,8 +901,7 @@ def _sampling_batch_rows(batches: dict, f: Any) -> list[str]:
 
 
 def _sampling_paper_tokens_rows(sp: dict, f: Any) -> list[str]:
-    lines: list[str] = []
-    lines += [
+    lines = [
         f"| sampling at the paper's token count ({sp.get('tokens_per_image')} tokens per image, "
         f"{f(sp.get('parameters'), ',')} params, {sp.get('images')} images, 20 DDIM steps, CFG) | cached s | "
         "cached s, bf16 weights |",
@@ -922,8 +919,7 @@ def _sampling_paper_tokens_rows(sp: dict, f: Any) -> list[str]:
 
 
 def _caption_rows(c: dict, f: Any) -> list[str]:
-    lines: list[str] = []
-    lines += [
+    lines = [
         "| captioning (32 new tokens) | tokens/s |",
         "|---|---|",
         f"| KV cache | {f(c.get('cached_tokens_per_s'), '.0f')} |",
@@ -937,8 +933,7 @@ def _caption_rows(c: dict, f: Any) -> list[str]:
 
 
 def _token_shuffle_rows(ts: dict, f: Any) -> list[str]:
-    lines: list[str] = []
-    lines += [
+    lines = [
         "| Token-Shuffle (64 px, 16 x 16 codes) | tokens / image | train step s | sampling s (4 images) |",
         "|---|---|---|---|",
     ]
@@ -956,8 +951,7 @@ def _token_shuffle_rows(ts: dict, f: Any) -> list[str]:
 
 
 def _attention_rows(a: dict, f: Any) -> list[str]:
-    lines: list[str] = []
-    lines += [
+    lines = [
         f"| generalized causal mask, L = {a.get('seq_len')}, forward | seconds |",
         "|---|---|",
         f"| dense masked SDPA | {f(a.get('sdpa_s'))} |",
