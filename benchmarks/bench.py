@@ -482,10 +482,10 @@ class _PipelineBench:
 
         import torch
 
-        from mmfusion.cli.demo import DEMO_CONFIG
         from mmfusion.config import load_config
         from mmfusion.data.datamodule import CaptionedImages, MMFusionDataModule, StepBatchSampler, collate_items
         from mmfusion.runtime import bf16_native
+        from mmfusion.training.demo import DEMO_CONFIG
         from mmfusion.training.module import MMFusionModule, compile_blocks
 
         torch.set_num_threads(1)

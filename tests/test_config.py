@@ -63,7 +63,7 @@ def test_global_batch_splits_between_processes():
 
 
 def test_per_process_batch_override_under_a_global_batch_is_refused():
-    from mmfusion.cli.demo import DEMO_CONFIG as demo
+    from mmfusion.training.demo import DEMO_CONFIG as demo
 
     with pytest.raises(UserError, match="data.global_batch_size=128"):
         load_config(demo, ["data.batch_size=16"])

@@ -4,15 +4,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import time
-from pathlib import Path
-
-from mmfusion.errors import UserError
-
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-
 
 def demo(
     overrides: list[str] = [],  # noqa: B006
@@ -47,85 +38,6 @@ def demo(
         resume: go on with a demo that was stopped (Ctrl-C, SIGTERM) from OUT/checkpoints/last.ckpt, with
             the same options: the rest of its time budget, then the evaluation
     """
-    # deferred: `mmfusion --help` imports every command module and should not load torch
-    from mmfusion.config import load_config
-    from mmfusion.evaluation.demo_eval import evaluate_shapes_model, write_fixed_prompt_grid
-    from mmfusion.pipeline import MMFusion
-    from mmfusion.sampling.images import make_grid
-    from mmfusion.training.run import train
+    from mmfusion.training.demo import run_demo
 
-    start = time.perf_counter()
-    overrides = [*overrides, f"train.out={out}", f"train.seed={seed}", f"data.shapes_seed={seed}"]
-    if minutes is not None:
-        overrides.append(f"train.max_time_minutes={minutes}")
-    cores = os.cpu_count() or 1
-    if processes is None:
-        processes = 2 if cores >= 2 else 1
-    if processes < 1:
-        raise UserError(f"--processes must be at least 1, got {processes}")
-    if processes > 1:
-        overrides += [f"train.devices={processes}", "train.strategy=ddp", "train.accelerator=cpu"]
-    overrides.append(f"train.threads={threads or max(1, cores // processes)}")
-    cfg = load_config(DEMO_CONFIG, overrides)
-    if resume:
-        _check_same_run(Path(out) / "config.json", cfg.to_dict())
-    model_dir = train(cfg, resume=resume)
-    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
-        return  # a DDP worker that Lightning launched: rank 0 evaluates
-    import torch
-
-    torch.set_num_threads(threads or cores)
-    trained = time.perf_counter()
-    pipe = MMFusion.from_pretrained(model_dir)
-    outdir = Path(out)
-    print("evaluating: samples of fixed prompts, the shapes benchmark, captions of the test split")
-    write_fixed_prompt_grid(pipe, outdir / "samples", seed)
-    import datasets
-
-    test = datasets.load_from_disk(str(outdir / "data"))["test"]
-    metrics, eval_images = evaluate_shapes_model(pipe, test, seed=seed, progress=True)
-    make_grid(eval_images, cols=16, scale=3).save(outdir / "eval_grid.png")
-    (outdir / "captions.json").write_text(json.dumps(metrics.pop("captions"), indent=2))
-    metrics["minutes"] = {  # of this invocation: a resumed demo's earlier training is not in them
-        "training": (trained - start) / 60,
-        "total": (time.perf_counter() - start) / 60,
-        "resumed": resume,
-    }
-    metrics["sampler"] = dict(pipe.sample_defaults.__dict__)
-    (outdir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(_summary(metrics, outdir))
-
-
-# what a resumed demo may change: how the same run is laid out on the machine
-LAYOUT_KEYS = {"devices", "threads", "strategy", "accelerator", "num_nodes"}
-
-
-def _check_same_run(recorded: Path, now: dict) -> None:
-    """`demo --resume` goes on with the stopped demo: its data, seed, budget and model must be the ones
-    recorded in OUT/config.json (another --seed would re-render the data under the checkpoint's weights,
-    a missing --minutes would give the default budget). Only the process layout may differ."""
-    if not recorded.exists():
-        return  # nothing ran there: train names the missing checkpoint
-    before, now = json.loads(recorded.read_text()), json.loads(json.dumps(now))
-    changed = [
-        f"{section}.{key} {before[section].get(key)!r} -> {value!r}"
-        for section, values in now.items()
-        if isinstance(values, dict) and section in before
-        for key, value in values.items()
-        if before[section].get(key) != value and not (section == "train" and key in LAYOUT_KEYS)
-    ]
-    if changed:
-        raise UserError(
-            f"demo --resume: these settings differ from the stopped demo's ({recorded}): {'; '.join(changed)}. "
-            "Give the options it was started with (--seed, --minutes, overrides)"
-        )
-
-
-def _summary(m: dict, outdir: Path) -> str:
-    then = " (this invocation, resumed)" if m["minutes"].get("resumed") else ""
-    lines = [f"demo finished in {m['minutes']['total']:.1f} min{then}; model in {outdir / 'model'}"]
-    from mmfusion.evaluation.demo_eval import summary_lines
-
-    lines += summary_lines(m)
-    lines.append(f"samples: {outdir / 'samples' / 'grid.png'}; metrics: {outdir / 'metrics.json'}")
-    return "\n".join(lines)
+    run_demo(overrides, out=out, minutes=minutes, seed=seed, threads=threads, processes=processes, resume=resume)

@@ -22,7 +22,7 @@ def _train_config(monkeypatch, tmp_path, **kwargs):  # noqa: ANN001, ANN202
         seen["cfg"], seen["resume"] = cfg, resume
         raise _Stop
 
-    monkeypatch.setattr("mmfusion.training.run.train", fake_train)
+    monkeypatch.setattr("mmfusion.training.demo.train", fake_train)
     with pytest.raises(_Stop):
         demo(out=str(tmp_path / "demo"), **kwargs)
     assert seen["resume"] is kwargs.get("resume", False)
@@ -76,7 +76,7 @@ def test_demo_resume_refuses_other_settings(monkeypatch, tmp_path):
         (out / "config.json").write_text(json.dumps(cfg.to_dict()))  # what train records
         raise _Stop
 
-    monkeypatch.setattr("mmfusion.training.run.train", first_run)
+    monkeypatch.setattr("mmfusion.training.demo.train", first_run)
     with pytest.raises(_Stop):
         demo(out=str(out), seed=3, minutes=2.0, processes=1)
     with pytest.raises(UserError, match=r"data.shapes_seed 3 -> 4; train.seed 3 -> 4"):
