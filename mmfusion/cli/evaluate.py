@@ -52,9 +52,6 @@ def caption(
         num_beams: beams for beam search
         batch_size: images captioned at once
         spice: force SPICE on (--spice) or off (--no-spice); default: only when its models are installed
-        dtype: weights' dtype for sampling / captioning (bfloat16: faster for large models on CPUs with
-          native bf16; small models gain little)
-        device: cpu, cuda, cuda:N, or auto (a GPU when there is one)
     """
     from mmfusion.data.datasets import load_captioned
     from mmfusion.errors import UserError
@@ -118,9 +115,6 @@ def shapes(
         sampler: ddpm or ddim (default: the model's)
         steps: denoising steps per AR step
         cfg: guidance scale
-        dtype: weights' dtype for sampling / captioning (bfloat16: faster for large models on CPUs with
-          native bf16; small models gain little)
-        device: cpu, cuda, cuda:N, or auto (a GPU when there is one)
     """
     from mmfusion.errors import require
     from mmfusion.evaluation import demo_eval
@@ -206,9 +200,6 @@ def generation(
         n: number of images
         seed: random seed
         batch_size: images generated at once
-        dtype: weights' dtype for sampling / captioning (bfloat16: faster for large models on CPUs with
-          native bf16; small models gain little)
-        device: cpu, cuda, cuda:N, or auto (a GPU when there is one)
     """
     from mmfusion.data.datasets import load_captioned
     from mmfusion.errors import UserError

@@ -93,10 +93,6 @@ def generate(
         cfg_schedule: Token-Shuffle: guidance constant, or ramping from 1 to --cfg over the tokens
         batch_size: images sampled at once
         scale: the grid is enlarged this many times (nearest neighbour) for viewing
-        adapter: a LoRA adapter folder from `mmfusion finetune` (repeat for several; they are merged)
-        dtype: weights' dtype; bfloat16 halves the backbone's memory and samples large models up to 2x
-          faster on CPUs with native bf16 (AMX); small models gain little (docs/BENCHMARKS.md)
-        device: cpu, cuda, cuda:N, or auto (a GPU when there is one)
     """
     from mmfusion.sampling.images import write_outputs
 
@@ -140,10 +136,6 @@ def caption(
         temperature: softmax temperature for nucleus sampling
         max_new_tokens: caption length limit in tokens
         seed: seed of nucleus sampling
-        adapter: a LoRA adapter folder from `mmfusion finetune` (repeat for several; they are merged)
-        dtype: weights' dtype; bfloat16 halves the backbone's memory and samples large models up to 2x
-          faster on CPUs with native bf16 (AMX); small models gain little (docs/BENCHMARKS.md)
-        device: cpu, cuda, cuda:N, or auto (a GPU when there is one)
     """
     from mmfusion.sampling.images import open_image
 
@@ -199,10 +191,6 @@ def edit(
         steps: denoising steps per AR step
         cfg: classifier-free guidance scale
         scale: the grid is enlarged this many times for viewing
-        adapter: a LoRA adapter folder from `mmfusion finetune` (repeat for several; they are merged)
-        dtype: weights' dtype; bfloat16 halves the backbone's memory and samples large models up to 2x
-          faster on CPUs with native bf16 (AMX); small models gain little (docs/BENCHMARKS.md)
-        device: cpu, cuda, cuda:N, or auto (a GPU when there is one)
     """
     from mmfusion.sampling.images import open_image, write_outputs
     from mmfusion.tokenizers.image import to_pil, to_tensor

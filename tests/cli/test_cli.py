@@ -205,3 +205,32 @@ def test_bench_command_runs_an_item_end_to_end(tmp_path, monkeypatch):
     result = json.loads((tmp_path / "docs" / "benchmarks-quick.json").read_text())
     assert result["quick"] and result["matmul"]["fp32_gflops"] > 0 and "error" not in result["matmul"]
     assert not (tmp_path / "docs" / "BENCHMARKS.md").exists()
+
+
+def test_shared_options_have_one_help_text_everywhere(capsys):
+    """--dtype, --device and --adapter are explained once (cli/app.py) and every command that takes
+    them shows that text."""
+    import inspect
+
+    from mmfusion.cli.app import SHARED_HELP
+    from mmfusion.cli.main import COMMANDS
+
+    def commands(tree, path=()):
+        for name, node in tree.items():
+            if callable(node):
+                yield (*path, name), node
+            elif isinstance(node, dict):
+                yield from commands(node, (*path, name))
+
+    seen = set()
+    for path, fn in commands(COMMANDS):
+        shared = [p for p in inspect.signature(fn).parameters if p in SHARED_HELP]
+        if not shared:
+            continue
+        with pytest.raises(SystemExit):
+            main([*path, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        for name in shared:
+            assert " ".join(SHARED_HELP[name].split())[:60] in out, (path, name)
+            seen.add(name)
+    assert seen == set(SHARED_HELP)
