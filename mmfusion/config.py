@@ -59,11 +59,11 @@ class DataConfig:
     shapes_seed: int = 0  # seed of the shapes rendering
     shapes_pair_fraction: float = 0.5  # share of shapes scenes with two objects and a relation (the rest have one)
     train_split: str = "train"  # split of the data set to train on
-    val_split: str = "validation"  # split held out for the demo's and `eval`'s judging
+    val_split: str = "validation"  # a held-out split, not trained on (the demo and `eval shapes` judge on test)
     batch_size: int = 64  # samples per step in each process (Lightning's convention)
     # when set, the samples per step of all processes together: each takes global / processes (which
     # must divide it), and batch_size is ignored. A run then trains the same recipe on any number of
-    # processes (the demo's 64 as two processes of 32 or one of 64).
+    # processes (the demo's 128 as two processes of 64 or one of 128).
     global_batch_size: int | None = None
     num_workers: int = 0  # DataLoader worker processes (0: batches made in the training process)
     tokenizer: str | None = None  # a tokenizer.json; None trains a byte-level BPE on the captions

@@ -230,7 +230,9 @@ def test_pipeline_times_both_paths_in_turn_and_renders_them():
     their ratio and the share outside the model's step; the table shows both rows."""
     from benchmarks.bench import bench_pipeline, render_markdown
 
+    threads = torch.get_num_threads()
     out = bench_pipeline(True, overrides=("model.preset=tiny", "train.compile=false"), rows_n=256, rounds=1)
+    assert torch.get_num_threads() == threads  # the bench's one thread is not left behind
     for path in ("rows", "decoded"):
         e = out[path]
         assert e["samples_per_s"] > 0 and 0 < e["outside_share"] < 1

@@ -141,11 +141,13 @@ def caption_tensors(captions: list[list[list[int]]]) -> dict[str, torch.Tensor]:
 
 def pick_captions(batch: dict[str, Any], generators: list[torch.Generator]) -> list[list[int]]:
     """One caption of each row, drawn uniformly with the row's generator."""
-    ids, lengths, counts = batch["captions"], batch["caption_lengths"], batch["caption_counts"].tolist()
+    # on the CPU, where the generators draw: Lightning may have moved the batch to a GPU
+    ids, lengths = batch["captions"].cpu(), batch["caption_lengths"].cpu().tolist()
+    counts = batch["caption_counts"].tolist()
     picked = []
     for i, (n, g) in enumerate(zip(counts, generators)):
         j = int(torch.randint(n, (1,), generator=g))
-        picked.append(ids[i, j, : int(lengths[i, j])].tolist())
+        picked.append(ids[i, j, : lengths[i][j]].tolist())
     return picked
 
 
@@ -183,7 +185,9 @@ class DecodedRows(Dataset):
         self.row[torch.tensor([x["index"] for x in good], dtype=torch.long)] = torch.arange(len(good))
         self.images = torch.stack([x["pixels"] for x in good]) if good and "pixels" in good[0] else None
         self.tokens = torch.stack([x["tokens"] for x in good]) if good and "tokens" in good[0] else None
-        self.captions = caption_tensors([x.get("captions", [[]]) for x in good])
+        captions = caption_tensors([x.get("captions", [[]]) for x in good])
+        captions["captions"] = captions["captions"].int()  # half the memory; ids are picked as Python ints
+        self.captions = captions
         self.labels = torch.tensor([x["label"] for x in good], dtype=torch.long)
 
     def __len__(self) -> int:

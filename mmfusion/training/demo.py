@@ -32,10 +32,13 @@ def run_demo(
     minutes: float | None = None,
     seed: int = 0,
     threads: int | None = None,
-    processes: int | None = None,
+    processes: int | None = 1,
     resume: bool = False,
 ) -> dict[str, Any] | None:
     """Train the demo model into OUT and judge it (see `mmfusion demo --help` for what it writes).
+    One training process by default; `processes=None` takes two data-parallel ones where there are two
+    cores (what `mmfusion demo` does: Lightning then starts the second by running the caller's script
+    again, so a library caller that wants it needs a script guarded by `if __name__ == "__main__"`).
     Returns the metrics, or None in a data-parallel worker process (rank 0 judges)."""
     start = time.perf_counter()
     cfg = demo_config(overrides, out, minutes, seed, threads, processes)

@@ -98,6 +98,8 @@ def test_the_batch_has_noisy_and_clean_tokens_and_caption_labels():
 def test_class_conditions_and_codes_keep_the_per_sample_path():
     cfg = ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, image_token_dim=12, num_classes=3)
     assert JointObjective(cfg, DEMO, ObjectiveConfig(condition="class"), 1, 2, 3, 4).layout is None
+    codes = ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, image_codebook_size=16, image_grid=(4, 4))
+    assert codes.discrete and JointObjective(codes, DEMO, ObjectiveConfig(), 1, 2, 3, 4).layout is None
 
 
 def test_place_packs_first_fit_decreasing():
