@@ -254,7 +254,8 @@ def _train_setup(preset: str, rank: int = 0, world: int = 1) -> tuple:
     from mmfusion.config import ObjectiveConfig
     from mmfusion.diffusion.config import DiffusionConfig
     from mmfusion.model.config import ModelConfig
-    from mmfusion.tokenizers.image import ImageTokenizerConfig, PixelTokenizer
+    from mmfusion.tokenizers.config import ImageTokenizerConfig
+    from mmfusion.tokenizers.image import PixelTokenizer
     from mmfusion.training.objective import JointObjective
 
     torch.manual_seed(0)
@@ -587,8 +588,8 @@ def _sampling_times(
 
     import torch
 
-    from mmfusion.diffusion.config import DiffusionConfig
-    from mmfusion.diffusion.sampler import NextTokenDiffusionSampler, SamplerSettings
+    from mmfusion.diffusion.config import DiffusionConfig, SamplerSettings
+    from mmfusion.diffusion.sampler import NextTokenDiffusionSampler
     from mmfusion.runtime import bf16_native
 
     conds = [[1, 10 + i % 50, 20, 30, 3] for i in range(images)]

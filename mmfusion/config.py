@@ -14,11 +14,10 @@ from typing import Any
 
 import yaml
 
-from mmfusion.diffusion.config import DiffusionConfig
-from mmfusion.diffusion.sampler import SamplerSettings
+from mmfusion.diffusion.config import DiffusionConfig, SamplerSettings
 from mmfusion.errors import UserError
 from mmfusion.model.config import ModelConfig
-from mmfusion.tokenizers.image import ImageTokenizerConfig
+from mmfusion.tokenizers.config import ImageTokenizerConfig
 
 
 @dataclass(frozen=True)

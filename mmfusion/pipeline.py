@@ -18,8 +18,8 @@ from accelerate import init_empty_weights
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from mmfusion.diffusion.config import DiffusionConfig
-from mmfusion.diffusion.sampler import NextTokenDiffusionSampler, SamplerSettings
+from mmfusion.diffusion.config import DiffusionConfig, SamplerSettings
+from mmfusion.diffusion.sampler import NextTokenDiffusionSampler
 from mmfusion.errors import UserError
 from mmfusion.model.adapters import merge_adapters
 from mmfusion.model.config import ModelConfig
@@ -29,7 +29,8 @@ from mmfusion.runtime import bf16_native
 from mmfusion.sampling.autoregressive import ARImageSampler
 from mmfusion.sampling.caption import CaptionDecoder, CaptionSettings
 from mmfusion.tokenizers.build import build_image_tokenizer
-from mmfusion.tokenizers.image import ImageTokenizerConfig, to_pil, to_tensor
+from mmfusion.tokenizers.config import ImageTokenizerConfig
+from mmfusion.tokenizers.image import to_pil, to_tensor
 from mmfusion.tokenizers.text import TextTokenizer
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")

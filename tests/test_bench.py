@@ -12,7 +12,8 @@ from mmfusion.config import ObjectiveConfig
 from mmfusion.diffusion.config import DiffusionConfig
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel
-from mmfusion.tokenizers.image import ImageTokenizerConfig, PixelTokenizer
+from mmfusion.tokenizers.config import ImageTokenizerConfig
+from mmfusion.tokenizers.image import PixelTokenizer
 from mmfusion.training.objective import JointObjective
 
 
@@ -163,8 +164,8 @@ def test_kernel_seconds_counts_each_product_and_attention_call_at_its_own_time(m
 def test_kernel_floor_of_sampling_lies_below_the_sampling_time():
     """For real kernels: the products and attention calls of a sampling run cost less alone than the run
     itself, and S = 16 makes more of them (16 times the denoising passes) than S = 1."""
-    from mmfusion.diffusion.config import DiffusionConfig
-    from mmfusion.diffusion.sampler import NextTokenDiffusionSampler, SamplerSettings
+    from mmfusion.diffusion.config import DiffusionConfig, SamplerSettings
+    from mmfusion.diffusion.sampler import NextTokenDiffusionSampler
 
     model = bench._sampling_model(grid=4, token_dim=8, dim=64, n_layers=2, n_heads=2)
     conds, unconds = [[1, 10, 20, 3]] * 4, [[1, 3]] * 4

@@ -77,7 +77,8 @@ for key in cpu:
 # (editing) and decodes there
 from diffusers import AutoencoderKL
 from mmfusion.diffusion.config import DiffusionConfig
-from mmfusion.tokenizers.image import ImageTokenizerConfig, VAETokenizer
+from mmfusion.tokenizers.image import VAETokenizer
+from mmfusion.tokenizers.config import ImageTokenizerConfig
 
 torch.manual_seed(0)
 vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,

@@ -104,3 +104,18 @@ def test_the_checks_catch_what_they_look_for():
     assert "mmfusion.training.run" in edges["mmfusion.cli.train"]  # found inside the command function
     assert "mmfusion.training.run" in inner["mmfusion.cli.train"]
     assert "mmfusion.model.config" in edges["mmfusion.config"]
+
+
+def test_reading_a_config_loads_no_model_code():
+    """`mmfusion.config` (YAML files, overrides, every settings dataclass) imports neither torch nor any
+    model, sampler or tokenizer code."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mmfusion.config as c; c.load_config(None, ['train.lr=1e-3']); "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('mmfusion.model.multimodal', "
+        "'mmfusion.diffusion.sampler', 'mmfusion.tokenizers.image'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -127,7 +127,7 @@ def encode(
         image_root: folder the image paths of a COCO / Karpathy JSON are relative to
     """
     from mmfusion.data.encode import encode_dataset
-    from mmfusion.tokenizers.image import ImageTokenizerConfig
+    from mmfusion.tokenizers.config import ImageTokenizerConfig
 
     cfg = ImageTokenizerConfig(kind=image_tokenizer, image_size=image_size, patch_size=patch_size, path=vae)
     path = encode_dataset(data, out, cfg, batch_size=batch_size, image_root=image_root)

@@ -17,61 +17,12 @@ import torch
 from tqdm.auto import tqdm
 
 from mmfusion.diffusion.causal import even_group_sizes, token_order
-from mmfusion.diffusion.config import ORDERS, DiffusionConfig
-from mmfusion.errors import UserError, require
+from mmfusion.diffusion.config import DiffusionConfig, SamplerSettings
+from mmfusion.errors import UserError
 from mmfusion.model.cache import KVCache
 from mmfusion.model.masks import CLEAN, NOISY
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.model.sequence import SequenceBuilder, TokenBatch, collate, image_block
-
-
-@dataclass(frozen=True)
-class SamplerSettings:
-    ar_steps: int = 1  # S: 1 is pure diffusion, N pure AR
-    order: str = "random"  # random | raster | block_raster
-    sampler: str = "ddpm"  # ddpm | ddim
-    steps: int = 50  # denoising steps per AR step
-    cfg_scale: float = 1.0  # 1 disables guidance
-    cfg_interval: tuple[float, float] = (0.0, 1.0)  # guide only where t / T lies in [lo, hi]
-    cfg_until_step: int | None = None  # no guidance after this AR step (1-based)
-    eta: float = 0.0  # DDIM stochasticity
-    # discrete (Token-Shuffle) path: autoregressive sampling of codes
-    temperature: float = 1.0
-    top_k: int = 0  # 0: no top-k filter
-    top_p: float = 1.0  # 1: no nucleus filter
-    cfg_schedule: str = "constant"  # constant | linear | cosine ramp of the guidance over the token index
-
-    def __post_init__(self) -> None:
-        """Bad values are refused here, as one error line, before any sampling (CLI options and the
-        `sample` config section both end up here)."""
-        checks = [
-            (self.ar_steps >= 1, f"ar_steps must be at least 1, got {self.ar_steps}"),
-            (self.order in ORDERS, f"order must be one of {', '.join(ORDERS)}, got {self.order!r}"),
-            (self.sampler in ("ddpm", "ddim"), f"sampler must be ddpm or ddim, got {self.sampler!r}"),
-            (self.steps >= 1, f"steps (denoising steps per AR step) must be at least 1, got {self.steps}"),
-            (self.cfg_scale >= 0, f"the guidance scale must not be negative, got {self.cfg_scale}"),
-            (
-                len(self.cfg_interval) == 2 and 0 <= self.cfg_interval[0] <= self.cfg_interval[1] <= 1,
-                f"cfg_interval must be LO <= HI within [0, 1], got {self.cfg_interval}",
-            ),
-            (
-                self.cfg_until_step is None or self.cfg_until_step >= 0,
-                f"cfg_until_step must not be negative, got {self.cfg_until_step}",
-            ),
-            (self.eta >= 0, f"eta must not be negative, got {self.eta}"),
-            (self.temperature > 0, f"temperature must be positive, got {self.temperature}"),
-            (self.top_k >= 0, f"top_k must not be negative (0 turns it off), got {self.top_k}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-        ]
-        require(checks)
-
-    def guides(self, t: int, ar_step: int, num_train_timesteps: int) -> bool:
-        if self.cfg_scale == 1.0:
-            return False
-        if self.cfg_until_step is not None and ar_step + 1 > self.cfg_until_step:
-            return False
-        lo, hi = self.cfg_interval
-        return lo <= t / num_train_timesteps <= hi
 
 
 @dataclass

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 _compiled: Callable | None = None
-BACKENDS = ("auto", "sdpa", "math", "flex")
 MATH_MAX_KEYS = 192  # "auto": the longest key length for which the explicit form wins (bf16 backward)
 
 

@@ -6,9 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from mmfusion.model.attention_backends import BACKENDS
-
 ROPE_TYPES = ("default", "linear", "llama3")
+BACKENDS = ("auto", "sdpa", "math", "flex")  # model.attention: see model/attention_backends.py
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from mmfusion.errors import UserError
-from mmfusion.tokenizers.image import ImageTokenizerConfig, PixelTokenizer, VAETokenizer
+from mmfusion.tokenizers.config import ImageTokenizerConfig
+from mmfusion.tokenizers.image import PixelTokenizer, VAETokenizer
 from mmfusion.tokenizers.vq import VQTokenizer
 
 

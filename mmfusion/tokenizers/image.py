@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 from mmfusion.errors import UserError
+from mmfusion.tokenizers.config import ImageTokenizerConfig
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -30,28 +30,6 @@ def unpatchify(tokens: torch.Tensor, p: int, grid: tuple[int, int], channels: in
     gh, gw = grid
     x = tokens.reshape(b, gh, gw, p, p, channels)
     return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, gh * p, gw * p)
-
-
-@dataclass(frozen=True)
-class ImageTokenizerConfig:
-    kind: str = "pixels"  # pixels | vae | vq (discrete, see mmfusion.tokenizers.vq)
-    image_size: int = 32  # images are resized to this side in pixels
-    patch_size: int = 4  # p: tokens are p x p patches (of pixels, or of VAE latents)
-    path: str | None = None  # VAE / VQ model: a local folder or a hub id
-    channels: int = 3  # pixel channels, or latent channels (read from the VAE when loaded)
-    downsample: int = 1  # pixels per latent cell (8 for the SD VAE)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        side = self.image_size // (self.downsample * self.patch_size)
-        return side, side
-
-    @property
-    def token_dim(self) -> int:
-        return self.patch_size * self.patch_size * self.channels
 
 
 class ContinuousTokenizer(nn.Module):

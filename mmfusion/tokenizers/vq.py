@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mmfusion.errors import UserError
-from mmfusion.tokenizers.image import ImageTokenizerConfig
+from mmfusion.tokenizers.config import ImageTokenizerConfig
 
 QUANTIZER_FILE = "mmfusion_quantizer.json"
 

@@ -3,8 +3,8 @@ import copy
 import pytest
 import torch
 
-from mmfusion.diffusion.config import DiffusionConfig
-from mmfusion.diffusion.sampler import NextTokenDiffusionSampler, SamplerSettings
+from mmfusion.diffusion.config import DiffusionConfig, SamplerSettings
+from mmfusion.diffusion.sampler import NextTokenDiffusionSampler
 from mmfusion.errors import UserError
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel

@@ -9,8 +9,8 @@ import torch
 
 from mmfusion.config import ObjectiveConfig
 from mmfusion.diffusion.causal import add_image
-from mmfusion.diffusion.config import DiffusionConfig
-from mmfusion.diffusion.sampler import NextTokenDiffusionSampler, SamplerSettings, _Plan, _State
+from mmfusion.diffusion.config import DiffusionConfig, SamplerSettings
+from mmfusion.diffusion.sampler import NextTokenDiffusionSampler, _Plan, _State
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.masks import NOISY
 from mmfusion.model.multimodal import MMFusionModel

@@ -113,7 +113,8 @@ def test_loss_falls_on_shapes(bits, window):
     from diffusers import VQModel
 
     from mmfusion.data.shapes import render_example
-    from mmfusion.tokenizers.image import ImageTokenizerConfig, to_tensor
+    from mmfusion.tokenizers.config import ImageTokenizerConfig
+    from mmfusion.tokenizers.image import to_tensor
     from mmfusion.tokenizers.vq import BinaryQuantizer, VQTokenizer
 
     torch.manual_seed(0)

@@ -3,7 +3,8 @@ import torch
 from diffusers import AutoencoderKL
 
 from mmfusion.errors import UserError
-from mmfusion.tokenizers.image import ImageTokenizerConfig, PixelTokenizer, VAETokenizer, patchify, unpatchify
+from mmfusion.tokenizers.config import ImageTokenizerConfig
+from mmfusion.tokenizers.image import PixelTokenizer, VAETokenizer, patchify, unpatchify
 
 
 def test_pixel_tokenizer_round_trip():
