@@ -114,6 +114,10 @@ class NextTokenDiffusionSampler:
         out = known.clone().float() if known is not None else torch.zeros(b, self.grid[0] * self.grid[1], self.dim)
         scheduler = self.diffusion.make_scheduler(s.sampler)
         scheduler.set_timesteps(s.steps)
+        # x0 predictions clipped to the data range here: DDPM clips them before its posterior anyway, but
+        # DDIM derives its noise estimate from the x0 it is given and clips only afterwards, so a guided x0
+        # far out of range would carry over into every later step through that noise estimate
+        clip_x0 = self.diffusion.prediction_type == "sample" and self.diffusion.clip_sample
         n_groups = max(len(g) for g in plan.groups)
         dup = 2 if guided else 1
         state = _State(self, prefixes, plan, out, img_pos, use_cache)
@@ -137,6 +141,8 @@ class NextTokenDiffusionSampler:
                 if guide:
                     cond, uncond = pred[:b], pred[b:]
                     pred = uncond + s.cfg_scale * (cond - uncond)
+                if clip_x0:
+                    pred = pred.clamp(-1.0, 1.0)
                 kwargs = {"eta": s.eta} if s.sampler == "ddim" else {}
                 if ragged:  # row by row, so that each image draws the step's noise for its own tokens only
                     for i, (p, gen) in enumerate(zip(pos_rows, generators)):

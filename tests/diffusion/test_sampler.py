@@ -191,3 +191,31 @@ def test_bidirectional_prompt_cached_equals_uncached_and_matters():
     torch.testing.assert_close(cached, smp(CONDS, UNCONDS, _gens([0, 1]), use_cache=False), atol=1e-4, rtol=1e-4)
     other = NextTokenDiffusionSampler(causal, DiffusionConfig(), s)(CONDS, UNCONDS, _gens([0, 1]))
     assert (cached - other).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_guided_x0_reaches_the_scheduler_clipped(model, sampler, monkeypatch):
+    """With x0 prediction and clip_sample, the scheduler is given the guided x0 already in [-1, 1]: DDIM
+    computes its noise estimate from the x0 it is given before it clips, so an x0 pushed out of range by
+    guidance would spoil every later step (DDPM clips before its posterior and is unchanged)."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    seen = []
+    cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
+    step = cls.step
+
+    def recording(self, out, *args, **kwargs):
+        seen.append(float(out.abs().max()))
+        return step(self, out, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "step", recording)
+    big = copy.deepcopy(model)
+    torch.nn.init.normal_(big.image_head.weight, std=2.0)  # x0 predictions far outside [-1, 1]
+    diffusion = DiffusionConfig(prediction_type="sample", clip_sample=True, gamma=0.9)
+    s = SamplerSettings(ar_steps=1, sampler=sampler, steps=5, cfg_scale=3.0)
+    out = NextTokenDiffusionSampler(big, diffusion, s)(CONDS, UNCONDS, _gens([0, 1]))
+    assert seen and max(seen) <= 1.0 and out.abs().max() <= 1.0
+    seen.clear()
+    unclipped = DiffusionConfig(prediction_type="sample", clip_sample=False, gamma=0.9)
+    NextTokenDiffusionSampler(big, unclipped, s)(CONDS, UNCONDS, _gens([0, 1]))
+    assert max(seen) > 1.0  # without clip_sample the prediction goes through as it is
