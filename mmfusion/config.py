@@ -37,6 +37,11 @@ class ObjectiveConfig:
     # the longest; 0 turns packing off
     pack_length: int = 0
 
+    def caption_steps(self, n_tokens: int) -> int | None:
+        """AR steps of a caption-order image of `n_tokens` (`caption_ar_steps`, at most its tokens); None
+        draws them as for T2I."""
+        return None if self.caption_ar_steps is None else min(self.caption_ar_steps, n_tokens)
+
     def __post_init__(self) -> None:
         if self.condition not in CONDITIONS:
             raise ValueError(f"condition must be one of {', '.join(CONDITIONS)}, got {self.condition!r}")

@@ -27,7 +27,7 @@ from mmfusion.config import DataConfig
 from mmfusion.data.datasets import load_captioned
 from mmfusion.data.shapes import build_shapes
 from mmfusion.errors import UserError
-from mmfusion.tokenizers.image import to_uint8
+from mmfusion.tokenizers.image import from_uint8, to_uint8
 from mmfusion.tokenizers.text import TextTokenizer, clean_text
 
 
@@ -35,9 +35,9 @@ class CaptionedImages(Dataset):
     """Row i -> image tensor in [-1, 1] (or precomputed tokens), every usable caption as token ids,
     label and index; or `{"skip": reason}` for a row that cannot be used.
 
-    With `cache`, each row is decoded and tokenized once and kept in memory (the image as uint8):
-    py-spy showed PNG decoding and caption tokenization taking a tenth of a small model's training
-    step, spent again on every epoch.
+    Training reads a split this way only when it is too large to decode whole (`DecodedRows`). With
+    `cache`, each row is decoded and tokenized once and kept in memory (the image as uint8), so that
+    later epochs do not decode it again.
     """
 
     def __init__(
@@ -64,7 +64,7 @@ class CaptionedImages(Dataset):
         if "pixels" not in item:
             return item
         out = {k: v for k, v in item.items() if k != "pixels"}
-        out["image"] = item["pixels"].float() / 127.5 - 1.0  # uint8 -> [-1, 1], as to_tensor
+        out["image"] = from_uint8(item["pixels"])
         return out
 
     def _read(self, i: int) -> dict[str, Any]:
@@ -159,8 +159,6 @@ def collate_items(items: list[dict[str, Any]] | dict[str, Any]) -> dict[str, Any
         return items
     good = [x for x in items if "skip" not in x]
     batch: dict[str, Any] = {"skipped": [(x["index"], x["skip"]) for x in items if "skip" in x]}
-    if good and "pixels" in good[0]:
-        batch["images"] = torch.stack([x["pixels"] for x in good]).float() / 127.5 - 1.0  # as to_tensor
     if good and "image" in good[0]:
         batch["images"] = torch.stack([x["image"] for x in good])
     if good and "tokens" in good[0]:
@@ -199,7 +197,7 @@ class DecodedRows(Dataset):
         batch: dict[str, Any] = {"skipped": [(i, self.skip[i]) for i in indices if i in self.skip]}
         at = rows[good]
         if self.images is not None:
-            batch["images"] = self.images[at].float() / 127.5 - 1.0
+            batch["images"] = from_uint8(self.images[at])
         if self.tokens is not None:
             batch["tokens"] = self.tokens[at]
         batch.update({k: v[at] for k, v in self.captions.items()})

@@ -9,6 +9,7 @@ the diffusion regression on noisy tokens, weighted from `ar_weight` on group 1 d
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -34,8 +35,14 @@ def ar_step_probs(
 
 def sample_ar_steps(cfg: DiffusionConfig, n_tokens: int, generator: torch.Generator) -> int:
     """Draw the number of AR steps S of one training image (`ar_step_probs` under `cfg`)."""
-    probs = ar_step_probs(n_tokens, cfg.gamma, cfg.max_ar_steps, cfg.one_step_fraction)
+    probs = _ar_step_probs_once(n_tokens, cfg.gamma, cfg.max_ar_steps, cfg.one_step_fraction)
     return int(torch.multinomial(probs, 1, generator=generator)) + 1
+
+
+@functools.lru_cache(maxsize=64)
+def _ar_step_probs_once(n_tokens: int, gamma: float, max_steps: int | None, one_step_fraction: float) -> torch.Tensor:
+    """`ar_step_probs`, computed once per setting: it is drawn from for every training image (read only)."""
+    return ar_step_probs(n_tokens, gamma, max_steps, one_step_fraction)
 
 
 def random_group_sizes(n_tokens: int, steps: int, generator: torch.Generator) -> list[int]:

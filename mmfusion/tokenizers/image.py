@@ -159,7 +159,12 @@ def to_uint8(image: Any, size: int) -> torch.Tensor:
 
 def to_tensor(image: Any, size: int) -> torch.Tensor:
     """A PIL image -> (3, size, size) float tensor in [-1, 1] (RGB, resized with a bicubic filter)."""
-    return to_uint8(image, size).float() / 127.5 - 1.0
+    return from_uint8(to_uint8(image, size))
+
+
+def from_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (any shape) -> float in [-1, 1], the range image tokenizers take."""
+    return pixels.float() / 127.5 - 1.0
 
 
 def to_pil(image: torch.Tensor):  # noqa: ANN201

@@ -21,17 +21,19 @@ from dataclasses import dataclass
 
 import torch
 
+from mmfusion.config import ObjectiveConfig
 from mmfusion.diffusion.causal import (
     ar_loss_weights,
-    ar_step_probs,
     diffusion_target,
     random_group_sizes,
+    sample_ar_steps,
     sample_timesteps,
     token_order,
     training_order,
 )
 from mmfusion.diffusion.config import DiffusionConfig
 from mmfusion.model.masks import CLEAN, NOISY, PAD, PROMPT, TEXT
+from mmfusion.model.prompts import Prompts
 from mmfusion.model.sequence import IGNORE, TokenBatch
 
 
@@ -58,14 +60,14 @@ class BatchLayout:
         diffusion: DiffusionConfig,
         scheduler,  # noqa: ANN001
         grid: tuple[int, int],
-        specials: tuple[int, int, int, int],
+        prompts: Prompts,
+        ends: tuple[int, int],
         image_span: int,
         clean_last_in_caption: bool,
     ) -> None:
-        self.cfg, self.scheduler, self.grid = diffusion, scheduler, grid
-        self.bos, self.eos, self.boi, self.eoi = specials
+        self.cfg, self.scheduler, self.grid, self.prompts = diffusion, scheduler, grid, prompts
+        self.eos, self.eoi = ends
         self.image_span, self.clean_last_in_caption = image_span, clean_last_in_caption
-        self._probs: dict[int, torch.Tensor] = {}
         self._group_weights: dict[tuple[int, int], torch.Tensor] = {}  # (S, N) -> weight of group s
 
     def draw(
@@ -74,27 +76,24 @@ class BatchLayout:
         n_tokens: int,
         token_dim: int,
         captions: list[list[int]],
-        t2i_fraction: float,
-        caption_dropout: float,
-        caption_ar_steps: int | None,
-        caption_scale: float,
+        objective: ObjectiveConfig,
     ) -> Draws:
         """The random draws of every sample, each from its own generator in the per-sample path's order."""
         cfg, k = self.cfg, self.cfg.k_times
         prompts, tails, sizes, scales, orders, ts, noises = [], [], [], [], [], [], []
         for g, caption in zip(generators, captions):
             u = torch.rand(2, generator=g).tolist()
-            caption_order = u[0] >= t2i_fraction
+            caption_order = u[0] >= objective.t2i_fraction
             if caption_order:
-                prompts.append([self.bos, self.boi])
+                prompts.append(self.prompts.text(None))
                 tails.append([self.eoi, *caption, self.eos])
-                scales.append(caption_scale)
+                scales.append(objective.caption_image_loss_weight)
             else:
-                prompts.append([self.bos, *(() if u[1] < caption_dropout else caption), self.boi])
+                prompts.append(self.prompts.text(None if u[1] < objective.caption_dropout else caption))
                 tails.append([])
                 scales.append(1.0)
-            steps = (caption_ar_steps and min(caption_ar_steps, n_tokens)) if caption_order else None
-            steps = steps or self._ar_steps(n_tokens, g)
+            steps = objective.caption_steps(n_tokens) if caption_order else None
+            steps = steps or sample_ar_steps(cfg, n_tokens, g)
             sizes.append(random_group_sizes(n_tokens, steps, g))
             orders.append(token_order(self.grid, training_order(cfg, steps, g), g, cfg.block_size))
             for _ in range(k):
@@ -105,13 +104,6 @@ class BatchLayout:
         t = torch.stack(ts).view(b, k, n_tokens)
         noise = torch.stack(noises).view(b, k, n_tokens, token_dim)
         return Draws(prompts, tails, sizes, scales, torch.stack(orders), t, noise)
-
-    def _ar_steps(self, n_tokens: int, generator: torch.Generator) -> int:
-        """`sample_ar_steps`, with the distribution computed once per token count."""
-        if n_tokens not in self._probs:
-            cfg = self.cfg
-            self._probs[n_tokens] = ar_step_probs(n_tokens, cfg.gamma, cfg.max_ar_steps, cfg.one_step_fraction)
-        return int(torch.multinomial(self._probs[n_tokens], 1, generator=generator)) + 1
 
     def build(self, tokens: torch.Tensor, draws: Draws, pack_length: int) -> TokenBatch:
         """The batch of images `tokens` (B, N, C) under `draws`, packed into rows of `pack_length`

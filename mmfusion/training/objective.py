@@ -43,9 +43,8 @@ class JointObjective:
             self.diffusion = DiffusionConfig(**{**diffusion.to_dict(), "gamma": 0.0, "ar_weight": 1.0, "k_times": 1})
         self.layout = None  # whole-batch layout: continuous tokens under a text condition
         if not model_cfg.discrete and objective.condition == "text":
-            specials = (bos, eos, boi, eoi)
-            span, clean_last = model_cfg.image_span, not self.text_sees_noisy
-            self.layout = BatchLayout(self.diffusion, self.scheduler, model_cfg.image_grid, specials, span, clean_last)
+            grid, span, clean_last = model_cfg.image_grid, model_cfg.image_span, not self.text_sees_noisy
+            self.layout = BatchLayout(self.diffusion, self.scheduler, grid, self.prompts, (eos, eoi), span, clean_last)
 
     @property
     def text_sees_noisy(self) -> bool:
@@ -65,18 +64,8 @@ class JointObjective:
         generators = self._per_sample(generators, tokens.shape[0])
         if self.layout is None:
             return self.build_per_sample(tokens, captions, labels, generators)
-        o = self.obj
-        draws = self.layout.draw(
-            generators,
-            tokens.shape[1],
-            tokens.shape[2],
-            captions,
-            o.t2i_fraction,
-            o.caption_dropout,
-            o.caption_ar_steps,
-            o.caption_image_loss_weight,
-        )
-        return self.layout.build(tokens, draws, o.pack_length)
+        draws = self.layout.draw(generators, tokens.shape[1], tokens.shape[2], captions, self.obj)
+        return self.layout.build(tokens, draws, self.obj.pack_length)
 
     @staticmethod
     def _per_sample(generators: torch.Generator | list[torch.Generator] | None, n: int) -> list[torch.Generator]:
@@ -139,14 +128,9 @@ class JointObjective:
             self.model_cfg.image_grid,
             g,
             clean_copy_of_last=clean_last,
-            ar_steps=self._caption_ar_steps(tokens.shape[0]) if caption_order else None,
+            ar_steps=self.obj.caption_steps(tokens.shape[0]) if caption_order else None,
             loss_scale=weight,
         )
-
-    def _caption_ar_steps(self, n_tokens: int) -> int | None:
-        """AR steps of a caption-order image (`ObjectiveConfig.caption_ar_steps`, at most its tokens)."""
-        steps = self.obj.caption_ar_steps
-        return None if steps is None else min(steps, n_tokens)
 
     def _self_correction(self, codes: torch.Tensor, g: torch.Generator) -> torch.Tensor | None:
         """Infinity's bitwise self-correction: flip a fraction of the input bits; targets stay true."""
