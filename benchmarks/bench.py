@@ -197,7 +197,7 @@ def shapes_images(n: int, size: int = 32):  # noqa: ANN201
     import torch
 
     from mmfusion.data.shapes import render_example
-    from mmfusion.tokenizers.image import to_tensor
+    from mmfusion.image_io import to_tensor
 
     rows = [render_example(0, "train", i, size=size) for i in range(n)]
     return torch.stack([to_tensor(r["image"], size) for r in rows]), [r["captions"][0] for r in rows]
@@ -588,8 +588,9 @@ def _sampling_times(
 
     import torch
 
-    from mmfusion.diffusion.config import DiffusionConfig, SamplerSettings
-    from mmfusion.diffusion.sampler import NextTokenDiffusionSampler
+    from mmfusion.diffusion.config import DiffusionConfig
+    from mmfusion.generation.diffusion import NextTokenDiffusionSampler
+    from mmfusion.generation.settings import DiffusionSampling
     from mmfusion.runtime import bf16_native
 
     conds = [[1, 10 + i % 50, 20, 30, 3] for i in range(images)]
@@ -601,7 +602,7 @@ def _sampling_times(
     if bf16 and bf16_native()[0]:
         variants.append(("_bf16", copy.deepcopy(model).to_dtype(torch.bfloat16), True))
     for steps in ar_steps:
-        settings = SamplerSettings(ar_steps=steps, sampler="ddim", steps=20, cfg_scale=3.0)
+        settings = DiffusionSampling(ar_steps=steps, sampler="ddim", steps=20, cfg_scale=3.0)
         for suffix, m, cached in variants:
             if not cached and steps not in uncached:
                 continue
@@ -648,15 +649,16 @@ def bench_caption(quick: bool) -> dict:
 
     import torch
 
+    from mmfusion.generation.caption import CaptionDecoder
+    from mmfusion.generation.settings import CaptionSampling
     from mmfusion.runtime import bf16_native
-    from mmfusion.sampling.caption import CaptionDecoder, CaptionSettings
 
     model = _sampling_model()
     specials = dict(bos=1, boi=3, eoi=4, eos=2)
     dec = CaptionDecoder(model, **specials)
     b = 8 if quick else 32
     tokens = torch.randn(b, 16, 192)
-    s = CaptionSettings(max_new_tokens=32, min_new_tokens=32)
+    s = CaptionSampling(max_new_tokens=32, min_new_tokens=32)
     out = {"images": b, "new_tokens": 32}
     for cached in (True, False):
         sec = timed(lambda: dec(tokens, s, use_cache=cached), repeat=3)
@@ -675,9 +677,10 @@ def bench_token_shuffle(quick: bool) -> dict:
 
     from mmfusion.config import ObjectiveConfig
     from mmfusion.diffusion.config import DiffusionConfig
+    from mmfusion.generation.settings import TokenSampling
+    from mmfusion.generation.tokens import ARImageSampler
     from mmfusion.model.config import ModelConfig
     from mmfusion.model.multimodal import MMFusionModel
-    from mmfusion.sampling.autoregressive import ARImageSampler
     from mmfusion.training.objective import JointObjective
 
     torch.manual_seed(0)
@@ -693,7 +696,7 @@ def bench_token_shuffle(quick: bool) -> dict:
         batch = obj.build(codes, [[10, 11, 12, 13, 14, 15, 16, 17]] * 16, None, torch.Generator().manual_seed(0))
         # the step as `mmfusion train` takes it in fp32 (fused AdamW, clipping), like the training rows
         train_s = timed(_train_step(model, obj, batch, None), repeat=2 if quick else 5, warmup=1)
-        sampler = ARImageSampler(model.eval(), top_k=100, cfg_scale=2.0, cfg_schedule="linear")
+        sampler = ARImageSampler(model.eval(), TokenSampling(top_k=100, cfg_scale=2.0, cfg_schedule="linear"))
         b = 4
         gens = lambda: [torch.Generator().manual_seed(i) for i in range(b)]  # noqa: E731
         sample_s = timed(lambda: sampler([[1, 10, 11, 3]] * b, [[1, 3]] * b, gens()), repeat=1 if quick else 2)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from mmfusion.cli.evaluate import caption
+from mmfusion.evaluation.captions import caption_split, run_caption_benchmark
+from mmfusion.pipeline import MMFusion
 
 
 def main() -> None:
@@ -25,17 +26,11 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights' dtype")
     args = ap.parse_args()
-    caption(
-        model=args.model,
-        data=args.karpathy,
-        out=args.out,
-        image_root=args.images,
-        split=args.split,
-        method=args.method,
-        num_beams=args.num_beams,
-        limit=args.limit,
-        dtype=args.dtype,
-    )
+    rows = caption_split(args.karpathy, args.split, args.images, args.limit)
+    pipe = MMFusion.from_pretrained(args.model, dtype=args.dtype)
+    settings = pipe.caption_settings(method=args.method, num_beams=args.num_beams)
+    metrics = run_caption_benchmark(pipe, rows, args.out, settings)
+    print(" ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
 
 
 if __name__ == "__main__":

@@ -14,4 +14,8 @@ def __getattr__(name: str):  # lazy: `import mmfusion` stays fast for the CLI
         from mmfusion.model.config import ModelConfig
 
         return ModelConfig
+    if name in ("DiffusionSampling", "TokenSampling", "CaptionSampling"):
+        from mmfusion.generation import settings
+
+        return getattr(settings, name)
     raise AttributeError(name)

@@ -1,6 +1,7 @@
 """Run configuration: typed dataclasses, loaded from YAML with dotted overrides and strict checks.
 
-Unknown keys and values of the wrong type are refused with a one-line message that names the key.
+Every bad setting (an unknown key, a value of the wrong type or out of range) is one ConfigError whose
+message starts with the dotted key: `train.lr: must be of type float, got 'fast'`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any
 
 import yaml
 
-from mmfusion.diffusion.config import DiffusionConfig, SamplerSettings
-from mmfusion.errors import UserError
+from mmfusion.diffusion.config import DiffusionConfig
+from mmfusion.errors import ConfigError, UserError, check
+from mmfusion.generation.settings import SampleConfig
 from mmfusion.model.config import ModelConfig
 from mmfusion.tokenizers.config import ImageTokenizerConfig
 
@@ -43,12 +45,25 @@ class ObjectiveConfig:
         return None if self.caption_ar_steps is None else min(self.caption_ar_steps, n_tokens)
 
     def __post_init__(self) -> None:
-        if self.condition not in CONDITIONS:
-            raise ValueError(f"condition must be one of {', '.join(CONDITIONS)}, got {self.condition!r}")
-        if self.baseline not in BASELINES:
-            raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
-        if self.caption_ar_steps is not None and self.caption_ar_steps < 1:
-            raise ValueError(f"caption_ar_steps must be at least 1 (or null), got {self.caption_ar_steps}")
+        check(
+            [
+                (
+                    self.condition in CONDITIONS,
+                    "condition",
+                    f"must be one of {', '.join(CONDITIONS)}, got {self.condition!r}",
+                ),
+                (
+                    self.baseline in BASELINES,
+                    "baseline",
+                    f"must be one of {', '.join(BASELINES)}, got {self.baseline!r}",
+                ),
+                (
+                    self.caption_ar_steps is None or self.caption_ar_steps >= 1,
+                    "caption_ar_steps",
+                    f"must be at least 1 (or null), got {self.caption_ar_steps}",
+                ),
+            ]
+        )
 
 
 CONDITIONS = ("text", "class")
@@ -84,9 +99,10 @@ class DataConfig:
         if self.global_batch_size is None:
             return self.batch_size
         if self.global_batch_size < 1 or self.global_batch_size % world_size:
-            raise UserError(
-                f"data.global_batch_size={self.global_batch_size} does not split into {world_size} "
-                f"equal process batches: make it a positive multiple of {world_size}"
+            raise ConfigError(
+                "data.global_batch_size",
+                f"{self.global_batch_size} does not split into {world_size} equal process batches: "
+                f"make it a positive multiple of {world_size}",
             )
         return self.global_batch_size // world_size
 
@@ -95,11 +111,13 @@ LR_SCHEDULES = ("constant", "cosine", "wsd")
 
 
 def check_lr_schedule(schedule: str, decay_fraction: float) -> None:
-    """ValueError unless `schedule` is one of LR_SCHEDULES and `decay_fraction` is in (0, 1]."""
-    if schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
-    if not 0 < decay_fraction <= 1:
-        raise ValueError(f"lr_decay_fraction must be in (0, 1], got {decay_fraction}")
+    """ConfigError unless `schedule` is one of LR_SCHEDULES and `decay_fraction` is in (0, 1]."""
+    check(
+        [
+            (schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}"),
+            (0 < decay_fraction <= 1, "lr_decay_fraction", f"must be in (0, 1], got {decay_fraction}"),
+        ]
+    )
 
 
 # Lightning's precision names (and their short forms) and the strategies mmfusion sets up
@@ -132,9 +150,9 @@ class TrainConfig:
     num_nodes: int = 1  # machines of a multi-node run (SLURM or torchrun)
     strategy: str = "auto"  # auto | ddp | fsdp
     activation_checkpointing: bool = False  # recompute each block's activations in the backward instead of keeping them
-    # torch.compile the transformer blocks, as one graph (block by block under FSDP); inductor needs a
-    # C++ compiler on CPU, skipped with a message where there is none. Measured on 2 CPU cores with
-    # bf16: training steps 1.5x faster, after some 10-30 s of compiling
+    # torch.compile the transformer blocks, as one graph (block by block under FSDP), for faster steps
+    # after some seconds of compiling (docs/BENCHMARKS.md); inductor needs a C++ compiler on CPU,
+    # skipped with a message where there is none
     compile: bool = False
     log_every_n_steps: int = 25  # steps between logged losses (csv or TensorBoard)
     checkpoint_every_n_steps: int = 500  # steps between checkpoints (RUN/checkpoints/last.ckpt, for --resume)
@@ -146,18 +164,28 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_lr_schedule(self.lr_schedule, self.lr_decay_fraction)
-        if self.logger not in ("csv", "tensorboard"):
-            raise ValueError(f"logger must be csv or tensorboard, got {self.logger!r}")
-        if self.max_time_minutes is not None and self.max_time_minutes <= 0:  # 0 would mean no limit at all
-            raise ValueError(
-                f"max_time_minutes must be positive (or null for no time limit), got {self.max_time_minutes}"
-            )
-        if self.max_steps < 1:
-            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
-        if str(self.precision) not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        minutes = self.max_time_minutes
+        check(
+            [
+                (self.logger in ("csv", "tensorboard"), "logger", f"must be csv or tensorboard, got {self.logger!r}"),
+                (  # 0 would mean no limit at all
+                    minutes is None or minutes > 0,
+                    "max_time_minutes",
+                    f"must be positive (or null for no time limit), got {minutes}",
+                ),
+                (self.max_steps >= 1, "max_steps", f"must be at least 1, got {self.max_steps}"),
+                (
+                    str(self.precision) in PRECISIONS,
+                    "precision",
+                    f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+                ),
+                (
+                    self.strategy in STRATEGIES,
+                    "strategy",
+                    f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}",
+                ),
+            ]
+        )
 
 
 @dataclass(frozen=True)
@@ -168,16 +196,24 @@ class RunConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    sample: SamplerSettings = field(default_factory=SamplerSettings)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self) -> None:
-        if self.objective.condition == "class" and not self.model.num_classes:
-            raise ValueError("objective.condition=class needs model.num_classes > 0 (12 for the shapes classes)")
-        if self.model.shuffle > 1 and self.image.kind != "vq":
-            raise ValueError(
-                f"model.shuffle={self.model.shuffle} fuses discrete image codes: it needs image.kind=vq and "
-                f"image.path (a VQ model, `mmfusion vq train`), not image.kind={self.image.kind}"
-            )
+        check(
+            [
+                (
+                    self.objective.condition != "class" or self.model.num_classes > 0,
+                    "objective.condition",
+                    "class needs model.num_classes > 0 (12 for the shapes classes)",
+                ),
+                (
+                    self.model.shuffle == 1 or self.image.kind == "vq",
+                    "model.shuffle",
+                    f"{self.model.shuffle} fuses discrete image codes: it needs image.kind=vq and image.path "
+                    f"(a VQ model, `mmfusion vq train`), not image.kind={self.image.kind}",
+                ),
+            ]
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -215,32 +251,39 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
             return value
     elif isinstance(tp, type) and isinstance(value, tp):
         return value
-    raise UserError(f"config key {key!r} must be of type {getattr(tp, '__name__', tp)}, got {value!r}")
+    raise ConfigError(key, f"must be of type {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+def build_section(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """The settings dataclass `cls` from a mapping, checked key by key; `prefix` ("sample.") names the
+    section in errors."""
+    section = prefix.rstrip(".")
+    if cls is SampleConfig:  # a flat `sample:` section of before its per-sampler parts
+        data = SampleConfig.nest(data)
     if not isinstance(data, dict):
-        raise UserError(f"config section {prefix.rstrip('.')!r} must be a mapping, got {data!r}")
+        raise ConfigError(section, f"must be a mapping of keys to values, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names - ({"preset"} if cls is ModelConfig else set()))
     if unknown:
-        raise UserError(f"unknown config key {prefix + unknown[0]!r}; valid keys here: {', '.join(sorted(names))}")
+        raise ConfigError(
+            prefix + unknown[0], f"unknown key; the keys of {section or 'a config'}: {', '.join(sorted(names))}"
+        )
     kwargs = {}
     for name, value in data.items():
         if name == "preset":
             continue
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+            kwargs[name] = build_section(tp, value, f"{prefix}{name}.")
         else:
             kwargs[name] = _check_type(prefix + name, value, tp)
     try:
         if cls is ModelConfig:
             return ModelConfig.from_name(data.get("preset", "small"), **kwargs)
         return cls(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"bad config section {prefix.rstrip('.') or 'root'!r}: {err}") from err
+    except ConfigError as err:
+        raise err.within(section) from None
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -249,7 +292,7 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     for k in keys[:-1]:
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
-            raise UserError(f"override {dotted!r}: {k!r} is not a section")
+            raise ConfigError(dotted, f"{k!r} is not a section")
     node[keys[-1]] = value
 
 
@@ -258,7 +301,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
-            raise UserError(f"override {item!r} must look like section.key=value, e.g. train.max_steps=200")
+            raise ConfigError(item, "an override must look like section.key=value, e.g. train.max_steps=200")
         key, raw = item.split("=", 1)
         _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
     return tree
@@ -283,6 +326,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as err:
             raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from err
     extra = parse_overrides(overrides or [])
+    for tree in (data, extra):  # each in today's form before they merge, so an override always wins
+        if "sample" in tree:
+            tree["sample"] = SampleConfig.nest(tree["sample"])
     data = _merge(data, extra)
     given, merged = extra.get("data", {}), data.get("data", {})
     if (
@@ -292,13 +338,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         and "global_batch_size" not in given
         and merged.get("global_batch_size") is not None
     ):
-        raise UserError(
-            f"data.batch_size={given['batch_size']} would have no effect: this config sets "
-            f"data.global_batch_size={merged['global_batch_size']}, the samples per step of all processes "
-            "together; override that instead (or add data.global_batch_size=null for a per-process batch)"
+        raise ConfigError(
+            "data.batch_size",
+            f"{given['batch_size']} would have no effect: this config sets data.global_batch_size="
+            f"{merged['global_batch_size']}, the samples per step of all processes together; override that "
+            "instead (or add data.global_batch_size=null for a per-process batch)",
         )
     return config_from_dict(data)
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    return _build(RunConfig, data, "")
+    return build_section(RunConfig, data)

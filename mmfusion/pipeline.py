@@ -16,21 +16,23 @@ import numpy as np
 import torch
 from accelerate import init_empty_weights
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from mmfusion.diffusion.config import DiffusionConfig, SamplerSettings
-from mmfusion.diffusion.sampler import NextTokenDiffusionSampler
-from mmfusion.errors import UserError
+from mmfusion.config import build_section
+from mmfusion.diffusion.config import DiffusionConfig
+from mmfusion.errors import ConfigError, UserError
+from mmfusion.generation.caption import CaptionDecoder
+from mmfusion.generation.common import batches
+from mmfusion.generation.diffusion import NextTokenDiffusionSampler
+from mmfusion.generation.settings import CaptionSampling, DiffusionSampling, SampleConfig, TokenSampling, with_changes
+from mmfusion.generation.tokens import ARImageSampler
+from mmfusion.image_io import to_pil, to_tensor
 from mmfusion.model.adapters import merge_adapters
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.model.prompts import Prompts
 from mmfusion.runtime import bf16_native
-from mmfusion.sampling.autoregressive import ARImageSampler
-from mmfusion.sampling.caption import CaptionDecoder, CaptionSettings
 from mmfusion.tokenizers.build import build_image_tokenizer
 from mmfusion.tokenizers.config import ImageTokenizerConfig
-from mmfusion.tokenizers.image import to_pil, to_tensor
 from mmfusion.tokenizers.text import TextTokenizer
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
@@ -63,10 +65,6 @@ def inference_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[name]
 
 
-# sampler settings that only CausalFusion (continuous tokens) reads
-DIFFUSION_SETTINGS = {"ar_steps", "order", "sampler", "steps", "cfg_interval", "cfg_until_step", "eta"}
-
-
 def _absolute_local_path(image: dict[str, Any]) -> dict[str, Any]:
     """The image tokenizer's config with a local VAE / VQ folder recorded by its absolute path, so that
     a model folder finds it from wherever it is used (a relative one would be looked up on the hub)."""
@@ -97,7 +95,7 @@ class MMFusion:
         text_tokenizer: TextTokenizer,
         image: ImageTokenizerConfig,
         diffusion: DiffusionConfig,
-        sample: SamplerSettings = SamplerSettings(),
+        sample: SampleConfig = SampleConfig(),
         condition: str = "text",
         image_tokenizer: Any = None,
         class_names: list[str] | None = None,
@@ -108,7 +106,7 @@ class MMFusion:
         self.image_cfg = image
         self.image_tokenizer = (image_tokenizer or build_image_tokenizer(image)).to(model.device)
         self.diffusion = diffusion
-        self.sample_defaults = sample
+        self.sampling = sample  # the default settings of each sampler, saved with the model
         self.condition = condition
         self.class_names = list(class_names or [])
         self.objective = dict(objective or {})  # the training objective, reused by `mmfusion finetune`
@@ -140,7 +138,7 @@ class MMFusion:
             "model": self.model.cfg.to_dict(),
             "image": _absolute_local_path(self.image_cfg.to_dict()),
             "diffusion": self.diffusion.to_dict(),
-            "sample": dataclasses.asdict(self.sample_defaults),
+            "sample": dataclasses.asdict(self.sampling),
             "condition": self.condition,
             "class_names": self.class_names,
             "objective": self.objective,
@@ -197,9 +195,6 @@ class MMFusion:
         model.load_state_dict(state, strict=True, assign=True)
         if model_cfg.tie_embeddings:  # `assign` made two Parameters over one tensor: one Parameter again
             model.lm_head.weight = model.embed_tokens.weight
-        sample = config.get("sample", {})
-        if "cfg_interval" in sample:
-            sample["cfg_interval"] = tuple(sample["cfg_interval"])
         tok = TextTokenizer.from_file(
             folder / "tokenizer.json", special=config.get("special_tokens"), max_len=config.get("max_text_len", 35)
         )
@@ -211,7 +206,7 @@ class MMFusion:
             tok,
             image,
             DiffusionConfig(**config["diffusion"]),
-            SamplerSettings(**sample),
+            build_section(SampleConfig, config.get("sample", {}), "sample."),
             config.get("condition", "text"),
             class_names=config.get("class_names"),
             objective=config.get("objective"),
@@ -229,9 +224,8 @@ class MMFusion:
     def to_dtype(self, dtype: str | torch.dtype) -> MMFusion:
         """Sample and caption with weights in `dtype` (float32 or bfloat16). bfloat16 halves the memory of
         the backbone's weights and of the KV cache; on CPUs that multiply bf16 natively (AMX, AVX512-BF16)
-        it samples large models up to about twice as fast (2.2x at S = 1, 1.36x at S = 16 for a 5M model
-        at 256 tokens per image), while small passes (tens of rows of a 128-wide model) gain nothing or
-        lose (docs/BENCHMARKS.md). The rotary frequencies and, with `fp32_head`, the output heads
+        it samples large models faster, while small passes (tens of rows of a 128-wide model) gain nothing
+        or lose (docs/BENCHMARKS.md). The rotary frequencies and, with `fp32_head`, the output heads
         stay float32, and the samplers keep their own state (noisy tokens, logits) in float32."""
         dtype = inference_dtype(dtype)
         if dtype == torch.bfloat16 and self.model.device.type == "cpu":
@@ -271,32 +265,44 @@ class MMFusion:
             raise UserError("prompt is empty: give a text prompt such as 'a red circle'")
         return self.prompts.text(self.text_tokenizer.encode(prompt)), self.prompts.text(None)
 
+    def image_settings(
+        self, settings: DiffusionSampling | TokenSampling | None = None, **changes: Any
+    ) -> DiffusionSampling | TokenSampling:
+        """The settings this model's image sampler takes: `DiffusionSampling` for CausalFusion,
+        `TokenSampling` for Token-Shuffle. `settings` (default: the model's own, saved with it) with
+        `changes` made by name, None leaving a setting as it is; a setting of the other sampler is an
+        error that lists this one's."""
+        if self.model.cfg.discrete:
+            kind, base, what = TokenSampling, self.sampling.tokens, "Token-Shuffle's autoregressive sampling"
+        else:
+            kind, base, what = DiffusionSampling, self.sampling.diffusion, "CausalFusion's diffusion sampling"
+        if settings is not None and not isinstance(settings, kind):
+            raise ConfigError("settings", f"this model samples with {kind.__name__}, got {type(settings).__name__}")
+        return with_changes(settings or base, what, **changes)
+
+    def caption_settings(self, settings: CaptionSampling | None = None, **changes: Any) -> CaptionSampling:
+        """`settings` (default: the model's caption settings) with `changes` made by name."""
+        return with_changes(settings or self.sampling.caption, "caption decoding", **changes)
+
     def generate_tokens(
         self,
         prompts: list[str | int],
         seeds: list[int],
+        settings: DiffusionSampling | TokenSampling,
         use_cache: bool = True,
         progress: bool = False,
         known: torch.Tensor | None = None,
         known_mask: torch.Tensor | None = None,
-        **settings: Any,
     ) -> torch.Tensor:
-        given = {k: v for k, v in settings.items() if v is not None}
-        if self.model.cfg.discrete and set(given) & DIFFUSION_SETTINGS:
-            raise UserError(
-                f"{', '.join(sorted(set(given) & DIFFUSION_SETTINGS))}: settings of CausalFusion's diffusion "
-                "sampling; this Token-Shuffle model samples codes one token at a time (set temperature, top_k, "
-                "top_p, cfg_scale, cfg_schedule)"
-            )
-        s = dataclasses.replace(self.sample_defaults, **given)
+        """Image tokens for `prompts`, one image per seed, sampled with `settings` (`image_settings`);
+        `known` tokens where `known_mask` is set are given, not generated (editing)."""
         conds, unconds = zip(*(self._condition(p) for p in prompts))
         gens = [torch.Generator().manual_seed(int(sd)) for sd in seeds]
-        if self.model.cfg.discrete:  # Token-Shuffle: autoregressive codes
+        if isinstance(settings, TokenSampling):  # Token-Shuffle: autoregressive codes
             if known is not None:
                 raise UserError("editing works on the continuous (CausalFusion) image path only")
-            ar = ARImageSampler(self.model, s.temperature, s.top_k, s.top_p, s.cfg_scale, s.cfg_schedule)
-            return ar(list(conds), list(unconds), gens, use_cache=use_cache)
-        sampler = NextTokenDiffusionSampler(self.model, self.diffusion, s)
+            return ARImageSampler(self.model, settings)(list(conds), list(unconds), gens, use_cache=use_cache)
+        sampler = NextTokenDiffusionSampler(self.model, self.diffusion, settings)
         return sampler(
             list(conds), list(unconds), gens, known=known, known_mask=known_mask, use_cache=use_cache, progress=progress
         )
@@ -310,15 +316,20 @@ class MMFusion:
         batch_size: int = 16,
         progress: bool = False,
         seeds: list[int] | None = None,
-        **settings: Any,
+        settings: DiffusionSampling | TokenSampling | None = None,
+        **changes: Any,
     ) -> list[Any]:
         """PIL images: `num_images` per prompt; image j of prompt i uses seed `seed + i * num_images + j`
         (or `seeds[i]`, one image per prompt, when `seeds` is given). An image depends only on its
         prompt, seed and settings, never on the batch it was sampled in.
 
-        `settings` override the model's sampler defaults: ar_steps, order, sampler, steps, cfg_scale,
-        cfg_interval, cfg_until_step, eta.
+        The sampler's settings are `settings` (default: the model's own) with `changes` by name, as in
+        `pipe.generate("a red circle", ar_steps=4, order="raster")`: for CausalFusion the fields of
+        `DiffusionSampling` (ar_steps, order, sampler, steps, cfg_scale, cfg_interval, cfg_until_step,
+        eta), for Token-Shuffle those of `TokenSampling` (temperature, top_k, top_p, cfg_scale,
+        cfg_schedule).
         """
+        settings = self.image_settings(settings, **changes)
         prompts = [prompts] if isinstance(prompts, (str, int)) else list(prompts)
         if num_images < 1 or batch_size < 1:
             raise UserError(f"num_images and batch_size must be at least 1, got {num_images} and {batch_size}")
@@ -329,13 +340,9 @@ class MMFusion:
         else:
             jobs = [(p, seed + i * num_images + j) for i, p in enumerate(prompts) for j in range(num_images)]
         images = []
-        bar = tqdm(total=len(jobs), desc="images", disable=not progress or len(jobs) <= batch_size)
-        for start in range(0, len(jobs), batch_size):
-            chunk = jobs[start : start + batch_size]
-            tokens = self.generate_tokens([p for p, _ in chunk], [s for _, s in chunk], progress=progress, **settings)
+        for _, chunk in batches(jobs, batch_size, "images", progress):
+            tokens = self.generate_tokens([p for p, _ in chunk], [s for _, s in chunk], settings, progress=progress)
             images += [to_pil(x) for x in self.decode_tokens(tokens)]
-            bar.update(len(chunk))
-        bar.close()
         return images
 
     # captioning ---------------------------------------------------------------------------
@@ -356,29 +363,26 @@ class MMFusion:
     def caption(
         self,
         images: Any | list[Any],
-        method: str = "greedy",
         batch_size: int = 32,
         seed: int = 0,
         progress: bool = False,
-        **settings: Any,
+        settings: CaptionSampling | None = None,
+        **changes: Any,
     ) -> list[str]:
-        """Captions for PIL images (greedy, beam or nucleus decoding); `progress`: a bar over the images
-        when there is more than one batch."""
+        """Captions for PIL images; `progress`: a bar over the images when there is more than one batch.
+        Decoding follows `settings` (default: the model's, greedy unless set otherwise) with `changes` by
+        name: the fields of `CaptionSampling`, as in `pipe.caption(image, method="beam", num_beams=4)`."""
         if self.condition != "text":
             raise UserError("this model is class-conditional: it has no captioning head trained")
         images = images if isinstance(images, list) else [images]
-        s = CaptionSettings(method=method, **settings)
+        s = self.caption_settings(settings, **changes)
         t = self.text_tokenizer
         decoder = CaptionDecoder(self.model, t.bos_id, t.boi_id, t.eoi_id, t.eos_id)
         out = []
-        bar = tqdm(total=len(images), desc="captions", disable=not progress or len(images) <= batch_size)
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
+        for start, chunk in batches(images, batch_size, "captions", progress):
             gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
             ids = decoder(self.encode_images(chunk), s, gens)
             out += [t.decode(i) for i in ids]
-            bar.update(len(chunk))
-        bar.close()
         return out
 
     # editing ------------------------------------------------------------------------------
@@ -399,9 +403,18 @@ class MMFusion:
 
     @torch.no_grad()
     def edit(
-        self, image: Any, mask: Any, prompt: str | int, seed: int = 0, num_images: int = 1, **settings: Any
+        self,
+        image: Any,
+        mask: Any,
+        prompt: str | int,
+        seed: int = 0,
+        num_images: int = 1,
+        settings: DiffusionSampling | None = None,
+        **changes: Any,
     ) -> list[Any]:
-        """Regenerate the masked tokens of `image` under `prompt`, conditioned on the visible ones."""
+        """Regenerate the masked tokens of `image` under `prompt`, conditioned on the visible ones, with
+        the sampler's `settings` and `changes` as in `generate`."""
+        settings = self.image_settings(settings, **changes)
         regen = self.token_mask(mask)
         if not regen.any():
             raise UserError("the mask selects nothing to regenerate: paint the region to change white")
@@ -410,9 +423,9 @@ class MMFusion:
         out = self.generate_tokens(
             [prompt] * num_images,
             [seed + j for j in range(num_images)],
+            settings,
             known=tokens,
             known_mask=known_mask,
-            **settings,
         )
         return [to_pil(x) for x in self.decode_tokens(out)]
 

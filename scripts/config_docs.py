@@ -40,8 +40,9 @@ train:
 ```
 
 and `section.key=value` on the command line overrides the file (`train.lr=1e-3 model.dim=192`).
-Unknown keys and values of the wrong type are refused with a one-line error naming the key. The
-shipped configs are in `mmfusion/configs/` (`demo.yaml` is the CPU demo).
+A bad setting (an unknown key, a value of the wrong type or out of range) is refused with one line that
+starts with its dotted key: `train.lr: must be of type float, got 'fast'`. The shipped configs are in
+`mmfusion/configs/` (`demo.yaml` is the CPU demo).
 
 This page is generated from the config dataclasses by `python scripts/config_docs.py`; a test fails
 when it is stale.
@@ -55,7 +56,9 @@ SECTIONS = {
     "objective": "The joint training objective: T2I and caption order, their losses, packing.",
     "data": "The training data: the built-in shapes set or your own captioned images, batching, tokenizer.",
     "train": "The training run: optimizer, schedule, precision, devices, checkpoints, time budget.",
-    "sample": "Sampling settings used by the demo, `mmfusion generate` and the pipeline defaults.",
+    "sample": "Each sampler's default settings, saved with a model: `mmfusion generate`, `caption` and the "
+    "pipeline start from them, and their options change them. A flat `sample:` mapping of the image "
+    "samplers' keys, as configs before these parts had, still loads: each key goes to the part that has it.",
 }
 
 
@@ -106,29 +109,35 @@ def cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def section_lines(key: str, value: Any, intro: str) -> list[str]:
+    """The table of one section; a section made of parts (`sample`) gets one table per part after it."""
+    cls = type(value)
+    notes, types = field_notes(cls), field_types(cls)
+    fields = dataclasses.fields(cls)
+    parts = [f for f in fields if dataclasses.is_dataclass(getattr(value, f.name))]
+    lines = [f"{'###' if '.' in key else '##'} `{key}`", "", intro, ""]
+    if parts:
+        lines += [f"- `{key}.{f.name}`: {notes.get(f.name, '')}" for f in parts] + [""]
+        for f in parts:
+            part = getattr(value, f.name)
+            lines += section_lines(f"{key}.{f.name}", part, (type(part).__doc__ or "").strip().splitlines()[0])
+        return lines
+    lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+    if key == "model":
+        lines.append("| `preset` | str | small | a named size, then overridden by the keys below |")
+    for f in fields:
+        lines.append(
+            f"| `{f.name}` | {cell(types[f.name])} | {cell(show(getattr(value, f.name)))} | "
+            f"{cell(notes.get(f.name, ''))} |"
+        )
+    return lines + [""]
+
+
 def render() -> str:
     defaults = RunConfig()
     lines = [HEADER]
     for section in (f.name for f in dataclasses.fields(RunConfig)):
-        value = getattr(defaults, section)
-        cls = type(value)
-        notes, types = field_notes(cls), field_types(cls)
-        lines += [
-            f"## `{section}`",
-            "",
-            SECTIONS[section],
-            "",
-            "| key | type | default | meaning |",
-            "|---|---|---|---|",
-        ]
-        if section == "model":
-            lines.append("| `preset` | str | small | a named size, then overridden by the keys below |")
-        for f in dataclasses.fields(cls):
-            lines.append(
-                f"| `{f.name}` | {cell(types[f.name])} | {cell(show(getattr(value, f.name)))} | "
-                f"{cell(notes.get(f.name, ''))} |"
-            )
-        lines.append("")
+        lines += section_lines(section, getattr(defaults, section), SECTIONS[section])
     return "\n".join(lines).rstrip() + "\n"
 
 

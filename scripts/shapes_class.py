@@ -16,8 +16,8 @@ from pathlib import Path
 
 from mmfusion.config import load_config
 from mmfusion.evaluation.demo_eval import evaluate_classes
+from mmfusion.image_io import make_grid
 from mmfusion.pipeline import MMFusion
-from mmfusion.sampling.images import make_grid
 from mmfusion.training.run import train
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shapes_class.yaml"

@@ -164,14 +164,15 @@ def test_kernel_seconds_counts_each_product_and_attention_call_at_its_own_time(m
 def test_kernel_floor_of_sampling_lies_below_the_sampling_time():
     """For real kernels: the products and attention calls of a sampling run cost less alone than the run
     itself, and S = 16 makes more of them (16 times the denoising passes) than S = 1."""
-    from mmfusion.diffusion.config import DiffusionConfig, SamplerSettings
-    from mmfusion.diffusion.sampler import NextTokenDiffusionSampler
+    from mmfusion.diffusion.config import DiffusionConfig
+    from mmfusion.generation.diffusion import NextTokenDiffusionSampler
+    from mmfusion.generation.settings import DiffusionSampling
 
     model = bench._sampling_model(grid=4, token_dim=8, dim=64, n_layers=2, n_heads=2)
     conds, unconds = [[1, 10, 20, 3]] * 4, [[1, 3]] * 4
     samplers, whole = {}, {}
     for steps in (1, 16):
-        settings = SamplerSettings(ar_steps=steps, sampler="ddim", steps=5, cfg_scale=3.0)
+        settings = DiffusionSampling(ar_steps=steps, sampler="ddim", steps=5, cfg_scale=3.0)
         samplers[steps] = NextTokenDiffusionSampler(model, DiffusionConfig(), settings)
         whole[steps] = bench.timed(lambda smp=samplers[steps]: smp(conds, unconds), repeat=3)
     s1, s16 = bench.kernel_seconds(*(lambda smp=samplers[s]: smp(conds, unconds) for s in (1, 16)))

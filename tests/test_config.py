@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from mmfusion.config import load_config, parse_overrides
-from mmfusion.errors import UserError
+from mmfusion.errors import ConfigError, UserError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -31,26 +31,57 @@ def test_overrides_and_types():
 @pytest.mark.parametrize(
     "bad,message",
     [
-        (["train.lrr=1"], "unknown config key 'train.lrr'"),
-        (["train.lr=abc"], "'train.lr' must be of type float"),
-        (["model.dim=1.5"], "'model.dim' must be of type int"),
-        (["model.preset=huge"], "unknown model preset"),
-        (["diffusion.order=spiral"], "order must be one of"),
-        (["train.lr_schedule=linear"], "lr_schedule must be one of constant, cosine, wsd"),
-        (["train.lr_decay_fraction=0"], r"lr_decay_fraction must be in \(0, 1\]"),
-        (["train"], "must look like section.key=value"),
-        (["objective.baseline=foo"], "baseline must be one of causalfusion, transfusion"),
-        (["objective.condition=image"], "condition must be one of text, class"),
-        (["objective.condition=class"], "objective.condition=class needs model.num_classes > 0"),
-        (["train.logger=wandb"], "logger must be csv or tensorboard"),
-        (["train.max_time_minutes=0"], "max_time_minutes must be positive"),  # 0 ran without a time limit
-        (["train.max_steps=0"], "max_steps must be at least 1"),
-        (["objective.caption_ar_steps=0"], "caption_ar_steps must be at least 1"),
+        (["train.lrr=1"], r"train\.lrr: unknown key; the keys of train: accelerator, "),
+        (["train.lr=abc"], r"train\.lr: must be of type float, got 'abc'"),
+        (["model.dim=1.5"], r"model\.dim: must be of type int, got 1\.5"),
+        (["model.dim=100", "model.n_heads=3"], r"model\.dim: must be divisible by n_heads \(3\), got 100"),
+        (["model.preset=huge"], r"model\.preset: must be one of tiny, small, L, XL, got 'huge'"),
+        (["diffusion.order=spiral"], r"diffusion\.order: must be one of random, raster, block_raster"),
+        (["diffusion.gamma=1.5"], r"diffusion\.gamma: must be in \[0, 1\], got 1\.5"),
+        (["train.lr_schedule=linear"], r"train\.lr_schedule: must be one of constant, cosine, wsd"),
+        (["train.lr_decay_fraction=0"], r"train\.lr_decay_fraction: must be in \(0, 1\]"),
+        (["train"], r"train: an override must look like section\.key=value"),
+        (["objective.baseline=foo"], r"objective\.baseline: must be one of causalfusion, transfusion"),
+        (["objective.condition=image"], r"objective\.condition: must be one of text, class"),
+        (["objective.condition=class"], r"objective\.condition: class needs model\.num_classes > 0"),
+        (["train.logger=wandb"], r"train\.logger: must be csv or tensorboard"),
+        (["train.max_time_minutes=0"], r"train\.max_time_minutes: must be positive"),  # 0 ran without a limit
+        (["train.max_steps=0"], r"train\.max_steps: must be at least 1"),
+        (["objective.caption_ar_steps=0"], r"objective\.caption_ar_steps: must be at least 1"),
+        (["sample.diffusion.steps=0"], r"sample\.diffusion\.steps: \(denoising steps per AR step\) must be"),
+        (["sample.tokens.top_p=0"], r"sample\.tokens\.top_p: must be in \(0, 1\], got 0"),
+        (["sample.caption.method=sample"], r"sample\.caption\.method: must be one of greedy, beam, nucleus"),
+        (["sample.diffusion.temperature=2"], r"sample\.diffusion\.temperature: unknown key; the keys of "),
+        (["sample.cfg_scale=-1"], r"sample\.diffusion\.cfg_scale: must not be negative, got -1"),
+        (["sample.diffusion=3"], r"sample\.diffusion: must be a mapping of keys to values, got 3"),
+        (["data.batch_size=8", "data.global_batch_size=16"], None),
     ],
 )
-def test_bad_config_is_one_clear_line(bad, message):
-    with pytest.raises(UserError, match=message):
+def test_every_bad_setting_is_one_config_error_in_one_style(bad, message):
+    """Whatever is wrong and wherever: one ConfigError, `<dotted key>: <problem>`, on one line."""
+    if message is None:  # a valid pair, for contrast
         load_config(None, bad)
+        return
+    with pytest.raises(ConfigError, match="^" + message) as err:
+        load_config(None, bad)
+    assert "\n" not in str(err.value)
+    assert isinstance(err.value, ValueError) and isinstance(err.value, UserError)
+
+
+def test_a_flat_sample_section_of_before_still_loads(tmp_path):
+    """Configs and model folders written before the per-sampler parts hold one flat `sample:` mapping;
+    its keys go to the sampler that has them (cfg_scale to both image samplers), and overrides of either
+    form win over the file."""
+    path = tmp_path / "old.yaml"
+    path.write_text("sample:\n  ar_steps: 4\n  steps: 20\n  cfg_scale: 3.0\n  temperature: 0.7\n")
+    s = load_config(path).sample
+    assert (s.diffusion.ar_steps, s.diffusion.steps, s.diffusion.cfg_scale) == (4, 20, 3.0)
+    assert (s.tokens.temperature, s.tokens.cfg_scale) == (0.7, 3.0)
+    assert s.caption.temperature == 1.0  # a flat temperature was Token-Shuffle's, never the captions'
+    assert load_config(path, ["sample.diffusion.steps=7"]).sample.diffusion.steps == 7
+    new = tmp_path / "new.yaml"
+    new.write_text("sample:\n  diffusion:\n    steps: 20\n")
+    assert load_config(new, ["sample.steps=9"]).sample.diffusion.steps == 9
 
 
 def test_global_batch_splits_between_processes():
@@ -92,11 +123,17 @@ def test_config_page_is_current_and_explains_every_key():
     docs = _config_docs()
     assert docs.main(["--check"]) == 0, "docs/config.md is stale: run python scripts/config_docs.py"
     text = docs.DOC.read_text()
-    for section in dataclasses.fields(RunConfig):
-        assert f"## `{section.name}`" in text
-        for f in dataclasses.fields(type(getattr(RunConfig(), section.name))):
+    sections = [(f.name, getattr(RunConfig(), f.name)) for f in dataclasses.fields(RunConfig)]
+    while sections:
+        key, value = sections.pop()
+        assert f"## `{key}`" in text  # `## ` for a section, `### ` for a part of one
+        for f in dataclasses.fields(value):
+            part = getattr(value, f.name)
+            if dataclasses.is_dataclass(part):
+                sections.append((f"{key}.{f.name}", part))
+                continue
             rows = [line for line in text.splitlines() if line.startswith(f"| `{f.name}` |")]
-            assert rows and all(line.split(" | ")[3].strip(" |") for line in rows), f"{section.name}.{f.name}"
+            assert rows and all(line.split(" | ")[3].strip(" |") for line in rows), f"{key}.{f.name}"
 
 
 def test_config_page_reads_the_comments_above_and_beside_a_field(tmp_path):

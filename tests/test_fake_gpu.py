@@ -21,7 +21,8 @@ from tests import fake_gpu
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.pipeline import MMFusion
-from mmfusion.sampling.autoregressive import ARImageSampler
+from mmfusion.generation.settings import TokenSampling
+from mmfusion.generation.tokens import ARImageSampler
 
 folder = sys.argv[1]
 prompts = ["a red circle", "a blue square above a red circle"]
@@ -30,7 +31,7 @@ prompts = ["a red circle", "a blue square above a red circle"]
 def runs(pipe):
     out = {}
     out["generate"] = pipe.generate(prompts, seed=3, ar_steps=2, sampler="ddpm", steps=3, cfg_interval=(0.2, 0.8))
-    out["uncached"] = pipe.generate_tokens(prompts, [0, 1], use_cache=False, ar_steps=3, steps=2)
+    out["uncached"] = pipe.generate_tokens(prompts, [0, 1], pipe.image_settings(ar_steps=3, steps=2), use_cache=False)
     mask = np.zeros((32, 32), dtype=np.uint8)
     mask[:16] = 255
     out["edit"] = pipe.edit(out["generate"][0], mask, "a blue square", seed=1, num_images=2, steps=2)
@@ -41,7 +42,7 @@ def runs(pipe):
 
 
 def shuffle_runs(model):
-    sampler = ARImageSampler(model, temperature=1.0, top_k=8, cfg_scale=2.0, cfg_schedule="linear")
+    sampler = ARImageSampler(model, TokenSampling(temperature=1.0, top_k=8, cfg_scale=2.0, cfg_schedule="linear"))
     gens = lambda: [torch.Generator().manual_seed(s) for s in (0, 1)]  # noqa: E731
     conds, unconds = [[1, 5, 6, 3], [1, 7, 3]], [[1, 3], [1, 3]]
     return [sampler(conds, unconds, gens()), sampler(conds, unconds, gens(), use_cache=False)]

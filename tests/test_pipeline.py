@@ -282,8 +282,8 @@ def test_readme_python_snippet_runs_as_written(trained_tiny, tmp_path, monkeypat
 def test_progress_bars_tick_per_denoising_pass_and_per_caption_batch(trained_tiny, monkeypatch):
     """S = 1 runs all its denoising passes in one AR step: the bar counts the passes, not AR steps (it
     stood still, then jumped to 1/1); captioning more than one batch shows a bar over the images."""
-    from mmfusion import pipeline
-    from mmfusion.diffusion import sampler
+    from mmfusion.generation import common
+    from mmfusion.generation import diffusion as sampler
 
     bars = []
 
@@ -302,7 +302,7 @@ def test_progress_bars_tick_per_denoising_pass_and_per_caption_batch(trained_tin
             pass
 
     monkeypatch.setattr(sampler, "tqdm", Bar)
-    monkeypatch.setattr(pipeline, "tqdm", Bar)
+    monkeypatch.setattr(common, "tqdm", Bar)
     pipe = MMFusion.from_pretrained(trained_tiny)
     for ar_steps in (1, 2):
         pipe.generate("a red circle", progress=True, ar_steps=ar_steps, steps=3)

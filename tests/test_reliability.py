@@ -65,7 +65,7 @@ def test_bad_requests_fail_with_one_line_and_write_nothing(trained_tiny, tmp_pat
     # bad sampling requests: one line each, before any sampling, nothing written
     for option, value, message in [
         ("--num-images", "0", "num_images and batch_size must be at least 1"),
-        ("--steps", "0", "steps (denoising steps per AR step) must be at least 1"),
+        ("--steps", "0", "steps: (denoising steps per AR step) must be at least 1, got 0"),
         ("--ar-steps", "100", "ar_steps=100 exceeds the"),
     ]:
         args = ["generate", "--model", model, "--prompt", "a red circle", "--out", str(tmp_path / "g"), option, value]
@@ -73,14 +73,14 @@ def test_bad_requests_fail_with_one_line_and_write_nothing(trained_tiny, tmp_pat
         assert not (tmp_path / "g").exists() or not any((tmp_path / "g").iterdir())
 
     err = _one_line_error(capsys, main(["train", *TINY_RUN, "train.learning_rate=1", f"train.out={tmp_path / 't'}"]))
-    assert "unknown config key 'train.learning_rate'" in err and "valid keys" in err
+    assert "train.learning_rate: unknown key; the keys of train: " in err
     err = _one_line_error(capsys, main(["train", *TINY_RUN, "data.batch_size=eight", f"train.out={tmp_path / 't'}"]))
-    assert "'data.batch_size' must be of type int" in err
+    assert "data.batch_size: must be of type int, got 'eight'" in err
     ddp = ["train.devices=2", "train.strategy=ddp", "train.accelerator=cpu"]  # refused before any launch
     err = _one_line_error(
         capsys, main(["train", *TINY_RUN, *ddp, "data.global_batch_size=3", f"train.out={tmp_path / 't'}"])
     )
-    assert "data.global_batch_size=3 does not split into 2" in err
+    assert "data.global_batch_size: 3 does not split into 2" in err
 
     broken = tmp_path / "broken"
     shutil.copytree(trained_tiny, broken)

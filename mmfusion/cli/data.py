@@ -81,23 +81,10 @@ def tokenizer_train(*, data: str, out: str, vocab_size: int = 512, max_len: int 
         vocab_size: BPE vocabulary size, special tokens included
         max_len: maximum number of text tokens kept per caption (CausalFusion: 35)
     """
-    from mmfusion.tokenizers.text import TextTokenizer
+    from mmfusion.training.tokenizer import train_text_tokenizer
 
-    tok = TextTokenizer.train(_caption_iter(data), vocab_size=vocab_size, max_len=max_len)
-    path = tok.save(out)
+    tok, path = train_text_tokenizer(data, out, vocab_size=vocab_size, max_len=max_len)
     print(f"wrote {path} ({len(tok)} tokens)")
-
-
-def _caption_iter(data: str):  # noqa: ANN202
-    path = Path(data)
-    if path.is_file():
-        yield from path.read_text(errors="replace").splitlines()
-        return
-    from mmfusion.data.datasets import load_captioned
-
-    for split in load_captioned(data).values():
-        for caps in split["captions"]:
-            yield from caps
 
 
 def encode(

@@ -6,18 +6,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
-from mmfusion.errors import UserError
-
-
-def _write_json(path: Path, data: object) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+from mmfusion.errors import UserError, require
+from mmfusion.evaluation.report import write_json
 
 
 def caption(
@@ -53,25 +47,13 @@ def caption(
         batch_size: images captioned at once
         spice: force SPICE on (--spice) or off (--no-spice); default: only when its models are installed
     """
-    from mmfusion.data.datasets import load_captioned
-    from mmfusion.errors import UserError
-    from mmfusion.evaluation.captions import score_captions
+    from mmfusion.evaluation.captions import caption_split, run_caption_benchmark
     from mmfusion.pipeline import MMFusion
 
-    ds = load_captioned(data, image_root)
-    if split not in ds:
-        raise UserError(f"split {split!r} not in {data} (has: {', '.join(ds)})")
-    rows = ds[split] if limit is None else ds[split].select(range(min(limit, len(ds[split]))))
+    rows = caption_split(data, split, image_root, limit)
     pipe = MMFusion.from_pretrained(model, dtype=dtype, device=device)
-    kwargs = {"num_beams": num_beams} if method == "beam" else {}
-    caps = pipe.caption(list(rows["image"]), method=method, batch_size=batch_size, progress=True, **kwargs)
-    ids = rows["image_id"] if "image_id" in rows.column_names else list(range(len(rows)))
-    results = [{"image_id": i, "caption": c} for i, c in zip(ids, caps)]
-    metrics = score_captions(dict(zip(ids, rows["captions"])), dict(zip(ids, caps)), spice=spice, verbose=True)
-    outdir = Path(out)
-    outdir.mkdir(parents=True, exist_ok=True)
-    _write_json(outdir / "captions_results.json", results)
-    _write_json(outdir / "caption_metrics.json", metrics)
+    settings = pipe.caption_settings(method=method, num_beams=num_beams)
+    metrics = run_caption_benchmark(pipe, rows, out, settings, batch_size, spice)
     print(" ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
 
 
@@ -116,10 +98,8 @@ def shapes(
         steps: denoising steps per AR step
         cfg: guidance scale
     """
-    from mmfusion.errors import require
     from mmfusion.evaluation import demo_eval
     from mmfusion.pipeline import MMFusion
-    from mmfusion.sampling.images import make_grid
 
     require(
         [
@@ -130,25 +110,12 @@ def shapes(
         ]
     )
     pipe = MMFusion.from_pretrained(model, dtype=dtype, device=device)
-    settings = {
-        k: v for k, v in {"order": order, "sampler": sampler, "steps": steps, "cfg_scale": cfg}.items() if v is not None
-    }
-    outdir = Path(out)
-    outdir.mkdir(parents=True, exist_ok=True)
-    if pipe.condition == "class":
-        summary, images = demo_eval.evaluate_classes(
-            pipe, per_class=max(1, n_single // len(pipe.class_names)), seed=seed, **settings
-        )
-        metrics = {"t2i": {"class": {"single": summary}}}
-    else:
-        modes = None if ar_steps is None else {f"S={ar_steps}" + (f" {order}" if order else ""): {"ar_steps": ar_steps}}
-        metrics, images = demo_eval.evaluate_shapes_model(
-            pipe, _shapes_test(data, captions, seed), seed, n_single, n_pair, True, modes, **settings
-        )
-        if "captions" in metrics:
-            _write_json(outdir / "captions.json", metrics.pop("captions"))
-    make_grid(images, cols=16, scale=3).save(outdir / "shapes_grid.png")
-    _write_json(outdir / "shapes_metrics.json", metrics)
+    settings = pipe.image_settings(sampler=sampler, steps=steps, cfg_scale=cfg)
+    modes = None  # the benchmark's AR modes, or the one asked for
+    if ar_steps is not None:
+        modes = {f"S={ar_steps}" + (f" {order}" if order else ""): {"ar_steps": ar_steps, "order": order}}
+    test = _shapes_test(data, captions, seed) if pipe.condition == "text" else []
+    metrics = demo_eval.run_shapes_benchmark(pipe, Path(out), test, seed, n_single, n_pair, modes, settings)
     print("\n".join(demo_eval.summary_lines(metrics)))
 
 
@@ -204,8 +171,8 @@ def generation(
     from mmfusion.data.datasets import load_captioned
     from mmfusion.errors import UserError
     from mmfusion.evaluation.generation import clip_score, frechet_distance
+    from mmfusion.image_io import to_pil, to_tensor
     from mmfusion.pipeline import MMFusion
-    from mmfusion.tokenizers.image import to_pil, to_tensor
 
     if not inception and not clip:
         raise UserError("give --inception (FID) and / or --clip (CLIP score): local weights are required")
@@ -223,7 +190,7 @@ def generation(
         metrics["clip_score"] = clip_score(fake, prompts, clip)
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
-    _write_json(outdir / "generation_metrics.json", metrics)
+    write_json(outdir / "generation_metrics.json", metrics)
     print(" ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
 

@@ -56,23 +56,7 @@ def finetune(
 
     targets = tuple(t.strip() for t in target.split(",") if t.strip())
     save = [m.strip() for m in modules_to_save.split(",")] if modules_to_save else None
-    report = run(
-        model,
-        data,
-        out,
-        task=task,
-        lora_r=lora_r,
-        lora_alpha=lora_alpha,
-        targets=targets,
-        modules_to_save=save,
-        full=full,
-        steps=steps,
-        minutes=minutes,
-        lr=lr,
-        batch_size=batch_size,
-        merge=merge,
-        seed=seed,
-        image_root=image_root,
-        precision=precision,
-    )
+    lora = dict(lora_r=lora_r, lora_alpha=lora_alpha, targets=targets, modules_to_save=save, full=full, merge=merge)
+    budget = dict(steps=steps, minutes=minutes, lr=lr, batch_size=batch_size, seed=seed, precision=precision)
+    report = run(model, data, out, task=task, image_root=image_root, **lora, **budget)
     print(f"{report['mode']} fine-tuning: {report['steps']} steps in {report['seconds']:.0f} s; saved to {out}")

@@ -15,21 +15,6 @@ def _load(model: str, adapter: list[str] | None, dtype: str = "float32", device:
     return MMFusion.from_pretrained(model, adapters=adapter, dtype=dtype, device=device)
 
 
-def _settings(ar_steps, order, sampler, steps, cfg, cfg_interval, cfg_until_step, **codes) -> dict:  # noqa: ANN001, ANN003
-    s = {
-        "ar_steps": ar_steps,
-        "order": order,
-        "sampler": sampler,
-        "steps": steps,
-        "cfg_scale": cfg,
-        "cfg_until_step": cfg_until_step,
-        **codes,  # Token-Shuffle: temperature, top_k, top_p, cfg_schedule
-    }
-    if cfg_interval is not None:
-        s["cfg_interval"] = (cfg_interval[0], cfg_interval[1])
-    return {k: v for k, v in s.items() if v is not None}
-
-
 def _check_view(cfg_interval: list[float] | None, scale: int) -> None:
     from mmfusion.errors import require
 
@@ -70,9 +55,7 @@ def generate(
 ) -> None:
     """Generate images from text prompts: one PNG per image, OUT/grid.png and OUT/index.json.
 
-    Sampler options default to those saved with the model. CausalFusion models read --ar-steps, --order,
-    --sampler, --steps and the guidance options; Token-Shuffle models read --temperature, --top-k,
-    --top-p, --cfg and --cfg-schedule.
+    Sampler options change the settings saved with the model (Token-Shuffle models: those marked so).
 
     Args:
         model: a model folder (config.json, model.safetensors, tokenizer.json)
@@ -94,18 +77,17 @@ def generate(
         batch_size: images sampled at once
         scale: the grid is enlarged this many times (nearest neighbour) for viewing
     """
-    from mmfusion.sampling.images import write_outputs
+    from mmfusion.image_io import write_generated
 
     _check_view(cfg_interval, scale)
     pipe = _load(model, adapter, dtype, device)
-    codes = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg_schedule": cfg_schedule}
-    settings = _settings(ar_steps, order, sampler, steps, cfg, cfg_interval, cfg_until_step, **codes)
-    images = pipe.generate(prompt, num_images=num_images, seed=seed, batch_size=batch_size, progress=True, **settings)
-    records = [
-        {"file": f"{k:04d}.png", "prompt": prompt[k // num_images], "seed": seed + k} for k in range(len(images))
-    ]
-    cols = num_images if num_images > 1 and len(prompt) > 1 else None  # one row per prompt
-    write_outputs(out, images, records, scale=scale, cols=cols)
+    flags = dict(ar_steps=ar_steps, order=order, sampler=sampler, steps=steps, cfg_until_step=cfg_until_step)
+    flags.update(cfg_scale=cfg, cfg_interval=cfg_interval, temperature=temperature, top_k=top_k, top_p=top_p)
+    settings = pipe.image_settings(**flags, cfg_schedule=cfg_schedule)
+    images = pipe.generate(
+        prompt, num_images=num_images, seed=seed, batch_size=batch_size, progress=True, settings=settings
+    )
+    write_generated(out, images, prompt, num_images, seed, scale)
     print(f"wrote {len(images)} images, grid.png and index.json to {out}")
 
 
@@ -137,14 +119,14 @@ def caption(
         max_new_tokens: caption length limit in tokens
         seed: seed of nucleus sampling
     """
-    from mmfusion.sampling.images import open_image
+    from mmfusion.image_io import open_image
 
     pils = [open_image(p) for p in images]
     pipe = _load(model, adapter, dtype, device)
-    kwargs = {"num_beams": num_beams} if method == "beam" else {}
-    if method == "nucleus":
-        kwargs = {"top_p": top_p, "temperature": temperature}
-    caps = pipe.caption(pils, method=method, seed=seed, max_new_tokens=max_new_tokens, progress=True, **kwargs)
+    settings = pipe.caption_settings(
+        method=method, num_beams=num_beams, top_p=top_p, temperature=temperature, max_new_tokens=max_new_tokens
+    )
+    caps = pipe.caption(pils, seed=seed, progress=True, settings=settings)
     result = dict(zip(images, caps))
     for path, cap in result.items():
         print(f"{path}: {cap}")
@@ -192,8 +174,7 @@ def edit(
         cfg: classifier-free guidance scale
         scale: the grid is enlarged this many times for viewing
     """
-    from mmfusion.sampling.images import open_image, write_outputs
-    from mmfusion.tokenizers.image import to_pil, to_tensor
+    from mmfusion.image_io import open_image, to_pil, to_tensor, write_outputs
 
     _check_view(None, scale)
     pipe = _load(model, adapter, dtype, device)
@@ -201,8 +182,8 @@ def edit(
     img = open_image(image)
     img = to_pil(to_tensor(img, size))
     m = open_image(mask, "mask")
-    settings = _settings(ar_steps, None, sampler, steps, cfg, None, None)
-    edits = pipe.edit(img, m, prompt, seed=seed, num_images=num_images, **settings)
+    settings = pipe.image_settings(ar_steps=ar_steps, sampler=sampler, steps=steps, cfg_scale=cfg)
+    edits = pipe.edit(img, m, prompt, seed=seed, num_images=num_images, settings=settings)
     records = [{"file": f"{k:04d}.png", "prompt": prompt, "seed": seed + k} for k in range(len(edits))]
     mask_rgb = m.convert("L").convert("RGB")
     write_outputs(out, [img, mask_rgb, *edits], [{"file": "input.png"}, {"file": "mask.png"}, *records], scale=scale)

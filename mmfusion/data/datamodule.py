@@ -27,7 +27,7 @@ from mmfusion.config import DataConfig
 from mmfusion.data.datasets import load_captioned
 from mmfusion.data.shapes import build_shapes
 from mmfusion.errors import UserError
-from mmfusion.tokenizers.image import from_uint8, to_uint8
+from mmfusion.image_io import from_uint8, to_uint8
 from mmfusion.tokenizers.text import TextTokenizer, clean_text
 
 

@@ -16,9 +16,9 @@ import torch
 
 from mmfusion.data.datasets import load_captioned
 from mmfusion.errors import UserError
+from mmfusion.image_io import to_tensor
 from mmfusion.tokenizers.build import build_image_tokenizer
 from mmfusion.tokenizers.config import ImageTokenizerConfig
-from mmfusion.tokenizers.image import to_tensor
 
 META = "mmfusion_tokens.json"
 

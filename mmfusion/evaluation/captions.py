@@ -19,7 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mmfusion.data.datasets import load_captioned
 from mmfusion.errors import UserError
+from mmfusion.evaluation.report import write_json
 
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 
@@ -125,3 +127,27 @@ def score_coco_files(annotations: str | Path, results: str | Path, **kwargs: Any
         refs.setdefault(a["image_id"], []).append(a["caption"])
     cands = {r["image_id"]: r["caption"] for r in res}
     return score_captions(refs, cands, **kwargs)
+
+
+def run_caption_benchmark(
+    pipe: Any, rows: Any, out: str | Path, settings: Any = None, batch_size: int = 32, spice: bool | None = None
+) -> dict[str, float]:
+    """Caption the images of `rows` (a split with `image` and `captions` columns, `image_id` if it has
+    one) and score them against their references with pycocoevalcap; writes OUT/captions_results.json
+    (COCO results format) and OUT/caption_metrics.json, and returns the metrics."""
+    caps = pipe.caption(list(rows["image"]), batch_size=batch_size, progress=True, settings=settings)
+    ids = rows["image_id"] if "image_id" in rows.column_names else list(range(len(rows)))
+    metrics = score_captions(dict(zip(ids, rows["captions"])), dict(zip(ids, caps)), spice=spice, verbose=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "captions_results.json", [{"image_id": i, "caption": c} for i, c in zip(ids, caps)])
+    write_json(out / "caption_metrics.json", metrics)
+    return metrics
+
+
+def caption_split(data: str, split: str, image_root: str | None = None, limit: int | None = None) -> Any:
+    """The first `limit` rows (all by default) of `split` of any captioned data `load_captioned` reads."""
+    ds = load_captioned(data, image_root)
+    if split not in ds:
+        raise UserError(f"split {split!r} not in {data} (has: {', '.join(ds)})")
+    return ds[split] if limit is None else ds[split].select(range(min(limit, len(ds[split]))))

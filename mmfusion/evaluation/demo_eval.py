@@ -8,8 +8,9 @@ from typing import Any
 from mmfusion.data.shapes import render_example
 from mmfusion.evaluation.caption_content import caption_content
 from mmfusion.evaluation.captions import java_available, score_captions
+from mmfusion.evaluation.report import write_json
 from mmfusion.evaluation.shapes import benchmark_prompts, check_image, summarize
-from mmfusion.sampling.images import write_outputs
+from mmfusion.image_io import make_grid, write_outputs
 
 # the demo's sample grid: six prompts of one object, six of two objects and a relation
 FIXED_PROMPTS = [
@@ -45,10 +46,11 @@ def evaluate_t2i_modes(
     seed: int = 0,
     progress: bool = False,
     modes: dict[str, dict[str, Any]] | None = None,
-    **settings: Any,
+    settings: Any = None,
 ) -> dict[str, tuple[dict[str, Any], list[Any], list[str]]]:
     """`evaluate_t2i` in each of `modes` (default: every AR mode of `ar_modes`; a Token-Shuffle model has
-    one, its autoregressive sampler "AR"), with the same prompts and seeds in each, keyed by mode."""
+    one, its autoregressive sampler "AR"), with the same prompts and seeds in each, keyed by mode. A mode
+    is a set of changes to `settings` (default: the model's own sampler settings)."""
     cfg = pipe.model.cfg
     if modes is None:
         modes = {"AR": {}} if cfg.discrete else ar_modes(cfg.num_image_tokens)
@@ -56,7 +58,8 @@ def evaluate_t2i_modes(
     for name, mode in modes.items():
         if progress:
             print(f"text to image, {name}")
-        out[name] = evaluate_t2i(pipe, n_single, n_pair, seed=seed, progress=progress, **{**settings, **mode})
+        mode_settings = pipe.image_settings(settings, **mode)
+        out[name] = evaluate_t2i(pipe, n_single, n_pair, seed=seed, progress=progress, settings=mode_settings)
     return out
 
 
@@ -72,23 +75,25 @@ def evaluate_t2i(
     seed: int = 0,
     batch_size: int = 48,
     progress: bool = False,
-    **settings: Any,
+    settings: Any = None,
 ) -> tuple[dict[str, Any], list[Any], list[str]]:
-    """Generate for the shapes benchmark prompts and judge every image with the analytic checker."""
+    """Generate for the shapes benchmark prompts with the sampler's `settings` (default: the model's) and
+    judge every image with the analytic checker."""
     prompts = benchmark_prompts(n_single, n_pair, seed)
-    images = pipe.generate(prompts, seed=seed, batch_size=batch_size, progress=progress, **settings)
+    images = pipe.generate(prompts, seed=seed, batch_size=batch_size, progress=progress, settings=settings)
     verdicts = [check_image(im, p) for im, p in zip(images, prompts)]
     return summarize(verdicts, prompts), images, prompts
 
 
 def evaluate_captions(
-    pipe: Any, split: Any, limit: int | None = None, batch_size: int = 64, progress: bool = False, **settings: Any
+    pipe: Any, split: Any, limit: int | None = None, batch_size: int = 64, progress: bool = False, settings: Any = None
 ) -> tuple[dict[str, float] | dict[str, str], dict[int, str]]:
-    """Greedy (or given) captions of a held-out split, scored with pycocoevalcap against its references,
-    and, for shapes rows (which carry their scene), by content: see `caption_content`."""
+    """Captions of a held-out split (decoded with `settings`, default the model's: greedy), scored with
+    pycocoevalcap against its references, and, for shapes rows (which carry their scene), by content:
+    see `caption_content`."""
     n = len(split) if limit is None else min(limit, len(split))
     rows = [split[i] for i in range(n)]
-    caps = pipe.caption([r["image"] for r in rows], batch_size=batch_size, progress=progress, **settings)
+    caps = pipe.caption([r["image"] for r in rows], batch_size=batch_size, progress=progress, settings=settings)
     candidates = dict(enumerate(caps))
     refs = {i: r["captions"] for i, r in enumerate(rows)}
     content = {"content": caption_content(caps, rows)} if rows and "objects" in rows[0] else {}
@@ -97,11 +102,13 @@ def evaluate_captions(
     return {**score_captions(refs, candidates), **content}, candidates
 
 
-def evaluate_classes(pipe: Any, per_class: int = 8, seed: int = 0, **settings: Any) -> tuple[dict[str, Any], list[Any]]:
+def evaluate_classes(
+    pipe: Any, per_class: int = 8, seed: int = 0, settings: Any = None
+) -> tuple[dict[str, Any], list[Any]]:
     """Class-conditional shapes: generate per class, judge "a <class name>" with the checker."""
     names = pipe.class_names
     labels = [c for c in range(len(names)) for _ in range(per_class)]
-    images = pipe.generate(labels, seed=seed, batch_size=48, **settings)
+    images = pipe.generate(labels, seed=seed, batch_size=48, settings=settings)
     prompts = [f"a {names[c]}" for c in labels]
     verdicts = [check_image(im, p) for im, p in zip(images, prompts)]
     per_class_acc = {
@@ -137,13 +144,13 @@ def evaluate_shapes_model(
     n_pair: int = 96,
     progress: bool = False,
     modes: dict[str, dict[str, Any]] | None = None,
-    **settings: Any,
+    settings: Any = None,
 ) -> tuple[dict[str, Any], list[Any]]:
     """The whole shapes benchmark of a joint model: T2I accuracy in each AR mode (`evaluate_t2i_modes`),
     captions of the `test` rows (none when empty) scored by pycocoevalcap and by content. Returns the
     metrics (with the captions under "captions", one record per test image) and the images of the first
     mode."""
-    by_mode = evaluate_t2i_modes(pipe, n_single, n_pair, seed, progress, modes, **settings)
+    by_mode = evaluate_t2i_modes(pipe, n_single, n_pair, seed, progress, modes, settings)
     metrics: dict[str, Any] = {"t2i": {name: summary for name, (summary, _, _) in by_mode.items()}}
     if len(test):
         if progress:
@@ -154,6 +161,33 @@ def evaluate_shapes_model(
             {"image": i, "caption": c, "references": test[i]["captions"]} for i, c in captions.items()
         ]
     return metrics, next(iter(by_mode.values()))[1]
+
+
+def run_shapes_benchmark(
+    pipe: Any,
+    out: Path,
+    test: Any,
+    seed: int = 0,
+    n_single: int = 96,
+    n_pair: int = 96,
+    modes: dict[str, dict[str, Any]] | None = None,
+    settings: Any = None,
+) -> dict[str, Any]:
+    """The shapes benchmark of any shapes model, written into `out`: shapes_metrics.json, shapes_grid.png
+    and, when `test` has rows to caption, captions.json. A class-conditional model is judged per class; a
+    joint model as `evaluate_shapes_model`. Returns the metrics (without the captions)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if pipe.condition == "class":
+        per_class = max(1, n_single // len(pipe.class_names))
+        summary, images = evaluate_classes(pipe, per_class=per_class, seed=seed, settings=settings)
+        metrics = {"t2i": {"class": {"single": summary}}}
+    else:
+        metrics, images = evaluate_shapes_model(pipe, test, seed, n_single, n_pair, True, modes, settings)
+        if "captions" in metrics:
+            write_json(out / "captions.json", metrics.pop("captions"))
+    make_grid(images, cols=16, scale=3).save(out / "shapes_grid.png")
+    write_json(out / "shapes_metrics.json", metrics)
+    return metrics
 
 
 def summary_lines(metrics: dict[str, Any]) -> list[str]:

@@ -7,6 +7,13 @@ from pathlib import Path
 from typing import Any
 
 
+def write_json(path: Path, data: Any) -> None:
+    """`data` as indented JSON at `path`, through a temporary file: never a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
 def write_report(out: Path, stem: str, results: dict[str, Any], header: list[str], rows: list[list[Any]]) -> str:
     """Save ``results`` to ``out/stem.json`` and a table to ``out/stem.md``; return (and print) the table."""
     out.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from mmfusion.errors import ConfigError, check
+
 ROPE_TYPES = ("default", "linear", "llama3")
 BACKENDS = ("auto", "sdpa", "math", "flex")  # model.attention: see model/attention_backends.py
 
@@ -78,25 +80,38 @@ class ModelConfig:
     window_head: str = "independent"
 
     def __post_init__(self) -> None:
-        if self.attn_head_dim is None and self.dim % self.n_heads:
-            raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
-        if self.n_heads % self.kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads}")
-        if self.image_pos_embed not in ("sincos", "learned"):
-            raise ValueError(f"image_pos_embed must be 'sincos' or 'learned', got {self.image_pos_embed!r}")
         object.__setattr__(self, "image_grid", tuple(self.image_grid))
-        if self.attention not in BACKENDS:
-            raise ValueError(f"attention must be one of {', '.join(BACKENDS)}, got {self.attention!r}")
-        if self.shuffle not in (1, 2, 4):
-            raise ValueError(f"shuffle must be 1, 2 or 4, got {self.shuffle}")
-        if self.window_head not in ("independent", "autoregressive"):
-            raise ValueError(f"window_head must be independent or autoregressive, got {self.window_head!r}")
-        if self.prompt_attention not in ("causal", "bidirectional"):
-            raise ValueError(f"prompt_attention must be causal or bidirectional, got {self.prompt_attention!r}")
-        if self.rope_type not in ROPE_TYPES:
-            raise ValueError(f"rope_type must be one of {', '.join(ROPE_TYPES)}, got {self.rope_type!r}")
-        if self.rope_type == "llama3" and not self.rope_low_freq_factor < self.rope_high_freq_factor:
-            raise ValueError("rope_low_freq_factor must be below rope_high_freq_factor")
+
+        def one_of(key: str, allowed: tuple[Any, ...]) -> tuple[bool, str, str]:
+            value = getattr(self, key)
+            return value in allowed, key, f"must be one of {', '.join(map(str, allowed))}, got {value!r}"
+
+        check(
+            [
+                (
+                    self.attn_head_dim is not None or self.dim % self.n_heads == 0,
+                    "dim",
+                    f"must be divisible by n_heads ({self.n_heads}), got {self.dim}",
+                ),
+                (
+                    self.n_heads % self.kv_heads == 0,
+                    "n_kv_heads",
+                    f"must divide n_heads ({self.n_heads}), got {self.kv_heads}",
+                ),
+                one_of("image_pos_embed", ("sincos", "learned")),
+                one_of("attention", BACKENDS),
+                one_of("shuffle", (1, 2, 4)),
+                one_of("window_head", ("independent", "autoregressive")),
+                one_of("prompt_attention", ("causal", "bidirectional")),
+                one_of("rope_type", ROPE_TYPES),
+                (
+                    self.rope_type != "llama3" or self.rope_low_freq_factor < self.rope_high_freq_factor,
+                    "rope_low_freq_factor",
+                    f"must be below rope_high_freq_factor ({self.rope_high_freq_factor}), "
+                    f"got {self.rope_low_freq_factor}",
+                ),
+            ]
+        )
 
     @property
     def head_dim(self) -> int:
@@ -160,7 +175,7 @@ class ModelConfig:
     def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
         """A named preset (`tiny`, `small`, `L`, `XL`) with optional field overrides."""
         if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+            raise ConfigError("preset", f"must be one of {', '.join(PRESETS)}, got {name!r}")
         return dataclasses.replace(PRESETS[name], **overrides)
 
 

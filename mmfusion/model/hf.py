@@ -6,6 +6,7 @@ Our parameter names are LLaMA's, so the conversion is a prefix rename: `model.la
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -25,18 +26,19 @@ def read_hf_config(folder: str | Path) -> Any:
     return AutoConfig.from_pretrained(str(folder))
 
 
-def config_from_hf(hf: Any, **overrides: Any) -> ModelConfig:
-    """A ModelConfig whose backbone matches a transformers LlamaConfig / Qwen3Config."""
+def config_from_hf(hf: Any, base: ModelConfig | None = None, **overrides: Any) -> ModelConfig:
+    """A ModelConfig whose backbone matches a transformers LlamaConfig / Qwen3Config: `base` (default: the
+    defaults) with every backbone field taken from the checkpoint, its image and head fields kept."""
     rope = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise UserError(
             f"the checkpoint's rope type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
         )
-    scaling = {}
+    scaling: dict[str, Any] = dict(rope_type=rope_type)
     try:
         if rope_type != "default":
-            scaling = dict(rope_type=rope_type, rope_factor=float(rope["factor"]))
+            scaling.update(rope_factor=float(rope["factor"]))
         if rope_type == "llama3":
             scaling.update(
                 rope_low_freq_factor=float(rope["low_freq_factor"]),
@@ -57,11 +59,11 @@ def config_from_hf(hf: Any, **overrides: Any) -> ModelConfig:
         norm_eps=hf.rms_norm_eps,
         rope_theta=float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))),
         qk_norm=hf.model_type.startswith("qwen3"),
+        sandwich_norm=False,
         tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         **scaling,
     )
-    fields.update(overrides)
-    return ModelConfig(**fields)
+    return dataclasses.replace(base or ModelConfig(), **fields, **overrides)
 
 
 def state_dict_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -94,6 +94,7 @@ def scaled_frequencies(
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, H, L, D) by the tables of `RotaryEmbedding` (B, 1, L, D): x cos + (-x2, x1) sin,
     with the sign of -x2 in the table. Bit-identical to the usual rotate-half form with fewer eager ops
-    (no unsqueeze, no neg). Not `x.roll`: the compiled bf16 training step was 6% slower with it."""
+    (no unsqueeze, no neg). Not `x.roll`, which made the compiled bf16 training step slower
+    (docs/BENCHMARKS.md)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos.to(x.dtype) + torch.cat((x2, x1), dim=-1) * sin.to(x.dtype)

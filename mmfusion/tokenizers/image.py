@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -124,52 +123,3 @@ def load_autoencoder(path: str | None):  # noqa: ANN201
             f"cannot load an AutoencoderKL from {path!r} ({err}); pass a local folder, or a hub "
             "id on a machine with internet access"
         ) from err
-
-
-def to_rgb(image: Any) -> Any:
-    """Any PIL image -> 8-bit RGB: transparency is composited on white, 16-bit / float images are
-    rescaled to 0..255, palette and grayscale images are expanded."""
-    import numpy as np
-    from PIL import Image
-
-    image.load()
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        image = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
-
-
-def to_uint8(image: Any, size: int) -> torch.Tensor:
-    """A PIL image -> (3, size, size) uint8 tensor (RGB, resized with a bicubic filter)."""
-    import numpy as np
-    from PIL import Image
-
-    img = to_rgb(image)
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
-def to_tensor(image: Any, size: int) -> torch.Tensor:
-    """A PIL image -> (3, size, size) float tensor in [-1, 1] (RGB, resized with a bicubic filter)."""
-    return from_uint8(to_uint8(image, size))
-
-
-def from_uint8(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels (any shape) -> float in [-1, 1], the range image tokenizers take."""
-    return pixels.float() / 127.5 - 1.0
-
-
-def to_pil(image: torch.Tensor):  # noqa: ANN201
-    """(3, H, W) in [-1, 1] -> PIL RGB image."""
-    from PIL import Image
-
-    arr = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr)

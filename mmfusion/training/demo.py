@@ -3,6 +3,7 @@ with the demo config, then judge the model it wrote. `mmfusion demo` calls `run_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -16,8 +17,8 @@ import torch
 from mmfusion.config import RunConfig, load_config
 from mmfusion.errors import UserError
 from mmfusion.evaluation.demo_eval import evaluate_shapes_model, summary_lines, write_fixed_prompt_grid
+from mmfusion.image_io import make_grid
 from mmfusion.pipeline import MMFusion
-from mmfusion.sampling.images import make_grid
 from mmfusion.training.run import train
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -94,7 +95,7 @@ def judge(model_dir: Path, outdir: Path, seed: int) -> dict[str, Any]:
     metrics, eval_images = evaluate_shapes_model(pipe, test, seed=seed, progress=True)
     make_grid(eval_images, cols=16, scale=3).save(outdir / "eval_grid.png")
     (outdir / "captions.json").write_text(json.dumps(metrics.pop("captions"), indent=2))
-    metrics["sampler"] = dict(pipe.sample_defaults.__dict__)
+    metrics["sampler"] = dataclasses.asdict(pipe.image_settings())
     return metrics
 
 

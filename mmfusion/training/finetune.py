@@ -19,9 +19,10 @@ from mmfusion.config import DataConfig, ObjectiveConfig, RunConfig, TrainConfig
 from mmfusion.data.datamodule import MMFusionDataModule
 from mmfusion.errors import UserError
 from mmfusion.pipeline import MMFusion
+from mmfusion.training.callbacks import lightning_warnings_filtered, stopped, stopped_at
 from mmfusion.training.lora import ATTENTION, add_lora, parameter_counts
 from mmfusion.training.module import MMFusionModule
-from mmfusion.training.run import build_trainer, choose_precision, lightning_warnings_filtered, stopped, stopped_at
+from mmfusion.training.trainer import build_trainer, choose_precision
 
 TASKS = ("t2i", "caption", "joint")
 
@@ -55,7 +56,7 @@ def _run_config(
         image=pipe.image_cfg,
         diffusion=pipe.diffusion,
         objective=task_objective(pipe.objective, task),
-        sample=pipe.sample_defaults,
+        sample=pipe.sampling,
         data=DataConfig(
             source=data, image_root=image_root, batch_size=batch_size, max_text_len=pipe.text_tokenizer.max_len
         ),
@@ -72,6 +73,18 @@ def _run_config(
             precision=precision,
         ),
     )
+
+
+def _save(pipe: MMFusion, net: Any, out: Path, full: bool, merge: bool) -> None:
+    """A whole model folder (`full`), or the adapter alone and, with `merge`, OUT/merged as well."""
+    pipe.model = net
+    if full:
+        pipe.save_pretrained(out)
+        return
+    net.save_pretrained(str(out))  # adapter_config.json + adapter_model.safetensors only
+    if merge:
+        pipe.model = net.merge_and_unload().eval()
+        pipe.save_pretrained(out / "merged")
 
 
 def finetune(
@@ -96,10 +109,8 @@ def finetune(
     """Fine-tune; saves the adapter alone (or, with `full`, a whole model folder) to `out`."""
     pipe = MMFusion.from_pretrained(model)
     out = Path(out)
-    try:
-        cfg = _run_config(pipe, data, out, task, steps, minutes, lr, batch_size, seed, image_root, precision)
-    except ValueError as err:  # a bad --steps, --minutes, --precision ...: one line, before any output
-        raise UserError(str(err)) from err
+    # a bad --steps, --minutes, --precision ... is a ConfigError here: one line, before any output
+    cfg = _run_config(pipe, data, out, task, steps, minutes, lr, batch_size, seed, image_root, precision)
     L.seed_everything(seed, verbose=False)
     net = pipe.model.train()
     if full:
@@ -121,14 +132,7 @@ def finetune(
     step = stopped_at(trainer)
     if step is not None:
         raise stopped(trainer, f"stopped by SIGTERM at step {step}; fine-tuning keeps no checkpoint: nothing saved")
-    pipe.model = net.eval()
-    if full:
-        pipe.save_pretrained(out)
-    else:
-        net.save_pretrained(str(out))  # adapter_config.json + adapter_model.safetensors only
-        if merge:
-            pipe.model = net.merge_and_unload().eval()
-            pipe.save_pretrained(out / "merged")
+    _save(pipe, net.eval(), out, full, merge)
     report = {
         "task": task,
         "mode": "full" if full else "lora",

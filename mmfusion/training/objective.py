@@ -175,6 +175,6 @@ class JointObjective:
             per_code = F.binary_cross_entropy_with_logits(logits, bits, reduction="none").mean(-1)
         else:
             # flattened (n * W, K): a class dim that is not last (logits.transpose(1, 2)) gives the same
-            # numbers but a strided log-softmax, 2.5x slower, a quarter of an s = 2 step
+            # numbers but a strided log-softmax, a good part slower
             per_code = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view_as(target)
         return (per_code.mean(-1) * select_rows(batch.weights, rows)).sum() / len(rows)

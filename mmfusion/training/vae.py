@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from mmfusion.data.datamodule import CaptionedImages, collate_items
 from mmfusion.data.datasets import load_captioned
 from mmfusion.tokenizers.vq import QUANTIZER_FILE, BinaryQuantizer
-from mmfusion.training.run import lightning_warnings_filtered, step_progress_bar
+from mmfusion.training.callbacks import lightning_warnings_filtered, step_progress_bar
 
 
 @dataclass(frozen=True)

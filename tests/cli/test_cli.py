@@ -142,11 +142,11 @@ def _one_line_error(capsys, argv):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["train.precision=bf17"], "precision must be one of"),
-        (["train.strategy=ddpp"], "strategy must be one of auto, ddp, fsdp"),
-        (["train.max_time_minutes=0"], "max_time_minutes must be positive"),
-        (["train.max_steps=0"], "max_steps must be at least 1"),
-        (["model.shuffle=2"], "model.shuffle=2 fuses discrete image codes: it needs image.kind=vq"),
+        (["train.precision=bf17"], "train.precision: must be one of"),
+        (["train.strategy=ddpp"], "train.strategy: must be one of auto, ddp, fsdp"),
+        (["train.max_time_minutes=0"], "train.max_time_minutes: must be positive"),
+        (["train.max_steps=0"], "train.max_steps: must be at least 1"),
+        (["model.shuffle=2"], "model.shuffle: 2 fuses discrete image codes: it needs image.kind=vq"),
         (["data.source=/nonexistent/data"], "data source /nonexistent/data does not exist"),
     ],
 )
@@ -173,7 +173,7 @@ def test_bad_values_for_a_trained_model_are_one_line_errors(trained_tiny, tmp_pa
     assert "LoRA needs a rank of at least 1" in _one_line_error(
         capsys, ["finetune", *model, "--data", data, "--out", str(out), "--lora-r", "0"]
     )
-    for bad, message in ((["--steps", "0"], "max_steps must be at least 1"), (["--precision", "bf17"], "precision")):
+    for bad, message in ((["--steps", "0"], "max_steps: must be at least 1"), (["--precision", "bf17"], "precision")):
         assert message in _one_line_error(capsys, ["finetune", *model, "--data", data, "--out", str(out), *bad])
     assert "nothing to evaluate" in _one_line_error(
         capsys, ["eval", "shapes", *model, "--out", str(out), "--n-single", "0", "--n-pair", "0"]

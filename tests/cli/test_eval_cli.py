@@ -135,8 +135,8 @@ def test_eval_generation_end_to_end_equals_the_metrics_computed_directly(trained
 
     from mmfusion.data.datasets import load_captioned
     from mmfusion.evaluation.generation import clip_score, frechet_distance
+    from mmfusion.image_io import to_pil, to_tensor
     from mmfusion.pipeline import MMFusion
-    from mmfusion.tokenizers.image import to_pil, to_tensor
     from tests.evaluation.test_generation_metrics import TinyFeatures, _tiny_clip
 
     inception, clip = tmp_path / "inception.pt", tmp_path / "clip"

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from mmfusion.data.shapes import render_example
-from mmfusion.tokenizers.image import to_tensor
+from mmfusion.image_io import to_tensor
 
 
 def _dirty_folder(root):
@@ -111,7 +111,7 @@ def test_two_processes_report_the_rows_both_skipped_once(tmp_path):
 
     data = _dirty_folder(tmp_path / "dirty")
     run = [*TINY_RUN, f"data.source={data}", "data.global_batch_size=12", "train.max_steps=2", "train.precision=auto"]
-    from mmfusion.training.run import AUTO_PRECISION_ENV
+    from mmfusion.training.trainer import AUTO_PRECISION_ENV
 
     env = {k: v for k, v in os.environ.items() if k != AUTO_PRECISION_ENV} | {"OMP_NUM_THREADS": "1"}
 

@@ -38,12 +38,15 @@ def _hf_folder(path, family):
 def test_init_from_llm_matches_hugging_face_on_text(tmp_path, family):
     from mmfusion.config import load_config
     from mmfusion.data.datamodule import MMFusionDataModule
+    from mmfusion.training.from_llm import init_from_llm, with_llm_backbone
     from mmfusion.training.module import MMFusionModule
-    from mmfusion.training.run import init_from_llm, with_llm_backbone
 
     hf = _hf_folder(tmp_path / "llm", family)
-    cfg = with_llm_backbone(load_config(None, [*TINY_RUN, f"train.out={tmp_path}"]), str(tmp_path / "llm"))
+    run = load_config(None, [*TINY_RUN, f"train.out={tmp_path}", "model.image_head_hidden=48"])
+    cfg = with_llm_backbone(run, str(tmp_path / "llm"))
     assert cfg.model.qk_norm == (family == "qwen3") and cfg.model.dim == 64
+    # the image side is the run's, whatever the checkpoint (every field, not a list of names)
+    assert cfg.model.image_head_hidden == 48 and cfg.model.image_grid == run.model.image_grid
     tok = MMFusionDataModule(cfg.data, 32, tmp_path).text_tokenizer()
     assert tok.special["bos"] == "<|begin_of_text|>" and len(tok) > 258  # boi / eoi / pad were added
     module = MMFusionModule(cfg, tok)

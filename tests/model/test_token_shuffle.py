@@ -8,13 +8,14 @@ import torch
 
 from mmfusion.config import ObjectiveConfig
 from mmfusion.diffusion.config import DiffusionConfig
-from mmfusion.errors import UserError
+from mmfusion.errors import ConfigError
+from mmfusion.generation.settings import TokenSampling
+from mmfusion.generation.tokens import ARImageSampler, cfg_scale_at, filter_logits
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.masks import CODE
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.model.sequence import row_index, select_rows
 from mmfusion.model.token_shuffle import fuse_grid, unfuse_grid
-from mmfusion.sampling.autoregressive import ARImageSampler, cfg_scale_at, filter_logits
 from mmfusion.training.objective import JointObjective
 
 
@@ -80,8 +81,8 @@ def test_cfg_schedules():
     cos = [cfg_scale_at("cosine", 4.0, i, 5) for i in range(5)]
     assert cos[0] == 1.0 and cos[-1] == pytest.approx(4.0) and cos[2] == pytest.approx(2.5)
     assert cos[1] == pytest.approx(1 + 3 * (1 - math.cos(math.pi / 4)) / 2)
-    with pytest.raises(UserError, match="cfg schedule must be one of constant, linear, cosine, got 'exp'"):
-        cfg_scale_at("exp", 2.0, 0, 3)
+    with pytest.raises(ConfigError, match="^cfg_schedule: must be one of constant, linear, cosine, got 'exp'$"):
+        TokenSampling(cfg_schedule="exp")
 
 
 def test_filter_logits():
@@ -97,7 +98,9 @@ def test_cached_equals_uncached_and_batched_equals_single(bits, s, window):
     torch.manual_seed(0)
     model = MMFusionModel(_cfg(s=s, bits=bits, window=window)).eval()
     conds, unconds = [[1, 5, 6, 3], [1, 7, 3]], [[1, 3], [1, 3]]
-    sampler = ARImageSampler(model, temperature=1.0, top_k=20 if not bits else 0, cfg_scale=3.0, cfg_schedule="linear")
+    sampler = ARImageSampler(
+        model, TokenSampling(temperature=1.0, top_k=20 if not bits else 0, cfg_scale=3.0, cfg_schedule="linear")
+    )
     gens = lambda seeds: [torch.Generator().manual_seed(x) for x in seeds]  # noqa: E731
     cached = sampler(conds, unconds, gens([0, 1]))
     uncached = sampler(conds, unconds, gens([0, 1]), use_cache=False)
@@ -113,8 +116,8 @@ def test_loss_falls_on_shapes(bits, window):
     from diffusers import VQModel
 
     from mmfusion.data.shapes import render_example
+    from mmfusion.image_io import to_tensor
     from mmfusion.tokenizers.config import ImageTokenizerConfig
-    from mmfusion.tokenizers.image import to_tensor
     from mmfusion.tokenizers.vq import BinaryQuantizer, VQTokenizer
 
     torch.manual_seed(0)
@@ -199,7 +202,7 @@ def test_bf16_weights_embed_codes_and_sample(bits, window):
         logits = bf.code_logits(low, select_rows(batch.codes, rows))
     assert low.dtype == torch.bfloat16 and logits.dtype == torch.float32
     assert ((low.float() - ref).norm() / ref.norm()).item() < 0.02
-    sampler = ARImageSampler(bf, temperature=1.0, top_k=0, cfg_scale=3.0, cfg_schedule="linear")
+    sampler = ARImageSampler(bf, TokenSampling(temperature=1.0, top_k=0, cfg_scale=3.0, cfg_schedule="linear"))
     out = sampler([[1, 5, 6, 3], [1, 7, 3]], [[1, 3], [1, 3]], [torch.Generator().manual_seed(x) for x in (0, 1)])
     assert out.shape == (2, 8, 8) and 0 <= out.min() and out.max() < cfg.image_codebook_size
 
@@ -218,7 +221,7 @@ def test_guidance_at_scale_zero_draws_from_the_unconditional_stream(window):
     plain = ARImageSampler(model)
     uncond, cond = plain(unconds, None, gens()), plain(conds, None, gens())
     assert not torch.equal(uncond, cond)
-    assert torch.equal(ARImageSampler(model, cfg_scale=0.0)(conds, unconds, gens()), uncond)
+    assert torch.equal(ARImageSampler(model, TokenSampling(cfg_scale=0.0))(conds, unconds, gens()), uncond)
 
 
 @pytest.mark.parametrize("bits", [0, 6], ids=["softmax", "bitwise"])

@@ -173,7 +173,7 @@ def test_presets():
         ModelConfig.from_name("XL").n_heads,
         ModelConfig.from_name("XL").n_layers,
     ) == (1280, 20, 32)
-    with pytest.raises(ValueError, match="unknown model preset"):
+    with pytest.raises(ValueError, match="^preset: must be one of tiny, small, L, XL, got .huge.$"):
         ModelConfig.from_name("huge")
 
 

@@ -14,7 +14,8 @@ import torch
 from mmfusion.config import RunConfig, load_config
 from mmfusion.data.datamodule import MMFusionDataModule
 from mmfusion.training.module import MMFusionModule
-from mmfusion.training.run import build_trainer, train
+from mmfusion.training.run import train
+from mmfusion.training.trainer import build_trainer
 
 
 class SaveRankWeights(L.Callback):

@@ -85,9 +85,9 @@ def test_caption_order_text_reads_the_image_as_captioning_does(caption_ar_steps,
     one clean group, `CaptionDecoder`), even where T2I draws many AR steps (gamma 0.9). Drawing the
     caption-order image's AR steps as for T2I (`caption_ar_steps: null`) gives the text clean tokens
     under a block-causal mask that captioning never shows it."""
+    from mmfusion.generation.caption import CaptionDecoder
     from mmfusion.model.masks import CLEAN
     from mmfusion.model.sequence import IGNORE, SequenceBuilder, collate
-    from mmfusion.sampling.caption import CaptionDecoder
 
     torch.manual_seed(0)
     cfg = ModelConfig.from_name("tiny", image_grid=(4, 4), image_rope=True, prompt_attention=prompt_attention)
@@ -166,7 +166,7 @@ def test_logs_leave_a_gap_where_a_batch_had_no_text(tmp_path):
 def test_the_bar_shows_a_missing_term_at_its_last_measured_value():
     from types import SimpleNamespace
 
-    from mmfusion.training.run import step_progress_bar
+    from mmfusion.training.callbacks import step_progress_bar
 
     bar = step_progress_bar()
     module = SimpleNamespace(last_logged={"train/text_loss": torch.tensor(5.5), "train/loss": torch.tensor(2.0)})

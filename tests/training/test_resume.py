@@ -200,7 +200,7 @@ def test_atomic_save_keeps_the_old_file(tmp_path, monkeypatch):
 def test_ctrl_c_says_where_the_run_stands(tmp_path, capsys):
     from types import SimpleNamespace
 
-    from mmfusion.training.run import interrupt_notice
+    from mmfusion.training.callbacks import interrupt_notice
 
     notice = interrupt_notice(tmp_path)
     trainer = SimpleNamespace(is_global_zero=True, global_step=137, checkpoint_callback=None)

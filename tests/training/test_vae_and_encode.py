@@ -152,7 +152,7 @@ def test_vq_train_then_token_shuffle_end_to_end(shapes_dir, tmp_path, quantizer)
     model, out = ["--model", str(tmp_path / "run" / "model")], str(tmp_path / "gen")
     assert main(["generate", *model, "--prompt", "a red circle", "--out", out, "--top-k", "1", "--cfg", "1"]) == 0
     assert main(["generate", *model, "--prompt", "a red circle", "--out", out, "--ar-steps", "4"]) == 2
-    with pytest.raises(UserError, match="ar_steps, sampler: settings of CausalFusion"):
+    with pytest.raises(UserError, match="^ar_steps: not a setting of Token-Shuffle's .* its settings: temperature"):
         pipe.generate("a red circle", ar_steps=4, sampler="ddim")
     # the model folder refers to the VQ folder by path; copied into MODEL/image_tokenizer it goes along
     import shutil

@@ -6,44 +6,14 @@ Prefix: `<bos> <boi> [image tokens, t = 0] <eoi>`; decoding stops at `<eos>`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from mmfusion.diffusion.sampler import inference
-from mmfusion.errors import require
+from mmfusion.generation.common import inference
+from mmfusion.generation.settings import CaptionSampling
 from mmfusion.model.masks import CLEAN
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.model.sequence import SequenceBuilder, collate, text_step
 from mmfusion.model.token_shuffle import fuse_grid
-
-
-@dataclass(frozen=True)
-class CaptionSettings:
-    method: str = "greedy"  # greedy | beam | nucleus
-    max_new_tokens: int = 32
-    min_new_tokens: int = 0  # <eos> is not allowed before this many tokens (benchmarks use it)
-    num_beams: int = 4
-    length_penalty: float = 1.0
-    top_p: float = 0.9
-    temperature: float = 1.0
-
-    def __post_init__(self) -> None:
-        checks = [
-            (
-                self.method in ("greedy", "beam", "nucleus"),
-                f"caption method must be greedy, beam or nucleus, got {self.method!r}",
-            ),
-            (self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}"),
-            (
-                0 <= self.min_new_tokens <= self.max_new_tokens,
-                f"min_new_tokens must be within 0..max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}",
-            ),
-            (self.num_beams >= 1, f"num_beams must be at least 1, got {self.num_beams}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.temperature > 0, f"temperature must be positive, got {self.temperature}"),
-        ]
-        require(checks)
 
 
 class CaptionDecoder:
@@ -79,7 +49,7 @@ class CaptionDecoder:
     def __call__(
         self,
         tokens: torch.Tensor,
-        settings: CaptionSettings = CaptionSettings(),
+        settings: CaptionSampling = CaptionSampling(),
         generators: list[torch.Generator] | None = None,
         use_cache: bool = True,
     ) -> list[list[int]]:
@@ -112,7 +82,7 @@ class CaptionDecoder:
                 logits = self.model.text_logits(self.model(full)[:, -1])
         return [_strip(r.tolist(), self.eos) for r in out]
 
-    def _choose(self, logits: torch.Tensor, s: CaptionSettings, generators: list[torch.Generator] | None):  # noqa: ANN202
+    def _choose(self, logits: torch.Tensor, s: CaptionSampling, generators: list[torch.Generator] | None):  # noqa: ANN202
         if s.method == "greedy":
             return logits.argmax(-1)
         probs = torch.softmax(logits / max(s.temperature, 1e-6), -1)
@@ -125,7 +95,7 @@ class CaptionDecoder:
             choice.append(idx[i, torch.multinomial(sorted_p[i], 1, generator=g)])
         return torch.cat(choice)
 
-    def _beam(self, tokens: torch.Tensor, s: CaptionSettings) -> list[list[int]]:
+    def _beam(self, tokens: torch.Tensor, s: CaptionSampling) -> list[list[int]]:
         b, k = tokens.shape[0], s.num_beams
         cache = self.model.new_cache()
         prefix = collate(self._prefix_rows(tokens))

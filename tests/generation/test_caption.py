@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+from mmfusion.generation.caption import CaptionDecoder
+from mmfusion.generation.settings import CaptionSampling
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel
-from mmfusion.sampling.caption import CaptionDecoder, CaptionSettings
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["sincos", "image-rope"])
@@ -24,7 +25,7 @@ def _gens(n, seed=0):
 @pytest.mark.parametrize("method", ["greedy", "nucleus"])
 def test_cached_equals_uncached(decoder, method):
     tokens = torch.randn(3, 16, 12)
-    s = CaptionSettings(method=method, max_new_tokens=12, min_new_tokens=12, top_p=0.8)
+    s = CaptionSampling(method=method, max_new_tokens=12, min_new_tokens=12, top_p=0.8)
     cached = decoder(tokens, s, _gens(3))
     assert all(len(c) == 12 for c in cached)
     assert decoder(tokens, s, _gens(3), use_cache=False) == cached
@@ -33,25 +34,25 @@ def test_cached_equals_uncached(decoder, method):
 def test_batched_equals_one_by_one_and_beam1_is_greedy(decoder):
     torch.manual_seed(1)
     tokens = torch.randn(3, 16, 12) * 30  # loud enough that each image gets its own caption
-    greedy = decoder(tokens, CaptionSettings(max_new_tokens=10))
-    beam = decoder(tokens, CaptionSettings(method="beam", num_beams=3, max_new_tokens=10))
+    greedy = decoder(tokens, CaptionSampling(max_new_tokens=10))
+    beam = decoder(tokens, CaptionSampling(method="beam", num_beams=3, max_new_tokens=10))
     assert len({tuple(c) for c in greedy}) == 3 and len({tuple(c) for c in beam}) == 3  # rows can't be swapped
     for i in range(3):
-        assert decoder(tokens[i : i + 1], CaptionSettings(max_new_tokens=10)) == greedy[i : i + 1]
-        assert decoder(tokens[i : i + 1], CaptionSettings(method="beam", num_beams=3, max_new_tokens=10)) == [beam[i]]
-    assert decoder(tokens, CaptionSettings(method="beam", num_beams=1, max_new_tokens=10)) == greedy
+        assert decoder(tokens[i : i + 1], CaptionSampling(max_new_tokens=10)) == greedy[i : i + 1]
+        assert decoder(tokens[i : i + 1], CaptionSampling(method="beam", num_beams=3, max_new_tokens=10)) == [beam[i]]
+    assert decoder(tokens, CaptionSampling(method="beam", num_beams=1, max_new_tokens=10)) == greedy
 
 
 def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(decoder):
     tokens = torch.randn(2, 16, 12)
-    greedy = decoder(tokens, CaptionSettings(max_new_tokens=6, min_new_tokens=6))
-    beam = decoder(tokens, CaptionSettings(method="beam", num_beams=4, max_new_tokens=6, length_penalty=0.0))
+    greedy = decoder(tokens, CaptionSampling(max_new_tokens=6, min_new_tokens=6))
+    beam = decoder(tokens, CaptionSampling(method="beam", num_beams=4, max_new_tokens=6, length_penalty=0.0))
 
     def logprob(row, ids):
         from mmfusion.model.sequence import collate
 
         prefix = decoder._prefix_rows(tokens[row : row + 1])[0]
-        from mmfusion.sampling.caption import _extend
+        from mmfusion.generation.caption import _extend
 
         batch = collate([_extend(prefix, ids, int(prefix["position_ids"][-1]) + 1)])
         logits = decoder.model.text_logits(decoder.model(batch))[0].log_softmax(-1)
@@ -66,18 +67,19 @@ def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(decoder):
 @pytest.mark.parametrize(
     "bad,message",
     [
-        ({"method": "sample"}, "caption method must be greedy, beam or nucleus"),
-        ({"max_new_tokens": 0}, "max_new_tokens must be at least 1"),
-        ({"min_new_tokens": 40}, "min_new_tokens must be within 0..max_new_tokens"),
-        ({"num_beams": 0}, "num_beams must be at least 1"),
-        ({"top_p": 1.5}, "top_p must be in"),
+        ({"method": "sample"}, "method: must be one of greedy, beam, nucleus, got 'sample'"),
+        ({"max_new_tokens": 0}, "max_new_tokens: must be at least 1"),
+        ({"min_new_tokens": 40}, r"min_new_tokens: must be within 0\.\.max_new_tokens \(32\), got 40"),
+        ({"num_beams": 0}, "num_beams: must be at least 1"),
+        ({"top_p": 1.5}, r"top_p: must be in \(0, 1\]"),
+        ({"temperature": 0.0}, "temperature: must be positive"),
     ],
 )
 def test_bad_caption_settings_are_refused(bad, message):
-    from mmfusion.errors import UserError
+    from mmfusion.errors import ConfigError
 
-    with pytest.raises(UserError, match=message):
-        CaptionSettings(**bad)
+    with pytest.raises(ConfigError, match="^" + message):
+        CaptionSampling(**bad)
 
 
 @pytest.mark.parametrize("method", ["greedy", "beam", "nucleus"])
@@ -90,6 +92,6 @@ def test_min_new_tokens_holds_back_eos_in_every_method(method):
     model.text_logits = lambda h: plain(h) + 20.0 * (torch.arange(model.cfg.vocab_size) == 2)
     decoder, tokens = CaptionDecoder(model, bos=1, boi=3, eoi=4, eos=2), torch.randn(3, 16, 12)
     settings = {"method": method, "num_beams": 3, "max_new_tokens": 8}
-    assert decoder(tokens, CaptionSettings(**settings), _gens(3)) == [[], [], []]
-    lengths = [len(c) for c in decoder(tokens, CaptionSettings(**settings, min_new_tokens=5), _gens(3))]
+    assert decoder(tokens, CaptionSampling(**settings), _gens(3)) == [[], [], []]
+    lengths = [len(c) for c in decoder(tokens, CaptionSampling(**settings, min_new_tokens=5), _gens(3))]
     assert lengths == [5, 5, 5]

@@ -8,8 +8,6 @@ one, only where it is switched on (an interval of noise levels, and up to a give
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +15,10 @@ import torch
 from tqdm.auto import tqdm
 
 from mmfusion.diffusion.causal import even_group_sizes, token_order
-from mmfusion.diffusion.config import DiffusionConfig, SamplerSettings
+from mmfusion.diffusion.config import DiffusionConfig
 from mmfusion.errors import UserError
+from mmfusion.generation.common import guide, guided_prefixes, inference
+from mmfusion.generation.settings import DiffusionSampling
 from mmfusion.model.cache import KVCache
 from mmfusion.model.masks import CLEAN, NOISY
 from mmfusion.model.multimodal import MMFusionModel
@@ -33,36 +33,8 @@ class _Plan:
     known: list[torch.Tensor]  # [sample] -> positions of given tokens (editing), may be empty
 
 
-def inference(fn: Callable) -> Callable:
-    """Run a sampling loop under `torch.inference_mode` (no autograd bookkeeping on each of its many
-    small ops: S = 16 sampling 10% faster than under `no_grad`) and hand back an ordinary tensor, which
-    callers may change in place or use with autograd (an inference tensor refuses both)."""
-
-    @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        with torch.inference_mode():
-            out = fn(*args, **kwargs)
-        return out.clone() if isinstance(out, torch.Tensor) else out
-
-    return run
-
-
-def guided_prefixes(
-    conds: list[list[int]],
-    unconds: list[list[int]] | None,
-    generators: list[torch.Generator] | None,
-    guided: bool,
-) -> tuple[list[list[int]], list[torch.Generator]]:
-    """The rows to run (conditional, then unconditional when guiding) and one generator per image."""
-    b = len(conds)
-    if guided and (unconds is None or len(unconds) != b):
-        raise ValueError("classifier-free guidance needs one unconditional prefix per condition")
-    generators = generators or [torch.Generator().manual_seed(i) for i in range(b)]
-    return conds + (unconds if guided else []), generators
-
-
 class NextTokenDiffusionSampler:
-    def __init__(self, model: MMFusionModel, diffusion: DiffusionConfig, settings: SamplerSettings) -> None:
+    def __init__(self, model: MMFusionModel, diffusion: DiffusionConfig, settings: DiffusionSampling) -> None:
         self.model = model
         self.diffusion = diffusion
         self.settings = settings
@@ -128,29 +100,17 @@ class NextTokenDiffusionSampler:
             bar.set_postfix_str(f"AR step {step + 1}/{n_groups}", refresh=False)
             pos_rows = [g[step] if step < len(g) else none_left for g in plan.groups]
             ragged = len({len(p) for p in pos_rows}) > 1  # editing: images with different tokens to make
-            x = (
-                self._ragged_noise(pos_rows, generators)
-                if ragged
-                else torch.stack([torch.randn(len(p), self.dim, generator=gen) for p, gen in zip(pos_rows, generators)])
-            )
+            x = self._noise(pos_rows, generators)
             for t in scheduler.timesteps:
                 t = int(t)
-                guide = s.guides(t, step, self.diffusion.num_train_timesteps)
-                rows = dup if guide else 1
+                guided_now = s.guides(t, step, self.diffusion.num_train_timesteps)
+                rows = dup if guided_now else 1
                 pred = state.predict(step, pos_rows * rows, torch.cat([x] * rows), t, rows * b)
-                if guide:
-                    cond, uncond = pred[:b], pred[b:]
-                    pred = uncond + s.cfg_scale * (cond - uncond)
+                if guided_now:
+                    pred = guide(pred, b, s.cfg_scale)
                 if clip_x0:
                     pred = pred.clamp(-1.0, 1.0)
-                kwargs = {"eta": s.eta} if s.sampler == "ddim" else {}
-                if ragged:  # row by row, so that each image draws the step's noise for its own tokens only
-                    for i, (p, gen) in enumerate(zip(pos_rows, generators)):
-                        if len(p):
-                            one = slice(i, i + 1), slice(0, len(p))
-                            x[one] = scheduler.step(pred[one], t, x[one], generator=[gen], **kwargs).prev_sample
-                else:
-                    x = scheduler.step(pred, t, x, generator=generators, **kwargs).prev_sample
+                x = self._denoise(scheduler, pred, t, x, pos_rows if ragged else None, generators)
                 bar.update()
             for i, p in enumerate(pos_rows):
                 out[i, p] = x[i, : len(p)]
@@ -159,11 +119,32 @@ class NextTokenDiffusionSampler:
         bar.close()
         return out
 
-    def _ragged_noise(self, pos_rows: list[torch.Tensor], generators: list[torch.Generator]) -> torch.Tensor:
-        width = max(len(p) for p in pos_rows)
-        x = torch.zeros(len(pos_rows), width, self.dim)
+    def _noise(self, pos_rows: list[torch.Tensor], generators: list[torch.Generator]) -> torch.Tensor:
+        """The starting noise of an AR step (B, width, C), each image's from its own generator; an image
+        with fewer tokens to make (editing) is zero-padded."""
+        x = torch.zeros(len(pos_rows), max(len(p) for p in pos_rows), self.dim)
         for i, (p, gen) in enumerate(zip(pos_rows, generators)):
             x[i, : len(p)] = torch.randn(len(p), self.dim, generator=gen)
+        return x
+
+    def _denoise(
+        self,
+        scheduler: Any,
+        pred: torch.Tensor,
+        t: int,
+        x: torch.Tensor,
+        ragged: list[torch.Tensor] | None,
+        generators: list[torch.Generator],
+    ) -> torch.Tensor:
+        """One scheduler step of the whole batch, or, with `ragged` token positions per image, row by
+        row, so that each image draws the step's noise for its own tokens only."""
+        kwargs = {"eta": self.settings.eta} if self.settings.sampler == "ddim" else {}
+        if ragged is None:
+            return scheduler.step(pred, t, x, generator=generators, **kwargs).prev_sample
+        for i, (p, gen) in enumerate(zip(ragged, generators)):
+            if len(p):
+                one = slice(i, i + 1), slice(0, len(p))
+                x[one] = scheduler.step(pred[one], t, x[one], generator=[gen], **kwargs).prev_sample
         return x
 
 

@@ -12,20 +12,16 @@ import math
 
 import torch
 
-from mmfusion.diffusion.sampler import guided_prefixes, inference
-from mmfusion.errors import UserError
+from mmfusion.generation.common import guide, guided_prefixes, inference
+from mmfusion.generation.settings import TokenSampling
 from mmfusion.model.cache import KVCache
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.model.sequence import SequenceBuilder, code_step, collate
 from mmfusion.model.token_shuffle import unfuse_grid
 
-CFG_SCHEDULES = ("constant", "linear", "cosine")
-
 
 def cfg_scale_at(schedule: str, scale: float, index: int, total: int) -> float:
     """Guidance scale for token `index` of `total`: constant, or ramping from 1 up to `scale`."""
-    if schedule not in CFG_SCHEDULES:
-        raise UserError(f"cfg schedule must be one of {', '.join(CFG_SCHEDULES)}, got {schedule!r}")
     if schedule == "constant" or total <= 1:
         return scale
     frac = index / (total - 1)
@@ -47,22 +43,13 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 class ARImageSampler:
-    def __init__(
-        self,
-        model: MMFusionModel,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        cfg_scale: float = 1.0,
-        cfg_schedule: str = "constant",
-    ) -> None:
-        self.model, self.temperature, self.top_k, self.top_p = model, temperature, top_k, top_p
-        self.cfg_scale, self.cfg_schedule = cfg_scale, cfg_schedule
-        cfg_scale_at(cfg_schedule, cfg_scale, 0, 1)  # validate early
+    def __init__(self, model: MMFusionModel, settings: TokenSampling = TokenSampling()) -> None:
+        self.model, self.settings = model, settings
 
     def _draw(self, logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """logits (B, W, K) -> codes (B, W); bitwise heads: (B, W, d) bit logits -> integer codes."""
-        t = max(self.temperature, 1e-6)
+        s = self.settings
+        t = max(s.temperature, 1e-6)
         out = []
         if self.model.shuffle_out.bitwise:
             probs = torch.sigmoid(logits / t)
@@ -71,7 +58,7 @@ class ARImageSampler:
                 bits = torch.rand(p.shape, generator=g) < p
                 out.append((bits.long() * 2 ** torch.arange(d)).sum(-1))
             return torch.stack(out)
-        probs = filter_logits(logits / t, self.top_k, self.top_p).softmax(-1)
+        probs = filter_logits(logits / t, s.top_k, s.top_p).softmax(-1)
         for p, g in zip(probs, generators):
             out.append(torch.multinomial(p, 1, generator=g).squeeze(-1))
         return torch.stack(out)
@@ -87,7 +74,8 @@ class ARImageSampler:
         """Code grids (B, h, w) for condition prefixes ending in <boi>."""
         cfg = self.model.cfg
         b = len(conds)
-        guided = self.cfg_scale != 1.0
+        s = self.settings
+        guided = s.cfg_scale != 1.0
         prefixes, generators = guided_prefixes(conds, unconds, generators, guided)
         n = cfg.num_image_tokens
         width = cfg.code_width
@@ -95,7 +83,7 @@ class ARImageSampler:
         cache = self.model.new_cache() if use_cache else None
         hidden = self._next(prefixes, fused[:, :0], cache)
         for i in range(n):
-            scale = cfg_scale_at(self.cfg_schedule, self.cfg_scale, i, n) if guided else None
+            scale = cfg_scale_at(s.cfg_schedule, s.cfg_scale, i, n) if guided else None
             fused[:, i] = self._draw_window(hidden, scale, generators)
             if i + 1 < n:
                 hidden = self._next(prefixes, fused[:, : i + 1], cache)
@@ -114,7 +102,7 @@ class ARImageSampler:
             if codes is not None:
                 codes = torch.cat([codes] * (hidden.shape[0] // b)).to(hidden.device)
             logits = self.model.code_logits(hidden, codes).float().cpu()  # drawn on the CPU, seeded there
-            return logits if scale is None else logits[b:] + scale * (logits[:b] - logits[b:])
+            return logits if scale is None else guide(logits, b, scale)
 
         if not self.model.shuffle_out.autoregressive:
             return self._draw(logits_of(None), generators)

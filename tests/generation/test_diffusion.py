@@ -3,9 +3,10 @@ import copy
 import pytest
 import torch
 
-from mmfusion.diffusion.config import DiffusionConfig, SamplerSettings
-from mmfusion.diffusion.sampler import NextTokenDiffusionSampler
-from mmfusion.errors import UserError
+from mmfusion.diffusion.config import DiffusionConfig
+from mmfusion.errors import ConfigError, UserError
+from mmfusion.generation.diffusion import NextTokenDiffusionSampler
+from mmfusion.generation.settings import DiffusionSampling, TokenSampling, with_changes
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel
 
@@ -27,7 +28,7 @@ def _gens(seeds):
 @pytest.mark.parametrize("ar_steps", [1, 4, 16])
 @pytest.mark.parametrize("sampler,cfg", [("ddpm", 1.0), ("ddim", 3.0)])
 def test_cached_equals_uncached(model, ar_steps, sampler, cfg):
-    s = SamplerSettings(
+    s = DiffusionSampling(
         ar_steps=ar_steps, sampler=sampler, steps=4, cfg_scale=cfg, cfg_interval=(0.1, 0.9), cfg_until_step=2
     )
     smp = NextTokenDiffusionSampler(model, DiffusionConfig(), s)
@@ -40,7 +41,7 @@ def test_cached_equals_uncached(model, ar_steps, sampler, cfg):
 @pytest.mark.parametrize("order", ["random", "raster"])
 def test_batched_equals_one_by_one_and_seeded(model, order):
     smp = NextTokenDiffusionSampler(
-        model, DiffusionConfig(), SamplerSettings(ar_steps=4, steps=3, order=order, cfg_scale=2.0)
+        model, DiffusionConfig(), DiffusionSampling(ar_steps=4, steps=3, order=order, cfg_scale=2.0)
     )
     both = smp(CONDS, UNCONDS, _gens([5, 6]))
     for i in range(2):
@@ -51,11 +52,11 @@ def test_batched_equals_one_by_one_and_seeded(model, order):
 
 
 def test_guidance_switches():
-    s = SamplerSettings(cfg_scale=3.0, cfg_interval=(0.2, 0.8), cfg_until_step=2)
+    s = DiffusionSampling(cfg_scale=3.0, cfg_interval=(0.2, 0.8), cfg_until_step=2)
     assert s.guides(500, 0, 1000) and s.guides(500, 1, 1000)
     assert not s.guides(500, 2, 1000)  # after AR step 2
     assert not s.guides(900, 0, 1000) and not s.guides(100, 0, 1000)  # outside the interval
-    assert not SamplerSettings(cfg_scale=1.0).guides(500, 0, 1000)
+    assert not DiffusionSampling(cfg_scale=1.0).guides(500, 0, 1000)
 
 
 def test_known_tokens_are_kept(model):
@@ -63,7 +64,7 @@ def test_known_tokens_are_kept(model):
     mask = torch.zeros(2, 16, dtype=torch.bool)
     mask[0, :10] = True
     mask[1, 5:] = True
-    smp = NextTokenDiffusionSampler(model, DiffusionConfig(), SamplerSettings(ar_steps=3, steps=3))
+    smp = NextTokenDiffusionSampler(model, DiffusionConfig(), DiffusionSampling(ar_steps=3, steps=3))
     out = smp(CONDS, UNCONDS, _gens([0, 1]), known=known, known_mask=mask)
     assert torch.equal(out[mask], known[mask])
     assert not torch.allclose(out[~mask], known[~mask])
@@ -79,7 +80,7 @@ def test_images_with_fewer_tokens_to_make_than_ar_steps(model):
     known = torch.randn(2, 16, 12)
     mask = torch.zeros(2, 16, dtype=torch.bool)
     mask[0, :14] = True
-    smp = NextTokenDiffusionSampler(model, DiffusionConfig(), SamplerSettings(ar_steps=4, steps=3, cfg_scale=2.0))
+    smp = NextTokenDiffusionSampler(model, DiffusionConfig(), DiffusionSampling(ar_steps=4, steps=3, cfg_scale=2.0))
     out = smp(CONDS, UNCONDS, _gens([0, 1]), known=known, known_mask=mask)
     assert torch.equal(out[mask], known[mask])
     ref = smp(CONDS, UNCONDS, _gens([0, 1]), known=known, known_mask=mask, use_cache=False)
@@ -96,7 +97,7 @@ def test_image_with_every_token_given_is_returned_as_given(model):
     mask = torch.zeros(2, 16, dtype=torch.bool)
     mask[0] = True
     mask[1, :8] = True
-    smp = NextTokenDiffusionSampler(model, DiffusionConfig(), SamplerSettings(ar_steps=2, steps=3, cfg_scale=2.0))
+    smp = NextTokenDiffusionSampler(model, DiffusionConfig(), DiffusionSampling(ar_steps=2, steps=3, cfg_scale=2.0))
     out = smp(CONDS, UNCONDS, _gens([0, 1]), known=known, known_mask=mask)
     assert torch.equal(out[0], known[0]) and torch.equal(out[mask], known[mask])
     torch.testing.assert_close(out, smp(CONDS, UNCONDS, _gens([0, 1]), known=known, known_mask=mask, use_cache=False))
@@ -107,14 +108,14 @@ def test_image_with_every_token_given_is_returned_as_given(model):
 def test_samples_are_ordinary_tensors(model):
     """Sampling runs under inference mode, but what it returns can be edited in place and used with
     autograd, like any tensor."""
-    out = NextTokenDiffusionSampler(model, DiffusionConfig(), SamplerSettings(steps=2))(CONDS)
+    out = NextTokenDiffusionSampler(model, DiffusionConfig(), DiffusionSampling(steps=2))(CONDS)
     assert not out.is_inference()
     out[0, 0] = 0.0
     (out * torch.ones_like(out, requires_grad=True)).sum().backward()
 
 
 def test_too_many_ar_steps_is_refused(model):
-    smp = NextTokenDiffusionSampler(model, DiffusionConfig(), SamplerSettings(ar_steps=17))
+    smp = NextTokenDiffusionSampler(model, DiffusionConfig(), DiffusionSampling(ar_steps=17))
     with pytest.raises(UserError, match="ar_steps=17 exceeds the 16 tokens of an image: choose 1 to 16"):
         smp(CONDS, None, _gens([0, 1]))
 
@@ -122,25 +123,52 @@ def test_too_many_ar_steps_is_refused(model):
 @pytest.mark.parametrize(
     "bad,message",
     [
-        ({"steps": 0}, "steps .denoising steps per AR step. must be at least 1, got 0"),
-        ({"ar_steps": 0}, "ar_steps must be at least 1"),
-        ({"sampler": "euler"}, "sampler must be ddpm or ddim"),
-        ({"order": "spiral"}, "order must be one of random, raster, block_raster"),
-        ({"cfg_interval": (0.8, 0.2)}, "cfg_interval must be LO <= HI within"),
-        ({"top_p": 0.0}, "top_p must be in"),
-        ({"temperature": 0.0}, "temperature must be positive"),
+        ({"steps": 0}, r"steps: \(denoising steps per AR step\) must be at least 1, got 0"),
+        ({"ar_steps": 0}, "ar_steps: must be at least 1"),
+        ({"sampler": "euler"}, "sampler: must be ddpm or ddim"),
+        ({"order": "spiral"}, "order: must be one of random, raster, block_raster"),
+        ({"cfg_interval": (0.8, 0.2)}, "cfg_interval: must be LO <= HI within"),
+        ({"cfg_scale": -1.0}, "cfg_scale: must not be negative"),
+        ({"eta": -0.5}, "eta: must not be negative"),
     ],
 )
 def test_bad_sampler_settings_are_refused(bad, message):
-    with pytest.raises(UserError, match=message):
-        SamplerSettings(**bad)
+    with pytest.raises(ConfigError, match="^" + message):
+        DiffusionSampling(**bad)
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ({"top_p": 0.0}, r"top_p: must be in \(0, 1\]"),
+        ({"top_k": -1}, "top_k: must not be negative"),
+        ({"temperature": 0.0}, "temperature: must be positive"),
+        ({"cfg_schedule": "exp"}, "cfg_schedule: must be one of constant, linear, cosine"),
+    ],
+)
+def test_bad_token_sampling_settings_are_refused(bad, message):
+    with pytest.raises(ConfigError, match="^" + message):
+        TokenSampling(**bad)
+
+
+def test_each_sampler_takes_only_its_own_settings():
+    """Changes by name are checked against the sampler's own type: a Token-Shuffle setting given to
+    CausalFusion's sampler is refused with the settings it does take; None changes nothing."""
+    base = DiffusionSampling(steps=20)
+    assert with_changes(base, "x", ar_steps=4, order=None) == DiffusionSampling(steps=20, ar_steps=4)
+    assert with_changes(base, "x", cfg_interval=[0.2, 0.8]).cfg_interval == (0.2, 0.8)
+    refused = "^temperature: not a setting of x .DiffusionSampling.; its settings: ar_steps"
+    with pytest.raises(ConfigError, match=refused):
+        with_changes(base, "x", temperature=0.7)
+    with pytest.raises(ConfigError, match="^ar_steps: not a setting of y .TokenSampling."):
+        with_changes(TokenSampling(), "y", ar_steps=4)
 
 
 @pytest.mark.parametrize("ar_steps", [1, 4])
 def test_bf16_weights_sample_close_to_float32(model, ar_steps):
     """With bf16 weights (`to_dtype`) the sampler keeps its tokens in float32; what it draws stays within
     bf16 rounding of the float32 model's draw (0.3% relative error measured), cached and uncached alike."""
-    s = SamplerSettings(ar_steps=ar_steps, sampler="ddim", steps=4, cfg_scale=3.0)
+    s = DiffusionSampling(ar_steps=ar_steps, sampler="ddim", steps=4, cfg_scale=3.0)
     ref = NextTokenDiffusionSampler(model, DiffusionConfig(), s)(CONDS, UNCONDS, _gens([0, 1]))
     smp = NextTokenDiffusionSampler(copy.deepcopy(model).to_dtype(torch.bfloat16), DiffusionConfig(), s)
     cached = smp(CONDS, UNCONDS, _gens([0, 1]))
@@ -159,7 +187,7 @@ def test_block_raster_sampling_uses_the_trained_block_size(model, block):
     smp = NextTokenDiffusionSampler(
         model,
         DiffusionConfig(order="block_raster", block_size=block),
-        SamplerSettings(ar_steps=16, order="block_raster"),
+        DiffusionSampling(ar_steps=16, order="block_raster"),
     )
     plan = smp._plan(1, _gens([0]), None)
     assert torch.cat(plan.groups[0]).tolist() == token_order((4, 4), "block_raster", block=block).tolist()
@@ -169,8 +197,8 @@ def test_guidance_at_scale_zero_is_the_unconditional_stream(model):
     """uncond + s (cond - uncond): at s = 0 the guided images are those of the unconditional prefixes
     sampled without guidance, and not those of the conditional ones (a swapped mix gives those)."""
     kw = {"ar_steps": 4, "sampler": "ddim", "steps": 3, "cfg_interval": (0.0, 1.0)}
-    guided = NextTokenDiffusionSampler(model, DiffusionConfig(), SamplerSettings(cfg_scale=0.0, **kw))
-    plain = NextTokenDiffusionSampler(model, DiffusionConfig(), SamplerSettings(cfg_scale=1.0, **kw))
+    guided = NextTokenDiffusionSampler(model, DiffusionConfig(), DiffusionSampling(cfg_scale=0.0, **kw))
+    plain = NextTokenDiffusionSampler(model, DiffusionConfig(), DiffusionSampling(cfg_scale=1.0, **kw))
     uncond, cond = plain(UNCONDS, None, _gens([0, 1])), plain(CONDS, None, _gens([0, 1]))
     assert (uncond - cond).abs().max() > 1e-3
     torch.testing.assert_close(guided(CONDS, UNCONDS, _gens([0, 1])), uncond, atol=1e-5, rtol=1e-5)
@@ -185,7 +213,7 @@ def test_bidirectional_prompt_cached_equals_uncached_and_matters():
     torch.nn.init.normal_(bidir.image_head.weight, std=0.05)
     causal = MMFusionModel(cfg.replace(prompt_attention="causal")).eval()
     causal.load_state_dict(bidir.state_dict())
-    s = SamplerSettings(ar_steps=4, steps=3, cfg_scale=2.0)
+    s = DiffusionSampling(ar_steps=4, steps=3, cfg_scale=2.0)
     smp = NextTokenDiffusionSampler(bidir, DiffusionConfig(), s)
     cached = smp(CONDS, UNCONDS, _gens([0, 1]))
     torch.testing.assert_close(cached, smp(CONDS, UNCONDS, _gens([0, 1]), use_cache=False), atol=1e-4, rtol=1e-4)
@@ -212,7 +240,7 @@ def test_guided_x0_reaches_the_scheduler_clipped(model, sampler, monkeypatch):
     big = copy.deepcopy(model)
     torch.nn.init.normal_(big.image_head.weight, std=2.0)  # x0 predictions far outside [-1, 1]
     diffusion = DiffusionConfig(prediction_type="sample", clip_sample=True, gamma=0.9)
-    s = SamplerSettings(ar_steps=1, sampler=sampler, steps=5, cfg_scale=3.0)
+    s = DiffusionSampling(ar_steps=1, sampler=sampler, steps=5, cfg_scale=3.0)
     out = NextTokenDiffusionSampler(big, diffusion, s)(CONDS, UNCONDS, _gens([0, 1]))
     assert seen and max(seen) <= 1.0 and out.abs().max() <= 1.0
     seen.clear()

@@ -2,7 +2,7 @@ import json
 
 from PIL import Image
 
-from mmfusion.sampling.images import make_grid, write_outputs
+from mmfusion.image_io import make_grid, write_outputs
 
 
 def _images(n: int) -> list[Image.Image]:

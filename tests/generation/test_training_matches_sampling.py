@@ -9,8 +9,9 @@ import torch
 
 from mmfusion.config import ObjectiveConfig
 from mmfusion.diffusion.causal import add_image
-from mmfusion.diffusion.config import DiffusionConfig, SamplerSettings
-from mmfusion.diffusion.sampler import NextTokenDiffusionSampler, _Plan, _State
+from mmfusion.diffusion.config import DiffusionConfig
+from mmfusion.generation.diffusion import NextTokenDiffusionSampler, _Plan, _State
+from mmfusion.generation.settings import DiffusionSampling
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.masks import NOISY
 from mmfusion.model.multimodal import MMFusionModel
@@ -96,7 +97,7 @@ def test_training_forward_predicts_each_group_as_the_cached_sampler(prompt_atten
         trained = model.image_output(model(batch, mask=batch.mask(bidirectional_prompt=cfg.bidirectional_prompt)))
         trained = trained[0][noisy]
 
-    sampler = NextTokenDiffusionSampler(model, diffusion, SamplerSettings(ar_steps=4, order="random"))
+    sampler = NextTokenDiffusionSampler(model, diffusion, DiffusionSampling(ar_steps=4, order="random"))
     plan = _Plan(groups=[groups], known=[torch.zeros(0, dtype=torch.long)])
     out = torch.zeros(1, cfg.num_image_tokens, cfg.image_token_dim)
     state = _State(sampler, [prompt], plan, out, [len(prompt)], use_cache=True)

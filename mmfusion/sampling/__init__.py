@@ -1,1 +1,0 @@
-"""Sampling: text-to-image generation, captioning and editing."""
