@@ -4,10 +4,7 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Literal
 
 from mmfusion.errors import UserError, require
@@ -121,7 +118,6 @@ def shapes(
 
 def _shapes_test(data: str | None, n: int, seed: int) -> Any:
     """The first `n` rows of the test split of saved shapes data, or of the one rendered for `seed`."""
-    from mmfusion.errors import UserError
     from mmfusion.evaluation.demo_eval import shapes_test_rows
 
     if data is None:
@@ -169,7 +165,6 @@ def generation(
         batch_size: images generated at once
     """
     from mmfusion.data.datasets import load_captioned
-    from mmfusion.errors import UserError
     from mmfusion.evaluation.generation import clip_score, frechet_distance
     from mmfusion.image_io import to_pil, to_tensor
     from mmfusion.pipeline import MMFusion
@@ -192,43 +187,3 @@ def generation(
     outdir.mkdir(parents=True, exist_ok=True)
     write_json(outdir / "generation_metrics.json", metrics)
     print(" ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-
-
-def bench(*, quick: bool = False, only: list[str] | None = None, doc: bool = True) -> None:
-    """Run the benchmark suite: matmul peak, training throughput and MFU, the demo's training step from
-    data rows to optimizer step (new path against the old, in turn), sampling and captioning with
-    and without the KV cache, Token-Shuffle s = 1, 2, 4, FlexAttention vs SDPA. Writes
-    docs/benchmarks.json and the tables of docs/BENCHMARKS.md in the repository. The benchmarks live in
-    the repository (benchmarks/bench.py), not in the installed package: run this from a checkout.
-
-    Args:
-        quick: fewer repetitions and smaller batches, a smoke test: writes docs/benchmarks-quick.json
-            and leaves the recorded tables alone
-        only: run only this benchmark (repeat; the others' results are kept from the last run on this
-            machine, torch and mode; where none carry over, only the items run get tables): matmul,
-            train_tiny, train_small, pipeline, sampling, sampling_batch, sampling_paper_tokens,
-            caption, token_shuffle, attention
-        doc: update the tables of docs/BENCHMARKS.md (--no-doc: write the JSON only)
-    """
-    argv = (["--quick"] if quick else []) + (["--only", *only] if only else []) + ([] if doc else ["--no-doc"])
-    load_bench().main(argv)
-
-
-def load_bench() -> ModuleType:
-    """benchmarks/bench.py of the checkout this mmfusion was installed from."""
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench.py"
-    if not path.is_file():
-        raise UserError(
-            f"no benchmarks at {path}: they live in the repository, not in the installed package; "
-            "run `mmfusion bench` from a checkout installed with `pip install -e .`"
-        )
-    try:  # the repository on sys.path (tests, `python -m` from its root): the module as imported there
-        module = importlib.import_module("benchmarks.bench")
-        if Path(module.__file__).resolve() == path:
-            return module
-    except ImportError:
-        pass
-    spec = importlib.util.spec_from_file_location("mmfusion_benchmarks", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
