@@ -19,8 +19,8 @@ def caption(
     image_root: str | None = None,
     split: str = "test",
     limit: int | None = None,
-    method: Literal["greedy", "beam", "nucleus"] = "greedy",
-    num_beams: int = 4,
+    method: Literal["greedy", "beam", "nucleus"] | None = None,
+    num_beams: int | None = None,
     batch_size: int = 32,
     spice: bool | None = None,
     dtype: Literal["float32", "bfloat16"] = "float32",
@@ -39,8 +39,8 @@ def caption(
         image_root: folder that the image paths of a COCO / Karpathy JSON are relative to
         split: split to evaluate (Karpathy: test)
         limit: evaluate only the first N images
-        method: greedy, beam or nucleus decoding
-        num_beams: beams for beam search
+        method: greedy, beam or nucleus decoding (default: the model's caption settings)
+        num_beams: beams for beam search (default: the model's)
         batch_size: images captioned at once
         spice: force SPICE on (--spice) or off (--no-spice); default: only when its models are installed
     """

@@ -96,17 +96,19 @@ def caption(
     *,
     model: str,
     json: str | None = None,
-    method: Literal["greedy", "beam", "nucleus"] = "greedy",
-    num_beams: int = 4,
-    top_p: float = 0.9,
-    temperature: float = 1.0,
-    max_new_tokens: int = 32,
+    method: Literal["greedy", "beam", "nucleus"] | None = None,
+    num_beams: int | None = None,
+    top_p: float | None = None,
+    temperature: float | None = None,
+    max_new_tokens: int | None = None,
     seed: int = 0,
     adapter: list[str] | None = None,
     dtype: Literal["float32", "bfloat16"] = "float32",
     device: str = "auto",
 ) -> None:
     """Caption images; prints `path: caption` lines and optionally writes a JSON {path: caption}.
+
+    Decoding options change the caption settings saved with the model.
 
     Args:
         images: image files
