@@ -209,23 +209,21 @@ DDP_ROW = " compiled packed, 2 processes (DDP)"  # suffix of the data-parallel t
 
 
 def model_flops(cfg: Any, batch: Any) -> float:
-    """Training FLOPs of one step over `batch` (padded, one sample per row): 6 x the matmul parameters
-    of the blocks per token, plus attention scores and values (12 x layers x dim x sequence length per
-    token), plus the image input projection (4 x its parameters per image token: its input needs no
-    gradient), the image head (6 x per noisy token) and the text head (6 x per text target). The
-    timestep MLP runs once per distinct timestep and is left out."""
+    """Training FLOPs of one step over `batch` (padded, one sample per row): the library's formula
+    (`mmfusion.training.plan.step_flops`, the one `mmfusion plan` uses) over the batch's own counts:
+    its valid tokens, its row length, its image tokens, its tokens with a diffusion target and those with
+    a text target. The timestep MLP runs once per distinct timestep and is left out."""
     from mmfusion.model.sequence import IGNORE
+    from mmfusion.training.plan import step_flops
 
-    d, f, layers = cfg.dim, cfg.ffn_dim, cfg.n_layers
-    kv = cfg.kv_heads * cfg.head_dim
-    per_layer = d * cfg.n_heads * cfg.head_dim * 2 + 2 * d * kv + 3 * d * f
-    tokens = int(batch.valid().sum())
-    image = int(batch.is_image().sum())
-    noisy, text = int((batch.weights > 0).sum()), int((batch.labels != IGNORE).sum())
-    seq_len = batch.kind.shape[1]
-    blocks = (6 * layers * per_layer + 12 * layers * d * seq_len) * tokens
-    heads = 4 * cfg.image_token_dim * d * image + 6 * d * cfg.image_token_dim * noisy + 6 * d * cfg.vocab_size * text
-    return float(blocks + heads)
+    return step_flops(
+        cfg,
+        tokens=int(batch.valid().sum()),
+        seq_len=batch.kind.shape[1],
+        image_tokens=int(batch.is_image().sum()),
+        noisy_tokens=int((batch.weights > 0).sum()),
+        text_targets=int((batch.labels != IGNORE).sum()),
+    )
 
 
 # --- benchmarks --------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from mmfusion.cli import bench, data, demo, evaluate, finetune, infer, train
+from mmfusion.cli import bench, data, demo, evaluate, finetune, infer, plan, train
 from mmfusion.cli.app import build_parser, run
 from mmfusion.errors import Stopped, UserError
 from mmfusion.runtime import tune_malloc
@@ -32,6 +32,7 @@ COMMANDS = {
         "shapes": evaluate.shapes,
         "generation": evaluate.generation,
     },
+    "plan": plan.plan,
     "bench": bench.bench,
     "demo": demo.demo,
 }
