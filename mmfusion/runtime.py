@@ -62,8 +62,8 @@ def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.3) -> fl
 @functools.cache
 def bf16_native() -> tuple[bool, float, float]:
     """Whether this CPU multiplies bf16 natively: a 512^3 bf16 matmul at no less than a fifth of the fp32
-    rate (where it is emulated it runs some 100x slower, and timing 2048^3 products would take minutes).
-    Returns (native, bf16 GFLOP/s, fp32 GFLOP/s) at 512^3; measured once per process (0.6 s)."""
+    rate (where it is emulated it runs far slower, and timing 2048^3 products would take minutes).
+    Returns (native, bf16 GFLOP/s, fp32 GFLOP/s) at 512^3; measured once per process."""
     import torch
 
     fp32, bf16 = matmul_gflops(torch.float32, 512, 0.3), matmul_gflops(torch.bfloat16, 512, 0.3)

@@ -21,7 +21,7 @@ Tree = dict[str, "Callable[..., Any] | Tree"]
 # give its own "Args:" line for one of them, which then wins
 SHARED_HELP = {
     "dtype": "weights' dtype for sampling and captioning; bfloat16 halves the backbone's memory and samples "
-    "large models up to 2x faster on CPUs with native bf16 (AMX); small models gain little (docs/BENCHMARKS.md)",
+    "large models faster on CPUs with native bf16 (AMX); small models gain little (docs/BENCHMARKS.md)",
     "device": "cpu, cuda, cuda:N, or auto (a GPU when there is one)",
     "adapter": "a LoRA adapter folder from `mmfusion finetune` (repeat for several; they are merged)",
 }

@@ -6,10 +6,9 @@ compiled to be fast; `benchmarks/bench.py` measures both and docs/BENCHMARKS.md 
 
 `ModelConfig.attention`:
   * "auto" (default): SDPA, except for CPU training under bf16 autocast on short sequences, where
-    the explicit softmax(q k^T) v is faster. Measured on 2 cores (torch 2.13, AMX): SDPA's CPU
-    flash-attention backward in bf16 takes 37.5 ms at L = 32 against 7.9 ms for the explicit form,
-    and 43.8 vs 23.5 ms at L = 128; from L = 256 on SDPA is faster, and forward-only SDPA is never
-    slower. In fp32 the two are within 10% up to L = 64 and SDPA wins beyond.
+    the explicit softmax(q k^T) v is faster: SDPA's CPU flash-attention backward in bf16 is slow on
+    short rows, while on long rows, in fp32 and without gradients SDPA is as fast or faster (the
+    measurements are in docs/BENCHMARKS.md).
   * "sdpa": always dense masked SDPA; "math": always the explicit form;
   * "flex": FlexAttention with a block mask when not computing gradients on CPU, else SDPA.
 """

@@ -25,8 +25,8 @@ def step_progress_bar(minutes: float | None = None, refresh_rate: int = 10) -> L
     epoch, which says little here: the runs are bounded by steps or by time with max_epochs=-1 (it showed
     "Epoch 1/-2", or 350/1000000 steps with a 47-hour estimate in a 12-minute run). With a time budget
     the bar has no total (steps and rate only) and names the budget; a resumed run starts at its step.
-    Plain tqdm, redrawn every `refresh_rate` steps: Rich's live display refreshes from a thread that took
-    4% of a small model's training time (py-spy)."""
+    Plain tqdm, redrawn every `refresh_rate` steps: Rich's live display refreshes from a thread, which
+    costs a small model's training a visible share of its time."""
     from lightning.pytorch.callbacks import Timer, TQDMProgressBar
 
     class StepProgressBar(TQDMProgressBar):
@@ -101,8 +101,8 @@ class StopOnSigterm(L.Callback):
     Lightning's own handler does not: it broadcasts from inside the signal handler, a collective the other
     processes are not making at that moment, and the first rank to see the flag raises alone. A 2-process
     run given SIGTERM hung or exited 0 without a checkpoint (tests/training/test_resume.py). Here the
-    handler only records the signal; each optimizer step ends with one all-reduce of that flag (max; 0.13
-    ms over gloo between two local processes, about 0.1% of a demo step), so all processes agree and leave
+    handler only records the signal; each optimizer step ends with one all-reduce of that flag (max; a
+    one-element collective, negligible beside a step), so all processes agree and leave
     `fit` normally; `train` then writes the checkpoint of that step. A second SIGTERM ends the process at
     once."""
 

@@ -227,9 +227,9 @@ class MMFusionModule(L.LightningModule):
         return self._trainer is not None and "FSDP" in type(self._trainer.strategy).__name__
 
     def _fused_optimizer(self, params: list[nn.Parameter]) -> bool:
-        """Whether to use AdamW's fused kernel: one pass over all parameters (0.75 against 4.3 ms of a
-        70 ms `small` step on 2 CPU cores, foreach). Not under FSDP (sharded flat parameters) nor with
-        fp16's grad scaler, and only on the devices the kernel exists for."""
+        """Whether to use AdamW's fused kernel: one pass over all parameters instead of a series of foreach
+        ops, which on a small model cost a visible share of a step. Not under FSDP (sharded flat
+        parameters) nor with fp16's grad scaler, and only on the devices the kernel exists for."""
         trainer = self._trainer
         if trainer is None or str(trainer.precision) == "16-mixed" or self._under_fsdp():
             return False
@@ -278,8 +278,8 @@ def compile_blocks(model: nn.Module, per_block: bool = False) -> bool:
     """torch.compile the transformer in place (state-dict keys unchanged; the EMA copy, used only for
     sampling, stays eager): the whole stack of blocks as one graph, or, with `per_block` (FSDP, which
     wraps each block), every block on its own. One graph has one guard check and call per step instead
-    of one per block, and fuses the elementwise work across block boundaries: 2-3% off a `small`
-    training step on 2 CPU cores, fp32 and bf16 (docs/BENCHMARKS.md). Shapes are dynamic: the sequence
+    of one per block, and fuses the elementwise work across block boundaries (docs/BENCHMARKS.md).
+    Shapes are dynamic: the sequence
     length changes from batch to batch. Returns False, with a message, where inductor has no C++
     compiler to use on CPU."""
     import shutil
