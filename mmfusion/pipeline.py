@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +158,7 @@ class MMFusion:
     def from_pretrained(
         cls,
         folder: str | Path,
-        device: str | torch.device = "cpu",
+        device: str | torch.device = "auto",
         adapters: list[str | Path] | None = None,
         dtype: str | torch.dtype | None = None,
     ) -> MMFusion:
@@ -258,12 +259,16 @@ class MMFusion:
             raise UserError(f"class index {index} out of range 0..{self.model.cfg.num_classes - 1}")
         return index
 
-    def _condition(self, prompt: str | int) -> tuple[list[int], list[int]]:
+    def _condition(self, prompt: str | int, negative: str | int | None = None) -> tuple[list[int], list[int]]:
+        """The prefixes of the conditional stream and of the one guidance steers away from: the
+        unconditional prefix, or the negative prompt's (None or "" is no negative prompt)."""
         if self.condition == "class":
-            return self.prompts.classes(self.class_index(prompt)), self.prompts.classes(None)
+            away = None if negative in (None, "") else self.class_index(negative)
+            return self.prompts.classes(self.class_index(prompt)), self.prompts.classes(away)
         if not isinstance(prompt, str) or not prompt.strip():
             raise UserError("prompt is empty: give a text prompt such as 'a red circle'")
-        return self.prompts.text(self.text_tokenizer.encode(prompt)), self.prompts.text(None)
+        away = self.text_tokenizer.encode(negative) if isinstance(negative, str) and negative.strip() else None
+        return self.prompts.text(self.text_tokenizer.encode(prompt)), self.prompts.text(away)
 
     def image_settings(
         self, settings: DiffusionSampling | TokenSampling | None = None, **changes: Any
@@ -293,10 +298,13 @@ class MMFusion:
         progress: bool = False,
         known: torch.Tensor | None = None,
         known_mask: torch.Tensor | None = None,
+        negative_prompts: list[str | int | None] | None = None,
     ) -> torch.Tensor:
         """Image tokens for `prompts`, one image per seed, sampled with `settings` (`image_settings`);
-        `known` tokens where `known_mask` is set are given, not generated (editing)."""
-        conds, unconds = zip(*(self._condition(p) for p in prompts))
+        `known` tokens where `known_mask` is set are given, not generated (editing); guidance steers away
+        from each image's negative prompt where one is given, else from the unconditional stream."""
+        negatives = negative_prompts or [None] * len(prompts)
+        conds, unconds = zip(*(self._condition(p, n) for p, n in zip(prompts, negatives)))
         gens = [torch.Generator().manual_seed(int(sd)) for sd in seeds]
         if isinstance(settings, TokenSampling):  # Token-Shuffle: autoregressive codes
             if known is not None:
@@ -317,11 +325,13 @@ class MMFusion:
         progress: bool = False,
         seeds: list[int] | None = None,
         settings: DiffusionSampling | TokenSampling | None = None,
+        negative_prompt: str | int | list[str | int] | None = None,
         **changes: Any,
     ) -> list[Any]:
         """PIL images: `num_images` per prompt; image j of prompt i uses seed `seed + i * num_images + j`
         (or `seeds[i]`, one image per prompt, when `seeds` is given). An image depends only on its
-        prompt, seed and settings, never on the batch it was sampled in.
+        prompt, seed and settings, never on the batch it was sampled in. `negative_prompt` (one for all,
+        or one per prompt) is what guidance steers away from instead of the unconditional stream.
 
         The sampler's settings are `settings` (default: the model's own) with `changes` by name, as in
         `pipe.generate("a red circle", ar_steps=4, order="raster")`: for CausalFusion the fields of
@@ -333,17 +343,62 @@ class MMFusion:
         prompts = [prompts] if isinstance(prompts, (str, int)) else list(prompts)
         if num_images < 1 or batch_size < 1:
             raise UserError(f"num_images and batch_size must be at least 1, got {num_images} and {batch_size}")
+        negatives = _per_prompt(negative_prompt, len(prompts), "negative prompts")
         if seeds is not None:
             if len(seeds) != len(prompts):
-                raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
-            jobs = list(zip(prompts, seeds))
+                raise UserError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+            jobs = list(zip(prompts, negatives, seeds))
         else:
-            jobs = [(p, seed + i * num_images + j) for i, p in enumerate(prompts) for j in range(num_images)]
+            jobs = [
+                (p, n, seed + i * num_images + j)
+                for i, (p, n) in enumerate(zip(prompts, negatives))
+                for j in range(num_images)
+            ]
         images = []
         for _, chunk in batches(jobs, batch_size, "images", progress):
-            tokens = self.generate_tokens([p for p, _ in chunk], [s for _, s in chunk], settings, progress=progress)
+            prompts_, negatives_, seeds_ = (list(column) for column in zip(*chunk))
+            tokens = self.generate_tokens(prompts_, seeds_, settings, progress=progress, negative_prompts=negatives_)
             images += [to_pil(x) for x in self.decode_tokens(tokens)]
         return images
+
+    def __call__(
+        self,
+        prompt: str | int | list[str | int],
+        negative_prompt: str | int | list[str | int] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        seed: int | None = None,
+        batch_size: int = 16,
+        progress: bool = False,
+        **options: Any,
+    ) -> MMFusionOutput:
+        """Text to image the way a diffusers pipeline is called: `pipe(prompt, negative_prompt=...,
+        num_inference_steps=..., guidance_scale=..., num_images_per_prompt=..., generator=...).images`.
+
+        `num_inference_steps` are the denoising steps of each AR step (CausalFusion); `options` are the
+        other settings of the model's sampler by name (`ar_steps`, `order`, `cfg_interval`, `sampler` ...;
+        for Token-Shuffle `temperature`, `top_k` ...). Image k is sampled with its own seed: `seed + k`,
+        or, with `generator` (one, or one per image), a seed drawn from it: a generator seeded the same
+        way gives the same images, and its state advances as in diffusers. The output carries the seeds,
+        so `generate(..., seeds=out.seeds)` samples the same images again."""
+        prompts = [prompt] if isinstance(prompt, (str, int)) else list(prompt)
+        total = len(prompts) * num_images_per_prompt
+        seeds = _seeds(total, generator, 0 if seed is None else seed)
+        settings = self.image_settings(steps=num_inference_steps, cfg_scale=guidance_scale, **options)
+        expanded = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negatives = _per_prompt(negative_prompt, len(prompts), "negative prompts")
+        negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
+        images = self.generate(
+            expanded,
+            seeds=seeds,
+            settings=settings,
+            negative_prompt=negatives,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        return MMFusionOutput(images=images, seeds=seeds, prompts=expanded)
 
     # captioning ---------------------------------------------------------------------------
     def encode_images(self, images: list[Any]) -> torch.Tensor:
@@ -410,10 +465,11 @@ class MMFusion:
         seed: int = 0,
         num_images: int = 1,
         settings: DiffusionSampling | None = None,
+        negative_prompt: str | None = None,
         **changes: Any,
     ) -> list[Any]:
         """Regenerate the masked tokens of `image` under `prompt`, conditioned on the visible ones, with
-        the sampler's `settings` and `changes` as in `generate`."""
+        the sampler's `settings` and `changes` as in `generate`, steering away from `negative_prompt`."""
         settings = self.image_settings(settings, **changes)
         regen = self.token_mask(mask)
         if not regen.any():
@@ -426,8 +482,38 @@ class MMFusion:
             settings,
             known=tokens,
             known_mask=known_mask,
+            negative_prompts=[negative_prompt] * num_images,
         )
         return [to_pil(x) for x in self.decode_tokens(out)]
+
+
+@dataclass
+class MMFusionOutput:
+    """What `pipe(...)` returns: the images, and the seed and prompt of each."""
+
+    images: list[Any]
+    seeds: list[int]
+    prompts: list[str | int]
+
+
+def _per_prompt(value: Any, n: int, what: str) -> list[Any]:
+    """One value for each of `n` prompts: a list of `n`, or one value (or None) for all."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise UserError(f"got {len(value)} {what} for {n} prompts: give one, or one per prompt")
+        return list(value)
+    return [value] * n
+
+
+def _seeds(n: int, generator: torch.Generator | list[torch.Generator] | None, seed: int) -> list[int]:
+    """The seed of each of `n` images: `seed + k`, or drawn from `generator` (one for all images, or one
+    per image), 63-bit, so that the generator's state advances as diffusers' does."""
+    if generator is None:
+        return [seed + k for k in range(n)]
+    gens = generator if isinstance(generator, list) else [generator] * n
+    if len(gens) != n:
+        raise UserError(f"got {len(gens)} generators for {n} images: give one, or one per image")
+    return [int(torch.randint(0, 2**63 - 1, (), generator=g)) for g in gens]
 
 
 def _atomic(path: Path, write) -> None:  # noqa: ANN001

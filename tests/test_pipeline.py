@@ -325,3 +325,77 @@ def test_a_local_image_tokenizer_is_recorded_by_its_absolute_path(tmp_path, monk
     assert _absolute_local_path({"kind": "pixels", "path": None})["path"] is None
     (tmp_path / "model" / "image_tokenizer").mkdir(parents=True)  # a copy inside wins, by absolute path
     assert image_tokenizer_path(Path("model"), "/elsewhere/vq") == str(tmp_path / "model" / "image_tokenizer")
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+
+
+def test_the_diffusers_style_call_equals_generate(trained_tiny):
+    """`pipe(prompt, ...)` as a diffusers user writes it: the same images as `generate` for the same seeds,
+    its options mapped onto the model's sampler settings, and a generator that advances as diffusers' do."""
+    pipe = MMFusion.from_pretrained(trained_tiny)
+    prompts = ["a red circle", "a blue square above a red circle"]
+    kw = dict(num_inference_steps=3, guidance_scale=2.0, num_images_per_prompt=2, ar_steps=2, order="raster")
+    out = pipe(prompts, seed=5, **kw)
+    assert out.seeds == [5, 6, 7, 8] and out.prompts == [prompts[0]] * 2 + [prompts[1]] * 2
+    assert _same(
+        out.images, pipe.generate(prompts, num_images=2, seed=5, steps=3, cfg_scale=2.0, ar_steps=2, order="raster")
+    )
+    gen = torch.Generator().manual_seed(1)
+    first, second = pipe(prompts, generator=gen, **kw), pipe(prompts, generator=gen, **kw)
+    assert first.seeds != second.seeds  # the generator's state moved on
+    again = pipe(prompts, generator=torch.Generator().manual_seed(1), **kw)
+    assert again.seeds == first.seeds and _same(again.images, first.images)
+    replay = pipe.generate(first.prompts, seeds=first.seeds, steps=3, cfg_scale=2.0, ar_steps=2, order="raster")
+    assert _same(replay, first.images)
+    with pytest.raises(UserError, match="got 3 generators for 4 images"):
+        pipe(prompts, generator=[torch.Generator()] * 3, **kw)
+    with pytest.raises(UserError, match="^temperature: not a setting of CausalFusion"):
+        pipe(prompts, temperature=0.5)
+
+
+def test_a_negative_prompt_replaces_the_unconditional_stream(trained_tiny):
+    """Guidance steers away from the negative prompt: it changes the images (and edits), and an empty one
+    is no negative prompt at all; without guidance it has nothing to act on."""
+    pipe = MMFusion.from_pretrained(trained_tiny)
+    kw = dict(seed=2, steps=3, cfg_scale=3.0, num_images=2)
+    plain = pipe.generate("a red circle", **kw)
+    assert _same(pipe.generate("a red circle", negative_prompt="", **kw), plain)
+    away = pipe.generate("a red circle", negative_prompt="a blue square", **kw)
+    assert not _same(away, plain)
+    per_prompt = pipe.generate(
+        ["a red circle", "a red circle"],
+        negative_prompt=["", "a blue square"],
+        seed=2,
+        steps=3,
+        cfg_scale=3.0,
+        seeds=[2, 3],
+    )
+    assert _same(per_prompt[:1], plain[:1]) and _same(per_prompt[1:], away[1:])
+    unguided = dict(seed=2, steps=3, cfg_scale=1.0)
+    assert _same(
+        pipe.generate("a red circle", negative_prompt="a blue square", **unguided),
+        pipe.generate("a red circle", **unguided),
+    )
+    with pytest.raises(UserError, match="got 3 negative prompts for 1 prompts"):
+        pipe.generate("a red circle", negative_prompt=["a", "b", "c"])
+    image, mask = plain[0], np.zeros((32, 32), dtype=np.uint8)
+    mask[:16] = 255
+    edit = dict(seed=1, num_images=1, steps=3, cfg_scale=3.0)
+    base = pipe.edit(image, mask, "a red circle", **edit)
+    assert _same(pipe.edit(image, mask, "a red circle", negative_prompt="", **edit), base)
+    assert not _same(pipe.edit(image, mask, "a red circle", negative_prompt="a blue square", **edit), base)
+
+
+def test_cli_negative_prompt_reaches_the_sampler(trained_tiny, tmp_path):
+    from mmfusion.cli.main import main
+
+    args = ["--model", str(trained_tiny), "--prompt", "a red circle", "--seed", "4", "--steps", "2", "--cfg", "3"]
+    assert main(["generate", *args, "--negative-prompt", "a blue square", "--out", str(tmp_path / "n")]) == 0
+    pipe = MMFusion.from_pretrained(trained_tiny)
+    want = pipe.generate("a red circle", seed=4, steps=2, cfg_scale=3.0, negative_prompt="a blue square")
+    assert _same([Image.open(tmp_path / "n" / "0000.png")], want)
+    assert not _same(
+        [Image.open(tmp_path / "n" / "0000.png")], pipe.generate("a red circle", seed=4, steps=2, cfg_scale=3.0)
+    )

@@ -34,6 +34,7 @@ def generate(
     model: str,
     prompt: list[str],
     out: str,
+    negative_prompt: str | None = None,
     num_images: int = 1,
     seed: int = 0,
     ar_steps: int | None = None,
@@ -53,14 +54,14 @@ def generate(
     dtype: Literal["float32", "bfloat16"] = "float32",
     device: str = "auto",
 ) -> None:
-    """Generate images from text prompts: one PNG per image, OUT/grid.png and OUT/index.json.
-
-    Sampler options change the settings saved with the model (Token-Shuffle models: those marked so).
+    """Generate images from text prompts: one PNG per image, OUT/grid.png and OUT/index.json. Sampler
+    options change the settings saved with the model (Token-Shuffle models: those marked so).
 
     Args:
         model: a model folder (config.json, model.safetensors, tokenizer.json)
         prompt: a text prompt; repeat --prompt for several (class-conditional models: a class name or index)
         out: output folder
+        negative_prompt: what guidance steers away from, instead of the unconditional stream (needs --cfg > 1)
         num_images: images per prompt
         seed: image j of prompt i uses seed + i * num_images + j
         ar_steps: AR steps S (1 = pure diffusion, N tokens = pure AR)
@@ -84,9 +85,8 @@ def generate(
     flags = dict(ar_steps=ar_steps, order=order, sampler=sampler, steps=steps, cfg_until_step=cfg_until_step)
     flags.update(cfg_scale=cfg, cfg_interval=cfg_interval, temperature=temperature, top_k=top_k, top_p=top_p)
     settings = pipe.image_settings(**flags, cfg_schedule=cfg_schedule)
-    images = pipe.generate(
-        prompt, num_images=num_images, seed=seed, batch_size=batch_size, progress=True, settings=settings
-    )
+    kwargs = dict(num_images=num_images, seed=seed, batch_size=batch_size, negative_prompt=negative_prompt)
+    images = pipe.generate(prompt, progress=True, settings=settings, **kwargs)
     write_generated(out, images, prompt, num_images, seed, scale)
     print(f"wrote {len(images)} images, grid.png and index.json to {out}")
 
@@ -145,6 +145,7 @@ def edit(
     mask: str,
     prompt: str,
     out: str,
+    negative_prompt: str | None = None,
     num_images: int = 1,
     seed: int = 0,
     ar_steps: int | None = None,
@@ -168,6 +169,7 @@ def edit(
         mask: a mask image of the same size; white (nonzero) pixels are regenerated
         prompt: the text prompt for the edited image
         out: output folder
+        negative_prompt: what guidance steers away from (needs --cfg > 1)
         num_images: number of edits
         seed: edit j uses seed + j
         ar_steps: AR steps over the masked tokens
@@ -185,7 +187,9 @@ def edit(
     img = to_pil(to_tensor(img, size))
     m = open_image(mask, "mask")
     settings = pipe.image_settings(ar_steps=ar_steps, sampler=sampler, steps=steps, cfg_scale=cfg)
-    edits = pipe.edit(img, m, prompt, seed=seed, num_images=num_images, settings=settings)
+    edits = pipe.edit(
+        img, m, prompt, seed=seed, num_images=num_images, settings=settings, negative_prompt=negative_prompt
+    )
     records = [{"file": f"{k:04d}.png", "prompt": prompt, "seed": seed + k} for k in range(len(edits))]
     mask_rgb = m.convert("L").convert("RGB")
     write_outputs(out, [img, mask_rgb, *edits], [{"file": "input.png"}, {"file": "mask.png"}, *records], scale=scale)
