@@ -21,6 +21,7 @@ from mmfusion.errors import UserError
 from mmfusion.pipeline import MMFusion
 from mmfusion.tokenizers.text import TextTokenizer
 from mmfusion.training.module import MMFusionModule
+from mmfusion.training.sharded import load_sharded_checkpoint
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -71,6 +72,8 @@ def load_run_checkpoint(ckpt: str | Path) -> MMFusion:
         raise UserError(f"{run / 'config.json'}: {err}") from err
     tok = TextTokenizer.from_file(run / "tokenizer.json", max_len=cfg.data.max_text_len)
     module = MMFusionModule(cfg, tok)
-    state = safe_torch_load(ckpt)["state_dict"]
-    module.load_state_dict(state)
+    if ckpt.is_dir():  # a sharded checkpoint (train.strategy=fsdp)
+        load_sharded_checkpoint(module, ckpt)
+    else:
+        module.load_state_dict(safe_torch_load(ckpt)["state_dict"])
     return MMFusion.from_module(module)

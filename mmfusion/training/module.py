@@ -21,6 +21,7 @@ from mmfusion.model.transformer import Block, Transformer
 from mmfusion.tokenizers.build import build_image_tokenizer
 from mmfusion.tokenizers.text import TextTokenizer
 from mmfusion.training.objective import JointObjective
+from mmfusion.training.sharded import UsedWeights, init_optimizer_state, is_sharded, shard_model
 
 TIME_SYNC_EVERY = 10  # steps between updates of the LR schedule's time progress
 
@@ -80,10 +81,21 @@ class MMFusionModule(L.LightningModule):
         self.seen = torch.zeros(2, dtype=torch.float64)  # samples and tokens trained on by this process
         self.last_logged: dict[str, torch.Tensor] = {}  # each loss term's last value (the bar shows it)
         self.class_names: list[str] = []
+        self.used_weights = UsedWeights()  # under FSDP: the weights a step's backward reached
 
     @property
     def image_tokenizer(self) -> Any:
         return self.aux["image_tokenizer"]
+
+    def configure_model(self) -> None:
+        """Under `train.strategy=fsdp`, shard the model and its EMA over the processes (Lightning calls
+        this once the process group is up, before the optimizer is made; a no-op otherwise)."""
+        if self._trainer is None or not is_sharded(self.trainer.strategy):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        shard_model(self.model, mesh)
+        if self.ema is not None:  # sharded alike: each process averages its own shard of the weights
+            shard_model(self.ema, mesh)
 
     def on_fit_start(self) -> None:
         self.image_tokenizer.to(self.device)
@@ -106,6 +118,8 @@ class MMFusionModule(L.LightningModule):
         built = self.token_batch(batch)
         seen = torch.tensor([batch["size"], int(built.valid().sum())], dtype=torch.float64)  # on the CPU: no sync
         losses = self.objective.loss(self.model, built.to(self.device))
+        if self._under_fsdp():
+            self.used_weights.watch(self.model)
         if self._non_finite(losses["loss"]):
             return None
         self.seen += seen
@@ -132,6 +146,8 @@ class MMFusionModule(L.LightningModule):
         return self.objective.build(tokens.cpu(), pick_captions(batch, gens), batch["labels"].tolist(), gens)
 
     def on_train_start(self) -> None:
+        if self._under_fsdp():  # every weight in the sharded checkpoints' optimizer state
+            init_optimizer_state(self.trainer.optimizers[0])
         # a resumed run's LambdaLR brings back the checkpoint's schedule settings with its state: the
         # config's win (a longer max_steps, another schedule); only the time spent is kept
         schedule = getattr(self, "lr_schedule", None)
@@ -204,6 +220,10 @@ class MMFusionModule(L.LightningModule):
         self.nonfinite_total = extra.get("nonfinite_total", 0)
         self.nonfinite_run = extra.get("nonfinite_run", 0)
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._under_fsdp():
+            self.used_weights.drop_unused_grads(self.model)
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         # the EMA moves right after the weights, before any callback (checkpointing) sees the step
         super().optimizer_step(*args, **kwargs)
@@ -224,11 +244,11 @@ class MMFusionModule(L.LightningModule):
         torch._foreach_lerp_(ema, live, 1.0 - decay)
 
     def _under_fsdp(self) -> bool:
-        return self._trainer is not None and "FSDP" in type(self._trainer.strategy).__name__
+        return self._trainer is not None and is_sharded(self._trainer.strategy)
 
     def _fused_optimizer(self, params: list[nn.Parameter]) -> bool:
         """Whether to use AdamW's fused kernel: one pass over all parameters instead of a series of foreach
-        ops, which on a small model cost a visible share of a step. Not under FSDP (sharded flat
+        ops, which on a small model cost a visible share of a step. Not under FSDP (sharded DTensor
         parameters) nor with fp16's grad scaler, and only on the devices the kernel exists for."""
         trainer = self._trainer
         if trainer is None or str(trainer.precision) == "16-mixed" or self._under_fsdp():

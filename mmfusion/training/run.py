@@ -23,6 +23,7 @@ from mmfusion.tokenizers.text import TextTokenizer
 from mmfusion.training.callbacks import ThroughputLog, lightning_warnings_filtered, stopped, stopped_at
 from mmfusion.training.from_llm import init_from_llm, with_llm_backbone
 from mmfusion.training.module import MMFusionModule, find_callback
+from mmfusion.training.sharded import full_state_dict
 from mmfusion.training.trainer import build_trainer, choose_precision
 
 
@@ -131,19 +132,12 @@ def leave_process_group() -> None:
 
 
 def export_fsdp(trainer: L.Trainer, module: MMFusionModule, model_dir: Path) -> None:
-    """Under FSDP the weights are sharded: gather the full state on rank 0 (CPU), then export the
-    EMA (or live) weights as a normal model folder. Not exercised by the CPU test suite: Lightning's
-    FSDP needs GPUs."""
-    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-    with FSDP.state_dict_type(module, StateDictType.FULL_STATE_DICT, config):
-        state = module.state_dict()
+    """Under FSDP the weights are sharded: gather the EMA (or live) weights on rank 0's CPU (all
+    processes take part), then export them as a normal model folder."""
+    state = full_state_dict(module.sampling_model)
     if trainer.is_global_zero:
-        prefix = "ema." if module.ema is not None else "model."
         model = MMFusionModel(module.model.cfg)
-        model.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        model.load_state_dict(state)
         pipe = MMFusion.from_module(module)
         pipe.model = model.eval()
         pipe.save_pretrained(model_dir)

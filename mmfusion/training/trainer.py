@@ -14,10 +14,10 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from mmfusion.config import RunConfig
 from mmfusion.errors import UserError
-from mmfusion.model.transformer import Block
 from mmfusion.runtime import matmul_gflops
 from mmfusion.training.callbacks import StopOnSigterm, ThroughputLog, interrupt_notice, step_progress_bar
 from mmfusion.training.checkpoint import AtomicCheckpointIO
+from mmfusion.training.sharded import ShardedDataParallel
 
 
 def choose_precision(requested: str, accelerator: str = "auto") -> str:
@@ -56,16 +56,10 @@ def make_strategy(t: Any) -> Any:
 
 
 def fsdp_strategy(t: Any) -> Any:
-    """FSDP sharding whole transformer blocks, with sharded checkpoints and optional activation
-    checkpointing of the blocks."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    return FSDPStrategy(
-        auto_wrap_policy={Block},
-        activation_checkpointing_policy={Block} if t.activation_checkpointing else None,
-        state_dict_type="sharded",
-        use_orig_params=True,
-    )
+    """Sharded data parallel with FSDP2 (mmfusion.training.sharded), on GPUs and CPUs: every block a
+    shard unit, sharded checkpoints. Activation checkpointing is the model's own (`train.activation_checkpointing`
+    recomputes each block in the backward, sharded or not)."""
+    return ShardedDataParallel()
 
 
 def build_trainer(
