@@ -160,7 +160,7 @@ class TrainConfig:
     logger: str = "csv"  # csv | tensorboard
     threads: int | None = None  # torch CPU threads (default: torch's choice)
     max_nonfinite: int = 20  # stop after this many non-finite losses in a row (each is skipped)
-    init_from_llm: str | None = None  # a Hugging Face LLaMA / Qwen3 folder: backbone, text weights, tokenizer
+    init_from_llm: str | None = None  # a Hugging Face LLaMA / Qwen2 / Qwen3 folder: backbone, text weights, tokenizer
 
     def __post_init__(self) -> None:
         check_lr_schedule(self.lr_schedule, self.lr_decay_fraction)

@@ -20,7 +20,7 @@ def train(
         overrides: dotted overrides such as train.lr=3e-4 model.preset=tiny data.batch_size=32
         config: a YAML run config (see configs/); defaults are used where it is silent
         resume: continue from OUT/checkpoints/last.ckpt (step, optimizer, EMA, LR schedule, data position)
-        init_from_llm: a Hugging Face LLaMA / Qwen3 folder (config.json, safetensors, tokenizer.json): the
+        init_from_llm: a Hugging Face LLaMA / Qwen2 / Qwen3 folder (config.json, safetensors, tokenizer.json): the
             backbone takes its shape and weights, the text side its tokenizer
     """
     from mmfusion.config import load_config

@@ -39,6 +39,7 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0  # llama3 scaling: wavelengths below original_context / this are kept
     rope_original_context: int = 8192  # llama3 scaling: the context the checkpoint was first trained at
     qk_norm: bool = True  # per-head RMSNorm on q and k (CausalFusion, Switti, Qwen3)
+    qkv_bias: bool = False  # biases on the q / k / v projections (Qwen2); the output projection has none
     sandwich_norm: bool = False  # Switti: RMSNorm after attention and after the MLP, before the add
     fp32_head: bool = True  # Switti: output heads in float32 under bf16 autocast
     tie_embeddings: bool = False  # the text head shares the token embedding's weights

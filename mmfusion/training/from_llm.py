@@ -1,4 +1,4 @@
-"""Start a run from a Hugging Face LLaMA / Qwen3 checkpoint: its backbone shape, tokenizer and weights."""
+"""Start a run from a Hugging Face LLaMA / Qwen2 / Qwen3 checkpoint: its backbone shape, tokenizer and weights."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from mmfusion.training.module import MMFusionModule
 
 
 def with_llm_backbone(cfg: RunConfig, folder: str) -> RunConfig:
-    """The run config with the backbone shape of a Hugging Face LLaMA / Qwen3 folder and its tokenizer;
+    """The run config with the backbone shape of a Hugging Face LLaMA / Qwen2 / Qwen3 folder and its tokenizer;
     the image and head settings stay the run's."""
     model = config_from_hf(read_hf_config(folder), base=cfg.model)  # the image side stays the run's
     data = cfg.data
@@ -21,7 +21,8 @@ def with_llm_backbone(cfg: RunConfig, folder: str) -> RunConfig:
 
 
 def init_from_llm(module: MMFusionModule, folder: str) -> None:
-    """Load the LLM's weights into the backbone and text embeddings / head (the EMA copy too)."""
+    """Load the LLM's weights into the backbone and text embeddings / head (the EMA copy too), strictly:
+    a checkpoint tensor without a place, or a backbone tensor missing, is an error (model/hf.py)."""
     loaded = load_hf_backbone(module.model, folder)
     if module.ema is not None:
         module.ema.load_state_dict(module.model.state_dict())

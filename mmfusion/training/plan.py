@@ -34,10 +34,10 @@ GB = 1e9  # memory is in decimal gigabytes, as GPU makers state it
 
 # --- parameters ---------------------------------------------------------------------------------
 def block_parameters(m: ModelConfig) -> int:
-    """One transformer block: q / k / v / o projections (grouped-query k and v, no biases), SwiGLU
-    (gate, up, down), two RMSNorms, per-head q / k norms and the optional sandwich norms."""
+    """One transformer block: q / k / v / o projections (grouped-query k and v, q / k / v biases with
+    qkv_bias), SwiGLU (gate, up, down), two RMSNorms, per-head q / k norms and the optional sandwich norms."""
     q, kv = m.n_heads * m.head_dim, m.kv_heads * m.head_dim
-    attention = 2 * m.dim * q + 2 * m.dim * kv + (2 * m.head_dim if m.qk_norm else 0)
+    attention = 2 * m.dim * q + 2 * m.dim * kv + (2 * m.head_dim if m.qk_norm else 0) + (q + 2 * kv) * m.qkv_bias
     return attention + 3 * m.dim * m.ffn_dim + (4 if m.sandwich_norm else 2) * m.dim
 
 

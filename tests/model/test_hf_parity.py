@@ -1,8 +1,17 @@
-"""Our backbone equals Hugging Face's LLaMA / Qwen3 on text, weights copied by name."""
+"""Our backbone equals Hugging Face's LLaMA / Qwen2 / Qwen3 on text, weights copied by name."""
+
+import re
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from mmfusion.model.hf import config_from_hf, state_dict_from_hf
 from mmfusion.model.multimodal import MMFusionModel
@@ -27,11 +36,16 @@ LLAMA3 = dict(
 )
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "llama3-rope", "linear-rope"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen2", "llama3-rope", "linear-rope"])
 def test_text_logits_match_hugging_face(family):
     torch.manual_seed(0)
     if family == "qwen3":
         hf = Qwen3ForCausalLM(Qwen3Config(head_dim=32, **KW))
+    elif family == "qwen2":
+        hf = Qwen2ForCausalLM(Qwen2Config(**KW))
+        for name, p in hf.named_parameters():  # Hugging Face starts biases at zero: make them count
+            if name.endswith(".bias"):
+                torch.nn.init.normal_(p, std=0.5)
     else:
         rope = {"llama3-rope": LLAMA3, "linear-rope": dict(rope_type="linear", factor=4.0)}.get(family)
         hf = LlamaForCausalLM(LlamaConfig(**KW, rope_scaling=rope))
@@ -41,6 +55,7 @@ def test_text_logits_match_hugging_face(family):
     missing, unexpected = ours.load_state_dict(state_dict_from_hf(hf.state_dict()), strict=False)
     assert not unexpected
     assert all(not m.startswith("backbone.") for m in missing), missing
+    assert cfg.qkv_bias == (family == "qwen2") and cfg.qk_norm == (family == "qwen3")
     if family.endswith("-rope"):
         assert cfg.rope_type == family.removesuffix("-rope")
     ids = torch.randint(0, 97, (2, 40))  # positions past the wavelengths where llama3 scaling sets in
@@ -80,3 +95,34 @@ def test_incomplete_rope_settings_are_a_clear_error():
     hf.rope_parameters = {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5000.0}
     with pytest.raises(UserError, match="the checkpoint's llama3 rope settings lack 'low_freq_factor'"):
         config_from_hf(hf)
+
+
+@pytest.mark.parametrize(
+    "settings, problem",
+    [
+        (dict(attention_bias=True), "attention_bias (biases on q, k, v and o) is not supported"),
+        (dict(mlp_bias=True), "mlp_bias is not supported"),
+        (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
+    ],
+)
+def test_settings_the_backbone_lacks_are_refused(settings, problem):
+    from mmfusion.errors import UserError
+
+    with pytest.raises(UserError, match=re.escape(problem)):
+        config_from_hf(LlamaConfig(**KW, **settings))
+
+
+def test_qwen_sliding_window_is_refused():
+    from mmfusion.errors import UserError
+
+    with pytest.raises(UserError, match="sliding-window attention"):
+        config_from_hf(Qwen2Config(**KW, use_sliding_window=True))
+
+
+def test_other_model_types_are_refused():
+    from transformers import MistralConfig
+
+    from mmfusion.errors import UserError
+
+    with pytest.raises(UserError, match=r"model_type 'mistral' is not supported; supported: llama \(LLaMA\), qwen2"):
+        config_from_hf(MistralConfig(**KW))

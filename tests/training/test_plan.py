@@ -64,6 +64,7 @@ def test_a_tiny_config_worked_out_by_hand():
 MODEL_VARIANTS = {
     "tiny": {},
     "gqa": {"n_heads": 8, "n_kv_heads": 2},
+    "q / k / v biases (Qwen2), gqa": {"qkv_bias": True, "qk_norm": False, "n_heads": 8, "n_kv_heads": 2},
     "tied": {"tie_embeddings": True},
     "head hidden, learned positions": {"image_head_hidden": 96, "image_pos_embed": "learned"},
     "sandwich, no qk norm, head_dim 32": {"sandwich_norm": True, "qk_norm": False, "attn_head_dim": 32},
