@@ -219,6 +219,27 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+def check_data_path(cfg: RunConfig, encoded: bool) -> None:
+    """Refuse settings that the run's data path would ignore or get wrong (`encoded`: the data holds
+    tokens made ahead of time by `mmfusion data encode`)."""
+    flip = cfg.data.hflip
+    check(
+        [
+            (
+                not (flip and encoded),
+                "data.hflip",
+                "has no effect on tokens encoded ahead of time (`mmfusion data encode`), which are never "
+                "flipped: set it false, or train on the images",
+            ),
+            (
+                not (flip and cfg.data.source == "shapes"),
+                "data.hflip",
+                "would swap left and right in the relations of the shapes captions: set it false",
+            ),
+        ]
+    )
+
+
 # loading ------------------------------------------------------------------------------------
 def _check_type(key: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)

@@ -152,3 +152,26 @@ def test_config_page_reads_the_comments_above_and_beside_a_field(tmp_path):
 
     notes = _config_docs().field_notes(Example)
     assert notes == {"a": "first line second line beside", "b": "only beside", "c": ""}
+
+
+def test_every_shipped_config_loads_and_sets_nothing_its_data_path_ignores():
+    """The configs in mmfusion/configs/ load, and none sets what its own data path would ignore or get
+    wrong: a VAE / VQ config trains on tokens encoded ahead of time, as its comments say."""
+    from mmfusion.config import check_data_path
+
+    shipped = sorted((Path(__file__).parents[1] / "mmfusion" / "configs").glob("*.yaml"))
+    assert len(shipped) >= 3
+    for path in shipped:
+        cfg = load_config(path)
+        check_data_path(cfg, encoded=cfg.image.kind != "pixels")
+
+
+def test_flips_that_the_data_path_would_ignore_or_get_wrong_are_refused():
+    from mmfusion.config import check_data_path
+
+    latents = load_config(None, ["data.hflip=true", "data.source=some/encoded", "image.kind=vae"])
+    with pytest.raises(ConfigError, match=r"^data\.hflip: has no effect on tokens encoded ahead of time"):
+        check_data_path(latents, encoded=True)
+    check_data_path(latents, encoded=False)  # images encoded on the fly are flipped before the VAE
+    with pytest.raises(ConfigError, match=r"^data\.hflip: would swap left and right"):
+        check_data_path(load_config(None, ["data.hflip=true"]), encoded=False)

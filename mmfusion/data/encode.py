@@ -53,6 +53,11 @@ def encode_dataset(
     return out
 
 
+def is_encoded(source: str | Path) -> bool:
+    """Whether `source` holds image tokens encoded ahead of time (by `mmfusion data encode`)."""
+    return (Path(source) / META).exists()
+
+
 def check_encoded(source: str | Path, image: ImageTokenizerConfig) -> None:
     """Refuse to train on tokens made by a different image tokenizer than the run's."""
     meta = Path(source) / META

@@ -10,10 +10,10 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from mmfusion.config import RunConfig
+from mmfusion.config import RunConfig, check_data_path
 from mmfusion.data.datamodule import MMFusionDataModule
 from mmfusion.data.datasets import check_source
-from mmfusion.data.encode import check_encoded
+from mmfusion.data.encode import check_encoded, is_encoded
 from mmfusion.data.shapes import class_names
 from mmfusion.errors import UserError
 from mmfusion.model.multimodal import MMFusionModel
@@ -69,7 +69,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
 
 def refuse_early(cfg: RunConfig, resume: bool, ckpt: Path) -> None:
     """What can be refused before a run starts: a missing checkpoint to resume, a GPU this machine lacks,
-    data that is not there or not encoded for this image tokenizer."""
+    data that is not there or not encoded for this image tokenizer, settings its data path ignores."""
     if resume and not ckpt.exists():
         raise UserError(f"--resume: no checkpoint at {ckpt}; start the run without --resume")
     if cfg.train.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
@@ -77,6 +77,7 @@ def refuse_early(cfg: RunConfig, resume: bool, ckpt: Path) -> None:
     if cfg.data.source != "shapes":
         check_source(cfg.data.source)
         check_encoded(cfg.data.source, cfg.image)
+    check_data_path(cfg, encoded=cfg.data.source != "shapes" and is_encoded(cfg.data.source))
 
 
 def build_run(cfg: RunConfig, out: Path, resume: bool) -> tuple[MMFusionDataModule, MMFusionModule]:
