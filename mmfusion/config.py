@@ -67,13 +67,28 @@ class ObjectiveConfig:
 
 
 CONDITIONS = ("text", "class")
+RESIZE_POLICIES = ("squash", "center_crop", "pad")  # mmfusion.image_io.RESIZERS
 BASELINES = ("causalfusion", "transfusion")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "shapes"  # "shapes" (rendered on the fly into the run folder) or a data set path
-    image_root: str | None = None  # folder the image paths of a COCO / Karpathy JSON are relative to
+    # "shapes" (rendered on the fly into the run folder), a local data set (saved DatasetDict, imagefolder
+    # with metadata.jsonl, Karpathy / COCO JSON, parquet / json / jsonl / csv file or folder of them) or a
+    # Hugging Face hub name owner/name
+    source: str = "shapes"
+    # folder the image paths of a COCO / Karpathy JSON, a table or a saved set's path column are relative
+    # to (default: the folder of the JSON, the table or the saved set)
+    image_root: str | None = None
+    # column of images or image paths; None: the first of image, img, jpg, png, file_name, image_path,
+    # filepath, path that the data has
+    image_column: str | None = None
+    # column of captions (a string, a list of strings or Karpathy's [{"raw": ...}]); None: the first of
+    # captions, caption, text, sentences, raw, txt, prompt, description that the data has
+    caption_column: str | None = None
+    # how an image becomes the model's square input: squash (resize both sides, the aspect ratio is lost),
+    # center_crop (short side to the size, the centre cut out) or pad (long side to the size, white margins)
+    resize: str = "squash"
     shapes_n: int = 20000  # images the built-in shapes set renders (its train split; test and validation are fixed)
     shapes_seed: int = 0  # seed of the shapes rendering
     shapes_pair_fraction: float = 0.5  # share of shapes scenes with two objects and a relation (the rest have one)
@@ -93,6 +108,17 @@ class DataConfig:
     # when its images fit in this many MB; above it (or with 0) every row is read and decoded anew
     # on every pass
     cache_mb: int = 1024
+
+    def __post_init__(self) -> None:
+        check(
+            [
+                (
+                    self.resize in RESIZE_POLICIES,
+                    "resize",
+                    f"must be one of {', '.join(RESIZE_POLICIES)}, got {self.resize!r}",
+                )
+            ]
+        )
 
     def process_batch(self, world_size: int) -> int:
         """Samples per step in each of `world_size` processes."""

@@ -34,17 +34,50 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def to_uint8(image: Image.Image, size: int) -> torch.Tensor:
-    """A PIL image -> (3, size, size) uint8 tensor (RGB, resized with a bicubic filter)."""
+def squash(image: Image.Image, size: int) -> Image.Image:
+    """Both sides to `size` (bicubic): the whole image, its aspect ratio lost."""
+    return image.resize((size, size), Image.BICUBIC)
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    """The short side to `size` (bicubic), then the centre `size` x `size` cut out."""
+    w, h = image.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        image = image.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def pad_to_square(image: Image.Image, size: int) -> Image.Image:
+    """The long side to `size` (bicubic), centred on a white `size` x `size` square."""
+    w, h = image.size
+    scale = size / max(w, h)
+    nw, nh = max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))
+    if (nw, nh) != (w, h):
+        image = image.resize((nw, nh), Image.BICUBIC)
+    square = Image.new("RGB", (size, size), (255, 255, 255))
+    square.paste(image, ((size - nw) // 2, (size - nh) // 2))
+    return square
+
+
+# data.resize: how an image becomes the model's square input (mmfusion.config.RESIZE_POLICIES)
+RESIZERS = {"squash": squash, "center_crop": center_crop, "pad": pad_to_square}
+
+
+def to_uint8(image: Image.Image, size: int, resize: str = "squash") -> torch.Tensor:
+    """A PIL image -> (3, size, size) uint8 tensor (RGB, made square by the `resize` policy of RESIZERS;
+    an image of that size already is left as it is)."""
     img = to_rgb(image)
     if img.size != (size, size):
-        img = img.resize((size, size), Image.BICUBIC)
+        img = RESIZERS[resize](img, size)
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def to_tensor(image: Image.Image, size: int) -> torch.Tensor:
-    """A PIL image -> (3, size, size) float tensor in [-1, 1] (RGB, resized with a bicubic filter)."""
-    return from_uint8(to_uint8(image, size))
+def to_tensor(image: Image.Image, size: int, resize: str = "squash") -> torch.Tensor:
+    """A PIL image -> (3, size, size) float tensor in [-1, 1] (`to_uint8`)."""
+    return from_uint8(to_uint8(image, size, resize))
 
 
 def from_uint8(pixels: torch.Tensor) -> torch.Tensor:

@@ -101,6 +101,7 @@ class MMFusion:
         image_tokenizer: Any = None,
         class_names: list[str] | None = None,
         objective: dict[str, Any] | None = None,
+        resize: str = "squash",
     ) -> None:
         self.model = model.eval()
         self.text_tokenizer = text_tokenizer
@@ -111,6 +112,7 @@ class MMFusion:
         self.condition = condition
         self.class_names = list(class_names or [])
         self.objective = dict(objective or {})  # the training objective, reused by `mmfusion finetune`
+        self.resize = resize  # how an image becomes the model's square input: its training's data.resize
         t = text_tokenizer
         self.prompts = Prompts(model.cfg, t.bos_id, t.boi_id)
 
@@ -129,6 +131,7 @@ class MMFusion:
             module.image_tokenizer,
             module.class_names,
             dataclasses.asdict(cfg.objective),
+            cfg.data.resize,
         )
 
     def save_pretrained(self, folder: str | Path) -> Path:
@@ -145,6 +148,7 @@ class MMFusion:
             "objective": self.objective,
             "special_tokens": self.text_tokenizer.special,
             "max_text_len": self.text_tokenizer.max_len,
+            "resize": self.resize,
         }
         state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
         if self.model.cfg.tie_embeddings:
@@ -211,6 +215,7 @@ class MMFusion:
             config.get("condition", "text"),
             class_names=config.get("class_names"),
             objective=config.get("objective"),
+            resize=config.get("resize", "squash"),
         )
         pipe = pipe.load_adapters(adapters) if adapters else pipe
         return pipe.to_dtype(dtype) if dtype is not None else pipe
@@ -403,7 +408,7 @@ class MMFusion:
     # captioning ---------------------------------------------------------------------------
     def encode_images(self, images: list[Any]) -> torch.Tensor:
         size = self.image_cfg.image_size
-        pixels = torch.stack([to_tensor(im, size) for im in images])
+        pixels = torch.stack([to_tensor(im, size, self.resize) for im in images])
         return self.image_tokenizer.encode(pixels.to(self._tokenizer_device())).cpu()
 
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,12 @@
 import json
 
+import pytest
+import torch
 from PIL import Image
 
-from mmfusion.image_io import make_grid, write_outputs
+from mmfusion.config import RESIZE_POLICIES, DataConfig, load_config
+from mmfusion.errors import ConfigError
+from mmfusion.image_io import RESIZERS, make_grid, to_tensor, to_uint8, write_outputs
 
 
 def _images(n: int) -> list[Image.Image]:
@@ -24,3 +28,48 @@ def test_write_outputs_files_index_and_one_row_per_prompt(tmp_path):
     assert sorted(f.name for f in out.iterdir()) == [*(r["file"] for r in records), "grid.png", "index.json"]
     assert Image.open(out / "grid.png").size == (2 * 10 + 2, 3 * 10 + 2)
     assert Image.open(out / "0003.png").getpixel((0, 0)) == (30, 0, 0)
+
+
+def _red_left_half() -> Image.Image:
+    """40 x 20: the left half red, the right half blue."""
+    image = Image.new("RGB", (40, 20), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 20, 20))
+    return image
+
+
+def _expected(size: int, red: slice, blue: slice, rows: slice) -> torch.Tensor:
+    """A white size x size square with red columns `red` and blue columns `blue` over `rows`."""
+    out = torch.full((3, size, size), 255, dtype=torch.uint8)
+    out[:, rows, red] = torch.tensor([255, 0, 0], dtype=torch.uint8).view(3, 1, 1)
+    out[:, rows, blue] = torch.tensor([0, 0, 255], dtype=torch.uint8).view(3, 1, 1)
+    return out
+
+
+def test_the_three_resize_policies_on_a_non_square_image():
+    image = _red_left_half()
+    # squash: both sides to 40, the halves stretched to full height (the aspect ratio lost)
+    assert torch.equal(to_uint8(image, 40, "squash"), _expected(40, slice(0, 20), slice(20, 40), slice(0, 40)))
+    assert torch.equal(to_uint8(image, 40), to_uint8(image, 40, "squash"))  # today's default
+    # center_crop: the short side is 20 already; the centre 20 columns (10..29) of 40 are kept
+    assert torch.equal(to_uint8(image, 20, "center_crop"), _expected(20, slice(0, 10), slice(10, 20), slice(0, 20)))
+    # pad: the long side is 40 already; the image sits in rows 10..29 between white bands
+    assert torch.equal(to_uint8(image, 40, "pad"), _expected(40, slice(0, 20), slice(20, 40), slice(10, 30)))
+    # scaled by half: 20 x 10 centred in rows 5..14, the columns either side of the seam blended
+    half = to_uint8(image, 20, "pad")
+    assert torch.equal(half[:, :5], torch.full((3, 5, 20), 255, dtype=torch.uint8)) and half[:, 15:].min() == 255
+    assert half[:, 5:15, :4].tolist() == _expected(20, slice(0, 4), slice(4, 4), slice(0, 10))[:, :10, :4].tolist()
+    crop = to_uint8(image, 10, "center_crop")  # 20 x 10, columns 5..14: red, then blue
+    assert crop.shape == (3, 10, 10) and crop[0, :, :4].min() == 255 and crop[2, :, 6:].min() == 255
+    assert to_tensor(image, 10, "pad").shape == (3, 10, 10)
+
+
+def test_a_square_image_of_the_size_is_left_as_it_is():
+    image = Image.new("RGB", (16, 16), (1, 2, 3))
+    assert all(torch.equal(to_uint8(image, 16, p), to_uint8(image, 16, "squash")) for p in RESIZERS)
+
+
+def test_the_resize_setting_names_the_policies_image_io_has():
+    assert tuple(RESIZERS) == RESIZE_POLICIES
+    assert DataConfig(resize="pad").resize == "pad"
+    with pytest.raises(ConfigError, match=r"^data.resize: must be one of squash, center_crop, pad, got 'crop'$"):
+        load_config(None, ["data.resize=crop"])

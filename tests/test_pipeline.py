@@ -399,3 +399,22 @@ def test_cli_negative_prompt_reaches_the_sampler(trained_tiny, tmp_path):
     assert not _same(
         [Image.open(tmp_path / "n" / "0000.png")], pipe.generate("a red circle", seed=4, steps=2, cfg_scale=3.0)
     )
+
+
+def test_user_images_are_made_square_by_the_models_resize_policy(tmp_path):
+    """Captioning and editing turn an image into the model's input as its training did (`data.resize`,
+    saved in the model folder); a folder from before the setting squashes, as then."""
+    from mmfusion.image_io import to_tensor
+
+    pipe = MMFusion.from_pretrained(Path(__file__).parent / "fixtures" / "model_2026_12_05", device="cpu")
+    assert pipe.resize == "squash"
+    image = Image.new("RGB", (40, 20), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 20, 20))
+    size = pipe.image_cfg.image_size
+    for policy in ("squash", "center_crop", "pad"):
+        pipe.resize = policy
+        want = pipe.image_tokenizer.encode(to_tensor(image, size, policy)[None])
+        assert torch.equal(pipe.encode_images([image]), want), policy
+    pipe.save_pretrained(tmp_path / "model")
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["resize"] == "pad"
+    assert MMFusion.from_pretrained(tmp_path / "model", device="cpu").resize == "pad"

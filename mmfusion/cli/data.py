@@ -97,6 +97,9 @@ def encode(
     patch_size: int = 2,
     batch_size: int = 32,
     image_root: str | None = None,
+    resize: Literal["squash", "center_crop", "pad"] = "squash",
+    image_column: str | None = None,
+    caption_column: str | None = None,
 ) -> None:
     """Precompute image tokens (e.g. VAE latents) once into a `datasets` copy of the data.
 
@@ -104,20 +107,23 @@ def encode(
     config must match the one used here.
 
     Args:
-        data: any captioned source (saved data set, imagefolder, COCO / Karpathy JSON)
+        data: any captioned source (saved data set, imagefolder, COCO / Karpathy JSON, tables, hub name)
         out: folder for the encoded data set
         image_tokenizer: vae (AutoencoderKL latents), vq (VQ codes) or pixels
         vae: AutoencoderKL or VQModel folder or hub id (for vae and vq)
         image_size: images are resized to this side first (a note is printed when that enlarges them)
         patch_size: tokens are patch x patch cells of the latent (or pixel) grid
         batch_size: images encoded at once
-        image_root: folder the image paths of a COCO / Karpathy JSON are relative to
+        image_root: folder the image paths of a COCO / Karpathy JSON or a table are relative to
+        resize: how an image becomes square (the training config's data.resize): squash, center_crop or pad
+        image_column: column of images or image paths (default: the usual names, as data.image_column)
+        caption_column: column of captions (default: the usual names, as data.caption_column)
     """
     from mmfusion.data.encode import encode_dataset
     from mmfusion.tokenizers.config import ImageTokenizerConfig
 
     cfg = ImageTokenizerConfig(kind=image_tokenizer, image_size=image_size, patch_size=patch_size, path=vae)
-    path = encode_dataset(data, out, cfg, batch_size=batch_size, image_root=image_root)
+    path = encode_dataset(data, out, cfg, batch_size, image_root, resize, image_column, caption_column)
     print(f"wrote encoded data set to {path}")
 
 

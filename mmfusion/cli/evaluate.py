@@ -179,7 +179,7 @@ def generation(
     metrics = {"n": len(fake)}
     if inception:
         size = pipe.image_cfg.image_size
-        real = [to_pil(to_tensor(im, size)) for im in rows["image"]]
+        real = [to_pil(to_tensor(im, size, pipe.resize)) for im in rows["image"]]
         metrics["fid"] = frechet_distance(real, fake, inception)
     if clip:
         metrics["clip_score"] = clip_score(fake, prompts, clip)

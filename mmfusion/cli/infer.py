@@ -184,7 +184,7 @@ def edit(
     pipe = _load(model, adapter, dtype, device)
     size = pipe.image_cfg.image_size
     img = open_image(image)
-    img = to_pil(to_tensor(img, size))
+    img = to_pil(to_tensor(img, size, pipe.resize))
     m = open_image(mask, "mask")
     settings = pipe.image_settings(ar_steps=ar_steps, sampler=sampler, steps=steps, cfg_scale=cfg)
     edits = pipe.edit(

@@ -1,4 +1,4 @@
-"""LightningDataModule over `datasets`: shapes, an imagefolder with captions, or COCO / Karpathy JSON.
+"""LightningDataModule over `datasets`: shapes or any captioned source `load_captioned` reads.
 
 The order of training batches is a pure function of (seed, step): batch k is slice k of a seeded
 permutation of the data (a new permutation per epoch), and under DDP each rank takes its share of
@@ -37,17 +37,23 @@ class CaptionedImages(Dataset):
 
     Training reads a split this way only when it is too large to decode whole (`DecodedRows`). With
     `cache`, each row is decoded and tokenized once and kept in memory (the image as uint8), so that
-    later epochs do not decode it again.
+    later epochs do not decode it again. `resize` is the policy that makes an image square (`data.resize`).
     """
 
     def __init__(
-        self, ds: Any, tokenizer: TextTokenizer | None, image_size: int, max_text_len: int, cache: bool = False
+        self,
+        ds: Any,
+        tokenizer: TextTokenizer | None,
+        image_size: int,
+        max_text_len: int,
+        cache: bool = False,
+        resize: str = "squash",
     ) -> None:
         self.has_tokens = "tokens" in ds.column_names
         if self.has_tokens and "image" in ds.column_names:
             ds = ds.remove_columns("image")  # precomputed tokens: never decode the image again
         self.ds, self.tok, self.size, self.max_len = ds, tokenizer, image_size, max_text_len
-        self.has_label = "label" in ds.column_names
+        self.has_label, self.resize = "label" in ds.column_names, resize
         self.cache: dict[int, dict[str, Any]] | None = {} if cache else None
 
     def __len__(self) -> int:
@@ -81,7 +87,7 @@ class CaptionedImages(Dataset):
             item["tokens"] = torch.as_tensor(np.asarray(row["tokens"], dtype=np.float32))
         else:
             try:
-                item["pixels"] = to_uint8(row["image"], self.size)
+                item["pixels"] = to_uint8(row["image"], self.size, self.resize)
             except Exception as err:
                 return {"skip": f"unreadable image ({type(err).__name__})", "index": i}
         if encode is not None:
@@ -277,10 +283,11 @@ class MMFusionDataModule(L.LightningDataModule):
         """The DatasetDict; the shapes set is rendered once into the run folder."""
         if self.data is not None:
             return self.data
-        if self.cfg.source == "shapes":
+        c = self.cfg
+        if c.source == "shapes":
             self.data = load_captioned(self._render_shapes())
         else:
-            self.data = load_captioned(self.cfg.source, self.cfg.image_root)
+            self.data = load_captioned(c.source, c.image_root, c.image_column, c.caption_column, self.need_text)
         return self.data
 
     def _render_shapes(self) -> Path:
@@ -334,7 +341,7 @@ class MMFusionDataModule(L.LightningDataModule):
             raise UserError(f"split {split!r} not in the data set (it has: {', '.join(data)}); set data.train_split")
         tok = self.text_tokenizer() if self.need_text else None
         ds = data[split]
-        rows = CaptionedImages(ds, tok, self.image_size, self.cfg.max_text_len)
+        rows = CaptionedImages(ds, tok, self.image_size, self.cfg.max_text_len, resize=self.cfg.resize)
         if self.row_bytes(ds) * len(ds) > self.cfg.cache_mb * 2**20:
             return rows
         return DecodedRows(rows.read_all(progress=progress))

@@ -24,12 +24,20 @@ META = "mmfusion_tokens.json"
 
 
 def encode_dataset(
-    source: str, out: str | Path, image: ImageTokenizerConfig, batch_size: int = 32, image_root: str | None = None
+    source: str,
+    out: str | Path,
+    image: ImageTokenizerConfig,
+    batch_size: int = 32,
+    image_root: str | None = None,
+    resize: str = "squash",
+    image_column: str | None = None,
+    caption_column: str | None = None,
 ) -> Path:
+    """Encode every image of `source` (made square by `resize`, as `data.resize` does in training)."""
     import datasets
 
     tok = build_image_tokenizer(image)
-    data = load_captioned(source, image_root)
+    data = load_captioned(source, image_root, image_column, caption_column)
     first = next(iter(data.values()))[0]["image"]
     if max(first.size) < image.image_size:
         print(
@@ -38,7 +46,7 @@ def encode_dataset(
         )
 
     def add_tokens(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        x = torch.stack([to_tensor(im, image.image_size) for im in batch["image"]])
+        x = torch.stack([to_tensor(im, image.image_size, resize) for im in batch["image"]])
         return {"tokens": [t.numpy().astype(np.float32) for t in tok.encode(x)]}
 
     encoded = datasets.DatasetDict(
@@ -49,7 +57,7 @@ def encode_dataset(
     )
     out = Path(out)
     encoded.save_to_disk(str(out))
-    (out / META).write_text(json.dumps(tok.cfg.to_dict(), indent=2))
+    (out / META).write_text(json.dumps(tok.cfg.to_dict() | {"resize": resize}, indent=2))
     return out
 
 

@@ -58,7 +58,11 @@ def _run_config(
         objective=task_objective(pipe.objective, task),
         sample=pipe.sampling,
         data=DataConfig(
-            source=data, image_root=image_root, batch_size=batch_size, max_text_len=pipe.text_tokenizer.max_len
+            source=data,
+            image_root=image_root,
+            batch_size=batch_size,
+            max_text_len=pipe.text_tokenizer.max_len,
+            resize=pipe.resize,
         ),
         train=TrainConfig(
             out=str(out / "run"),

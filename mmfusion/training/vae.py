@@ -87,7 +87,7 @@ def fit_autoencoder(
     """Fit an image autoencoder module on the images of any source `load_captioned` reads, with the
     image size, batch size and steps of its config."""
     L.seed_everything(seed, verbose=False)
-    ds = CaptionedImages(load_captioned(data)[split], None, cfg.image_size, 0)
+    ds = CaptionedImages(load_captioned(data, need_captions=False)[split], None, cfg.image_size, 0)
     loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate_items, drop_last=True)
     trainer = L.Trainer(
         max_steps=cfg.steps,
