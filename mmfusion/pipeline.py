@@ -1,7 +1,8 @@
 """`MMFusion`: a trained model with its tokenizers, for generation, captioning and editing.
 
-A model folder holds `config.json`, `model.safetensors` (the EMA weights) and `tokenizer.json`;
-it is separate from Lightning's resume checkpoints.
+A model folder holds `config.json`, `model.safetensors` (the EMA weights), `tokenizer.json` and a model
+card (README.md); it is separate from Lightning's resume checkpoints. It loads from a folder or, by its
+id, from the Hugging Face Hub (mmfusion.hub).
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ from mmfusion.generation.common import batches
 from mmfusion.generation.diffusion import NextTokenDiffusionSampler
 from mmfusion.generation.settings import CaptionSampling, DiffusionSampling, SampleConfig, TokenSampling, with_changes
 from mmfusion.generation.tokens import ARImageSampler
+from mmfusion.hub import (
+    MODEL_FILES,
+    config_header,
+    data_name,
+    read_config,
+    resolve_model,
+    write_model_card,
+)
 from mmfusion.image_io import to_pil, to_tensor
 from mmfusion.model.adapters import merge_adapters
 from mmfusion.model.config import ModelConfig
@@ -36,7 +45,6 @@ from mmfusion.tokenizers.build import build_image_tokenizer
 from mmfusion.tokenizers.config import ImageTokenizerConfig
 from mmfusion.tokenizers.text import TextTokenizer
 
-MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -102,6 +110,7 @@ class MMFusion:
         class_names: list[str] | None = None,
         objective: dict[str, Any] | None = None,
         resize: str = "squash",
+        training_data: str | None = None,
     ) -> None:
         self.model = model.eval()
         self.text_tokenizer = text_tokenizer
@@ -113,6 +122,7 @@ class MMFusion:
         self.class_names = list(class_names or [])
         self.objective = dict(objective or {})  # the training objective, reused by `mmfusion finetune`
         self.resize = resize  # how an image becomes the model's square input: its training's data.resize
+        self.training_data = training_data  # the data's name for the model card (mmfusion.hub.data_name)
         t = text_tokenizer
         self.prompts = Prompts(model.cfg, t.bos_id, t.boi_id)
 
@@ -132,13 +142,17 @@ class MMFusion:
             module.class_names,
             dataclasses.asdict(cfg.objective),
             cfg.data.resize,
+            data_name(cfg.data.source),
         )
 
-    def save_pretrained(self, folder: str | Path) -> Path:
+    def save_pretrained(self, folder: str | Path, metrics: dict[str, Any] | None = None) -> Path:
+        """Write the model folder: config.json, model.safetensors, tokenizer.json and the model card
+        README.md, which shows `metrics` (name -> figure, or nested dicts of them) when given. A folder
+        with its VAE / VQ model in `image_tokenizer/` (see `image_tokenizer_path`) is ready for the hub."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         config = {
-            "format": "mmfusion",
+            **config_header(),
             "model": self.model.cfg.to_dict(),
             "image": _absolute_local_path(self.image_cfg.to_dict()),
             "diffusion": self.diffusion.to_dict(),
@@ -149,6 +163,7 @@ class MMFusion:
             "special_tokens": self.text_tokenizer.special,
             "max_text_len": self.text_tokenizer.max_len,
             "resize": self.resize,
+            "training_data": self.training_data,
         }
         state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
         if self.model.cfg.tie_embeddings:
@@ -156,6 +171,7 @@ class MMFusion:
         _atomic(folder / "model.safetensors", lambda p: save_file(state, str(p)))
         _atomic(folder / "tokenizer.json", lambda p: self.text_tokenizer.tokenizer.save(str(p)))
         _atomic(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+        write_model_card(folder, metrics)
         return folder
 
     @classmethod
@@ -165,41 +181,24 @@ class MMFusion:
         device: str | torch.device = "auto",
         adapters: list[str | Path] | None = None,
         dtype: str | torch.dtype | None = None,
+        *,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
     ) -> MMFusion:
-        """Load a model folder onto `device` ("cpu", "cuda", "cuda:1", or "auto": a GPU when there is one).
-        `adapters` (LoRA folders) are merged into the float32 weights; `dtype` bfloat16 then casts them for
-        inference (see `to_dtype`). The samplers keep their state (noise, decoded ids) on the CPU, seeded
-        there, and move each batch to the model's device, so an image depends on its seed, not on where it
-        was sampled (up to the device's arithmetic)."""
-        folder = Path(folder)
+        """Load a model folder, or a model on the Hugging Face Hub by its id ("owner/name"), onto `device`
+        ("cpu", "cuda", "cuda:1", or "auto": a GPU when there is one). A string naming an existing folder
+        is that folder; otherwise it is a hub id, fetched at `revision` (branch, tag or commit hash) into
+        the hub's cache (`cache_dir`, `token` as huggingface_hub takes them); offline (HF_HUB_OFFLINE=1
+        or `local_files_only`) it is read from the cache only. `adapters` (LoRA folders) are merged into
+        the float32 weights; `dtype` bfloat16 then casts them for inference (see `to_dtype`). The
+        samplers keep their state (noise, decoded ids) on the CPU, seeded there, and move each batch to
+        the model's device, so an image depends on its seed, not on where it was sampled (up to the
+        device's arithmetic)."""
         device = inference_device(device)
-        if folder.is_file():  # a checkpoint, say: the model folder is the run's model/
-            raise UserError(
-                f"{folder} is a file; --model takes a model folder (config.json, model.safetensors, "
-                "tokenizer.json): a training run writes it to OUT/model"
-            )
-        if not folder.is_dir():
-            raise UserError(
-                f"model folder {folder} does not exist (train one with `mmfusion train` or `mmfusion demo`)"
-            )
-        missing = [f for f in MODEL_FILES if not (folder / f).is_file()]
-        if missing:
-            raise UserError(
-                f"model folder {folder} is missing {', '.join(missing)}: re-export it with "
-                "`mmfusion train` or copy the whole folder"
-            )
-        config = json.loads((folder / "config.json").read_text())
-        model_cfg = ModelConfig.from_dict(config["model"])
-        # parameters on the meta device: the loaded tensors become the weights, so a large model is
-        # never held twice in memory
-        with init_empty_weights():
-            model = MMFusionModel(model_cfg)
-        state = load_file(str(folder / "model.safetensors"))
-        if model_cfg.tie_embeddings:
-            state["lm_head.weight"] = state["embed_tokens.weight"]
-        model.load_state_dict(state, strict=True, assign=True)
-        if model_cfg.tie_embeddings:  # `assign` made two Parameters over one tensor: one Parameter again
-            model.lm_head.weight = model.embed_tokens.weight
+        folder = _model_folder(resolve_model(folder, revision, cache_dir, token, local_files_only))
+        config = read_config(folder)
         tok = TextTokenizer.from_file(
             folder / "tokenizer.json", special=config.get("special_tokens"), max_len=config.get("max_text_len", 35)
         )
@@ -207,7 +206,7 @@ class MMFusion:
         if image.kind in ("vae", "vq"):
             image = dataclasses.replace(image, path=image_tokenizer_path(folder, image.path))
         pipe = cls(
-            model.to(device),
+            _load_model(folder, ModelConfig.from_dict(config["model"])).to(device),
             tok,
             image,
             DiffusionConfig(**config["diffusion"]),
@@ -216,6 +215,7 @@ class MMFusion:
             class_names=config.get("class_names"),
             objective=config.get("objective"),
             resize=config.get("resize", "squash"),
+            training_data=config.get("training_data"),
         )
         pipe = pipe.load_adapters(adapters) if adapters else pipe
         return pipe.to_dtype(dtype) if dtype is not None else pipe
@@ -499,6 +499,41 @@ class MMFusionOutput:
     images: list[Any]
     seeds: list[int]
     prompts: list[str | int]
+
+
+def _model_folder(folder: Path) -> Path:
+    """`folder`, checked to be a model folder with all its files."""
+    if folder.is_file():  # a checkpoint, say: the model folder is the run's model/
+        raise UserError(
+            f"{folder} is a file; --model takes a model folder (config.json, model.safetensors, "
+            "tokenizer.json): a training run writes it to OUT/model"
+        )
+    if not folder.is_dir():
+        raise UserError(
+            f"model folder {folder} does not exist (train one with `mmfusion train` or `mmfusion demo`, "
+            "or give a hub id: owner/name)"
+        )
+    missing = [f for f in MODEL_FILES if not (folder / f).is_file()]
+    if missing:
+        raise UserError(
+            f"model folder {folder} is missing {', '.join(missing)}: re-export it with "
+            "`mmfusion train` or copy the whole folder"
+        )
+    return folder
+
+
+def _load_model(folder: Path, model_cfg: ModelConfig) -> MMFusionModel:
+    """The model of `folder`'s model.safetensors, built on the meta device: the loaded tensors become the
+    weights, so a large model is never held twice in memory."""
+    with init_empty_weights():
+        model = MMFusionModel(model_cfg)
+    state = load_file(str(folder / "model.safetensors"))
+    if model_cfg.tie_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if model_cfg.tie_embeddings:  # `assign` made two Parameters over one tensor: one Parameter again
+        model.lm_head.weight = model.embed_tokens.weight
+    return model
 
 
 def _per_prompt(value: Any, n: int, what: str) -> list[Any]:

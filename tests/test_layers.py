@@ -13,6 +13,7 @@ INFERENCE = (
     "mmfusion.tokenizers",
     "mmfusion.image_io",
     "mmfusion.pipeline",
+    "mmfusion.hub",
 )
 ABOVE_INFERENCE = ("mmfusion.training", "mmfusion.cli")
 DEFERRED = "# Deferred imports:"  # a module that imports mmfusion inside functions says why, once

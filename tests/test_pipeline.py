@@ -14,7 +14,8 @@ from mmfusion.pipeline import MMFusion
 
 
 def test_model_folder_round_trip(trained_tiny, tmp_path):
-    assert sorted(p.name for p in trained_tiny.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    files = ["README.md", "config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in trained_tiny.iterdir()) == files
     pipe = MMFusion.from_pretrained(trained_tiny)
     pipe.save_pretrained(tmp_path / "again")
     again = MMFusion.from_pretrained(tmp_path / "again")

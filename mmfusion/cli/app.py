@@ -24,6 +24,9 @@ SHARED_HELP = {
     "large models faster on CPUs with native bf16 (AMX); small models gain little (docs/BENCHMARKS.md)",
     "device": "cpu, cuda, cuda:N, or auto (a GPU when there is one)",
     "adapter": "a LoRA adapter folder from `mmfusion finetune` (repeat for several; they are merged)",
+    "model": "a model folder (config.json, model.safetensors, tokenizer.json) or a hub model id (owner/name; "
+    "with HF_HUB_OFFLINE=1 read from the hub's cache only)",
+    "revision": "with a hub model id as --model: its branch, tag or commit hash (default: main)",
 }
 
 

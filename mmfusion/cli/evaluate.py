@@ -33,7 +33,6 @@ def caption(
     OUT/captions_results.json (COCO results format) and OUT/caption_metrics.json.
 
     Args:
-        model: a model folder
         data: the captioned data to evaluate on
         out: output folder
         image_root: folder that the image paths of a COCO / Karpathy JSON are relative to
@@ -81,7 +80,6 @@ def shapes(
     95% interval. Writes OUT/shapes_metrics.json, OUT/shapes_grid.png and OUT/captions.json.
 
     Args:
-        model: a model folder
         out: output folder
         data: a saved shapes data set whose test split is captioned (default: the test split rendered
           for --seed)
@@ -153,7 +151,6 @@ def generation(
     with those N real images (resized to the model's size). Weights come from local files only.
 
     Args:
-        model: a model folder
         data: captioned data (Karpathy / COCO JSON, imagefolder, saved data set)
         out: output folder (generation_metrics.json)
         inception: local TorchScript Inception feature extractor for FID

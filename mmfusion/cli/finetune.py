@@ -34,7 +34,6 @@ def finetune(
     a full model folder with the adapter folded in. Use the adapter with `mmfusion generate --adapter OUT`.
 
     Args:
-        model: the model folder to adapt
         data: captioned data (saved data set, imagefolder with metadata.jsonl, COCO / Karpathy JSON)
         out: adapter output folder
         task: t2i (image loss, T2I order), caption (text loss, caption order) or joint (the training objective)

@@ -9,10 +9,13 @@ from pathlib import Path
 from typing import Literal
 
 
-def _load(model: str, adapter: list[str] | None, dtype: str = "float32", device: str = "auto"):  # noqa: ANN202
+def _load(  # noqa: ANN202
+    model: str, adapter: list[str] | None, dtype: str = "float32", device: str = "auto", revision: str | None = None
+):
+    """A model folder, or a hub model by its id (owner/name) at `revision`; HF_HUB_OFFLINE=1 reads the cache only."""
     from mmfusion.pipeline import MMFusion
 
-    return MMFusion.from_pretrained(model, adapters=adapter, dtype=dtype, device=device)
+    return MMFusion.from_pretrained(model, adapters=adapter, dtype=dtype, device=device, revision=revision)
 
 
 def _check_view(cfg_interval: list[float] | None, scale: int) -> None:
@@ -53,12 +56,12 @@ def generate(
     adapter: list[str] | None = None,
     dtype: Literal["float32", "bfloat16"] = "float32",
     device: str = "auto",
+    revision: str | None = None,
 ) -> None:
     """Generate images from text prompts: one PNG per image, OUT/grid.png and OUT/index.json. Sampler
     options change the settings saved with the model (Token-Shuffle models: those marked so).
 
     Args:
-        model: a model folder (config.json, model.safetensors, tokenizer.json)
         prompt: a text prompt; repeat --prompt for several (class-conditional models: a class name or index)
         out: output folder
         negative_prompt: what guidance steers away from, instead of the unconditional stream (needs --cfg > 1)
@@ -81,7 +84,7 @@ def generate(
     from mmfusion.image_io import write_generated
 
     _check_view(cfg_interval, scale)
-    pipe = _load(model, adapter, dtype, device)
+    pipe = _load(model, adapter, dtype, device, revision)
     flags = dict(ar_steps=ar_steps, order=order, sampler=sampler, steps=steps, cfg_until_step=cfg_until_step)
     flags.update(cfg_scale=cfg, cfg_interval=cfg_interval, temperature=temperature, top_k=top_k, top_p=top_p)
     settings = pipe.image_settings(**flags, cfg_schedule=cfg_schedule)
@@ -105,6 +108,7 @@ def caption(
     adapter: list[str] | None = None,
     dtype: Literal["float32", "bfloat16"] = "float32",
     device: str = "auto",
+    revision: str | None = None,
 ) -> None:
     """Caption images; prints `path: caption` lines and optionally writes a JSON {path: caption}.
 
@@ -112,7 +116,6 @@ def caption(
 
     Args:
         images: image files
-        model: a model folder
         json: write the captions here as JSON mapping each image path to its caption
         method: greedy, beam or nucleus decoding
         num_beams: beams for beam search
@@ -124,7 +127,7 @@ def caption(
     from mmfusion.image_io import open_image
 
     pils = [open_image(p) for p in images]
-    pipe = _load(model, adapter, dtype, device)
+    pipe = _load(model, adapter, dtype, device, revision)
     settings = pipe.caption_settings(
         method=method, num_beams=num_beams, top_p=top_p, temperature=temperature, max_new_tokens=max_new_tokens
     )
@@ -156,6 +159,7 @@ def edit(
     adapter: list[str] | None = None,
     dtype: Literal["float32", "bfloat16"] = "float32",
     device: str = "auto",
+    revision: str | None = None,
 ) -> None:
     """Zero-shot editing / inpainting: regenerate the masked region of an image under a prompt.
 
@@ -164,7 +168,6 @@ def edit(
     the mask first) and index.json.
 
     Args:
-        model: a model folder
         image: the image to edit (resized to the model's image size)
         mask: a mask image of the same size; white (nonzero) pixels are regenerated
         prompt: the text prompt for the edited image
@@ -181,7 +184,7 @@ def edit(
     from mmfusion.image_io import open_image, to_pil, to_tensor, write_outputs
 
     _check_view(None, scale)
-    pipe = _load(model, adapter, dtype, device)
+    pipe = _load(model, adapter, dtype, device, revision)
     size = pipe.image_cfg.image_size
     img = open_image(image)
     img = to_pil(to_tensor(img, size, pipe.resize))

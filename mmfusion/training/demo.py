@@ -17,6 +17,7 @@ import torch
 from mmfusion.config import RunConfig, load_config
 from mmfusion.errors import UserError
 from mmfusion.evaluation.demo_eval import evaluate_shapes_model, summary_lines, write_fixed_prompt_grid
+from mmfusion.hub import write_model_card
 from mmfusion.image_io import make_grid
 from mmfusion.pipeline import MMFusion
 from mmfusion.training.run import train
@@ -57,6 +58,7 @@ def run_demo(
         "resumed": resume,
     }
     (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_model_card(model_dir, card_metrics(metrics))  # the model card shows the figures just measured
     print(summary(metrics, Path(out)))
     return metrics
 
@@ -97,6 +99,22 @@ def judge(model_dir: Path, outdir: Path, seed: int) -> dict[str, Any]:
     (outdir / "captions.json").write_text(json.dumps(metrics.pop("captions"), indent=2))
     metrics["sampler"] = dataclasses.asdict(pipe.image_settings())
     return metrics
+
+
+def card_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The demo's headline figures for the model card: the shapes benchmark's accuracy of each sampling
+    mode, how often captions name the right content, and the caption metrics when they were computed."""
+    out = {}
+    for mode, t2i in metrics.get("t2i", {}).items():
+        for part, what in (("single", "one object"), ("pair", "two objects + relation")):
+            if part in t2i:
+                out[f"T2I {mode}: {what}, accuracy"] = t2i[part]["accuracy"]
+    caption = metrics.get("caption") or {}
+    for part, c in caption.get("content", {}).items():
+        what = "one object" if part == "single" else "two objects"
+        out[f"captions naming the right content: {what}"] = c["accuracy"]
+    out.update({f"captions: {k}": caption[k] for k in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr") if k in caption})
+    return out
 
 
 def check_same_run(recorded: Path, now: dict) -> None:

@@ -18,6 +18,7 @@ import lightning as L
 from mmfusion.config import DataConfig, ObjectiveConfig, RunConfig, TrainConfig
 from mmfusion.data.datamodule import MMFusionDataModule
 from mmfusion.errors import UserError
+from mmfusion.hub import data_name
 from mmfusion.pipeline import MMFusion
 from mmfusion.training.callbacks import lightning_warnings_filtered, stopped, stopped_at
 from mmfusion.training.lora import ATTENTION, add_lora, parameter_counts
@@ -112,6 +113,7 @@ def finetune(
 ) -> dict[str, Any]:
     """Fine-tune; saves the adapter alone (or, with `full`, a whole model folder) to `out`."""
     pipe = MMFusion.from_pretrained(model)
+    pipe.training_data = f"{pipe.training_data or 'unrecorded'}, then fine-tuned on {data_name(data)}"
     out = Path(out)
     # a bad --steps, --minutes, --precision ... is a ConfigError here: one line, before any output
     cfg = _run_config(pipe, data, out, task, steps, minutes, lr, batch_size, seed, image_root, precision)

@@ -32,3 +32,5 @@ def test_run_demo_writes_the_model_the_samples_and_the_metrics(tmp_path, capsys)
     assert captions and {"image", "caption", "references"} <= set(captions[0])
     assert Image.open(out / "samples" / "grid.png").size[0] > 100
     assert "demo finished in" in capsys.readouterr().out
+    card = (out / "model" / "README.md").read_text()  # the model card shows the figures just measured
+    assert "library_name: mmfusion" in card and "| T2I S=1: one object, accuracy |" in card and "CIDEr" in card

@@ -123,6 +123,7 @@ def test_finetune_cli_end_to_end(trained_tiny, tmp_path, task, capsys):
     base = MMFusion.from_pretrained(trained_tiny)
     adapted = MMFusion.from_pretrained(trained_tiny, adapters=[out])
     merged = MMFusion.from_pretrained(out / "merged")
+    assert merged.training_data == "shapes, then fine-tuned on data"  # named so in its model card
     for (n, a), (_, b) in zip(adapted.model.state_dict().items(), merged.model.state_dict().items()):
         torch.testing.assert_close(a, b, msg=n)
     changed = [
