@@ -22,7 +22,12 @@ came from an earlier run): the figures of one table always come from one run. Me
   S = 16 also the floor of their ratio: the runs' own products and attention calls replayed alone;
 * captioning tokens/s with and without the KV cache (32 new tokens);
 * Token-Shuffle s = 1, 2, 4: tokens per image, training step time, sampling time;
-* FlexAttention (block-sparse, compiled) against dense masked SDPA on the generalized causal mask.
+* FlexAttention (block-sparse, compiled) against dense masked SDPA on the generalized causal mask;
+* peers, the same work done by mmfusion and by another library, timed in turn on the same inputs:
+  the training step against transformers' LlamaForCausalLM of the same shape and weights, eager and
+  compiled, fp32 and bf16 (`peers_train`); greedy decoding with a KV cache against transformers'
+  `generate` (`peers_decode`); one-step image sampling against the diffusers scheduler loop driving
+  the same network (`peers_sampling`).
 """
 
 # Deferred imports: each item imports what it times inside its own child process, so that the
@@ -731,6 +736,252 @@ def bench_attention(quick: bool) -> dict:
     return out
 
 
+# --- peers: mmfusion against transformers and diffusers on the same inputs, in turn ------------------
+PEER_SHAPES = {  # LlamaConfig fields of the two backbones the peer items compare (vocabulary 512)
+    "small": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=2),
+    "wide": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8),
+}
+PEER_ROWS = {"small": 16, "wide": 8}  # training rows of PACK_LENGTH text tokens per step
+PEER_VOCAB = 512
+PEER_SPECIALS = dict(bos=1, eos=2, boi=3, eoi=4)
+
+
+def in_turn(fns: dict[str, Any], rounds: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each of `fns`, called in turn (A, B, A, B, ...) for `rounds` rounds after
+    `warmup` calls of each: on a shared machine the two sides of a comparison meet the same load."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name] += _durations(fn, 1)
+    return {name: _median(t) for name, t in times.items()}
+
+
+def peer_models(shape: dict, vocab: int = PEER_VOCAB, seed: int = 0) -> tuple[Any, Any]:
+    """transformers' LlamaForCausalLM of `shape` (LlamaConfig fields) with SDPA attention, and mmfusion's
+    MMFusionModel of the same config (`config_from_hf`) with its weights (`state_dict_from_hf`), SDPA
+    attention and the text head in the compute dtype, as LLaMA's is (`fp32_head=False`)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mmfusion.model.hf import config_from_hf, state_dict_from_hf
+    from mmfusion.model.multimodal import MMFusionModel
+
+    torch.manual_seed(seed)
+    specials = dict(bos_token_id=PEER_SPECIALS["bos"], eos_token_id=PEER_SPECIALS["eos"])
+    kv = dict(num_key_value_heads=shape["num_attention_heads"])
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, attn_implementation="sdpa", **specials, **kv, **shape))
+    ours = MMFusionModel(config_from_hf(hf.config, fp32_head=False, attention="sdpa"))
+    _, unexpected = ours.load_state_dict(state_dict_from_hf(hf.state_dict()), strict=False)
+    assert not unexpected, unexpected
+    return hf, ours
+
+
+class HFCausalLoss:
+    """transformers' causal-LM loss, in the form `_train_step` takes an objective: the labels are the
+    input ids, shifted inside the model (mean cross-entropy over each row's next tokens)."""
+
+    @staticmethod
+    def loss(model: Any, ids: Any) -> dict:
+        return {"loss": model(input_ids=ids, labels=ids).loss}
+
+
+def peer_text_batch(ours: Any, rows: int, length: int = PACK_LENGTH, seed: int = 0) -> tuple[Any, Any, Any]:
+    """`rows` random text rows of `length` tokens, full (no padding): (ids for transformers, the same rows
+    as mmfusion's TokenBatch with the next-token labels, mmfusion's JointObjective with text weight 1,
+    so that its loss is LLaMA's mean next-token cross-entropy)."""
+    import torch
+
+    from mmfusion.config import ObjectiveConfig
+    from mmfusion.diffusion.config import DiffusionConfig
+    from mmfusion.model.sequence import SequenceBuilder, collate
+    from mmfusion.training.objective import JointObjective
+
+    ids = torch.randint(5, ours.cfg.vocab_size, (rows, length), generator=torch.Generator().manual_seed(seed))
+    batch = collate([SequenceBuilder(0).text(r[:1]).text(r[1:], loss=True).tensors() for r in ids.tolist()])
+    s = PEER_SPECIALS
+    obj = JointObjective(
+        ours.cfg, DiffusionConfig(), ObjectiveConfig(text_loss_weight=1.0), s["bos"], s["eos"], s["boi"], s["eoi"]
+    )
+    return ids, batch, obj
+
+
+def bench_peers_train(quick: bool, shapes: dict | None = None, compiled: bool = True) -> dict:
+    """The training step (forward, backward, clipping, fused AdamW: `_train_step`) of mmfusion's model
+    against transformers' LlamaForCausalLM of the same shape and weights, on the same text rows, in turn:
+    fp32 and (where this CPU multiplies bf16 natively) bf16 autocast, eager and with the transformer
+    stack compiled on both sides (`compile_blocks`; transformers' `model.model`, the same flags)."""
+    import torch
+
+    from mmfusion.runtime import bf16_native
+    from mmfusion.training.module import compile_blocks
+
+    shapes = shapes or {name: PEER_SHAPES[name] for name in (("small",) if quick else PEER_SHAPES)}
+    precisions = [("fp32", None)] + ([("bf16", torch.bfloat16)] if bf16_native()[0] else [])
+    out: dict[str, Any] = {"threads": torch.get_num_threads(), "row_tokens": PACK_LENGTH}
+    for shape, fields in shapes.items():
+        hf, ours = peer_models(fields)
+        ids, batch, obj = peer_text_batch(ours, PEER_ROWS.get(shape, 4) // (2 if quick else 1))
+        entry: dict[str, Any] = {"parameters": hf.num_parameters(), "tokens_per_step": ids.numel(), "shape": fields}
+        for compile_now in (False, True) if compiled else (False,):
+            if compile_now:
+                if not compile_blocks(ours):
+                    break
+                hf.model.compile(dynamic=True)
+            for name, dtype in precisions:
+                steps = {
+                    "transformers": _train_step(hf, HFCausalLoss, ids, dtype),
+                    "mmfusion": _train_step(ours, obj, batch, dtype),
+                }
+                sec = in_turn(steps, rounds=3 if quick else 7, warmup=3 if compile_now else 2)
+                entry[name + (" compiled" if compile_now else "")] = {
+                    "transformers_s": sec["transformers"],
+                    "mmfusion_s": sec["mmfusion"],
+                    "ratio": sec["mmfusion"] / sec["transformers"],
+                }
+        out[shape] = entry
+    return out
+
+
+def peer_decoders(hf: Any, ours: Any, prompts: Any, new_tokens: int) -> dict[str, Any]:
+    """Greedy decoding of `new_tokens` tokens after `prompts` (B, P) text ids, <eos> barred until then on
+    both sides: transformers' `generate` (its KV cache) and mmfusion's caption loop with its KV cache
+    (`CaptionDecoder.decode` of text-only prefix rows). Each returns the new ids (B, new_tokens)."""
+    import torch
+
+    from mmfusion.generation.caption import CaptionDecoder
+    from mmfusion.generation.settings import CaptionSampling
+    from mmfusion.model.sequence import SequenceBuilder
+
+    hf, ours = hf.eval(), ours.eval()
+    eos, width = PEER_SPECIALS["eos"], prompts.shape[1]
+    decoder = CaptionDecoder(ours, **PEER_SPECIALS)
+    rows = [SequenceBuilder(0).text(r, prompt=True).tensors() for r in prompts.tolist()]
+    settings = CaptionSampling(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=eos)
+
+    def transformers() -> Any:
+        with torch.inference_mode():
+            mask = torch.ones_like(prompts)
+            return hf.generate(prompts, attention_mask=mask, pad_token_id=eos, **kwargs)[:, width:].clone()
+
+    return {"transformers": transformers, "mmfusion": lambda: torch.tensor(decoder.decode(rows, settings))}
+
+
+def bench_peers_decode(quick: bool, shapes: dict | None = None) -> dict:
+    """Greedy text decoding with a KV cache, mmfusion's caption loop against transformers' `generate`,
+    same weights (`peer_models`), same prompts (8 random tokens per row), the same count of new tokens,
+    float32, in turn; with whether both decoded the same ids."""
+    import torch
+
+    shapes = shapes or {name: PEER_SHAPES[name] for name in (("small",) if quick else PEER_SHAPES)}
+    rows, new_tokens = (8, 16) if quick else (32, 32)
+    out: dict[str, Any] = {"threads": torch.get_num_threads(), "rows": rows, "prompt": 8, "new_tokens": new_tokens}
+    for shape, fields in shapes.items():
+        hf, ours = peer_models(fields)
+        prompts = torch.randint(5, PEER_VOCAB, (rows, 8), generator=torch.Generator().manual_seed(0))
+        fns = peer_decoders(hf, ours, prompts, new_tokens)
+        same = bool(torch.equal(fns["transformers"](), fns["mmfusion"]()))
+        sec = in_turn(fns, rounds=3 if quick else 7)
+        out[shape] = {
+            "parameters": hf.num_parameters(),
+            "shape": fields,
+            "same_ids": same,
+            **{f"{name}_tokens_per_s": rows * new_tokens / s for name, s in sec.items()},
+            "ratio": sec["mmfusion"] / sec["transformers"],  # time per token, mmfusion / transformers
+        }
+    return out
+
+
+def diffusers_loop(model: Any, diffusion: Any, settings: Any, conds: list, unconds: list, generators: list) -> Any:
+    """One-step (S = 1) sampling as a diffusers pipeline writes it: the scheduler's `set_timesteps`, then
+    at each timestep the network over the whole sequence (condition and all the noisy tokens, no KV
+    cache), classifier-free guidance over the conditional and unconditional rows, `scheduler.step`.
+    The noise is drawn as mmfusion's sampler draws it in raster order (one generator per image), so both
+    make the same images. Returns the image tokens (B, N, C)."""
+    import torch
+
+    from mmfusion.generation.common import guide
+    from mmfusion.model.masks import NOISY
+    from mmfusion.model.sequence import SequenceBuilder, collate, place_rows, row_index, select_rows
+
+    n, dim, b = model.cfg.num_image_tokens, model.cfg.image_token_dim, len(conds)
+    scheduler = diffusion.make_scheduler(settings.sampler)
+    scheduler.set_timesteps(settings.steps)
+    kwargs = {"eta": settings.eta} if settings.sampler == "ddim" else {}
+    zeros, grid, group = torch.zeros(n, dim), torch.arange(n), torch.zeros(n, dtype=torch.long)
+    with torch.inference_mode():
+        samples = [
+            SequenceBuilder(dim).text(p, prompt=True).image(zeros, grid, kind=NOISY, group=group).end_image().tensors()
+            for p in conds + unconds
+        ]
+        batch = collate(samples)
+        noisy = batch.kind == NOISY
+        rows = row_index(noisy)
+        x = torch.stack([torch.randn(n, dim, generator=g) for g in generators])
+        for t in scheduler.timesteps:
+            batch.values = place_rows(batch.values, rows, torch.cat([x, x]).flatten(0, 1))
+            batch.t = noisy * int(t)
+            pred = model.image_output(select_rows(model(batch), rows)).float().view(2 * b, n, dim)
+            pred = guide(pred, b, settings.cfg_scale)
+            if diffusion.prediction_type == "sample" and diffusion.clip_sample:
+                pred = pred.clamp(-1.0, 1.0)  # as mmfusion's sampler clips a guided x0
+            x = scheduler.step(pred, t, x, generator=generators, **kwargs).prev_sample
+    return x.clone()
+
+
+def peer_samplers(model: Any, images: int, settings: Any) -> dict[str, Any]:
+    """The two sides of `bench_peers_sampling` for `images` prompts: the diffusers loop and mmfusion's
+    NextTokenDiffusionSampler (KV cache for the condition), same model, settings and generators."""
+    import torch
+
+    from mmfusion.diffusion.config import DiffusionConfig
+    from mmfusion.generation.diffusion import NextTokenDiffusionSampler
+
+    conds = [[1, 10 + i % 50, 20, 30, 3] for i in range(images)]
+    unconds = [[1, 3]] * images
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(images)]  # noqa: E731
+    sampler = NextTokenDiffusionSampler(model, DiffusionConfig(), settings)
+    return {
+        "diffusers": lambda: diffusers_loop(model, DiffusionConfig(), settings, conds, unconds, gens()),
+        "mmfusion": lambda: sampler(conds, unconds, gens()),
+    }
+
+
+def bench_peers_sampling(quick: bool, cases: list[tuple[str, str, int, int]] | None = None) -> dict:
+    """One-step (S = 1) image sampling, CFG 3: mmfusion's sampler against the diffusers scheduler loop
+    driving the same network (`diffusers_loop`), in turn: DDIM 20 and DDPM 50 steps for the demo's
+    model (`small`, 16 pixel tokens per image), DDIM 20 at the paper's 256 tokens per image; with the
+    largest difference between the two sides' images, against their scale. `cases`: (model, sampler,
+    steps, images) each, instead of these (tests)."""
+    import torch
+
+    from mmfusion.generation.settings import DiffusionSampling
+
+    full = [("demo", "ddim", 20, 32), ("demo", "ddpm", 50, 32), ("paper", "ddim", 20, 4)]
+    cases = cases or ([("demo", "ddim", 5, 4), ("demo", "ddpm", 10, 4)] if quick else full)
+    models = {"demo": _sampling_model, "paper": lambda: _sampling_model(16, 16, dim=256, n_layers=6, n_heads=4)}
+    out: dict[str, Any] = {"threads": torch.get_num_threads()}
+    for model_name, sampler, steps, images in cases:
+        model = models[model_name]()
+        settings = DiffusionSampling(ar_steps=1, order="raster", sampler=sampler, steps=steps, cfg_scale=3.0)
+        fns = peer_samplers(model, images, settings)
+        ref, got = fns["diffusers"](), fns["mmfusion"]()
+        sec = in_turn(fns, rounds=3 if quick or model_name == "paper" else 5)
+        out[f"{model_name} {sampler} {steps}"] = {
+            "images": images,
+            "tokens_per_image": model.cfg.num_image_tokens,
+            "diffusers_s": sec["diffusers"],
+            "mmfusion_s": sec["mmfusion"],
+            "ratio": sec["mmfusion"] / sec["diffusers"],
+            "max_abs_diff": float((ref - got).abs().max()),
+            "max_abs": float(ref.abs().max()),
+        }
+    return out
+
+
 BENCHES = {
     "matmul": bench_matmul,
     "train_tiny": lambda quick: bench_train("tiny", quick),
@@ -742,6 +993,9 @@ BENCHES = {
     "caption": bench_caption,
     "token_shuffle": bench_token_shuffle,
     "attention": bench_attention,
+    "peers_train": bench_peers_train,
+    "peers_decode": bench_peers_decode,
+    "peers_sampling": bench_peers_sampling,
 }
 
 
@@ -1003,6 +1257,78 @@ def pipeline_rows(p: dict, f: Any) -> list[str]:
     return lines
 
 
+def _against_target(ratio: Any, limit: float) -> str:
+    """A ratio with whether it meets `limit`, or by how much it misses it."""
+    if not isinstance(ratio, (int, float)):
+        return "n/a"
+    return f"{ratio:.2f}x ({'met' if ratio <= limit else f'missed by {ratio / limit - 1:.0%}'})"
+
+
+def _shape_name(name: str, e: dict) -> str:
+    s = e.get("shape", {})
+    layers, heads = s.get("num_hidden_layers"), s.get("num_attention_heads")
+    return f"{name} ({s.get('hidden_size')} wide, {layers} layers, {heads} heads)"
+
+
+def _peers_train_rows(p: dict, f: Any) -> list[str]:
+    lines = [
+        "| training step: mmfusion against transformers' LlamaForCausalLM (same weights, SDPA, full rows of "
+        f"{p.get('row_tokens')} text tokens, fused AdamW, {p.get('threads')} threads) | params | tokens/step | "
+        "precision | transformers s | mmfusion s | mmfusion / transformers (target <= 1) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, e in p.items():
+        if not isinstance(e, dict) or "parameters" not in e:
+            continue
+        for prec in ("fp32", "fp32 compiled", "bf16", "bf16 compiled"):
+            if prec in e:
+                r = e[prec]
+                lines.append(
+                    f"| {_shape_name(name, e)} | {f(e['parameters'], ',')} | {e.get('tokens_per_step')} | {prec} | "
+                    f"{f(r.get('transformers_s'))} | {f(r.get('mmfusion_s'))} | "
+                    f"{_against_target(r.get('ratio'), 1.0)} |"
+                )
+    return [*lines, ""]
+
+
+def _peers_decode_rows(p: dict, f: Any) -> list[str]:
+    lines = [
+        "| greedy decoding with a KV cache: mmfusion's caption loop against transformers' `generate` "
+        f"({p.get('rows')} rows, {p.get('prompt')}-token prompts, {p.get('new_tokens')} new tokens, fp32, "
+        f"{p.get('threads')} threads) | params | transformers tokens/s | mmfusion tokens/s | "
+        "time per token, mmfusion / transformers (target <= 1) | same ids |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, e in p.items():
+        if isinstance(e, dict) and "parameters" in e:
+            lines.append(
+                f"| {_shape_name(name, e)} | {f(e['parameters'], ',')} | "
+                f"{f(e.get('transformers_tokens_per_s'), '.0f')} | {f(e.get('mmfusion_tokens_per_s'), '.0f')} | "
+                f"{_against_target(e.get('ratio'), 1.0)} | {'yes' if e.get('same_ids') else 'no'} |"
+            )
+    return [*lines, ""]
+
+
+def _peers_sampling_rows(p: dict, f: Any) -> list[str]:
+    lines = [
+        "| one-step sampling (S = 1, CFG 3): mmfusion's sampler (KV cache for the condition) against the diffusers "
+        f"scheduler loop over the whole sequence, same network ({p.get('threads')} threads) | images x tokens | "
+        "diffusers s | mmfusion s | mmfusion / diffusers (target <= 1.05) | images: max abs difference (max abs) |",
+        "|---|---|---|---|---|---|",
+    ]
+    names = {"demo": "the demo's model (`small`)", "paper": "256 tokens per image (256 wide, 6 layers)"}
+    for case, e in p.items():
+        if isinstance(e, dict) and "ratio" in e:
+            model, sampler, steps = case.split()
+            lines.append(
+                f"| {names.get(model, model)}, {sampler.upper()} {steps} steps | {e.get('images')} x "
+                f"{e.get('tokens_per_image')} | {f(e.get('diffusers_s'))} | {f(e.get('mmfusion_s'))} | "
+                f"{_against_target(e.get('ratio'), 1.05)} | {f(e.get('max_abs_diff'), '.1e')} "
+                f"({f(e.get('max_abs'), '.3g')}) |"
+            )
+    return [*lines, ""]
+
+
 TABLES = {  # the tables after matmul and training, in their order on the page
     "pipeline": pipeline_rows,
     "sampling": _sampling_rows,
@@ -1011,6 +1337,9 @@ TABLES = {  # the tables after matmul and training, in their order on the page
     "caption": _caption_rows,
     "token_shuffle": _token_shuffle_rows,
     "attention": _attention_rows,
+    "peers_train": _peers_train_rows,
+    "peers_decode": _peers_decode_rows,
+    "peers_sampling": _peers_sampling_rows,
 }
 
 

@@ -245,3 +245,99 @@ def test_pipeline_times_both_paths_in_turn_and_renders_them():
     r = {"date": "d", "machine": {"cores": 2, "cpu": "c", "torch": "t"}, "pipeline": out}
     table = render_markdown(r)
     assert "decoded rows, whole-batch layout" in table and "rows read one by one" in table
+
+
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+
+
+def test_peer_training_steps_compute_the_same_loss_and_gradients():
+    """Both sides of `peers_train` do the same work: mmfusion's objective on the TokenBatch and
+    transformers' causal-LM loss on the ids give the same loss and the same gradient for every weight
+    (mapped by name), and a step of each (`_train_step`) leaves the same weights."""
+    from mmfusion.model.hf import state_dict_from_hf
+
+    hf, ours = bench.peer_models(TINY_LLAMA, vocab=97)
+    ids, batch, obj = bench.peer_text_batch(ours, rows=3, length=24)
+    assert bool(batch.valid().all()) and int((batch.labels != -100).sum()) == 3 * 23
+    hf_loss, our_loss = bench.HFCausalLoss.loss(hf, ids)["loss"], obj.loss(ours, batch)["loss"]
+    torch.testing.assert_close(our_loss, hf_loss, atol=1e-5, rtol=1e-5)
+    hf_loss.backward()
+    our_loss.backward()
+    ours_params = dict(ours.named_parameters())
+    hf_grads = state_dict_from_hf({name: p.grad for name, p in hf.named_parameters()})
+    assert len(hf_grads) == 2 + 9 * 2 + 1  # embedding, head, 9 weights per layer (2 layers), final norm
+    for name, grad in hf_grads.items():
+        torch.testing.assert_close(ours_params[name].grad, grad, atol=1e-5, rtol=1e-4)
+    for model in (hf, ours):
+        model.zero_grad()
+    bench._train_step(hf, bench.HFCausalLoss, ids, None)()
+    bench._train_step(ours, obj, batch, None)()
+    for name, weight in state_dict_from_hf(hf.state_dict()).items():
+        torch.testing.assert_close(ours.state_dict()[name], weight, atol=1e-5, rtol=1e-4)
+
+
+def test_peer_decoders_decode_the_same_ids():
+    """mmfusion's caption loop on a text-only prefix and transformers' `generate` decode the same greedy
+    ids, as many as asked on both sides (<eos> barred until then, though a random model favours it)."""
+    hf, ours = bench.peer_models(TINY_LLAMA, vocab=97)
+    with torch.no_grad():
+        ours.lm_head.weight[bench.PEER_SPECIALS["eos"]] += 0.5  # <eos> the likeliest token nearly everywhere
+        hf.lm_head.weight.copy_(ours.lm_head.weight)
+    prompts = torch.randint(5, 97, (4, 6), generator=torch.Generator().manual_seed(1))
+    fns = bench.peer_decoders(hf, ours, prompts, new_tokens=12)
+    ref, got = fns["transformers"](), fns["mmfusion"]()
+    assert ref.shape == got.shape == (4, 12)
+    assert torch.equal(got, ref)
+    assert not (got == bench.PEER_SPECIALS["eos"]).any()
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_diffusers_loop_samples_the_images_of_mmfusions_sampler(sampler):
+    """The plain diffusers loop of `peers_sampling` (the whole sequence each step, no cache) and mmfusion's
+    sampler (the condition cached) make the same images from the same generators: the same work."""
+    from mmfusion.generation.settings import DiffusionSampling
+
+    model = bench._sampling_model(grid=4, token_dim=8, dim=64, n_layers=2, n_heads=2)
+    settings = DiffusionSampling(ar_steps=1, order="raster", sampler=sampler, steps=6, cfg_scale=3.0)
+    fns = bench.peer_samplers(model, 3, settings)
+    ref, got = fns["diffusers"](), fns["mmfusion"]()
+    assert ref.shape == got.shape == (3, 16, 8)
+    torch.testing.assert_close(got, ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-4)
+    # another seed makes other images: the comparison is not of two constant outputs
+    assert (fns["diffusers"]() - ref).abs().max() == 0
+    assert not torch.allclose(bench.diffusers_loop(model, *_loop_args(settings, seed=5)), ref)
+
+
+def _loop_args(settings, seed):
+    from mmfusion.diffusion.config import DiffusionConfig
+
+    conds, unconds = [[1, 10 + i, 20, 30, 3] for i in range(3)], [[1, 3]] * 3
+    return DiffusionConfig(), settings, conds, unconds, [torch.Generator().manual_seed(seed + i) for i in range(3)]
+
+
+def test_peer_items_run_quick_and_render_their_tables():
+    """The three peer items (quick, with a tiny backbone where they take one) return the fields their
+    tables read, and each table shows its rows with the ratio against its target."""
+    train = bench.bench_peers_train(True, shapes={"tiny": TINY_LLAMA}, compiled=False)
+    e = train["tiny"]["fp32"]
+    assert e["transformers_s"] > 0 and e["mmfusion_s"] > 0 and e["ratio"] == e["mmfusion_s"] / e["transformers_s"]
+    assert train["tiny"]["tokens_per_step"] == 2 * bench.PACK_LENGTH
+    decode = bench.bench_peers_decode(True, shapes={"tiny": TINY_LLAMA})
+    assert decode["tiny"]["same_ids"] and decode["tiny"]["mmfusion_tokens_per_s"] > 0
+    sampling = bench.bench_peers_sampling(True, cases=[("demo", "ddim", 3, 2), ("demo", "ddpm", 4, 2)])
+    assert {"demo ddim 3", "demo ddpm 4"} <= set(sampling)
+    for case in ("demo ddim 3", "demo ddpm 4"):
+        s = sampling[case]
+        assert s["ratio"] == s["mmfusion_s"] / s["diffusers_s"] and s["max_abs_diff"] < 1e-4 * s["max_abs"]
+    machine = {"cores": 2, "cpu": "c", "torch": "t"}
+    text = bench.render_markdown(
+        {"date": "d", "machine": machine, "peers_train": train, "peers_decode": decode, "peers_sampling": sampling}
+    )
+    assert f"| tiny (64 wide, 2 layers, 4 heads) | {train['tiny']['parameters']:,} | 128 | fp32 |" in text
+    assert f"{e['ratio']:.2f}x (" in text and "| yes |" in text and "DDPM 4 steps | 2 x 16 |" in text
+    assert "n/a" not in text
+
+
+def test_against_target_says_by_how_much_a_ratio_misses():
+    assert bench._against_target(0.9, 1.0) == "0.90x (met)"
+    assert bench._against_target(1.26, 1.05) == "1.26x (missed by 20%)"

@@ -56,8 +56,20 @@ class CaptionDecoder:
         """Caption ids (without specials) for image tokens (B, N, C)."""
         if settings.method == "beam":
             return self._beam(tokens, settings)
-        b = tokens.shape[0]
-        rows = self._prefix_rows(tokens)
+        return self.decode(self._prefix_rows(tokens), settings, generators, use_cache)
+
+    @inference
+    def decode(
+        self,
+        rows: list[dict[str, torch.Tensor]],
+        settings: CaptionSampling = CaptionSampling(),
+        generators: list[torch.Generator] | None = None,
+        use_cache: bool = True,
+    ) -> list[list[int]]:
+        """Greedy or nucleus decoding of text after prefix `rows` (`SequenceBuilder.tensors()` of equal
+        length, ending where the text starts): the captioning loop, which a text-only prefix also runs
+        (benchmarks/bench.py times it against transformers' `generate` that way)."""
+        b, dim = len(rows), rows[0]["values"].shape[-1]
         prefix = collate(rows)
         position = int(prefix.position_ids[0, -1]) + 1
         cache = self.model.new_cache() if use_cache else None
@@ -72,10 +84,10 @@ class CaptionDecoder:
             nxt = torch.where(done, torch.full_like(nxt, self.eos), nxt)
             out = torch.cat([out, nxt[:, None]], 1)
             done |= nxt == self.eos
-            if done.all():
+            if done.all() or step + 1 == settings.max_new_tokens:  # no pass for a token nobody reads
                 break
             if use_cache:
-                h = self.model(self._step_batch(nxt, position + step, tokens.shape[-1]), cache, store=True)
+                h = self.model(self._step_batch(nxt, position + step, dim), cache, store=True)
                 logits = self.model.text_logits(h[:, -1])
             else:
                 full = collate([_extend(r, out[i].tolist(), position) for i, r in enumerate(rows)])

@@ -95,3 +95,20 @@ def test_min_new_tokens_holds_back_eos_in_every_method(method):
     assert decoder(tokens, CaptionSampling(**settings), _gens(3)) == [[], [], []]
     lengths = [len(c) for c in decoder(tokens, CaptionSampling(**settings, min_new_tokens=5), _gens(3))]
     assert lengths == [5, 5, 5]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_decoding_runs_no_pass_after_the_last_token(decoder, use_cache):
+    """N new tokens take N passes (the prefix's, then one per token that is read): the loop once ran one
+    more after the last token and threw its logits away. The ids are the uncached reference's, as before
+    (the pass left out never reached them)."""
+    tokens = torch.randn(2, 16, 12)
+    s = CaptionSampling(max_new_tokens=7, min_new_tokens=7)
+    model, passes = decoder.model, []
+    hook = model.register_forward_hook(lambda *_: passes.append(1))
+    try:
+        ids = decoder(tokens, s, use_cache=use_cache)
+    finally:
+        hook.remove()
+    assert len(passes) == 7 and all(len(c) == 7 for c in ids)
+    assert ids == decoder(tokens, s, use_cache=not use_cache)
