@@ -149,6 +149,7 @@ def check_lr_schedule(schedule: str, decay_fraction: float) -> None:
 # Lightning's precision names (and their short forms) and the strategies mmfusion sets up
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32", "bf16", "16", "64")
 STRATEGIES = ("auto", "ddp", "fsdp")
+LOGGERS = ("csv", "tensorboard", "wandb")
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,14 @@ class TrainConfig:
     log_every_n_steps: int = 25  # steps between logged losses (csv or TensorBoard)
     checkpoint_every_n_steps: int = 500  # steps between checkpoints (RUN/checkpoints/last.ckpt, for --resume)
     keep_all_checkpoints: bool = False  # keep one checkpoint per interval instead of only the last
-    logger: str = "csv"  # csv | tensorboard
+    logger: str = "csv"  # csv | tensorboard | wandb (the optional wandb package; WANDB_MODE=offline needs no network)
+    # steps between validation checks: the loss on data.val_split and, with a tensorboard or wandb logger,
+    # samples for the captions of validation images and captions of those images; 0: no validation
+    val_every_n_steps: int = 0
+    val_batches: int = 2  # batches of the validation split whose loss each check averages
+    # validation images per check whose first caption is sampled as a prompt and which are captioned, for the
+    # logger's samples; 0: none
+    val_samples: int = 4
     threads: int | None = None  # torch CPU threads (default: torch's choice)
     max_nonfinite: int = 20  # stop after this many non-finite losses in a row (each is skipped)
     init_from_llm: str | None = None  # a Hugging Face LLaMA / Qwen2 / Qwen3 folder: backbone, text weights, tokenizer
@@ -193,7 +201,14 @@ class TrainConfig:
         minutes = self.max_time_minutes
         check(
             [
-                (self.logger in ("csv", "tensorboard"), "logger", f"must be csv or tensorboard, got {self.logger!r}"),
+                (self.logger in LOGGERS, "logger", f"must be one of {', '.join(LOGGERS)}, got {self.logger!r}"),
+                (
+                    self.val_every_n_steps >= 0,
+                    "val_every_n_steps",
+                    f"must not be negative, got {self.val_every_n_steps}",
+                ),
+                (self.val_batches >= 1, "val_batches", f"must be at least 1, got {self.val_batches}"),
+                (self.val_samples >= 0, "val_samples", f"must not be negative, got {self.val_samples}"),
                 (  # 0 would mean no limit at all
                     minutes is None or minutes > 0,
                     "max_time_minutes",

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from mmfusion.config import DataConfig
 from mmfusion.data.datasets import load_captioned
 from mmfusion.data.shapes import build_shapes
-from mmfusion.errors import UserError
+from mmfusion.errors import ConfigError, UserError
 from mmfusion.image_io import from_uint8, to_uint8
 from mmfusion.tokenizers.text import TextTokenizer, clean_text
 
@@ -333,14 +333,14 @@ class MMFusionDataModule(L.LightningDataModule):
                 self.tokenizer = TextTokenizer.train(texts, self.cfg.vocab_size, self.cfg.max_text_len)
         return self.tokenizer
 
-    def dataset(self, split: str, progress: bool = False) -> CaptionedImages | DecodedRows:
-        """The split's rows: decoded into tensors once (`DecodedRows`) when they fit in
-        `data.cache_mb`, else read and decoded row by row on every pass."""
+    def dataset(self, split: str, progress: bool = False, rows: int | None = None) -> CaptionedImages | DecodedRows:
+        """The split's rows (its first `rows` when given): decoded into tensors once (`DecodedRows`) when
+        they fit in `data.cache_mb`, else read and decoded row by row on every pass."""
         data = self.load()
         if split not in data:
             raise UserError(f"split {split!r} not in the data set (it has: {', '.join(data)}); set data.train_split")
         tok = self.text_tokenizer() if self.need_text else None
-        ds = data[split]
+        ds = data[split] if rows is None else data[split].select(range(min(rows, len(data[split]))))
         rows = CaptionedImages(ds, tok, self.image_size, self.cfg.max_text_len, resize=self.cfg.resize)
         if self.row_bytes(ds) * len(ds) > self.cfg.cache_mb * 2**20:
             return rows
@@ -351,6 +351,22 @@ class MMFusionDataModule(L.LightningDataModule):
         if "tokens" in ds.column_names and len(ds):
             return 4 * int(np.asarray(ds[0]["tokens"]).size)
         return 3 * self.image_size * self.image_size
+
+    def val_dataloader(self) -> DataLoader:
+        """The first `batches` batches of the validation split, the same rows at every check."""
+        trainer = getattr(self, "trainer", None)
+        batches = trainer.limit_val_batches if trainer is not None else 2
+        split, data = self.cfg.val_split, self.load()
+        if split not in data:
+            raise ConfigError(
+                "data.val_split",
+                f"{split!r} is not a split of the data (it has: {', '.join(data)}): name the held-out split, "
+                "or train without validation (train.val_every_n_steps=0)",
+            )
+        size = self.cfg.process_batch(trainer.world_size if trainer is not None else 1)
+        ds = self.dataset(split, rows=int(batches) * size)
+        order = [list(range(start, min(start + size, len(ds)))) for start in range(0, len(ds), size)]
+        return DataLoader(ds, batch_sampler=order, collate_fn=collate_items)
 
     def train_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)

@@ -14,9 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from mmfusion.errors import Stopped
+from mmfusion.image_io import make_grid
+from mmfusion.pipeline import MMFusion
 from mmfusion.training.module import find_callback
 
 
@@ -211,3 +215,45 @@ def lightning_warnings_filtered() -> Iterator[None]:
         )
         warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
         yield
+
+
+class ValidationSamples(L.Callback):
+    """After each validation check, with a logger that shows images (TensorBoard, wandb): images sampled
+    (the EMA weights, the model's own sampler settings, seeds 0..n-1) from the first caption of the first
+    `n` validation images, beside those images, and the captions the model gives them. Said by rank 0."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not self.n or not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        rows = self._rows(trainer)
+        if rows is None:
+            return
+        pipe = MMFusion.from_module(module)
+        real = [r["image"].convert("RGB") for r in rows]
+        refs = [r["captions"][0] for r in rows]
+        made = pipe.generate(refs, seed=0) if pipe.condition == "text" else []
+        said = pipe.caption(real) if pipe.condition == "text" else []
+        grid = np.asarray(make_grid([*real, *made], cols=len(real), scale=2))  # real row, then sampled
+        lines = [f"- {ref} -> {' '.join(cap.split())}" for ref, cap in zip(refs, said)]  # one line each
+        log_image_and_text(trainer.logger, "val/samples", grid, "val/captions", "\n".join(lines), trainer.global_step)
+
+    def _rows(self, trainer: L.Trainer) -> list[dict[str, Any]] | None:
+        data = trainer.datamodule.load()[trainer.datamodule.cfg.val_split]
+        if "image" not in data.column_names:  # tokens encoded ahead of time: no images to show
+            return None
+        return [data[i] for i in range(min(self.n, len(data)))]
+
+
+def log_image_and_text(logger: Any, image_tag: str, image: np.ndarray, text_tag: str, text: str, step: int) -> None:
+    """An HWC uint8 image and a text under their tags, for the loggers that show them."""
+    if isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_image(image_tag, image, step, dataformats="HWC")
+        if text:
+            logger.experiment.add_text(text_tag, text, step)
+    elif type(logger).__name__ == "WandbLogger":
+        logger.log_image(key=image_tag, images=[image], step=step)
+        if text:
+            logger.log_text(key=text_tag, columns=["captions"], data=[[text]], step=step)

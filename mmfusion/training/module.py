@@ -23,6 +23,7 @@ from mmfusion.tokenizers.text import TextTokenizer
 from mmfusion.training.objective import JointObjective
 from mmfusion.training.sharded import UsedWeights, init_optimizer_state, is_sharded, shard_model
 
+VALIDATION_SEED = 987_654_321  # validation rows draw from generators of their own, apart from training's
 TIME_SYNC_EVERY = 10  # steps between updates of the LR schedule's time progress
 
 
@@ -132,14 +133,29 @@ class MMFusionModule(L.LightningModule):
         self.log_dict({f"train/{k}": math.nan for k in terms} | measured, prog_bar=True, batch_size=batch["size"])
         return losses["loss"]
 
-    def token_batch(self, batch: dict[str, Any]) -> TokenBatch:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """The joint loss of a validation batch, with the same draws (caption, AR steps, order, t, noise)
+        at every check: each row's generator is seeded by (seed, row) alone. The live weights, as training
+        logs its loss."""
+        if batch["size"] == 0:
+            return
+        gens = [
+            torch.Generator().manual_seed(VALIDATION_SEED + self.cfg.train.seed * 1_000_003 + int(i))
+            for i in batch["index"]
+        ]
+        losses = self.objective.loss(self.model, self.token_batch(batch, gens).to(self.device))
+        terms = [k for k in ("image_loss", "text_loss", "loss") if k in losses and torch.isfinite(losses[k])]
+        self.log_dict({f"val/{k}": losses[k].detach() for k in terms}, batch_size=batch["size"], sync_dist=True)
+
+    def token_batch(self, batch: dict[str, Any], generators: list[torch.Generator] | None = None) -> TokenBatch:
         """The objective's training batch of a loader batch: flipped images (with `data.hflip`), image
-        tokens, one caption per row, all drawn from generators of (seed, step, row)."""
-        gens = self.sample_generators(batch["index"])
+        tokens, one caption per row, all drawn from generators of (seed, step, row) unless `generators`
+        (validation: no flips) are given."""
+        gens = generators or self.sample_generators(batch["index"])
         tokens = batch.get("tokens")
         if tokens is None:
             images = batch["images"]
-            if self.cfg.data.hflip:
+            if self.cfg.data.hflip and generators is None:
                 flip = torch.tensor([bool(torch.rand(1, generator=g) < 0.5) for g in gens], device=images.device)
                 images = torch.where(flip[:, None, None, None], images.flip(-1), images)
             tokens = self.image_tokenizer.encode(images)

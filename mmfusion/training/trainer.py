@@ -3,6 +3,7 @@ process strategy (DDP, FSDP, SLURM), callbacks, logger and checkpoints, from a R
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -13,9 +14,15 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from mmfusion.config import RunConfig
-from mmfusion.errors import UserError
+from mmfusion.errors import ConfigError, UserError
 from mmfusion.runtime import matmul_gflops
-from mmfusion.training.callbacks import StopOnSigterm, ThroughputLog, interrupt_notice, step_progress_bar
+from mmfusion.training.callbacks import (
+    StopOnSigterm,
+    ThroughputLog,
+    ValidationSamples,
+    interrupt_notice,
+    step_progress_bar,
+)
 from mmfusion.training.checkpoint import AtomicCheckpointIO
 from mmfusion.training.sharded import ShardedDataParallel
 
@@ -65,8 +72,7 @@ def fsdp_strategy(t: Any) -> Any:
 def build_trainer(
     cfg: RunConfig, out: Path, precision: str, extra_callbacks: list | None = None, enable_checkpointing: bool = True
 ) -> L.Trainer:
-    from lightning.pytorch.callbacks import ModelCheckpoint, Timer
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Timer
 
     t = cfg.train
     every = min(t.log_every_n_steps, t.max_steps)  # a shorter run than the interval: Lightning warns
@@ -86,12 +92,32 @@ def build_trainer(
                 auto_insert_metric_name=False,
             )
         )
-    callbacks += extra_callbacks or []
-    logger = TensorBoardLogger(out, name="logs") if t.logger == "tensorboard" else CSVLogger(out, name="logs")
+    callbacks += [LearningRateMonitor(logging_interval="step"), *(extra_callbacks or [])]
+    if t.val_every_n_steps:
+        callbacks.append(ValidationSamples(t.val_samples))
+    logger = make_logger(t.logger, out)
     try:
         return _trainer(t, out, precision, callbacks, logger, enable_checkpointing, every)
     except (MisconfigurationException, ValueError) as err:  # Lightning refusing a setting: one line
         raise UserError(f"train: {err}") from err
+
+
+def make_logger(kind: str, out: Path) -> Any:
+    """Lightning's CSV, TensorBoard or wandb logger, writing under OUT (wandb: `WANDB_MODE=offline` logs
+    with no network; the package is optional)."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    if kind == "tensorboard":
+        return TensorBoardLogger(out, name="logs")
+    if kind != "wandb":
+        return CSVLogger(out, name="logs")
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError("train.logger", "wandb needs the wandb package: pip install 'mmfusion[wandb]'")
+    from lightning.pytorch.loggers import WandbLogger
+
+    return WandbLogger(
+        save_dir=str(out), name=out.name, project="mmfusion", offline=os.environ.get("WANDB_MODE") == "offline"
+    )
 
 
 def _trainer(
@@ -114,7 +140,9 @@ def _trainer(
         enable_model_summary=False,
         default_root_dir=out,
         num_sanity_val_steps=0,
-        limit_val_batches=0,
+        limit_val_batches=t.val_batches if t.val_every_n_steps else 0,
+        val_check_interval=t.val_every_n_steps or None,
+        check_val_every_n_epoch=None,
         max_epochs=-1,
         use_distributed_sampler=False,  # StepBatchSampler shards the global batch itself
     )
