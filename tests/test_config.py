@@ -44,7 +44,7 @@ def test_overrides_and_types():
         (["objective.baseline=foo"], r"objective\.baseline: must be one of causalfusion, transfusion"),
         (["objective.condition=image"], r"objective\.condition: must be one of text, class"),
         (["objective.condition=class"], r"objective\.condition: class needs model\.num_classes > 0"),
-        (["train.logger=wandb"], r"train\.logger: must be csv or tensorboard"),
+        (["train.logger=mlflow"], r"train\.logger: must be one of csv, tensorboard, wandb, got 'mlflow'"),
         (["train.max_time_minutes=0"], r"train\.max_time_minutes: must be positive"),  # 0 ran without a limit
         (["train.max_steps=0"], r"train\.max_steps: must be at least 1"),
         (["objective.caption_ar_steps=0"], r"objective\.caption_ar_steps: must be at least 1"),
