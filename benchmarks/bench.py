@@ -16,6 +16,8 @@ came from an earlier run): the figures of one table always come from one run. Me
 * training throughput (tokens/s) and model-FLOPs utilisation of the `tiny` and `small` configs, in
   fp32 and bf16: eager, compiled (`train.compile`), compiled on packed rows (`objective.pack_length`),
   and that last in 2 data-parallel processes sharing the cores (DDP, as the demo trains);
+* training MFU as the model widens: `small`'s 4 layers at dim 128, 256 and 512 (heads of 64; 128 and 256
+  with --quick), fp32 and bf16, compiled on packed rows, each against the peak of its precision measured in turn;
 * CausalFusion sampling time for S = 1, 4, 16 AR steps, with and without the KV cache, for the demo's
   model (16 tokens per image), cached S = 16 against S = 1 for that model at 32, 128 and 512 images
   per batch, and, cached, for a wider model at the paper's 256 tokens per image; for cached S = 1 and
@@ -248,10 +250,10 @@ def bench_matmul(quick: bool) -> dict:
     }
 
 
-def _train_setup(preset: str, rank: int = 0, world: int = 1) -> tuple:
+def _train_setup(preset: str, rank: int = 0, world: int = 1, **overrides: Any) -> tuple:
     """The training benchmark's data: 64 shapes samples (this process's share of them when `world`
     processes split the batch), padded one per row and packed into rows of PACK_LENGTH, with the model
-    config and the objective. Returns (cfg, objective, {pack_length: TokenBatch})."""
+    config (the preset with `overrides`) and the objective. Returns (cfg, objective, {pack_length: TokenBatch})."""
     import torch
 
     from mmfusion.config import ObjectiveConfig
@@ -265,7 +267,7 @@ def _train_setup(preset: str, rank: int = 0, world: int = 1) -> tuple:
     tok = tiny_tokenizer()
     pix = PixelTokenizer(ImageTokenizerConfig(image_size=32, patch_size=8))
     cfg = ModelConfig.from_name(
-        preset, vocab_size=len(tok), image_token_dim=pix.token_dim, image_grid=pix.grid, image_rope=True
+        preset, vocab_size=len(tok), image_token_dim=pix.token_dim, image_grid=pix.grid, image_rope=True, **overrides
     )
     images, caps = shapes_images(TRAIN_BATCH)
     share = slice(rank * TRAIN_BATCH // world, (rank + 1) * TRAIN_BATCH // world)
@@ -434,14 +436,61 @@ def bench_train(preset: str, quick: bool) -> dict:
                 peak = rows[name + " compiled packed"][4]
                 rows[name + DDP_ROW] = (ddp["step_s"], ddp["flops"], ddp["tokens"], ddp["rank0_peak_rss_mb"], peak)
         for key, (sec, work, count, rss, peak) in rows.items():
-            out[key] = {
-                "step_s": sec,
-                "tokens_per_s": count / sec,
-                "achieved_gflops": work / sec / 1e9,
-                "matmul_peak_gflops": peak,
-                "mfu": work / sec / 1e9 / peak,
-                **({"peak_rss_mb_per_process": rss} if rss is not None else {}),
-            }
+            out[key] = _rates(sec, work, count, peak)
+            if rss is not None:
+                out[key]["peak_rss_mb_per_process"] = rss
+    return out
+
+
+def _rates(sec: float, flops: float, tokens: int, peak: float) -> dict:
+    """A training row: step seconds, tokens/s, achieved GFLOP/s, the matmul peak measured with it, MFU."""
+    return {
+        "step_s": sec,
+        "tokens_per_s": tokens / sec,
+        "achieved_gflops": flops / sec / 1e9,
+        "matmul_peak_gflops": peak,
+        "mfu": flops / sec / 1e9 / peak,
+    }
+
+
+WIDTHS = (128, 256, 512)  # train_width: 4 layers, heads of 64 channels; 128 is the `small` preset
+HEAD_DIM = 64
+
+
+def bench_train_width(quick: bool, widths: tuple[int, ...] = (), compiled: bool = True) -> dict:
+    """MFU as the model widens: the `small` preset (4 layers) at each of `widths`, with heads of 64
+    channels (SwiGLU 8/3 x dim), trained on the `train_small` data (64 samples packed into rows of
+    PACK_LENGTH) with compiled blocks, in fp32 and in bf16 autocast, each against the matmul peak of its
+    precision measured in turn with its steps (the first two widths with `quick`). `compiled` False times
+    eager steps (tests)."""
+    import torch
+
+    from mmfusion.model.multimodal import MMFusionModel
+    from mmfusion.runtime import bf16_native
+    from mmfusion.training.module import compile_blocks
+
+    precisions: list[tuple[str, Any]] = [("fp32", None)]
+    if bf16_native()[0]:
+        precisions.append(("bf16", torch.bfloat16))
+    out: dict[str, Any] = {"layers": 4, "head_dim": HEAD_DIM, "batch": TRAIN_BATCH, "compiled": compiled}
+    out["threads"] = torch.get_num_threads()
+    for dim in widths or (WIDTHS[:2] if quick else WIDTHS):
+        cfg, obj, batches = _train_setup("small", dim=dim, n_heads=dim // HEAD_DIM)
+        flops, tokens = model_flops(cfg, batches[0]), int(batches[0].valid().sum())
+        row: dict[str, Any] = {"parameters": MMFusionModel(cfg).num_parameters(), "model_gflops_per_step": flops / 1e9}
+        row["tokens_per_step"] = tokens
+        for name, dtype in precisions:
+            torch.manual_seed(0)
+            model = MMFusionModel(cfg)
+            if compiled and not compile_blocks(model):
+                row[name] = {"skipped": "no C++ compiler"}
+                continue
+            step = _train_step(model, obj, batches[PACK_LENGTH], dtype)
+            sec, peak = timed_against_peak(
+                step, dtype or torch.float32, 2 if quick else 5, 2 if quick else 4, warmup=3 if compiled else 2
+            )
+            row[name] = _rates(sec, flops, tokens, peak)
+        out[f"dim={dim}"] = row
     return out
 
 
@@ -986,6 +1035,7 @@ BENCHES = {
     "matmul": bench_matmul,
     "train_tiny": lambda quick: bench_train("tiny", quick),
     "train_small": lambda quick: bench_train("small", quick),
+    "train_width": bench_train_width,
     "pipeline": bench_pipeline,
     "sampling": bench_sampling,
     "sampling_batch": bench_sampling_batch,
@@ -1232,6 +1282,34 @@ def _attention_rows(a: dict, f: Any) -> list[str]:
     return lines
 
 
+def train_width_rows(w: dict, f: Any) -> list[str]:
+    """The table of `bench_train_width`: MFU of each width and precision."""
+    lines = [
+        f"| training by width ({w.get('layers')} layers, heads of {w.get('head_dim')}, batch {w.get('batch')}, "
+        f"packed: rows of {PACK_LENGTH} tokens{', compiled' if w.get('compiled') else ''}, {w.get('threads')} "
+        f"thread{'s' if w.get('threads') != 1 else ''}) | params | "
+        "model GFLOP/step | precision | step s | tokens/s | achieved GFLOP/s | matmul peak | MFU |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, row in w.items():
+        if not key.startswith("dim="):
+            continue
+        for prec in ("fp32", "bf16"):
+            p = row.get(prec)
+            if not p:
+                continue
+            head = f"| {key} | {f(row.get('parameters'), ',')} | {f(row.get('model_gflops_per_step'))} | {prec} |"
+            if "skipped" in p:
+                lines.append(f"{head} skipped: {p['skipped']} | | | | |")
+                continue
+            lines.append(
+                f"{head} {f(p.get('step_s'))} | {f(p.get('tokens_per_s'), '.0f')} | "
+                f"{f(p.get('achieved_gflops'), '.0f')} | {f(p.get('matmul_peak_gflops'), '.0f')} | "
+                f"{f(p.get('mfu'), '.1%')} |"
+            )
+    return [*lines, ""]
+
+
 def pipeline_rows(p: dict, f: Any) -> list[str]:
     """The table of `bench_pipeline`: each path's samples/s and where its step goes."""
     head = (
@@ -1330,6 +1408,7 @@ def _peers_sampling_rows(p: dict, f: Any) -> list[str]:
 
 
 TABLES = {  # the tables after matmul and training, in their order on the page
+    "train_width": train_width_rows,
     "pipeline": pipeline_rows,
     "sampling": _sampling_rows,
     "sampling_batch": _sampling_batch_rows,

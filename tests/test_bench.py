@@ -341,3 +341,31 @@ def test_peer_items_run_quick_and_render_their_tables():
 def test_against_target_says_by_how_much_a_ratio_misses():
     assert bench._against_target(0.9, 1.0) == "0.90x (met)"
     assert bench._against_target(1.26, 1.05) == "1.26x (missed by 20%)"
+
+
+def test_train_width_times_each_width_and_precision_against_its_peak(monkeypatch):
+    """The width item reports a row per width and precision, each with its MFU against the peak measured
+    in turn with its steps; wider models have more parameters and FLOPs; the table shows every row."""
+    from mmfusion import runtime
+
+    monkeypatch.setattr(runtime, "bf16_native", lambda: (True, 1.0, 1.0))
+    monkeypatch.setattr(runtime, "matmul_gflops", lambda dtype, n, seconds: 100.0 if dtype == torch.float32 else 400.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # eager steps of small models on a shared machine's cores: 1 thread keeps them fast
+    try:
+        out = bench.bench_train_width(True, widths=(64, 128), compiled=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert out["layers"] == 4 and out["head_dim"] == 64 and not out["compiled"]
+    narrow, wide = out["dim=64"], out["dim=128"]
+    assert wide["parameters"] > narrow["parameters"] and wide["model_gflops_per_step"] > narrow["model_gflops_per_step"]
+    for row in (narrow, wide):
+        for prec, peak in (("fp32", 100.0), ("bf16", 400.0)):
+            e = row[prec]
+            assert e["step_s"] > 0 and e["matmul_peak_gflops"] == peak
+            assert math.isclose(e["achieved_gflops"], row["model_gflops_per_step"] / e["step_s"])
+            assert math.isclose(e["mfu"], e["achieved_gflops"] / peak)
+            assert math.isclose(e["tokens_per_s"], row["tokens_per_step"] / e["step_s"])
+    table = bench.render_markdown({"date": "d", "machine": {"cores": 2, "cpu": "c", "torch": "t"}, "train_width": out})
+    assert "training by width" in table and "| dim=128 |" in table and table.count("| bf16 |") == 2
+    assert "n/a" not in table

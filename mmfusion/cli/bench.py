@@ -26,7 +26,7 @@ def bench(*, quick: bool = False, only: list[str] | None = None, doc: bool = Tru
             and leaves the recorded tables alone
         only: run only this benchmark (repeat; the others' results are kept from the last run on this
             machine, torch and mode; where none carry over, only the items run get tables): matmul,
-            train_tiny, train_small, pipeline, sampling, sampling_batch, sampling_paper_tokens,
+            train_tiny, train_small, train_width, pipeline, sampling, sampling_batch, sampling_paper_tokens,
             caption, token_shuffle, attention, peers_train, peers_decode, peers_sampling
         doc: update the tables of docs/BENCHMARKS.md (--no-doc: write the JSON only)
     """
