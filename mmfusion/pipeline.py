@@ -36,7 +36,7 @@ from mmfusion.hub import (
     write_model_card,
 )
 from mmfusion.image_io import to_pil, to_tensor
-from mmfusion.model.adapters import merge_adapters
+from mmfusion.model.adapters import Adapters, AdapterSpec, parse_spec
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.model.prompts import Prompts
@@ -125,6 +125,7 @@ class MMFusion:
         self.training_data = training_data  # the data's name for the model card (mmfusion.hub.data_name)
         t = text_tokenizer
         self.prompts = Prompts(model.cfg, t.bos_id, t.boi_id)
+        self._adapters: Adapters | None = None  # LoRA adapters loaded and not fused (see `load_adapter`)
 
     # files --------------------------------------------------------------------------------
     @classmethod
@@ -149,6 +150,8 @@ class MMFusion:
         """Write the model folder: config.json, model.safetensors, tokenizer.json and the model card
         README.md, which shows `metrics` (name -> figure, or nested dicts of them) when given. A folder
         with its VAE / VQ model in `image_tokenizer/` (see `image_tokenizer_path`) is ready for the hub."""
+        if self._adapters is not None and self._adapters.model is self.model and self._adapters.names:
+            raise UserError("adapters are loaded but not fused: call fuse_adapters() before save_pretrained")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         config = {
@@ -179,7 +182,7 @@ class MMFusion:
         cls,
         folder: str | Path,
         device: str | torch.device = "auto",
-        adapters: list[str | Path] | None = None,
+        adapters: list[AdapterSpec] | None = None,
         dtype: str | torch.dtype | None = None,
         *,
         revision: str | None = None,
@@ -191,11 +194,12 @@ class MMFusion:
         ("cpu", "cuda", "cuda:1", or "auto": a GPU when there is one). A string naming an existing folder
         is that folder; otherwise it is a hub id, fetched at `revision` (branch, tag or commit hash) into
         the hub's cache (`cache_dir`, `token` as huggingface_hub takes them); offline (HF_HUB_OFFLINE=1
-        or `local_files_only`) it is read from the cache only. `adapters` (LoRA folders) are merged into
-        the float32 weights; `dtype` bfloat16 then casts them for inference (see `to_dtype`). The
-        samplers keep their state (noise, decoded ids) on the CPU, seeded there, and move each batch to
-        the model's device, so an image depends on its seed, not on where it was sampled (up to the
-        device's arithmetic)."""
+        or `local_files_only`) it is read from the cache only. `adapters` (LoRA folders, each a path,
+        "path:weight" or (path, weight); weight 1 by default) are fused into the float32 weights, as the sum
+        of their weighted deltas (see `load_adapter` to keep them apart and switch them); `dtype` bfloat16
+        then casts them for inference (see `to_dtype`). The samplers keep their state (noise, decoded ids)
+        on the CPU, seeded there, and move each batch to the model's device, so an image depends on its
+        seed, not on where it was sampled (up to the device's arithmetic)."""
         device = inference_device(device)
         folder = _model_folder(resolve_model(folder, revision, cache_dir, token, local_files_only))
         config = read_config(folder)
@@ -245,9 +249,66 @@ class MMFusion:
         self.model.to_dtype(dtype)
         return self
 
-    def load_adapters(self, adapters: list[str | Path]) -> MMFusion:
-        """Apply one or more LoRA adapters (folders from `mmfusion finetune`), merged into the weights."""
-        self.model = merge_adapters(self.model, adapters).eval()
+    def load_adapters(self, adapters: list[AdapterSpec]) -> MMFusion:
+        """Fuse one or more LoRA adapters (folders from `mmfusion finetune`; a path, "path:weight" or
+        (path, weight)) into the weights: W + sum of weight x delta. `from_pretrained(adapters=...)` calls it."""
+        for spec in adapters:
+            path, weight = parse_spec(spec)
+            self.load_adapter(path, weight=weight)
+        return self.fuse_adapters()
+
+    # adapters kept apart (as peft's and diffusers' LoRA loading) --------------------------
+    def _adapter_set(self) -> Adapters:
+        if self._adapters is None or self._adapters.model is not self.model:
+            self._adapters = Adapters(self.model)
+        return self._adapters
+
+    def load_adapter(self, path: str | Path, name: str | None = None, weight: float = 1.0) -> MMFusion:
+        """Load a LoRA adapter (a folder from `mmfusion finetune`) under `name` (default: the folder's name)
+        and add it at `weight` to the active adapters, unmerged: the base weights stay as they are, so
+        `set_adapters`, `disable_adapters` and `delete_adapter` switch without reloading. An adapter
+        trained on another base model is refused."""
+        self._adapter_set().load(path, name, weight)
+        return self
+
+    def set_adapters(
+        self, adapters: str | list[str] | dict[str, float], weights: list[float] | None = None
+    ) -> MMFusion:
+        """The active adapters and their weights: {"a": 0.7, "b": 0.3}, or names with `weights` (default 1
+        each); the others loaded stay loaded but rest. Outputs follow W + sum of weight x delta."""
+        names = [adapters] if isinstance(adapters, str) else list(adapters)
+        if not isinstance(adapters, dict):
+            weights = [1.0] * len(names) if weights is None else list(weights)
+            if len(weights) != len(names):
+                raise UserError(f"{len(names)} adapters and {len(weights)} weights: give one weight each")
+            adapters = dict(zip(names, weights))
+        self._adapter_set().set(dict(adapters))
+        return self
+
+    @property
+    def adapter_weights(self) -> dict[str, float]:
+        """The active adapters (name -> weight), empty when none is loaded or they are disabled."""
+        ad = self._adapters
+        return dict(ad.weights) if ad is not None and ad.model is self.model and ad.enabled else {}
+
+    def disable_adapters(self) -> MMFusion:
+        """Sample with the base model alone; `enable_adapters` brings the active adapters back."""
+        self._adapter_set().enable(False)
+        return self
+
+    def enable_adapters(self) -> MMFusion:
+        self._adapter_set().enable(True)
+        return self
+
+    def delete_adapter(self, name: str) -> MMFusion:
+        """Unload one adapter; the base weights are untouched."""
+        self._adapter_set().delete(name)
+        return self
+
+    def fuse_adapters(self) -> MMFusion:
+        """Add the active weighted combination of adapters to the weights and unload them (the base alone if
+        they are disabled): the model is plain again, and `save_pretrained` writes an ordinary model folder."""
+        self._adapter_set().fuse()
         return self
 
     # generation ---------------------------------------------------------------------------

@@ -23,7 +23,8 @@ SHARED_HELP = {
     "dtype": "weights' dtype for sampling and captioning; bfloat16 halves the backbone's memory and samples "
     "large models faster on CPUs with native bf16 (AMX); small models gain little (docs/BENCHMARKS.md)",
     "device": "cpu, cuda, cuda:N, or auto (a GPU when there is one)",
-    "adapter": "a LoRA adapter folder from `mmfusion finetune` (repeat for several; they are merged)",
+    "adapter": "PATH[:WEIGHT]: a LoRA adapter folder from `mmfusion finetune`, at WEIGHT (default 1); repeat for "
+    "several: their weighted deltas add up, e.g. --adapter A:0.7 --adapter B:0.3",
     "model": "a model folder (config.json, model.safetensors, tokenizer.json) or a hub model id (owner/name; "
     "with HF_HUB_OFFLINE=1 read from the hub's cache only)",
     "revision": "with a hub model id as --model: its branch, tag or commit hash (default: main)",

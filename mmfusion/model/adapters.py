@@ -1,23 +1,194 @@
-"""Saved LoRA adapters (peft folders from `mmfusion finetune`) folded into a model for sampling."""
+"""Saved LoRA adapters (peft folders from `mmfusion finetune`) on a model for sampling: several at once,
+each with a weight, switched or disabled without reloading the base, or fused into its weights.
+
+The weighted combination is W + sum_i w_i * scaling_i * B_i A_i: every adapter is active at once in peft
+(`set_adapter([...])`), each with its LoRA scale multiplied by its weight (`set_scale`), so the forward
+pass adds the scaled deltas and fusing (`merge_and_unload`) adds exactly the same deltas to the weights.
+(peft's `add_weighted_adapter(combination_type="linear")` would not: it mixes A and B matrices, which
+brings in cross terms.) An adapter folder records the base it was trained on (`mmfusion_adapter.json`,
+a fingerprint of the base's config and weights); it is refused by another base.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from mmfusion.errors import UserError
 
+RECORD = "mmfusion_adapter.json"
+AdapterSpec = str | Path | tuple[str | Path, float]
 
-def merge_adapters(model: nn.Module, adapters: Sequence[str | Path]) -> nn.Module:
-    """Fold one or more saved adapters into the weights of `model` (their deltas add up)."""
-    for path in adapters:
-        path = Path(path)
-        if not (path / "adapter_config.json").is_file():
+
+def base_fingerprint(model: nn.Module) -> str:
+    """A short hash of a model's config and of the first values of each of its tensors, rounded to bfloat16
+    so a base cast to bfloat16 for sampling keeps its fingerprint. Take it before adapters are added."""
+    digest = hashlib.sha256(json.dumps(model.cfg.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        head = tensor.detach().flatten()[:64].to("cpu", torch.bfloat16).view(torch.int16)
+        digest.update(name.encode() + head.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def write_record(folder: str | Path, fingerprint: str, base: str) -> None:
+    """Note in an adapter folder which base (`base`, as the user named it, and its fingerprint) it was trained on."""
+    record = {"base_model": base, "base_fingerprint": fingerprint}
+    (Path(folder) / RECORD).write_text(json.dumps(record, indent=2))
+
+
+def check_base(folder: Path, fingerprint: str) -> None:
+    """Refuse an adapter trained on another base; an adapter without a record (older) only warns."""
+    record = folder / RECORD
+    if not record.is_file():
+        warnings.warn(
+            f"{folder} does not record the base model it was trained on (made before mmfusion recorded it): "
+            "it cannot be checked against this model",
+            stacklevel=3,
+        )
+        return
+    saved = json.loads(record.read_text())
+    if saved.get("base_fingerprint") != fingerprint:
+        raise UserError(
+            f"adapter {folder} was trained on another base model ({saved.get('base_model')}, fingerprint "
+            f"{saved.get('base_fingerprint')}), not this one (fingerprint {fingerprint}): load it onto the "
+            "model it was fine-tuned from"
+        )
+
+
+def parse_spec(spec: AdapterSpec) -> tuple[Path, float]:
+    """`PATH`, `PATH:WEIGHT` or (PATH, WEIGHT) -> (folder, weight); a plain path weighs 1.0."""
+    if isinstance(spec, tuple):
+        path, weight = spec
+    elif isinstance(spec, Path) or ":" not in spec or Path(spec).exists():
+        path, weight = spec, 1.0
+    else:
+        path, _, text = spec.rpartition(":")
+        try:
+            weight = float(text)
+        except ValueError:
             raise UserError(
-                f"{path} is not a LoRA adapter folder (no adapter_config.json); make one with `mmfusion finetune`"
+                f"adapter {spec!r}: the weight after ':' must be a number, e.g. --adapter {path}:0.7"
+            ) from None
+    if not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise UserError(f"adapter {path}: its weight must be a finite number, got {weight!r}")
+    return Path(path), float(weight)
+
+
+def _adapter_folder(path: Path) -> Path:
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(
+            f"{path} is not a LoRA adapter folder (no adapter_config.json); make one with `mmfusion finetune`"
+        )
+    return path
+
+
+class Adapters:
+    """The LoRA adapters loaded onto `model` (in place: `model` stays the object the pipeline samples with),
+    by name, each with a weight; unmerged, so the base weights are untouched until `fuse`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.fingerprint = base_fingerprint(model)
+        self.peft: PeftModel | None = None
+        self.weights: dict[str, float] = {}  # the active combination
+        self.enabled = True
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.peft.peft_config) if self.peft is not None else []
+
+    def _name(self, path: Path, name: str | None) -> str:
+        if name is not None:
+            if not re.fullmatch(r"[\w-]+", name):
+                raise UserError(f"adapter name {name!r}: use letters, digits, '_' and '-' only")
+            if name in self.names:
+                raise UserError(f"an adapter named {name!r} is already loaded: delete it first or choose another name")
+            return name
+        stem = re.sub(r"[^\w-]", "_", path.resolve().name) or "adapter"
+        name, i = stem, 1
+        while name in self.names:
+            i += 1
+            name = f"{stem}_{i}"
+        return name
+
+    def load(self, path: str | Path, name: str | None = None, weight: float = 1.0) -> str:
+        """Load a saved adapter under `name` (default: its folder's name) and add it, at `weight`, to the
+        active combination. Returns the name."""
+        path = _adapter_folder(Path(path))
+        check_base(path, self.fingerprint)
+        name = self._name(path, name)
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+        else:
+            self.peft.load_adapter(str(path), adapter_name=name)
+        self.set({**self.weights, name: weight})
+        return name
+
+    def set(self, weights: dict[str, float]) -> None:
+        """Make `weights` (name -> weight) the active combination; the other loaded adapters rest."""
+        unknown = [n for n in weights if n not in self.names]
+        if unknown or not weights:
+            loaded = ", ".join(self.names) or "none"
+            raise UserError(
+                f"no adapter named {unknown[0]!r} is loaded (loaded: {loaded})" if unknown else "no adapter"
             )
-        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+        for name, weight in weights.items():
+            parse_spec(("", weight))  # a finite number
+            saved = self.peft.peft_config[name].modules_to_save
+            if saved and (len(weights) > 1 or weight != 1.0):
+                raise UserError(
+                    f"adapter {name!r} trains whole modules ({', '.join(saved)}), which cannot be weighted or "
+                    "combined with other adapters: use it alone at weight 1"
+                )
+        for module in self.model.modules():
+            if isinstance(module, LoraLayer):
+                for name, weight in weights.items():
+                    module.set_scale(name, weight)
+        self.peft.base_model.set_adapter(list(weights), inference_mode=True)
+        self.weights = dict(weights)
+        self.enable(self.enabled)
+
+    def enable(self, on: bool = True) -> None:
+        """Turn the adapters on (the active combination) or off (the base's own outputs)."""
+        if self.peft is not None:
+            (self.peft.base_model.enable_adapter_layers if on else self.peft.base_model.disable_adapter_layers)()
+        self.enabled = on
+        self.model.requires_grad_(False)  # peft marks active adapters trainable again; here they only sample
+
+    def delete(self, name: str) -> None:
+        if name not in self.names:
+            raise UserError(f"no adapter named {name!r} is loaded (loaded: {', '.join(self.names) or 'none'})")
+        others = [n for n in self.names if n != name]
+        if not others:
+            self.peft.base_model.unload()
+            self.peft, self.weights = None, {}
+            return
+        self.set({n: w for n, w in self.weights.items() if n != name} or {others[0]: 1.0})
+        self.peft.base_model.delete_adapter(name)
+
+    def fuse(self) -> None:
+        """Add the active combination (nothing if disabled) to the base weights and remove the adapters."""
+        if self.peft is None:
+            return
+        self.peft.base_model.merge_and_unload() if self.enabled else self.peft.base_model.unload()
+        self.peft, self.weights, self.enabled = None, {}, True
+
+
+def merge_adapters(model: nn.Module, adapters: Sequence[AdapterSpec]) -> nn.Module:
+    """Fold saved adapters into the weights of `model` (the sum of their deltas, each times its weight)."""
+    loaded = Adapters(model)
+    for spec in adapters:
+        path, weight = parse_spec(spec)
+        loaded.load(path, weight=weight)
+    loaded.fuse()
     return model

@@ -19,6 +19,7 @@ from mmfusion.config import DataConfig, ObjectiveConfig, RunConfig, TrainConfig
 from mmfusion.data.datamodule import MMFusionDataModule
 from mmfusion.errors import UserError
 from mmfusion.hub import data_name
+from mmfusion.model.adapters import base_fingerprint, write_record
 from mmfusion.pipeline import MMFusion
 from mmfusion.training.callbacks import lightning_warnings_filtered, stopped, stopped_at
 from mmfusion.training.lora import ATTENTION, add_lora, parameter_counts
@@ -80,13 +81,15 @@ def _run_config(
     )
 
 
-def _save(pipe: MMFusion, net: Any, out: Path, full: bool, merge: bool) -> None:
-    """A whole model folder (`full`), or the adapter alone and, with `merge`, OUT/merged as well."""
+def _save(pipe: MMFusion, net: Any, out: Path, full: bool, merge: bool, base: tuple[str, str]) -> None:
+    """A whole model folder (`full`), or the adapter alone, with the record of its `base` (name,
+    fingerprint), and with `merge` OUT/merged as well."""
     pipe.model = net
     if full:
         pipe.save_pretrained(out)
         return
     net.save_pretrained(str(out))  # adapter_config.json + adapter_model.safetensors only
+    write_record(out, base[1], base[0])  # mmfusion_adapter.json: another base refuses this adapter
     if merge:
         pipe.model = net.merge_and_unload().eval()
         pipe.save_pretrained(out / "merged")
@@ -118,6 +121,7 @@ def finetune(
     # a bad --steps, --minutes, --precision ... is a ConfigError here: one line, before any output
     cfg = _run_config(pipe, data, out, task, steps, minutes, lr, batch_size, seed, image_root, precision)
     L.seed_everything(seed, verbose=False)
+    base = (str(model), base_fingerprint(pipe.model))
     net = pipe.model.train()
     if full:
         net.requires_grad_(True)
@@ -138,7 +142,7 @@ def finetune(
     step = stopped_at(trainer)
     if step is not None:
         raise stopped(trainer, f"stopped by SIGTERM at step {step}; fine-tuning keeps no checkpoint: nothing saved")
-    _save(pipe, net.eval(), out, full, merge)
+    _save(pipe, net.eval(), out, full, merge, base)
     report = {
         "task": task,
         "mode": "full" if full else "lora",
