@@ -1,6 +1,7 @@
-"""Model folders as the Hugging Face Hub holds them: a model id resolved to a folder through the hub's
-cache, the format version of `config.json` and how an older one is read, and the model card (README.md)
-that names the model's library, task and figures on the hub."""
+"""Model folders, on disk and as the Hugging Face Hub holds them: the files a folder must have, where its
+VAE / VQ model is, a model id resolved to a folder through the hub's cache, the format version of
+`config.json` and how an older one is read, and the model card (README.md) that names the model's
+library, task and figures on the hub."""
 
 from __future__ import annotations
 
@@ -220,3 +221,47 @@ def write_model_card(folder: str | Path, metrics: dict[str, Any] | None = None) 
     tmp.write_text(model_card(read_config(Path(folder)), metrics))
     tmp.replace(path)
     return path
+
+
+def absolute_local_path(image: dict[str, Any]) -> dict[str, Any]:
+    """The image tokenizer's config with a local VAE / VQ folder recorded by its absolute path, so that
+    a model folder finds it from wherever it is used (a relative one would be looked up on the hub)."""
+    path = image.get("path")
+    if image.get("kind") in ("vae", "vq") and path and Path(path).exists():
+        return {**image, "path": str(Path(path).resolve())}
+    return image
+
+
+def image_tokenizer_path(folder: Path, path: str | None) -> str | None:
+    """Where a model folder's VAE / VQ model is: MODEL/image_tokenizer when that folder exists (a model
+    folder made self-contained by copying its tokenizer in), else the path recorded at training."""
+    inside = folder / "image_tokenizer"
+    if inside.is_dir():
+        return str(inside.resolve())
+    if path and Path(path).is_absolute() and not Path(path).exists():
+        raise UserError(
+            f"{folder} refers to its image tokenizer at {path}, which does not exist: copy that VAE / VQ "
+            f"folder to {inside} (or fix image.path in {folder / 'config.json'})"
+        )
+    return path
+
+
+def check_model_folder(folder: Path) -> Path:
+    """`folder`, checked to be a model folder with all its files."""
+    if folder.is_file():  # a checkpoint, say: the model folder is the run's model/
+        raise UserError(
+            f"{folder} is a file; --model takes a model folder (config.json, model.safetensors, "
+            "tokenizer.json): a training run writes it to OUT/model"
+        )
+    if not folder.is_dir():
+        raise UserError(
+            f"model folder {folder} does not exist (train one with `mmfusion train` or `mmfusion demo`, "
+            "or give a hub id: owner/name)"
+        )
+    missing = [f for f in MODEL_FILES if not (folder / f).is_file()]
+    if missing:
+        raise UserError(
+            f"model folder {folder} is missing {', '.join(missing)}: re-export it with "
+            "`mmfusion train` or copy the whole folder"
+        )
+    return folder

@@ -20,6 +20,7 @@ from accelerate import init_empty_weights
 from safetensors.torch import load_file, save_file
 
 from mmfusion.config import build_section
+from mmfusion.devices import inference_device, inference_dtype
 from mmfusion.diffusion.config import DiffusionConfig
 from mmfusion.errors import ConfigError, UserError
 from mmfusion.generation.caption import CaptionDecoder
@@ -28,9 +29,11 @@ from mmfusion.generation.diffusion import NextTokenDiffusionSampler
 from mmfusion.generation.settings import CaptionSampling, DiffusionSampling, SampleConfig, TokenSampling, with_changes
 from mmfusion.generation.tokens import ARImageSampler
 from mmfusion.hub import (
-    MODEL_FILES,
+    absolute_local_path,
+    check_model_folder,
     config_header,
     data_name,
+    image_tokenizer_path,
     read_config,
     resolve_model,
     write_model_card,
@@ -44,57 +47,6 @@ from mmfusion.runtime import bf16_native
 from mmfusion.tokenizers.build import build_image_tokenizer
 from mmfusion.tokenizers.config import ImageTokenizerConfig
 from mmfusion.tokenizers.text import TextTokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def inference_device(device: str | torch.device | None) -> torch.device:
-    """The device to sample on: `auto` (or None) is the first GPU when there is one, else the CPU. A GPU
-    that this machine does not have is a clear error, not a crash deep inside the first forward pass."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError as e:
-        raise UserError(f"unknown device {device!r}: give cpu, cuda, cuda:N or auto") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device} asked for, but this machine has no CUDA GPU (torch {torch.__version__})")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"device {device} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    return device
-
-
-def inference_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """torch.float32 or torch.bfloat16 from a dtype or a name (float32 / fp32, bfloat16 / bf16)."""
-    if dtype is None or dtype in DTYPES.values():
-        return dtype or torch.float32
-    name = {"fp32": "float32", "bf16": "bfloat16"}.get(str(dtype), str(dtype).removeprefix("torch."))
-    if name not in DTYPES:
-        raise UserError(f"dtype must be float32 or bfloat16, got {dtype!r}")
-    return DTYPES[name]
-
-
-def _absolute_local_path(image: dict[str, Any]) -> dict[str, Any]:
-    """The image tokenizer's config with a local VAE / VQ folder recorded by its absolute path, so that
-    a model folder finds it from wherever it is used (a relative one would be looked up on the hub)."""
-    path = image.get("path")
-    if image.get("kind") in ("vae", "vq") and path and Path(path).exists():
-        return {**image, "path": str(Path(path).resolve())}
-    return image
-
-
-def image_tokenizer_path(folder: Path, path: str | None) -> str | None:
-    """Where a model folder's VAE / VQ model is: MODEL/image_tokenizer when that folder exists (a model
-    folder made self-contained by copying its tokenizer in), else the path recorded at training."""
-    inside = folder / "image_tokenizer"
-    if inside.is_dir():
-        return str(inside.resolve())
-    if path and Path(path).is_absolute() and not Path(path).exists():
-        raise UserError(
-            f"{folder} refers to its image tokenizer at {path}, which does not exist: copy that VAE / VQ "
-            f"folder to {inside} (or fix image.path in {folder / 'config.json'})"
-        )
-    return path
 
 
 class MMFusion:
@@ -157,7 +109,7 @@ class MMFusion:
         config = {
             **config_header(),
             "model": self.model.cfg.to_dict(),
-            "image": _absolute_local_path(self.image_cfg.to_dict()),
+            "image": absolute_local_path(self.image_cfg.to_dict()),
             "diffusion": self.diffusion.to_dict(),
             "sample": dataclasses.asdict(self.sampling),
             "condition": self.condition,
@@ -201,7 +153,7 @@ class MMFusion:
         on the CPU, seeded there, and move each batch to the model's device, so an image depends on its
         seed, not on where it was sampled (up to the device's arithmetic)."""
         device = inference_device(device)
-        folder = _model_folder(resolve_model(folder, revision, cache_dir, token, local_files_only))
+        folder = check_model_folder(resolve_model(folder, revision, cache_dir, token, local_files_only))
         config = read_config(folder)
         tok = TextTokenizer.from_file(
             folder / "tokenizer.json", special=config.get("special_tokens"), max_len=config.get("max_text_len", 35)
@@ -560,27 +512,6 @@ class MMFusionOutput:
     images: list[Any]
     seeds: list[int]
     prompts: list[str | int]
-
-
-def _model_folder(folder: Path) -> Path:
-    """`folder`, checked to be a model folder with all its files."""
-    if folder.is_file():  # a checkpoint, say: the model folder is the run's model/
-        raise UserError(
-            f"{folder} is a file; --model takes a model folder (config.json, model.safetensors, "
-            "tokenizer.json): a training run writes it to OUT/model"
-        )
-    if not folder.is_dir():
-        raise UserError(
-            f"model folder {folder} does not exist (train one with `mmfusion train` or `mmfusion demo`, "
-            "or give a hub id: owner/name)"
-        )
-    missing = [f for f in MODEL_FILES if not (folder / f).is_file()]
-    if missing:
-        raise UserError(
-            f"model folder {folder} is missing {', '.join(missing)}: re-export it with "
-            "`mmfusion train` or copy the whole folder"
-        )
-    return folder
 
 
 def _load_model(folder: Path, model_cfg: ModelConfig) -> MMFusionModel:

@@ -3,9 +3,8 @@
 glibc's malloc hands every block above its mmap threshold (128 KiB to start with) straight back to the
 kernel when it is freed, and trims the top of the heap at 128 KiB free. A training step allocates and
 frees the same few-MB activations each time, so each step page-faults them in again and the kernel
-zeroes them: some 4,000 page faults per step of the `small` config. Raising both thresholds keeps those
-pages in the process. Measured on 2 cores (docs/BENCHMARKS.md): minor page faults of a 48-step run
-halved, the `small` training step 12% shorter, and the peak resident memory unchanged (within 1%).
+zeroes them, thousands of page faults a step on a small model. Raising both thresholds keeps those pages
+in the process: fewer faults and shorter steps at the same peak memory (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ INFERENCE = (
     "mmfusion.generation",
     "mmfusion.tokenizers",
     "mmfusion.image_io",
+    "mmfusion.devices",
     "mmfusion.pipeline",
     "mmfusion.hub",
 )

@@ -117,7 +117,7 @@ def test_device_choice_and_clear_errors(trained_tiny, capsys, monkeypatch):
     itself keeps its state on the CPU and moves batches to the model's device (`MMFusionModel.forward`);
     with no GPU here that path runs only with model and state both on the CPU."""
     from mmfusion.cli.main import main
-    from mmfusion.pipeline import inference_device
+    from mmfusion.devices import inference_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert inference_device("auto") == inference_device(None) == torch.device("cpu")
@@ -317,13 +317,13 @@ def test_progress_bars_tick_per_denoising_pass_and_per_caption_batch(trained_tin
 def test_a_local_image_tokenizer_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
     """A model trained with image.path=vq (relative) must find its VQ folder from anywhere: a relative
     path that is not found is looked up on the hub."""
-    from mmfusion.pipeline import _absolute_local_path, image_tokenizer_path
+    from mmfusion.hub import absolute_local_path, image_tokenizer_path
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "vq").mkdir()
-    assert _absolute_local_path({"kind": "vq", "path": "vq"})["path"] == str(tmp_path / "vq")
-    assert _absolute_local_path({"kind": "vae", "path": "org/hub-id"})["path"] == "org/hub-id"  # not local
-    assert _absolute_local_path({"kind": "pixels", "path": None})["path"] is None
+    assert absolute_local_path({"kind": "vq", "path": "vq"})["path"] == str(tmp_path / "vq")
+    assert absolute_local_path({"kind": "vae", "path": "org/hub-id"})["path"] == "org/hub-id"  # not local
+    assert absolute_local_path({"kind": "pixels", "path": None})["path"] is None
     (tmp_path / "model" / "image_tokenizer").mkdir(parents=True)  # a copy inside wins, by absolute path
     assert image_tokenizer_path(Path("model"), "/elsewhere/vq") == str(tmp_path / "model" / "image_tokenizer")
 
