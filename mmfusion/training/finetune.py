@@ -165,6 +165,23 @@ def _adapt(net: Any, full: bool, lora: dict[str, Any], new_tokens: str, rows: li
     return add_lora(net, r, alpha, targets, modules_to_save=save or None, token_rows=trainable_rows)
 
 
+def _measures(
+    trainer: Any, total: int, seconds: float, objective: ObjectiveConfig, new_tokens: str, rows: int
+) -> dict[str, Any]:
+    """The report's counts, time, memory, the task's losses and the new-token choice, and the last losses."""
+    return {
+        "total_parameters": total,
+        "steps": int(trainer.global_step),
+        "seconds": seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "caption_fraction": 1.0 - objective.t2i_fraction,
+        "text_loss_weight": objective.text_loss_weight,
+        "new_tokens": new_tokens,
+        "new_token_rows": rows,
+        "final_losses": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")},
+    }
+
+
 def finetune(
     model: str | Path,
     data: str,
@@ -216,19 +233,7 @@ def finetune(
     if step is not None:
         raise stopped(trainer, f"stopped by SIGTERM at step {step}; fine-tuning keeps no checkpoint: nothing saved")
     _save(pipe, net.eval(), out, full, merge, base)
-    report = {
-        "task": task,
-        "mode": "full" if full else "lora",
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "steps": int(trainer.global_step),
-        "seconds": seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "caption_fraction": 1.0 - objective.t2i_fraction,
-        "text_loss_weight": objective.text_loss_weight,
-        "new_tokens": "off" if full or not rows else new_tokens,
-        "new_token_rows": len(rows),
-        "final_losses": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")},
-    }
+    report = {"task": task, "mode": "full" if full else "lora", "trainable_parameters": trainable}
+    report |= _measures(trainer, total, seconds, objective, "off" if full or not rows else new_tokens, len(rows))
     (out / "finetune_report.json").write_text(json.dumps(report, indent=2))
     return report
