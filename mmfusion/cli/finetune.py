@@ -26,6 +26,9 @@ def finetune(
     seed: int = 0,
     image_root: str | None = None,
     precision: str = "auto",
+    new_tokens: Literal["rows", "modules", "off"] = "rows",
+    caption_fraction: float | None = None,
+    text_loss_weight: float | None = None,
 ) -> None:
     """Fine-tune a trained model with LoRA (peft) on new captioned images; saves the adapter alone.
 
@@ -50,6 +53,9 @@ def finetune(
         seed: random seed
         image_root: folder that the image paths of a COCO / Karpathy JSON are relative to
         precision: auto, 32-true or bf16-mixed
+        new_tokens: train the token rows the captions use in the text embedding and head (rows), both whole (modules)
+        caption_fraction: share of caption-order samples (default: t2i 0, caption 1, joint 0.5)
+        text_loss_weight: text loss x this (default: 1; t2i has no caption samples)
     """
     from mmfusion.training.finetune import finetune as run
 
@@ -57,5 +63,6 @@ def finetune(
     save = [m.strip() for m in modules_to_save.split(",")] if modules_to_save else None
     lora = dict(lora_r=lora_r, lora_alpha=lora_alpha, targets=targets, modules_to_save=save, full=full, merge=merge)
     budget = dict(steps=steps, minutes=minutes, lr=lr, batch_size=batch_size, seed=seed, precision=precision)
-    report = run(model, data, out, task=task, image_root=image_root, **lora, **budget)
+    loss = dict(new_tokens=new_tokens, caption_fraction=caption_fraction, text_loss_weight=text_loss_weight)
+    report = run(model, data, out, task=task, image_root=image_root, **lora, **budget, **loss)
     print(f"{report['mode']} fine-tuning: {report['steps']} steps in {report['seconds']:.0f} s; saved to {out}")

@@ -144,11 +144,12 @@ class Adapters:
             )
         for name, weight in weights.items():
             parse_spec(("", weight))  # a finite number
-            saved = self.peft.peft_config[name].modules_to_save
+            config = self.peft.peft_config[name]
+            saved = list(config.modules_to_save or []) + list(getattr(config, "trainable_token_indices", None) or [])
             if saved and (len(weights) > 1 or weight != 1.0):
                 raise UserError(
-                    f"adapter {name!r} trains whole modules ({', '.join(saved)}), which cannot be weighted or "
-                    "combined with other adapters: use it alone at weight 1"
+                    f"adapter {name!r} trains whole modules or token rows ({', '.join(saved)}), which cannot be "
+                    "weighted or combined with other adapters: use it alone at weight 1"
                 )
         for module in self.model.modules():
             if isinstance(module, LoraLayer):

@@ -298,7 +298,7 @@ class MMFusionModule(L.LightningModule):
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
+            (no_decay if p.ndim < 2 or "embed" in name or "trainable_tokens" in name else decay).append(p)
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=t.lr,

@@ -1,0 +1,70 @@
+"""`mmfusion finetune` on captions with a word the base never produced: its token rows train (issue 33)."""
+
+import json
+
+import datasets
+import pytest
+import torch
+
+from mmfusion.errors import UserError
+
+WORD = "zorblax"  # z, x, ... never occur in the shapes captions: byte tokens the base never produced
+
+
+@pytest.fixture(scope="module")
+def new_word_data(trained_tiny, tmp_path_factory):
+    data = datasets.load_from_disk(str(trained_tiny.parent / "data"))
+    data = data.map(lambda r: {"captions": [f"a {WORD} {c}" for c in r["captions"]]})
+    path = tmp_path_factory.mktemp("zorblax") / "data"
+    data.save_to_disk(str(path))
+    return str(path)
+
+
+def _run(model, data, out, **kw):
+    from mmfusion.training.finetune import finetune
+
+    args = dict(lora_r=4, lora_alpha=8, steps=6, lr=0.01, batch_size=8, precision="32-true", seed=0)
+    return finetune(model, data, out, **(args | kw))
+
+
+def test_new_word_rows_train_alone_and_reload(trained_tiny, new_word_data, tmp_path, capsys):
+    from mmfusion.pipeline import MMFusion
+
+    out = tmp_path / "rows"
+    report = _run(trained_tiny, new_word_data, out, merge=True)  # task joint, defaults
+    assert "new tokens: the captions use" in capsys.readouterr().out
+    saved = json.loads((out / "finetune_report.json").read_text())
+    assert saved["new_tokens"] == "rows" and saved["new_token_rows"] == report["new_token_rows"] > 0
+    assert (saved["caption_fraction"], saved["text_loss_weight"]) == (0.5, 1.0)
+    base = MMFusion.from_pretrained(trained_tiny)
+    captions = datasets.load_from_disk(new_word_data)["train"]["captions"]
+    used = {i for caps in captions for c in caps for i in base.text_tokenizer.encode(c)}
+    new = base.text_tokenizer.encode(WORD)
+    assert len(used) == report["new_token_rows"]
+    adapted = MMFusion.from_pretrained(trained_tiny, adapters=[out])
+    merged = MMFusion.from_pretrained(out / "merged")  # the fine-tuned model, folded
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        before, after = base.model.state_dict()[name], adapted.model.state_dict()[name]
+        assert torch.equal(after, merged.model.state_dict()[name])
+        changed = (before != after).any(dim=1).nonzero().flatten().tolist()
+        assert set(new) <= set(changed), name  # the new word's rows moved
+        assert set(changed) <= used, name  # only rows the new captions use
+        untouched = [i for i in range(before.shape[0]) if i not in used]
+        assert torch.equal(before[untouched], after[untouched])  # every other row bit-identical
+    ids = torch.tensor(new)
+    pipe = MMFusion.from_pretrained(trained_tiny).load_adapter(out, name="a")  # unfused, through peft
+    with torch.no_grad():
+        hidden = merged.model.embed_tokens(ids)
+        torch.testing.assert_close(pipe.model.embed_tokens(ids), hidden)
+        torch.testing.assert_close(pipe.model.text_logits(hidden), merged.model.text_logits(hidden))
+    with pytest.raises(UserError, match="token rows"):
+        pipe.set_adapters({"a": 0.5})
+
+
+def test_new_word_text_loss_falls_further_than_without_rows(trained_tiny, new_word_data, tmp_path):
+    losses = {}
+    for mode in ("rows", "off"):
+        report = _run(trained_tiny, new_word_data, tmp_path / mode, task="caption", new_tokens=mode)
+        assert report["new_tokens"] == mode and (report["caption_fraction"], report["text_loss_weight"]) == (1, 1)
+        losses[mode] = report["final_losses"]["train/text_loss"]
+    assert losses["rows"] < losses["off"] - 0.5, losses
