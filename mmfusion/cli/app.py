@@ -23,6 +23,9 @@ SHARED_HELP = {
     "dtype": "weights' dtype for sampling and captioning; bfloat16 halves the backbone's memory and samples "
     "large models faster on CPUs with native bf16 (AMX); small models gain little (docs/BENCHMARKS.md)",
     "device": "cpu, cuda, cuda:N, or auto (a GPU when there is one)",
+    "image_column": "the data's column of images or image paths (default: found by its usual names)",
+    "caption_column": "the data's column of captions, a string or a list of strings per row (default: found by "
+    "its usual names: captions, caption, text, sentences ...)",
     "adapter": "PATH[:WEIGHT]: a LoRA adapter folder from `mmfusion finetune`, at WEIGHT (default 1); repeat for "
     "several: their weighted deltas add up, e.g. --adapter A:0.7 --adapter B:0.3",
     "model": "a model folder (config.json, model.safetensors, tokenizer.json) or a hub model id (owner/name; "

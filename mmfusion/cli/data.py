@@ -72,18 +72,20 @@ def export(*, data: str, out: str, format: Literal["imagefolder", "coco"] = "ima
         print(f"wrote {path} and images under {Path(out) / split}")
 
 
-def tokenizer_train(*, data: str, out: str, vocab_size: int = 512, max_len: int = 35) -> None:
+def tokenizer_train(
+    *, data: str, out: str, vocab_size: int = 512, max_len: int = 35, caption_column: str | None = None
+) -> None:
     """Train a byte-level BPE text tokenizer on the captions of a data set.
 
     Args:
-        data: a saved data set with a `captions` column, or a text file with one caption per line
+        data: captioned data (any source `mmfusion train` reads), or a text file with one caption per line
         out: where to write tokenizer.json (a file path or a folder)
         vocab_size: BPE vocabulary size, special tokens included
         max_len: maximum number of text tokens kept per caption (CausalFusion: 35)
     """
     from mmfusion.training.tokenizer import train_text_tokenizer
 
-    tok, path = train_text_tokenizer(data, out, vocab_size=vocab_size, max_len=max_len)
+    tok, path = train_text_tokenizer(data, out, vocab_size=vocab_size, max_len=max_len, caption_column=caption_column)
     print(f"wrote {path} ({len(tok)} tokens)")
 
 
@@ -116,8 +118,6 @@ def encode(
         batch_size: images encoded at once
         image_root: folder the image paths of a COCO / Karpathy JSON or a table are relative to
         resize: how an image becomes square (the training config's data.resize): squash, center_crop or pad
-        image_column: column of images or image paths (default: the usual names, as data.image_column)
-        caption_column: column of captions (default: the usual names, as data.caption_column)
     """
     from mmfusion.data.encode import encode_dataset
     from mmfusion.tokenizers.config import ImageTokenizerConfig

@@ -19,6 +19,8 @@ def caption(
     image_root: str | None = None,
     split: str = "test",
     limit: int | None = None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
     method: Literal["greedy", "beam", "nucleus"] | None = None,
     num_beams: int | None = None,
     batch_size: int = 32,
@@ -46,7 +48,7 @@ def caption(
     from mmfusion.evaluation.captions import caption_split, run_caption_benchmark
     from mmfusion.pipeline import MMFusion
 
-    rows = caption_split(data, split, image_root, limit)
+    rows = caption_split(data, split, image_root, limit, image_column, caption_column)
     pipe = MMFusion.from_pretrained(model, dtype=dtype, device=device)
     settings = pipe.caption_settings(method=method, num_beams=num_beams)
     metrics = run_caption_benchmark(pipe, rows, out, settings, batch_size, spice)

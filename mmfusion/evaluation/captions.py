@@ -145,9 +145,16 @@ def run_caption_benchmark(
     return metrics
 
 
-def caption_split(data: str, split: str, image_root: str | None = None, limit: int | None = None) -> Any:
+def caption_split(
+    data: str,
+    split: str,
+    image_root: str | None = None,
+    limit: int | None = None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+) -> Any:
     """The first `limit` rows (all by default) of `split` of any captioned data `load_captioned` reads."""
-    ds = load_captioned(data, image_root)
+    ds = load_captioned(data, image_root, image_column, caption_column)
     if split not in ds:
         raise UserError(f"split {split!r} not in {data} (has: {', '.join(ds)})")
     return ds[split] if limit is None else ds[split].select(range(min(limit, len(ds[split]))))

@@ -21,3 +21,16 @@ def test_a_trained_tokenizer_is_saved_and_loads_back(tmp_path):
     again = TextTokenizer.from_file(path, max_len=12)
     text = "a red circle to the left of a blue square"
     assert again.encode(text) == tok.encode(text) and again.decode(again.encode(text)) == text
+
+
+def test_captions_of_a_table_file_with_a_named_column(tmp_path):
+    """A csv of captions is captioned data, read through `datasets`, its column named where the usual
+    names would not find it; the same captions as a text file, one per line, give the same tokenizer."""
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), "white").save(tmp_path / "a.png")
+    rows = ["a red circle", "a blue square above a red circle"]
+    (tmp_path / "train.csv").write_text("path,words\n" + "".join(f"a.png,{r}\n" for r in rows))
+    assert list(captions_of(tmp_path / "train.csv", caption_column="words")) == rows
+    (tmp_path / "caps.lst").write_text("\n".join(rows))
+    assert list(captions_of(tmp_path / "caps.lst")) == rows
