@@ -25,6 +25,8 @@ def finetune(
     batch_size: int = 32,
     seed: int = 0,
     image_root: str | None = None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
     precision: str = "auto",
     new_tokens: Literal["rows", "modules", "off"] = "rows",
     caption_fraction: float | None = None,
@@ -32,12 +34,10 @@ def finetune(
 ) -> None:
     """Fine-tune a trained model with LoRA (peft) on new captioned images; saves the adapter alone.
 
-    Only the adapter weights (plus --modules-to-save) train; the trainable / total parameter counts are
-    printed. OUT gets adapter_config.json and adapter_model.safetensors; with --merge also OUT/merged,
-    a full model folder with the adapter folded in. Use the adapter with `mmfusion generate --adapter OUT`.
+    Only the adapter (and --modules-to-save, --new-tokens' rows) trains; --merge adds OUT/merged, a model folder.
 
     Args:
-        data: captioned data (saved data set, imagefolder with metadata.jsonl, COCO / Karpathy JSON)
+        data: captioned data (any source `mmfusion train` reads)
         out: adapter output folder
         task: t2i (image loss, T2I order), caption (text loss, caption order) or joint (the training objective)
         lora_r: LoRA rank
@@ -64,5 +64,6 @@ def finetune(
     lora = dict(lora_r=lora_r, lora_alpha=lora_alpha, targets=targets, modules_to_save=save, full=full, merge=merge)
     budget = dict(steps=steps, minutes=minutes, lr=lr, batch_size=batch_size, seed=seed, precision=precision)
     loss = dict(new_tokens=new_tokens, caption_fraction=caption_fraction, text_loss_weight=text_loss_weight)
-    report = run(model, data, out, task=task, image_root=image_root, **lora, **budget, **loss)
+    reading = dict(image_root=image_root, image_column=image_column, caption_column=caption_column)
+    report = run(model, data, out, task=task, **reading, **lora, **budget, **loss)
     print(f"{report['mode']} fine-tuning: {report['steps']} steps in {report['seconds']:.0f} s; saved to {out}")

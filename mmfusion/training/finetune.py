@@ -107,7 +107,7 @@ def _run_config(
     lr: float,
     batch_size: int,
     seed: int,
-    image_root: str | None,
+    reading: dict[str, str | None],
     precision: str,
 ) -> RunConfig:
     return RunConfig(
@@ -118,7 +118,7 @@ def _run_config(
         sample=pipe.sampling,
         data=DataConfig(
             source=data,
-            image_root=image_root,
+            **reading,  # image_root, image_column, caption_column
             batch_size=batch_size,
             max_text_len=pipe.text_tokenizer.max_len,
             resize=pipe.resize,
@@ -199,6 +199,8 @@ def finetune(
     merge: bool = False,
     seed: int = 0,
     image_root: str | None = None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
     precision: str = "auto",
     new_tokens: str = "rows",
     caption_fraction: float | None = None,
@@ -211,7 +213,8 @@ def finetune(
     out = Path(out)
     # a bad --steps, --minutes, --precision ... is a ConfigError here: one line, before any output
     objective = task_objective(pipe.objective, task, caption_fraction, text_loss_weight)
-    cfg = _run_config(pipe, data, out, objective, steps, minutes, lr, batch_size, seed, image_root, precision)
+    reading = dict(image_root=image_root, image_column=image_column, caption_column=caption_column)
+    cfg = _run_config(pipe, data, out, objective, steps, minutes, lr, batch_size, seed, reading, precision)
     L.seed_everything(seed, verbose=False)
     base = (str(model), base_fingerprint(pipe.model))
     datamodule = MMFusionDataModule(

@@ -68,3 +68,17 @@ def test_new_word_text_loss_falls_further_than_without_rows(trained_tiny, new_wo
         assert report["new_tokens"] == mode and (report["caption_fraction"], report["text_loss_weight"]) == (1, 1)
         losses[mode] = report["final_losses"]["train/text_loss"]
     assert losses["rows"] < losses["off"] - 0.5, losses
+
+
+def test_finetune_reads_the_columns_it_is_told(trained_tiny, tmp_path):
+    """Data whose captions sit in a column no usual name finds: refused by name without
+    `caption_column`, fine-tuned on with it (the new word's rows then train)."""
+    data = datasets.load_from_disk(str(trained_tiny.parent / "data"))
+    renamed = data.map(
+        lambda r: {"words": [f"a {WORD} {c}" for c in r["captions"]]}, remove_columns=["captions", "text"]
+    )
+    renamed.save_to_disk(str(tmp_path / "data"))
+    with pytest.raises(UserError, match=r"^data\.caption_column: "):
+        _run(trained_tiny, str(tmp_path / "data"), tmp_path / "a", task="caption")
+    report = _run(trained_tiny, str(tmp_path / "data"), tmp_path / "b", task="caption", caption_column="words")
+    assert report["steps"] == 6 and report["new_token_rows"] > 0
