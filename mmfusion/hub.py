@@ -214,13 +214,19 @@ def _flat(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
-def write_model_card(folder: str | Path, metrics: dict[str, Any] | None = None) -> Path:
-    """Write (or rewrite, with figures measured later) the README.md of the model folder `folder`."""
-    path = Path(folder) / "README.md"
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
+    """`write(tmp)` to a temporary file beside `path`, then rename it to `path`: a crash never leaves a
+    half-written file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(model_card(read_config(Path(folder)), metrics))
+    write(tmp)
     tmp.replace(path)
     return path
+
+
+def write_model_card(folder: str | Path, metrics: dict[str, Any] | None = None) -> Path:
+    """Write (or rewrite, with figures measured later) the README.md of the model folder `folder`."""
+    card = model_card(read_config(Path(folder)), metrics)
+    return write_atomic(Path(folder) / "README.md", lambda p: p.write_text(card))
 
 
 def absolute_local_path(image: dict[str, Any]) -> dict[str, Any]:

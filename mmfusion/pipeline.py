@@ -36,6 +36,7 @@ from mmfusion.hub import (
     image_tokenizer_path,
     read_config,
     resolve_model,
+    write_atomic,
     write_model_card,
 )
 from mmfusion.image_io import to_pil, to_tensor
@@ -123,9 +124,9 @@ class MMFusion:
         state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
         if self.model.cfg.tie_embeddings:
             state.pop("lm_head.weight", None)
-        _atomic(folder / "model.safetensors", lambda p: save_file(state, str(p)))
-        _atomic(folder / "tokenizer.json", lambda p: self.text_tokenizer.tokenizer.save(str(p)))
-        _atomic(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+        write_atomic(folder / "model.safetensors", lambda p: save_file(state, str(p)))
+        write_atomic(folder / "tokenizer.json", lambda p: self.text_tokenizer.tokenizer.save(str(p)))
+        write_atomic(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
         write_model_card(folder, metrics)
         return folder
 
@@ -546,10 +547,3 @@ def _seeds(n: int, generator: torch.Generator | list[torch.Generator] | None, se
     if len(gens) != n:
         raise UserError(f"got {len(gens)} generators for {n} images: give one, or one per image")
     return [int(torch.randint(0, 2**63 - 1, (), generator=g)) for g in gens]
-
-
-def _atomic(path: Path, write) -> None:  # noqa: ANN001
-    """Write through a temporary file and rename, so a crash never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    tmp.replace(path)

@@ -118,18 +118,15 @@ def shapes(
 
 def _shapes_test(data: str | None, n: int, seed: int) -> Any:
     """The first `n` rows of the test split of saved shapes data, or of the one rendered for `seed`."""
+    from mmfusion.evaluation.captions import caption_split
     from mmfusion.evaluation.demo_eval import shapes_test_rows
 
     if data is None:
         return shapes_test_rows(n, seed)
-    from mmfusion.data.datasets import load_captioned
-
-    ds = load_captioned(data)
-    if "test" not in ds:
-        raise UserError(f"{data} has no test split (has: {', '.join(ds)})")
-    if "objects" not in ds["test"].column_names:
+    rows = caption_split(data, "test", limit=n)
+    if "objects" not in rows.column_names:
         raise UserError(f"{data} is not a shapes data set: its rows carry no scene to judge captions by")
-    return ds["test"].select(range(min(n, len(ds["test"]))))
+    return rows
 
 
 def generation(
@@ -163,7 +160,7 @@ def generation(
         seed: random seed
         batch_size: images generated at once
     """
-    from mmfusion.data.datasets import load_captioned
+    from mmfusion.evaluation.captions import caption_split
     from mmfusion.evaluation.generation import clip_score, frechet_distance
     from mmfusion.image_io import to_pil, to_tensor
     from mmfusion.pipeline import MMFusion
@@ -171,8 +168,7 @@ def generation(
     if not inception and not clip:
         raise UserError("give --inception (FID) and / or --clip (CLIP score): local weights are required")
     pipe = MMFusion.from_pretrained(model, dtype=dtype, device=device)
-    rows = load_captioned(data, image_root)[split]
-    rows = rows.select(range(min(n, len(rows))))
+    rows = caption_split(data, split, image_root, limit=n)
     prompts = [caps[0] for caps in rows["captions"]]
     fake = pipe.generate(prompts, seed=seed, batch_size=batch_size, progress=True)
     metrics = {"n": len(fake)}

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import json as jsonlib
 from pathlib import Path
 from typing import Literal
 
@@ -124,6 +123,7 @@ def caption(
         max_new_tokens: caption length limit in tokens
         seed: seed of nucleus sampling
     """
+    from mmfusion.evaluation.report import write_json
     from mmfusion.image_io import open_image
 
     pils = [open_image(p) for p in images]
@@ -136,9 +136,7 @@ def caption(
     for path, cap in result.items():
         print(f"{path}: {cap}")
     if json:
-        tmp = Path(json).with_suffix(".tmp")
-        tmp.write_text(jsonlib.dumps(result, indent=2))
-        tmp.replace(json)
+        write_json(Path(json), result)
 
 
 def edit(

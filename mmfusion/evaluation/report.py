@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mmfusion.hub import write_atomic
+
 
 def write_json(path: Path, data: Any) -> None:
     """`data` as indented JSON at `path`, through a temporary file: never a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    write_atomic(Path(path), lambda p: p.write_text(json.dumps(data, indent=2)))
 
 
 def write_report(out: Path, stem: str, results: dict[str, Any], header: list[str], rows: list[list[Any]]) -> str:

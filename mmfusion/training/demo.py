@@ -17,6 +17,7 @@ import torch
 from mmfusion.config import RunConfig, load_config
 from mmfusion.errors import UserError
 from mmfusion.evaluation.demo_eval import evaluate_shapes_model, summary_lines, write_fixed_prompt_grid
+from mmfusion.evaluation.report import write_json
 from mmfusion.hub import write_model_card
 from mmfusion.image_io import make_grid
 from mmfusion.pipeline import MMFusion
@@ -57,7 +58,7 @@ def run_demo(
         "total": (time.perf_counter() - start) / 60,
         "resumed": resume,
     }
-    (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(Path(out) / "metrics.json", metrics)
     write_model_card(model_dir, card_metrics(metrics))  # the model card shows the figures just measured
     print(summary(metrics, Path(out)))
     return metrics
@@ -96,7 +97,7 @@ def judge(model_dir: Path, outdir: Path, seed: int) -> dict[str, Any]:
     test = datasets.load_from_disk(str(outdir / "data"))["test"]
     metrics, eval_images = evaluate_shapes_model(pipe, test, seed=seed, progress=True)
     make_grid(eval_images, cols=16, scale=3).save(outdir / "eval_grid.png")
-    (outdir / "captions.json").write_text(json.dumps(metrics.pop("captions"), indent=2))
+    write_json(outdir / "captions.json", metrics.pop("captions"))
     metrics["sampler"] = dataclasses.asdict(pipe.image_settings())
     return metrics
 
