@@ -107,7 +107,8 @@ def make_grid(images: list[Image.Image], cols: int | None = None, pad: int = 2, 
 
 
 def open_image(path: str | Path, what: str = "image") -> Image.Image:
-    """Open an image file as RGB, or fail with one line that names the file and the problem."""
+    """Open an image file, or fail with one line that names the file and the problem. An "image" is
+    made RGB as training makes it (`to_rgb`: transparency on white); anything else keeps its mode."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{what} {path} is a folder: give an image file (PNG or JPEG)")
@@ -116,7 +117,7 @@ def open_image(path: str | Path, what: str = "image") -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB") if what == "image" else im.copy()
+            return to_rgb(im) if what == "image" else im.copy()
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise UserError(f"cannot read {what} {path}: {err.__class__.__name__}; give a PNG or JPEG file") from err
 

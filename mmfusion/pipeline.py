@@ -441,20 +441,26 @@ class MMFusion:
         seed: int = 0,
         progress: bool = False,
         settings: CaptionSampling | None = None,
+        seeds: list[int] | None = None,
         **changes: Any,
     ) -> list[str]:
         """Captions for PIL images; `progress`: a bar over the images when there is more than one batch.
         Decoding follows `settings` (default: the model's, greedy unless set otherwise) with `changes` by
-        name: the fields of `CaptionSampling`, as in `pipe.caption(image, method="beam", num_beams=4)`."""
+        name: the fields of `CaptionSampling`, as in `pipe.caption(image, method="beam", num_beams=4)`.
+        Nucleus sampling draws caption i with seed `seed + i`, or `seeds[i]` when given: a caption then
+        depends on its image, seed and settings, not on the batch it was decoded in."""
         if self.condition != "text":
             raise UserError("this model is class-conditional: it has no captioning head trained")
         images = images if isinstance(images, list) else [images]
+        if seeds is not None and len(seeds) != len(images):
+            raise UserError(f"got {len(seeds)} seeds for {len(images)} images")
+        seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(images))]
         s = self.caption_settings(settings, **changes)
         t = self.text_tokenizer
         decoder = CaptionDecoder(self.model, t.bos_id, t.boi_id, t.eoi_id, t.eos_id)
         out = []
         for start, chunk in batches(images, batch_size, "captions", progress):
-            gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+            gens = [torch.Generator().manual_seed(int(sd)) for sd in seeds[start : start + len(chunk)]]
             ids = decoder(self.encode_images(chunk), s, gens)
             out += [t.decode(i) for i in ids]
         return out

@@ -43,6 +43,8 @@ def test_caption_is_deterministic(trained_tiny, method):
     a = pipe.caption(images, method=method, seed=1, max_new_tokens=8)
     b = pipe.caption(images, method=method, seed=1, max_new_tokens=8)
     assert a == b and len(a) == 2 and all(isinstance(c, str) for c in a)
+    # seeds per image: caption 1 alone, with its seed (1 + 1), is caption 1 of the batch
+    assert pipe.caption(images[1], method=method, seeds=[2], max_new_tokens=8) == a[1:]
 
 
 def test_edit_keeps_unmasked_pixels(trained_tiny):

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from mmfusion.cli import bench, data, demo, evaluate, finetune, infer, plan, train
+from mmfusion.cli import bench, data, demo, evaluate, finetune, infer, plan, serve, train
 from mmfusion.cli.app import build_parser, run
 from mmfusion.errors import Stopped, UserError
 from mmfusion.runtime import tune_malloc
@@ -26,6 +26,7 @@ COMMANDS = {
     "generate": infer.generate,
     "caption": infer.caption,
     "edit": infer.edit,
+    "serve": serve.serve,
     "eval": {
         "__doc__": "evaluate: caption metrics, the shapes benchmark, FID / CLIP score",
         "caption": evaluate.caption,

@@ -1,0 +1,62 @@
+"""`mmfusion serve`: the web demo."""
+
+# Deferred imports: Gradio and the library load when the command runs, so `--help` stays instant
+
+from __future__ import annotations
+
+from typing import Literal
+
+
+def serve(
+    *,
+    model: str,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    max_queue: int = 64,
+    concurrency: int = 8,
+    max_batch: int = 16,
+    adapter: list[str] | None = None,
+    dtype: Literal["float32", "bfloat16"] = "float32",
+    device: str = "auto",
+    revision: str | None = None,
+) -> None:
+    """Serve a web demo of the model: text to image, captions and editing, one tab each (Gradio; install
+    it with pip install -e ".[serve]"). Open http://HOST:PORT in a browser; Ctrl-C stops the server.
+
+    Requests from several people queue: `--concurrency` of them run at once, their images and captions
+    batched together where the settings agree (up to `--max-batch` samples per model call), and up to
+    `--max-queue` more wait; past that the page says the server is busy. Each image is shown with its
+    seed, and the page gives the `mmfusion generate` command that draws the same images.
+
+    Args:
+        host: the address to listen on (127.0.0.1: this machine only; 0.0.0.0: every network interface)
+        port: the port to listen on
+        max_queue: requests that may wait for a turn; one more is refused with a busy message
+        concurrency: requests handled at once (their samples are batched together)
+        max_batch: samples per model call
+    """
+    from mmfusion.cli.infer import _load
+    from mmfusion.errors import UserError, require
+    from mmfusion.serving.app import CSS, build_app, require_gradio
+
+    require(
+        [
+            (1 <= port <= 65535, f"--port must be within 1..65535, got {port}"),
+            (
+                max_queue >= 1 and concurrency >= 1 and max_batch >= 1,
+                "--max-queue, --concurrency and --max-batch must be at least 1",
+            ),
+        ]
+    )
+    require_gradio()  # before the model loads: a missing extra is said at once
+    from mmfusion.serving.service import Service
+
+    service = Service(_load(model, adapter, dtype, device, revision), model, max_batch, max_queue + concurrency)
+    app = build_app(service, max_queue=max_queue, concurrency=concurrency)
+    print(f"serving {model} at http://{host}:{port} (Ctrl-C stops)")
+    try:
+        app.launch(server_name=host, server_port=port, css=CSS, show_error=True, quiet=True)
+    except OSError as err:
+        raise UserError(f"cannot listen on {host}:{port}: {err}; pick another --port") from err
+    finally:
+        service.close()

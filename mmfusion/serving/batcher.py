@@ -1,0 +1,136 @@
+"""One thread that runs every model call of a server, batching the requests that wait for it.
+
+Web requests arrive on many threads; the model runs on one (`ModelWorker`). While it works, new
+requests queue; when it is free it takes the oldest one together with every waiting request of the same
+kind and settings (`key`), up to `max_batch` samples, and runs them as one batch. The samplers make an
+image depend only on its prompt, seed and settings (a caption only on its image, seed and settings), so
+a request gets the same output whether it ran alone or batched with others.
+
+The worker holds at most `max_pending` requests; one more is refused at once with `Busy`, never left to
+hang. Nothing here imports a web framework: the Gradio page (`mmfusion.serving.app`) and any other
+front end submit through `ModelWorker.submit`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmfusion.errors import UserError
+
+
+class Busy(UserError):
+    """The server holds as many requests as it may: try again shortly."""
+
+
+@dataclass
+class _Job:
+    key: Hashable
+    items: list[Any]
+    run: Callable[[list[Any]], Sequence[Any]]
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class WorkerStats:
+    """What the worker ran: requests served, model calls (batches) made, and the largest batch."""
+
+    requests: int = 0
+    batches: int = 0
+    largest_batch: int = 0
+
+
+class ModelWorker:
+    """Runs `submit`ted jobs on one thread, jobs of equal `key` batched together.
+
+    `max_batch`: samples per model call (a request of more samples runs alone, whole). `max_pending`:
+    requests waiting or running at once; past it `submit` raises `Busy`. `gather_seconds`: how long the
+    worker waits after the first request of an idle spell for others to join it."""
+
+    def __init__(self, max_batch: int = 16, max_pending: int = 64, gather_seconds: float = 0.005) -> None:
+        if max_batch < 1 or max_pending < 1:
+            raise UserError(f"max_batch and max_pending must be at least 1, got {max_batch} and {max_pending}")
+        self.max_batch, self.max_pending, self.gather_seconds = max_batch, max_pending, gather_seconds
+        self.stats = WorkerStats()
+        self._jobs: deque[_Job] = deque()
+        self._running = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="mmfusion-model", daemon=True)
+        self._thread.start()
+
+    def submit(self, key: Hashable, items: list[Any], run: Callable[[list[Any]], Sequence[Any]]) -> list[Any]:
+        """`run(items)` (one output per item), batched with other jobs of the same `key`; blocks until
+        done and returns this job's outputs, or raises what `run` raised."""
+        job = _Job(key, list(items), run)
+        with self._cond:
+            if self._closed:
+                raise UserError("the server is shutting down")
+            if len(self._jobs) + self._running >= self.max_pending:
+                raise Busy(f"the server is busy: {self.max_pending} requests are waiting or running; try again shortly")
+            self._jobs.append(job)
+            self._cond.notify()
+        return job.future.result()
+
+    def close(self) -> None:
+        """Stop after the jobs already taken; waiting jobs fail with a message."""
+        with self._cond:
+            self._closed = True
+            for job in self._jobs:
+                job.future.set_exception(UserError("the server is shutting down"))
+            self._jobs.clear()
+            self._cond.notify()
+        self._thread.join(timeout=60)
+
+    def _take(self) -> list[_Job]:
+        """The oldest job and the waiting jobs of its key that fit into one batch with it."""
+        with self._cond:
+            while not self._jobs and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return []
+            idle = self._running == 0 and len(self._jobs) == 1
+        if idle and self.gather_seconds > 0:
+            time.sleep(self.gather_seconds)  # let requests sent at the same moment join the first
+        with self._cond:
+            first = self._jobs.popleft()
+            batch, size = [first], len(first.items)
+            for job in list(self._jobs):
+                if job.key == first.key and size + len(job.items) <= self.max_batch:
+                    self._jobs.remove(job)
+                    batch.append(job)
+                    size += len(job.items)
+            self._running = len(batch)
+        return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if not batch:
+                return
+            self._run(batch)
+            with self._cond:
+                self._running = 0
+
+    def _run(self, batch: list[_Job]) -> None:
+        items = [item for job in batch for item in job.items]
+        try:
+            outputs = list(batch[0].run(items))
+            if len(outputs) != len(items):
+                raise RuntimeError(f"a batch of {len(items)} items gave {len(outputs)} outputs")
+        except BaseException as err:  # noqa: BLE001 - every waiting request learns what went wrong
+            for job in batch:
+                job.future.set_exception(err)
+            return
+        self.stats.requests += len(batch)
+        self.stats.batches += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, len(items))
+        start = 0
+        for job in batch:
+            job.future.set_result(outputs[start : start + len(job.items)])
+            start += len(job.items)

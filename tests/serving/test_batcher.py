@@ -1,0 +1,96 @@
+"""The model worker: requests that wait together run as one batch, per key, each getting its own outputs;
+a full worker refuses at once; a failing batch fails its requests only, and the worker goes on."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from mmfusion.errors import UserError
+from mmfusion.serving.batcher import Busy, ModelWorker
+
+
+class Recorder:
+    """A model call that records the batches it gets and is held until released."""
+
+    def __init__(self):
+        self.batches = []
+        self.release = threading.Event()
+
+    def __call__(self, items):
+        self.release.wait(10)
+        self.batches.append(list(items))
+        return [f"out-{x}" for x in items]
+
+
+def wait_for(condition, seconds=10.0):
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.005)
+
+
+def test_waiting_requests_of_one_key_run_as_one_batch_and_get_their_own_outputs():
+    worker, run = ModelWorker(max_batch=8, gather_seconds=0), Recorder()
+    blocker = Recorder()
+    with ThreadPoolExecutor(8) as pool:
+        first = pool.submit(worker.submit, "other", ["x"], blocker)  # holds the worker while the rest queue
+        wait_for(lambda: worker._running == 1)
+        futures = [pool.submit(worker.submit, "a", [f"{i}.0", f"{i}.1"], run) for i in range(3)]
+        odd = pool.submit(worker.submit, "b", ["b0"], run)
+        wait_for(lambda: len(worker._jobs) == 4)
+        blocker.release.set()
+        run.release.set()
+        results = [f.result(10) for f in futures]
+        assert first.result(10) == ["out-x"] and odd.result(10) == ["out-b0"]
+    assert results == [[f"out-{i}.0", f"out-{i}.1"] for i in range(3)]
+    # the three "a" requests in one call, in arrival order; "b" apart
+    assert run.batches == [["0.0", "0.1", "1.0", "1.1", "2.0", "2.1"], ["b0"]]
+    assert worker.stats.requests == 5 and worker.stats.batches == 3 and worker.stats.largest_batch == 6
+    worker.close()
+
+
+def test_a_batch_holds_at_most_max_batch_samples():
+    worker, run, blocker = ModelWorker(max_batch=4, gather_seconds=0), Recorder(), Recorder()
+    run.release.set()
+    with ThreadPoolExecutor(6) as pool:
+        pool.submit(worker.submit, "other", ["x"], blocker)
+        wait_for(lambda: worker._running == 1)
+        futures = [pool.submit(worker.submit, "a", [i, i], run) for i in range(3)]
+        wait_for(lambda: len(worker._jobs) == 3)
+        blocker.release.set()
+        assert [f.result(10) for f in futures] == [[f"out-{i}", f"out-{i}"] for i in range(3)]
+    assert [len(b) for b in run.batches] == [4, 2]
+    worker.close()
+
+
+def test_past_max_pending_a_request_is_refused_at_once():
+    worker, blocker = ModelWorker(max_pending=2, gather_seconds=0), Recorder()
+    with ThreadPoolExecutor(2) as pool:
+        held = [pool.submit(worker.submit, "a", [i], blocker) for i in range(2)]
+        wait_for(lambda: worker._running + len(worker._jobs) == 2)
+        start = time.monotonic()
+        with pytest.raises(Busy, match="busy: 2 requests"):
+            worker.submit("a", [9], blocker)
+        assert time.monotonic() - start < 1.0
+        blocker.release.set()
+        assert [f.result(10) for f in held] == [["out-0"], ["out-1"]]
+    assert worker.submit("a", [3], blocker) == ["out-3"]  # room again
+    worker.close()
+
+
+def test_a_failing_batch_fails_its_requests_and_the_worker_goes_on():
+    worker = ModelWorker(gather_seconds=0)
+
+    def broken(items):
+        raise UserError("the model refused")
+
+    with pytest.raises(UserError, match="the model refused"):
+        worker.submit("a", [1], broken)
+    with pytest.raises(RuntimeError, match="a batch of 2 items gave 1 outputs"):
+        worker.submit("a", [1, 2], lambda items: ["one"])
+    assert worker.submit("a", [5], lambda items: [x * 2 for x in items]) == [10]
+    worker.close()
+    with pytest.raises(UserError, match="shutting down"):
+        worker.submit("a", [1], lambda items: items)

@@ -1,0 +1,127 @@
+"""The served page through gradio_client, as a program (or the page) calls it: every endpoint returns
+what the Python API returns for the same seed; bad input comes back as its message, a full queue as a
+busy message at once, and the server goes on serving."""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import gradio_client
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.serving.conftest import launch
+
+# AR steps, order, sampler, steps, guidance: the page's sampler controls in order
+SAMPLER = [2, "raster", "ddpm", 4, 2.0]
+API_SAMPLER = dict(guidance_scale=2.0, ar_steps=2, order="raster", sampler="ddpm", num_inference_steps=4)
+
+
+def pixels(path_or_image):
+    im = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
+    return np.asarray(im.convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return gradio_client.Client(served[1], verbose=False, download_files=False)
+
+
+def gallery_images(gallery):
+    return [pixels(item["image"]["path"] if isinstance(item["image"], dict) else item["image"]) for item in gallery]
+
+
+@pytest.fixture(scope="module")
+def files_client(served, tmp_path_factory):
+    return gradio_client.Client(served[1], verbose=False, download_files=str(tmp_path_factory.mktemp("dl")))
+
+
+def test_text_to_image_endpoint_equals_the_api(files_client, tiny_pipe):
+    gallery, command = files_client.predict("a red circle", "", 3, 11, *SAMPLER, api_name="/text_to_image")
+    assert [item["caption"] for item in gallery] == ["seed 11", "seed 12", "seed 13"]
+    api = tiny_pipe("a red circle", num_images_per_prompt=3, seed=11, **API_SAMPLER).images
+    served = gallery_images(gallery)
+    assert len(served) == 3 and all(np.array_equal(a, pixels(b)) for a, b in zip(served, api))
+    assert "--seed 11 --num-images 3" in command
+
+
+def test_caption_endpoint_equals_the_api(files_client, tiny_pipe, tmp_path):
+    image = tiny_pipe.generate("a blue square", seed=2)[0].resize((90, 90)).convert("RGBA")
+    path = tmp_path / "upload.png"
+    image.save(path)
+    for method in ("greedy", "beam"):
+        served = files_client.predict(gradio_client.handle_file(str(path)), method, 2, 0.9, 1.0, 0, api_name="/caption")
+        from mmfusion.image_io import to_rgb
+
+        assert served == tiny_pipe.caption(to_rgb(Image.open(path)), method=method, num_beams=2)[0]
+
+
+def test_edit_endpoint_equals_the_api(files_client, tiny_pipe, tmp_path):
+    src = tiny_pipe.generate("a red circle", seed=0)[0]
+    src.save(tmp_path / "src.png")
+    layer = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 255), (16, 0, 32, 32))  # the right half painted
+    layer.save(tmp_path / "layer.png")
+    editor = {
+        "background": gradio_client.handle_file(str(tmp_path / "src.png")),
+        "layers": [gradio_client.handle_file(str(tmp_path / "layer.png"))],
+        "composite": None,
+    }
+    gallery = files_client.predict(editor, None, "a blue square", "", 2, 3, *SAMPLER, api_name="/edit")
+    assert [item["caption"] for item in gallery] == ["input", "seed 3", "seed 4"]
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (16, 0, 32, 32))
+    api = tiny_pipe.edit(
+        src, mask, "a blue square", seed=3, num_images=2, ar_steps=2, order="raster", steps=4, cfg_scale=2.0
+    )
+    served = gallery_images(gallery)
+    assert np.array_equal(served[0], pixels(src))
+    assert all(np.array_equal(a, pixels(b)) for a, b in zip(served[1:], api))
+
+
+def test_bad_input_shows_its_message_and_the_server_goes_on(client, tmp_path):
+    AppError = gradio_client.exceptions.AppError
+    with pytest.raises(AppError, match="enter a prompt"):
+        client.predict("", "", 1, 0, *SAMPLER, api_name="/text_to_image")
+    with pytest.raises(AppError, match="99 is greater than maximum value 16"):  # the slider's own check
+        client.predict("a red circle", "", 99, 0, *SAMPLER, api_name="/text_to_image")
+    with pytest.raises(AppError, match="denoising steps must be a whole number"):
+        client.predict("a red circle", "", 1, 0, 2, "raster", "ddpm", 4.5, 2.0, api_name="/text_to_image")
+    with pytest.raises(AppError, match="upload an image to caption"):
+        client.predict(None, "greedy", 2, 0.9, 1.0, 0, api_name="/caption")
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"\x89PNG but not really")
+    with pytest.raises(AppError, match="cannot read"):
+        client.predict(gradio_client.handle_file(str(junk)), "greedy", 2, 0.9, 1.0, 0, api_name="/caption")
+    gallery, _ = client.predict("a red circle", "", 1, 0, *SAMPLER, api_name="/text_to_image")
+    assert len(gallery) == 1
+
+
+def test_a_full_queue_answers_busy_at_once(trained_tiny, tiny_pipe):
+    """One request runs, one waits; the rest are told the queue is full, in well under a second, and the
+    two accepted ones complete."""
+    from mmfusion.serving.service import Service
+
+    service = Service(tiny_pipe, str(trained_tiny))
+    app, url = launch(service, max_queue=1, concurrency=1)
+    slow = [16, "raster", "ddpm", 40, 2.0]  # long enough that the first two are still there
+
+    def call(i):
+        c = gradio_client.Client(url, verbose=False, download_files=False)
+        start = time.monotonic()
+        try:
+            c.predict("a red circle", "", 8, i, *slow, api_name="/text_to_image")
+            return "done", time.monotonic() - start
+        except Exception as err:  # noqa: BLE001 - the message is what is checked
+            return str(err), time.monotonic() - start
+
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            results = list(pool.map(call, range(5)))
+    finally:
+        app.close()
+        service.close()
+    done = [r for r in results if r[0] == "done"]
+    busy = [r for r in results if "Queue is full" in r[0]]
+    assert len(done) >= 1 and len(done) + len(busy) == 5, results
+    assert busy and all(seconds < 2.0 for _, seconds in busy), results
