@@ -29,7 +29,9 @@ came from an earlier run): the figures of one table always come from one run. Me
   the training step against transformers' LlamaForCausalLM of the same shape and weights, eager and
   compiled, fp32 and bf16 (`peers_train`); greedy decoding with a KV cache against transformers'
   `generate` (`peers_decode`); one-step image sampling against the diffusers scheduler loop driving
-  the same network (`peers_sampling`).
+  the same network (`peers_sampling`);
+* `mmfusion serve` under load: text-to-image and caption requests from concurrent clients on loopback,
+  p50 / p95 latency and images (captions) per second, against the same work through the Python API.
 """
 
 # Deferred imports: each item imports what it times inside its own child process, so that the
@@ -1031,6 +1033,196 @@ def bench_peers_sampling(quick: bool, cases: list[tuple[str, str, int, int]] | N
     return out
 
 
+# --- serving ------------------------------------------------------------------------------------
+def serve_model_folder(folder: Path) -> Path:
+    """The model `mmfusion serve` is timed with: MMFUSION_BENCH_MODEL (a trained demo model) or else the
+    demo's architecture trained for one step on a small shapes set (the same work per image or caption:
+    the timed captions decode a fixed number of tokens)."""
+    if os.environ.get("MMFUSION_BENCH_MODEL"):
+        return Path(os.environ["MMFUSION_BENCH_MODEL"])
+    from mmfusion.config import load_config
+    from mmfusion.training.demo import DEMO_CONFIG
+    from mmfusion.training.run import train
+
+    overrides = ["train.max_steps=1", "train.compile=false", "data.shapes_n=512", "data.global_batch_size=8"]
+    return train(load_config(DEMO_CONFIG, [*overrides, f"train.out={folder}", "train.max_time_minutes=10"]))
+
+
+def _start_server(model: Path, port: int, concurrency: int, log: Path) -> Any:
+    import urllib.request
+
+    cmd = [sys.executable, "-m", "mmfusion.cli.main", "serve", "--model", str(model), "--port", str(port)]
+    cmd += ["--concurrency", str(concurrency), "--max-queue", "256", "--max-batch", "16"]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server stopped: {log.read_text()[-500:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
+            return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not answer in 120 s")
+
+
+def _request(client: Any, url: str, api_name: str, data: list, session: str = "") -> Any:
+    """One call of a served endpoint through Gradio's documented HTTP API (what `curl` does: post the
+    inputs, read the result from the event stream), fetching the images it returns; raises on an error
+    event. `session`: the session the request belongs to, as a browser tab sends it. gradio_client would
+    cost ~50x more client CPU per request on the same cores (a thread and a stream per job)."""
+    import json as _json
+
+    body = {"data": data, "session_hash": session} if session else {"data": data}
+    event = client.post(f"{url}gradio_api/call/{api_name}", json=body).json()["event_id"]
+    kind, result = None, None
+    with client.stream("GET", f"{url}gradio_api/call/{api_name}/{event}") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                kind = line[6:].strip()
+            elif line.startswith("data:") and kind in ("complete", "error"):
+                result = _json.loads(line[5:]) if kind == "complete" else line[5:].strip()
+                break
+    if kind != "complete":
+        raise RuntimeError(f"{api_name}: {result}")
+    if api_name == "text_to_image":
+        for item in result[0]:
+            client.get(item["image"]["url"]).raise_for_status()
+    return result
+
+
+def _client_load(url: str, jobs: list[list], clients: int, api_name: str) -> tuple[float, list]:
+    """`jobs` (the inputs of each request) from `clients` concurrent clients, each a session of its own
+    sending its share one after another: (wall seconds, [(latency s, result)] in the order of `jobs`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    pool = [httpx.Client(timeout=600) for _ in range(clients)]
+
+    def run(k: int) -> list:
+        done = []
+        for j in range(k, len(jobs), clients):
+            start = time.perf_counter()
+            result = _request(pool[k], url, api_name, jobs[j], session=f"bench-client-{k}")
+            done.append((j, time.perf_counter() - start, result))
+        return done
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as ex:
+        results = sorted(r for share in ex.map(run, range(clients)) for r in share)
+    for c in pool:
+        c.close()
+    return time.perf_counter() - start, [(sec, result) for _, sec, result in results]
+
+
+def _latency(results: list) -> dict:
+    import numpy as np
+
+    lat = np.array([sec for sec, _ in results])
+    return {"p50_s": float(np.percentile(lat, 50)), "p95_s": float(np.percentile(lat, 95))}
+
+
+def bench_serve(quick: bool) -> dict:
+    """`mmfusion serve` under load, on loopback: text-to-image requests of one image and of four (the
+    page's default), and caption requests, each kind from concurrent clients against the server in its
+    own process, and the same work through the Python API in one process (`pipe.generate` /
+    `pipe.caption` on the whole list), timed in turn. Every request must come back whole (its images,
+    with their seeds; a caption); the ratio of images (captions) per second, server over API, is what
+    serving costs."""
+    import dataclasses
+    import socket
+    import tempfile
+
+    import torch
+
+    from mmfusion.data.shapes import render_example
+    from mmfusion.evaluation.shapes import benchmark_prompts
+    from mmfusion.generation.settings import CaptionSampling
+    from mmfusion.image_io import open_image
+    from mmfusion.pipeline import MMFusion
+
+    n, clients, steps = (8, 4, 5) if quick else (64, 8, 50)
+    work = Path(tempfile.mkdtemp(prefix="mmfusion-bench-serve-"))
+    pipe = MMFusion.from_pretrained(serve_model_folder(work / "run"))
+    fixed = CaptionSampling(method="greedy", max_new_tokens=16, min_new_tokens=16)  # the same work for any weights
+    pipe.sampling = dataclasses.replace(pipe.sampling, caption=fixed)
+    pipe.save_pretrained(work / "served")  # served with those caption settings as its defaults
+    prompts = benchmark_prompts(n // 2, n - n // 2, seed=0)
+    paths = [work / f"test_{i}.png" for i in range(n)]
+    for i, path in enumerate(paths):
+        render_example(0, "test", i, pipe.image_cfg.image_size)["image"].save(path)
+    pils = [open_image(path) for path in paths]
+    sampler = dict(ar_steps=1, order="random", sampler="ddpm", steps=steps, cfg_scale=3.0)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/"
+    out: dict[str, Any] = {"requests": n, "clients": clients, "steps": steps, "threads": torch.get_num_threads()}
+    cases = {"t2i_1": 1, "t2i_4": 4}
+
+    def api(case: str) -> Any:
+        if case == "caption":
+            return lambda: pipe.caption(pils)
+        per = cases[case]
+        return lambda: pipe.generate(prompts, num_images=per, **sampler)
+
+    def served(case: str) -> tuple[float, list]:
+        if case == "caption":
+            uploads = [
+                [{"path": str(p), "meta": {"_type": "gradio.FileData"}}, "greedy", 1, 0.9, 1.0, 0] for p in paths
+            ]
+            return _client_load(url, _uploaded(url, uploads), clients, "caption")
+        per = cases[case]
+        jobs = [[p, "", per, k * per, *sampler.values()] for k, p in enumerate(prompts)]
+        return _client_load(url, jobs, clients, "text_to_image")
+
+    def whole(case: str, got: list) -> int:
+        if case == "caption":
+            return sum(isinstance(r[0], str) and bool(r[0]) for _, r in got)
+        per = cases[case]
+        want = [[f"seed {k * per + j}" for j in range(per)] for k in range(n)]
+        return sum([item["caption"] for item in r[0]] == w for (_, r), w in zip(got, want))
+
+    for case in (*cases, "caption"):
+        api(case)()  # warm-up
+    server = _start_server(work / "served", port, clients, work / "server.log")
+    try:
+        served("t2i_1")  # warm-up
+        for case in (*cases, "caption"):
+            api_s, server_s = [], []
+            for _ in range(1 if quick else 2):  # in turn
+                api_s.append(timed(api(case), repeat=1, warmup=0))
+                sec, got = served(case)
+                server_s.append(sec)
+            samples = n * cases.get(case, 1)
+            out[case] = {
+                "samples": samples,
+                "complete": whole(case, got),
+                **_latency(got),
+                "api_per_s": samples / _median(api_s),
+                "server_per_s": samples / _median(server_s),
+                "ratio": _median(api_s) / _median(server_s),
+            }
+    finally:
+        server.terminate()
+        server.wait(30)
+    return out
+
+
+def _uploaded(url: str, jobs: list[list]) -> list[list]:
+    """`jobs` with each image file uploaded to the server first (as the page uploads a dropped file)."""
+    import httpx
+
+    with httpx.Client(timeout=60) as client:
+        for job in jobs:
+            path = job[0]["path"]
+            with open(path, "rb") as f:
+                job[0] = {**job[0], "path": client.post(f"{url}gradio_api/upload", files={"files": f}).json()[0]}
+    return jobs
+
+
 BENCHES = {
     "matmul": bench_matmul,
     "train_tiny": lambda quick: bench_train("tiny", quick),
@@ -1046,6 +1238,7 @@ BENCHES = {
     "peers_train": bench_peers_train,
     "peers_decode": bench_peers_decode,
     "peers_sampling": bench_peers_sampling,
+    "serve": bench_serve,
 }
 
 
@@ -1407,6 +1600,26 @@ def _peers_sampling_rows(p: dict, f: Any) -> list[str]:
     return [*lines, ""]
 
 
+def _serve_rows(r: dict, f: Any) -> list[str]:
+    lines = [
+        f"| `mmfusion serve` under load ({r.get('requests')} requests of each kind from {r.get('clients')} "
+        f"concurrent clients, loopback; images: S = 1, {r.get('steps')} DDPM steps, CFG 3; captions: 16 tokens, "
+        "greedy) | complete | p50 s | p95 s | server / s | API / s | server / API |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for case, name in (
+        ("t2i_1", "text to image, 1 image a request"),
+        ("t2i_4", "text to image, 4 images a request"),
+        ("caption", "caption, 1 image a request"),
+    ):
+        t = r.get(case, {})
+        lines.append(
+            f"| {name} | {t.get('complete')} of {r.get('requests')} | {f(t.get('p50_s'))} | {f(t.get('p95_s'))} | "
+            f"{f(t.get('server_per_s'))} | {f(t.get('api_per_s'))} | {f(t.get('ratio'), '.0%')} |"
+        )
+    return [*lines, ""]
+
+
 TABLES = {  # the tables after matmul and training, in their order on the page
     "train_width": train_width_rows,
     "pipeline": pipeline_rows,
@@ -1419,6 +1632,7 @@ TABLES = {  # the tables after matmul and training, in their order on the page
     "peers_train": _peers_train_rows,
     "peers_decode": _peers_decode_rows,
     "peers_sampling": _peers_sampling_rows,
+    "serve": _serve_rows,
 }
 
 

@@ -141,6 +141,8 @@ def generation(
     n: int = 1000,
     seed: int = 0,
     batch_size: int = 16,
+    image_column: str | None = None,
+    caption_column: str | None = None,
     dtype: Literal["float32", "bfloat16"] = "float32",
     device: str = "auto",
 ) -> None:
@@ -168,7 +170,7 @@ def generation(
     if not inception and not clip:
         raise UserError("give --inception (FID) and / or --clip (CLIP score): local weights are required")
     pipe = MMFusion.from_pretrained(model, dtype=dtype, device=device)
-    rows = caption_split(data, split, image_root, limit=n)
+    rows = caption_split(data, split, image_root, n, image_column, caption_column)
     prompts = [caps[0] for caps in rows["captions"]]
     fake = pipe.generate(prompts, seed=seed, batch_size=batch_size, progress=True)
     metrics = {"n": len(fake)}

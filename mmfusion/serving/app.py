@@ -10,6 +10,7 @@ worker, which batches them (`mmfusion.serving.batcher`). Bad input shows its mes
 from __future__ import annotations
 
 import functools
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,14 @@ from mmfusion.data.shapes import render_example
 from mmfusion.errors import UserError
 from mmfusion.serving.service import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS, Service
 
+# Gradio's queue recomputes a pandas summary of up to 10,000 past events after every event by default:
+# per-request work that grows with the server's age. Summarise every 1,000 events, over the last 1,000
+# (a user's own setting wins); and no usage analytics sent from the server
+GRADIO_DEFAULTS = {
+    "GRADIO_ANALYTICS_CACHE_FREQUENCY": "1000",
+    "GRADIO_ANALYTICS_MAX_EVENTS": "1000",
+    "GRADIO_ANALYTICS_ENABLED": "False",
+}
 # images of a few dozen pixels are shown enlarged, as blocks rather than blurred
 CSS = ".mmf-pixels img { image-rendering: pixelated; } .mmf-pixels canvas { image-rendering: pixelated; }"
 SHAPES_PROMPTS = [
@@ -59,6 +68,8 @@ def shown_errors(gr: Any, fn: Callable) -> Callable:
 def build_app(service: Service, max_queue: int = 64, concurrency: int = 8) -> Any:
     """The page as a gr.Blocks with its queue set: `concurrency` requests run (and batch) at once, up to
     `max_queue` more wait."""
+    for key, value in GRADIO_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     gr = require_gradio()
     pipe = service.pipe
     kind = "Token-Shuffle" if service.discrete else "CausalFusion"
@@ -73,7 +84,9 @@ def build_app(service: Service, max_queue: int = 64, concurrency: int = 8) -> An
             _caption_tab(gr, service)
         with gr.Tab("Edit"):
             _edit_tab(gr, service)
-    return app.queue(max_size=max_queue, default_concurrency_limit=concurrency)
+    # queue positions sent to waiting pages once a second rather than on every change: under load the
+    # per-change updates cost each request more CPU than the rest of its handling
+    return app.queue(max_size=max_queue, default_concurrency_limit=concurrency, status_update_rate=1.0)
 
 
 def _sampler_controls(gr: Any, service: Service) -> dict[str, Any]:

@@ -50,15 +50,16 @@ class ModelWorker:
 
     `max_batch`: samples per model call (a request of more samples runs alone, whole). `max_pending`:
     requests waiting or running at once; past it `submit` raises `Busy`. `gather_seconds`: how long the
-    worker waits after the first request of an idle spell for others to join it."""
+    worker may wait for the next batch to fill up to the size of the last one."""
 
-    def __init__(self, max_batch: int = 16, max_pending: int = 64, gather_seconds: float = 0.005) -> None:
+    def __init__(self, max_batch: int = 16, max_pending: int = 64, gather_seconds: float = 0.15) -> None:
         if max_batch < 1 or max_pending < 1:
             raise UserError(f"max_batch and max_pending must be at least 1, got {max_batch} and {max_pending}")
         self.max_batch, self.max_pending, self.gather_seconds = max_batch, max_pending, gather_seconds
         self.stats = WorkerStats()
         self._jobs: deque[_Job] = deque()
         self._running = 0
+        self._last_batch = 1  # samples in the last batch: how many to wait for in the next
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="mmfusion-model", daemon=True)
@@ -88,16 +89,22 @@ class ModelWorker:
         self._thread.join(timeout=60)
 
     def _take(self) -> list[_Job]:
-        """The oldest job and the waiting jobs of its key that fit into one batch with it."""
+        """The oldest job and the waiting jobs of its key that fit into one batch with it. Before taking
+        them, the worker waits up to `gather_seconds` for as many samples as its last batch had: the
+        people just served tend to send their next request at once, and a fuller batch costs less per
+        sample."""
         with self._cond:
             while not self._jobs and not self._closed:
                 self._cond.wait()
+            deadline = time.monotonic() + self.gather_seconds
+            target = min(self.max_batch, max(1, self._last_batch))
+            while not self._closed and self._waiting_samples() < target:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
             if self._closed:
                 return []
-            idle = self._running == 0 and len(self._jobs) == 1
-        if idle and self.gather_seconds > 0:
-            time.sleep(self.gather_seconds)  # let requests sent at the same moment join the first
-        with self._cond:
             first = self._jobs.popleft()
             batch, size = [first], len(first.items)
             for job in list(self._jobs):
@@ -105,8 +112,11 @@ class ModelWorker:
                     self._jobs.remove(job)
                     batch.append(job)
                     size += len(job.items)
-            self._running = len(batch)
+            self._running, self._last_batch = len(batch), size
         return batch
+
+    def _waiting_samples(self) -> int:
+        return sum(len(job.items) for job in self._jobs)
 
     def _loop(self) -> None:
         while True:

@@ -94,3 +94,18 @@ def test_a_failing_batch_fails_its_requests_and_the_worker_goes_on():
     worker.close()
     with pytest.raises(UserError, match="shutting down"):
         worker.submit("a", [1], lambda items: items)
+
+
+def test_the_next_batch_waits_briefly_for_as_many_samples_as_the_last():
+    """People just served send their next request at once: after a batch of 3, the worker waits (up to
+    `gather_seconds`) until 3 samples wait again, rather than running the first one alone."""
+    worker, run = ModelWorker(max_batch=8, gather_seconds=2.0), Recorder()
+    run.release.set()
+    assert worker.submit("a", [1, 2, 3], run) == ["out-1", "out-2", "out-3"]
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(worker.submit, "a", [10], run)]
+        time.sleep(0.2)  # well inside the 2 s window
+        futures += [pool.submit(worker.submit, "a", [i], run) for i in (11, 12)]
+        assert [f.result(10) for f in futures] == [["out-10"], ["out-11"], ["out-12"]]
+    assert [sorted(b) for b in run.batches] == [[1, 2, 3], [10, 11, 12]]
+    worker.close()

@@ -125,3 +125,27 @@ def test_a_full_queue_answers_busy_at_once(trained_tiny, tiny_pipe):
     busy = [r for r in results if "Queue is full" in r[0]]
     assert len(done) >= 1 and len(done) + len(busy) == 5, results
     assert busy and all(seconds < 2.0 for _, seconds in busy), results
+
+
+def test_the_load_benchmark_client_gets_whole_answers_and_renders_them(served, tiny_pipe, tmp_path):
+    """The `serve` bench item's HTTP client (Gradio's documented call / event-stream API): every request
+    comes back with its own seeds and the API's images, captions come back for uploaded files, and the
+    table shows the counts."""
+    from benchmarks import bench
+
+    _, url = served
+    jobs = [["a red circle", "", 2, 10 * k, *SAMPLER] for k in range(4)]
+    _, got = bench._client_load(url, jobs, 2, "text_to_image")
+    assert [[item["caption"] for item in r[0]] for _, r in got] == [
+        [f"seed {10 * k}", f"seed {10 * k + 1}"] for k in range(4)
+    ]
+    assert all(sec > 0 for sec, _ in got)
+    image = tiny_pipe.generate("a green square", seed=4)[0]
+    path = str(tmp_path / "upload.png")
+    image.save(path)
+    uploads = bench._uploaded(url, [[{"path": path, "meta": {"_type": "gradio.FileData"}}, "greedy", 1, 0.9, 1.0, 0]])
+    _, captions = bench._client_load(url, uploads, 1, "caption")
+    assert captions[0][1][0] == tiny_pipe.caption(image)[0]
+    row = {"t2i_1": {"complete": 4, "p50_s": 0.1, "p95_s": 0.2, "server_per_s": 8.0, "api_per_s": 10.0, "ratio": 0.8}}
+    text = "\n".join(bench._serve_rows({"requests": 4, "clients": 2, "steps": 4, **row}, bench._fmt))
+    assert "| text to image, 1 image a request | 4 of 4 | 0.1 | 0.2 | 8 | 10 | 80% |" in text
