@@ -17,7 +17,7 @@ def bench(*, quick: bool = False, only: list[str] | None = None, doc: bool = Tru
     data rows to optimizer step (new path against the old, in turn), sampling and captioning with
     and without the KV cache, Token-Shuffle s = 1, 2, 4, FlexAttention vs SDPA, and mmfusion against
     its peers on the same work (transformers' LLaMA training step and `generate`, the diffusers
-    scheduler loop). Writes docs/benchmarks.json and the tables of docs/BENCHMARKS.md in the
+    scheduler loop), and `mmfusion serve` under load against the Python API. Writes docs/benchmarks.json and the tables of docs/BENCHMARKS.md in the
     repository. The benchmarks live in the repository (benchmarks/bench.py), not in the installed
     package: run this from a checkout.
 
@@ -27,7 +27,7 @@ def bench(*, quick: bool = False, only: list[str] | None = None, doc: bool = Tru
         only: run only this benchmark (repeat; the others' results are kept from the last run on this
             machine, torch and mode; where none carry over, only the items run get tables): matmul,
             train_tiny, train_small, train_width, pipeline, sampling, sampling_batch, sampling_paper_tokens,
-            caption, token_shuffle, attention, peers_train, peers_decode, peers_sampling
+            caption, token_shuffle, attention, peers_train, peers_decode, peers_sampling, serve
         doc: update the tables of docs/BENCHMARKS.md (--no-doc: write the JSON only)
     """
     argv = (["--quick"] if quick else []) + (["--only", *only] if only else []) + ([] if doc else ["--no-doc"])
