@@ -23,6 +23,8 @@ SHARED_HELP = {
     "dtype": "weights' dtype for sampling and captioning; bfloat16 halves the backbone's memory and samples "
     "large models faster on CPUs with native bf16 (AMX); small models gain little (docs/BENCHMARKS.md)",
     "device": "cpu, cuda, cuda:N, or auto (a GPU when there is one)",
+    "image_root": "the folder that the image paths of a COCO / Karpathy JSON or a table are relative to "
+    "(default: the file's own folder)",
     "image_column": "the data's column of images or image paths (default: found by its usual names)",
     "caption_column": "the data's column of captions, a string or a list of strings per row (default: found by "
     "its usual names: captions, caption, text, sentences ...)",

@@ -17,9 +17,9 @@ def bench(*, quick: bool = False, only: list[str] | None = None, doc: bool = Tru
     data rows to optimizer step (new path against the old, in turn), sampling and captioning with
     and without the KV cache, Token-Shuffle s = 1, 2, 4, FlexAttention vs SDPA, and mmfusion against
     its peers on the same work (transformers' LLaMA training step and `generate`, the diffusers
-    scheduler loop), and `mmfusion serve` under load against the Python API. Writes docs/benchmarks.json and the tables of docs/BENCHMARKS.md in the
-    repository. The benchmarks live in the repository (benchmarks/bench.py), not in the installed
-    package: run this from a checkout.
+    scheduler loop), and `mmfusion serve` under load against the Python API. Writes docs/benchmarks.json
+    and the tables of docs/BENCHMARKS.md in the repository. The benchmarks live in the repository
+    (benchmarks/bench.py), not in the installed package: run this from a checkout.
 
     Args:
         quick: fewer repetitions and smaller batches, a smoke test: writes docs/benchmarks-quick.json

@@ -116,7 +116,6 @@ def encode(
         image_size: images are resized to this side first (a note is printed when that enlarges them)
         patch_size: tokens are patch x patch cells of the latent (or pixel) grid
         batch_size: images encoded at once
-        image_root: folder the image paths of a COCO / Karpathy JSON or a table are relative to
         resize: how an image becomes square (the training config's data.resize): squash, center_crop or pad
     """
     from mmfusion.data.encode import encode_dataset

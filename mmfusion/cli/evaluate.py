@@ -37,7 +37,6 @@ def caption(
     Args:
         data: the captioned data to evaluate on
         out: output folder
-        image_root: folder that the image paths of a COCO / Karpathy JSON are relative to
         split: split to evaluate (Karpathy: test)
         limit: evaluate only the first N images
         method: greedy, beam or nucleus decoding (default: the model's caption settings)
@@ -156,7 +155,6 @@ def generation(
         out: output folder (generation_metrics.json)
         inception: local TorchScript Inception feature extractor for FID
         clip: local transformers CLIP folder for CLIP score
-        image_root: folder the image paths of a COCO / Karpathy JSON are relative to
         split: split whose captions and images are used
         n: number of images
         seed: random seed

@@ -31,10 +31,11 @@ def finetune(
     new_tokens: Literal["rows", "modules", "off"] = "rows",
     caption_fraction: float | None = None,
     text_loss_weight: float | None = None,
+    replay: float = 0.0,
+    replay_data: str | None = None,
 ) -> None:
-    """Fine-tune a trained model with LoRA (peft) on new captioned images; saves the adapter alone.
-
-    Only the adapter (and --modules-to-save, --new-tokens' rows) trains; --merge adds OUT/merged, a model folder.
+    """Fine-tune a trained model with LoRA (peft) on new captioned images; saves the adapter alone (only
+    it, --modules-to-save and --new-tokens' rows train); --merge adds OUT/merged, a model folder.
 
     Args:
         data: captioned data (any source `mmfusion train` reads)
@@ -51,19 +52,23 @@ def finetune(
         lr: learning rate
         batch_size: images per step
         seed: random seed
-        image_root: folder that the image paths of a COCO / Karpathy JSON are relative to
         precision: auto, 32-true or bf16-mixed
         new_tokens: train the token rows the captions use in the text embedding and head (rows), both whole (modules)
         caption_fraction: share of caption-order samples (default: t2i 0, caption 1, joint 0.5)
         text_loss_weight: text loss x this (default: 1; t2i has no caption samples)
+        replay: share of the rows from the base's own data, against forgetting (e.g. 0.2; shapes bases render them)
+        replay_data: the base's training data, for --replay (any base not trained on the built-in shapes)
     """
     from mmfusion.training.finetune import finetune as run
 
-    targets = tuple(t.strip() for t in target.split(",") if t.strip())
-    save = [m.strip() for m in modules_to_save.split(",")] if modules_to_save else None
-    lora = dict(lora_r=lora_r, lora_alpha=lora_alpha, targets=targets, modules_to_save=save, full=full, merge=merge)
-    budget = dict(steps=steps, minutes=minutes, lr=lr, batch_size=batch_size, seed=seed, precision=precision)
-    loss = dict(new_tokens=new_tokens, caption_fraction=caption_fraction, text_loss_weight=text_loss_weight)
-    reading = dict(image_root=image_root, image_column=image_column, caption_column=caption_column)
-    report = run(model, data, out, task=task, **reading, **lora, **budget, **loss)
+    rest = dict(new_tokens=new_tokens, caption_fraction=caption_fraction, text_loss_weight=text_loss_weight)
+    rest |= dict(image_root=image_root, image_column=image_column, caption_column=caption_column)
+    rest |= dict(steps=steps, minutes=minutes, lr=lr, batch_size=batch_size, seed=seed, precision=precision)
+    lora = dict(lora_r=lora_r, lora_alpha=lora_alpha, targets=_names(target), modules_to_save=_names(modules_to_save))
+    report = run(model, data, out, task, **lora, **rest, full=full, merge=merge, replay=replay, replay_data=replay_data)
     print(f"{report['mode']} fine-tuning: {report['steps']} steps in {report['seconds']:.0f} s; saved to {out}")
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    """A comma-separated list of names, as a tuple (None for none)."""
+    return tuple(t.strip() for t in (text or "").split(",") if t.strip()) or None

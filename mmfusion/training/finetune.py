@@ -18,10 +18,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import datasets
 import lightning as L
 
 from mmfusion.config import DataConfig, ObjectiveConfig, RunConfig, TrainConfig
 from mmfusion.data.datamodule import MMFusionDataModule
+from mmfusion.data.datasets import load_captioned
+from mmfusion.data.shapes import build_shapes
 from mmfusion.errors import UserError
 from mmfusion.hub import data_name
 from mmfusion.model.adapters import base_fingerprint, write_record
@@ -165,6 +168,34 @@ def _adapt(net: Any, full: bool, lora: dict[str, Any], new_tokens: str, rows: li
     return add_lora(net, r, alpha, targets, modules_to_save=save or None, token_rows=trainable_rows)
 
 
+def replay_mix(
+    data: str, replay: float, replay_data: str | None, base_data: str | None, reading: dict, folder: Path, seed: int
+) -> str:
+    """A saved data set whose train split is `data`'s with old rows mixed in, `replay` of the whole: rows
+    of `replay_data`, or, for a base trained on the built-in shapes, freshly rendered shapes. The other
+    splits are `data`'s. Returns its path (columns `image` and `captions`, whatever `data` called them)."""
+    if not 0 < replay < 1:
+        raise UserError(f"--replay is the share of old rows in the fine-tuning data: within (0, 1), got {replay}")
+    new = load_captioned(data, **reading)
+    k = max(1, round(len(new["train"]) * replay / (1 - replay)))
+    if replay_data:
+        old = load_captioned(replay_data)["train"].shuffle(seed=seed)
+        old = old.select(range(min(k, len(old))))
+    elif base_data == "shapes":
+        old = build_shapes(n=k, seed=seed + 1000, n_val=1, n_test=1)["train"]
+    else:
+        raise UserError(f"--replay needs --replay-data (the base's own training data): its data is {base_data!r}")
+    columns = ["image", "captions"]
+    train = new["train"].select_columns(columns)
+    old = old.select_columns(columns).cast(train.features)
+    mixed = datasets.concatenate_datasets([train, old]).shuffle(seed=seed)
+    splits = {name: split.select_columns(columns) for name, split in new.items() if name != "train"}
+    path = folder / "replay_data"
+    datasets.DatasetDict({"train": mixed, **splits}).save_to_disk(str(path))
+    print(f"replay: {len(old):,} rows of the base's data mixed into {len(train):,} new ones")
+    return str(path)
+
+
 def _measures(
     trainer: Any, total: int, seconds: float, objective: ObjectiveConfig, new_tokens: str, rows: int
 ) -> dict[str, Any]:
@@ -180,6 +211,20 @@ def _measures(
         "new_token_rows": rows,
         "final_losses": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")},
     }
+
+
+def _fit(cfg: RunConfig, pipe: MMFusion, net: Any, datamodule: Any, out: Path, precision: str) -> tuple[Any, float]:
+    """Train `net` (the whole model or its adapter) on the data; (the trainer, seconds it took)."""
+    module = MMFusionModule(cfg, pipe.text_tokenizer, model=net, image_tokenizer=pipe.image_tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    trainer = build_trainer(cfg, out / "run", choose_precision(precision), enable_checkpointing=False)
+    with lightning_warnings_filtered():
+        trainer.fit(module, datamodule=datamodule)
+    step = stopped_at(trainer)
+    if step is not None:
+        raise stopped(trainer, f"stopped by SIGTERM at step {step}; fine-tuning keeps no checkpoint: nothing saved")
+    return trainer, time.perf_counter() - start
 
 
 def finetune(
@@ -205,15 +250,21 @@ def finetune(
     new_tokens: str = "rows",
     caption_fraction: float | None = None,
     text_loss_weight: float | None = None,
+    replay: float = 0.0,
+    replay_data: str | None = None,
 ) -> dict[str, Any]:
     """Fine-tune; saves the adapter alone (or, with `full`, a whole model folder) to `out`. `new_tokens`,
-    `caption_fraction` and `text_loss_weight`: see the module's docstring and `task_objective`."""
+    `caption_fraction` and `text_loss_weight`: see the module's docstring and `task_objective`; `replay`:
+    that share of the training rows from the base's own data (`replay_mix`), against forgetting."""
     pipe = MMFusion.from_pretrained(model)
+    base_data = pipe.training_data
     pipe.training_data = f"{pipe.training_data or 'unrecorded'}, then fine-tuned on {data_name(data)}"
     out = Path(out)
     # a bad --steps, --minutes, --precision ... is a ConfigError here: one line, before any output
     objective = task_objective(pipe.objective, task, caption_fraction, text_loss_weight)
     reading = dict(image_root=image_root, image_column=image_column, caption_column=caption_column)
+    if replay:  # the mixed data set has the usual columns
+        data, reading = replay_mix(data, replay, replay_data, base_data, reading, out / "run", seed), {}
     cfg = _run_config(pipe, data, out, objective, steps, minutes, lr, batch_size, seed, reading, precision)
     L.seed_everything(seed, verbose=False)
     base = (str(model), base_fingerprint(pipe.model))
@@ -225,18 +276,9 @@ def finetune(
     net = _adapt(pipe.model.train(), full, lora, new_tokens, rows)
     trainable, total = parameter_counts(net)
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
-    module = MMFusionModule(cfg, pipe.text_tokenizer, model=net, image_tokenizer=pipe.image_tokenizer)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    trainer = build_trainer(cfg, out / "run", choose_precision(precision), enable_checkpointing=False)
-    with lightning_warnings_filtered():
-        trainer.fit(module, datamodule=datamodule)
-    seconds = time.perf_counter() - start
-    step = stopped_at(trainer)
-    if step is not None:
-        raise stopped(trainer, f"stopped by SIGTERM at step {step}; fine-tuning keeps no checkpoint: nothing saved")
+    trainer, seconds = _fit(cfg, pipe, net, datamodule, out, precision)
     _save(pipe, net.eval(), out, full, merge, base)
-    report = {"task": task, "mode": "full" if full else "lora", "trainable_parameters": trainable}
+    report = {"task": task, "mode": "full" if full else "lora", "trainable_parameters": trainable, "replay": replay}
     report |= _measures(trainer, total, seconds, objective, "off" if full or not rows else new_tokens, len(rows))
     (out / "finetune_report.json").write_text(json.dumps(report, indent=2))
     return report

@@ -82,3 +82,33 @@ def test_finetune_reads_the_columns_it_is_told(trained_tiny, tmp_path):
         _run(trained_tiny, str(tmp_path / "data"), tmp_path / "a", task="caption")
     report = _run(trained_tiny, str(tmp_path / "data"), tmp_path / "b", task="caption", caption_column="words")
     assert report["steps"] == 6 and report["new_token_rows"] > 0
+
+
+def test_replay_mixes_the_bases_own_rows_into_the_training_split(trained_tiny, new_word_data, tmp_path):
+    """`replay=0.25`: a quarter of the training rows are the base's (rendered shapes for a shapes base),
+    the rest the new data; the held-out splits stay the new data's; the report records it."""
+    from mmfusion.training.finetune import replay_mix
+
+    new = datasets.load_from_disk(new_word_data)
+    path = replay_mix(
+        new_word_data,
+        0.25,
+        None,
+        "shapes",
+        dict.fromkeys(("image_root", "image_column", "caption_column")),
+        tmp_path,
+        0,
+    )
+    mixed = datasets.load_from_disk(path)
+    n_new = len(new["train"])
+    assert len(mixed["train"]) == n_new + round(n_new / 3)
+    with_word = sum(any(WORD in c for c in caps) for caps in mixed["train"]["captions"])
+    assert with_word == sum(any(WORD in c for c in caps) for caps in new["train"]["captions"])
+    assert len(mixed["train"]) - with_word >= round(n_new / 3)  # the replayed rows carry no new word
+    assert len(mixed["test"]) == len(new["test"])
+    with pytest.raises(UserError, match="--replay needs --replay-data"):
+        replay_mix(new_word_data, 0.25, None, "my-photos", {}, tmp_path / "b", 0)
+    with pytest.raises(UserError, match=r"within \(0, 1\)"):
+        replay_mix(new_word_data, 1.5, None, "shapes", {}, tmp_path / "c", 0)
+    report = _run(trained_tiny, new_word_data, tmp_path / "run", task="caption", replay=0.25)
+    assert report["replay"] == 0.25 and report["steps"] == 6
