@@ -20,11 +20,15 @@ def shapes(
     n_test: int | None = None,
     pair_fraction: float = 0.5,
     colours: str = "red,green,blue,yellow",
+    shapes: str = "circle,square,triangle",
+    domain: str | None = None,
 ) -> None:
     """Render the built-in captioned "shapes" data set and save it as a `datasets` DatasetDict.
 
     One or two solid objects (circle, square, triangle; red, green, blue, yellow) on white; pairs
-    stand in a relation (left of, right of, above, below). Each image has 6 captions.
+    stand in a relation (left of, right of, above, below). Each image has 6 captions. A downstream
+    domain (--domain new_shapes: crosses, diamonds, rings; --domain digits: purple and orange two,
+    three, five, seven) is a set of the same kind whose words the base set never shows, for fine-tuning.
 
     Args:
         out: folder to write (loadable with `datasets.load_from_disk`)
@@ -35,19 +39,47 @@ def shapes(
         n_test: test images (default: n / 20, at least 200 and at most 1,000)
         pair_fraction: fraction of images with two objects
         colours: comma-separated palette (also purple, orange: a shifted set for fine-tuning)
+        shapes: comma-separated object kinds (also cross, diamond, ring, two, three, five, seven)
+        domain: new_shapes or digits: sets the colours and shapes of that downstream domain
     """
     from mmfusion.data.shapes import build_shapes
 
-    palette = tuple(c.strip() for c in colours.split(",") if c.strip())
+    palette, kinds = _names(colours), _names(shapes)
+    if domain is not None:
+        palette, kinds = _domain(domain, palette, kinds)
     try:
         ds = build_shapes(
-            n=n, size=size, seed=seed, n_val=n_val, n_test=n_test, pair_fraction=pair_fraction, colours=palette
+            n=n,
+            size=size,
+            seed=seed,
+            n_val=n_val,
+            n_test=n_test,
+            pair_fraction=pair_fraction,
+            colours=palette,
+            shapes=kinds,
         )
     except ValueError as err:
         raise UserError(str(err)) from err
     ds.save_to_disk(out)
     counts = ", ".join(f"{k}: {len(v)}" for k, v in ds.items())
     print(f"wrote shapes ({counts}) to {out}")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """A comma-separated list of names."""
+    return tuple(c.strip() for c in text.split(",") if c.strip())
+
+
+def _domain(domain: str, palette: tuple[str, ...], kinds: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+    """The colours and shapes of a downstream domain; refused by name when unknown, and when --colours or
+    --shapes ask for others (the domain sets both)."""
+    from mmfusion.data.shapes import COLOURS, DOMAINS, SHAPES
+
+    if domain not in DOMAINS:
+        raise UserError(f"unknown domain {domain!r}; known: {', '.join(DOMAINS)}")
+    if palette != tuple(COLOURS) or kinds != SHAPES:
+        raise UserError("--domain sets the colours and shapes; give it without --colours and --shapes")
+    return DOMAINS[domain]["colours"], DOMAINS[domain]["shapes"]
 
 
 def export(*, data: str, out: str, format: Literal["imagefolder", "coco"] = "imagefolder", split: str = "test") -> None:

@@ -2,12 +2,17 @@
 
 Deterministic: image i of a split is drawn from its own random generator seeded by (seed, split, i),
 so any image can be re-rendered alone and a larger set starts with the images of a smaller one.
+
+Besides the three base shapes, `EXTRA_SHAPES` (cross, diamond, ring and the digits two, three, five,
+seven) make downstream `DOMAINS`: data sets in the same scenes and caption language whose words the
+base model has never seen, for fine-tuning benchmarks (LoRA on a new domain).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +29,86 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 EXTRA_COLOURS: dict[str, tuple[int, int, int]] = {"purple": (150, 40, 170), "orange": (245, 130, 20)}
 ALL_COLOURS = {**COLOURS, **EXTRA_COLOURS}
 SHAPES = ("circle", "square", "triangle")
+Mask = Callable[[int, int], np.ndarray]  # (w, h) -> boolean (h, w) mask of the object in its w x h box
+_EPS = 1e-9  # pixel centres exactly on an outline belong to the shape
+
+
+def _centred(w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel centres of a w x h box relative to its centre, in units of the half sides (-1 .. 1)."""
+    ys, xs = np.mgrid[0:h, 0:w]
+    return (xs + 0.5 - w / 2) / (w / 2), (ys + 0.5 - h / 2) / (h / 2)
+
+
+def cross_mask(w: int, h: int) -> np.ndarray:
+    """A plus sign: a horizontal and a vertical bar through the centre, each a third of the side thick
+    (symmetric about the centre, so its thickness is rounded to the side's parity)."""
+    x, y = _centred(w, h)
+    return (np.abs(x) <= 1 / 3 + _EPS) | (np.abs(y) <= 1 / 3 + _EPS)
+
+
+def diamond_mask(w: int, h: int) -> np.ndarray:
+    """A square turned 45 degrees: its corners at the midpoints of the box's edges."""
+    x, y = _centred(w, h)
+    return np.abs(x) + np.abs(y) <= 1 + _EPS
+
+
+def ring_mask(w: int, h: int) -> np.ndarray:
+    """An annulus filling the box, a quarter of the side thick: the inner radius is half the outer one,
+    and the hole is left white."""
+    x, y = _centred(w, h)
+    r2 = x * x + y * y
+    return (r2 <= 1 + _EPS) & (r2 > 0.25 + _EPS)
+
+
+# 3 x 5 digit bitmaps, drawn as connected strokes (seven-segment style)
+DIGIT_BITMAPS: dict[str, tuple[str, ...]] = {
+    "two": ("###", "..#", "###", "#..", "###"),
+    "three": ("###", "..#", "###", "..#", "###"),
+    "five": ("###", "#..", "###", "..#", "###"),
+    "seven": ("###", "..#", "..#", "..#", "..#"),
+}
+DIGIT_WIDTH = 0.6  # a digit is 0.6 x its object's side wide and the full side tall
+
+
+def glyph(name: str, w: int, h: int) -> np.ndarray:
+    """Digit `name`'s bitmap scaled with nearest neighbour to fill a w x h box exactly."""
+    cells = np.array([[ch == "#" for ch in row] for row in DIGIT_BITMAPS[name]])
+    rows = ((np.arange(h) + 0.5) * cells.shape[0] / h).astype(int)
+    cols = ((np.arange(w) + 0.5) * cells.shape[1] / w).astype(int)
+    return cells[rows][:, cols]
+
+
+def digit_width(side: int) -> int:
+    """Width in pixels of a digit drawn in a box `side` pixels wide (at least its 3 bitmap columns)."""
+    return max(3, round(DIGIT_WIDTH * side))
+
+
+def _digit(name: str) -> Mask:
+    def mask(w: int, h: int) -> np.ndarray:
+        out, gw = np.zeros((h, w), dtype=bool), digit_width(w)
+        x0 = (w - gw) // 2
+        out[:, x0 : x0 + gw] = glyph(name, gw, h)
+        return out
+
+    mask.__doc__ = f"The digit {name} centred in the box, {DIGIT_WIDTH} x its width wide and as tall as it."
+    return mask
+
+
+# object kinds beyond SHAPES, each drawn from its mask (name -> mask renderer)
+EXTRA_SHAPES: dict[str, Mask] = {
+    "cross": cross_mask,
+    "diamond": diamond_mask,
+    "ring": ring_mask,
+    **{name: _digit(name) for name in DIGIT_BITMAPS},
+}
+ALL_SHAPES = SHAPES + tuple(EXTRA_SHAPES)
+# extra shapes are at least this fraction of the image side (11 px at 32), so that digits stay legible
+EXTRA_MIN_SIDE = 0.34
+# downstream domains: palettes and object kinds the base shapes data never shows
+DOMAINS: dict[str, dict[str, tuple[str, ...]]] = {
+    "new_shapes": {"colours": ("red", "green", "blue", "yellow"), "shapes": ("cross", "diamond", "ring")},
+    "digits": {"colours": ("purple", "orange"), "shapes": ("two", "three", "five", "seven")},
+}
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
 SPLIT_OFFSET = {"train": 0, "validation": 1, "test": 2}
@@ -97,7 +182,10 @@ def draw_scene(scene: Scene, size: int) -> Image.Image:
     for obj in scene.objects:
         x0, y0, x1, y1 = obj.bbox()
         fill = ALL_COLOURS[obj.colour]
-        if obj.shape == "circle":
+        if obj.shape in EXTRA_SHAPES:
+            mask = EXTRA_SHAPES[obj.shape](x1 - x0 + 1, y1 - y0 + 1)
+            img.paste(fill, (x0, y0, x1 + 1, y1 + 1), Image.fromarray(mask.astype(np.uint8) * 255))
+        elif obj.shape == "circle":
             draw.ellipse((x0, y0, x1, y1), fill=fill)
         elif obj.shape == "square":
             draw.rectangle((x0, y0, x1, y1), fill=fill)
@@ -107,26 +195,35 @@ def draw_scene(scene: Scene, size: int) -> Image.Image:
 
 
 def _object(
-    rng: np.random.Generator, size: int, lo: float, hi: float, colours: tuple[str, ...]
+    rng: np.random.Generator, size: int, lo: float, hi: float, colours: tuple[str, ...], shapes: tuple[str, ...]
 ) -> tuple[str, str, int]:
+    """A random colour, shape and side; an extra shape is raised to `EXTRA_MIN_SIDE` afterwards, so the
+    generator draws the same numbers whatever the shapes are."""
     colour = str(rng.choice(list(colours)))
-    shape = str(rng.choice(SHAPES))
+    shape = str(rng.choice(shapes))
     side = int(rng.integers(round(lo * size), round(hi * size) + 1))
+    if shape in EXTRA_SHAPES:
+        side = max(side, round(EXTRA_MIN_SIDE * size))
     return colour, shape, side
 
 
 def random_scene(
-    rng: np.random.Generator, size: int = 32, pair_fraction: float = 0.5, colours: tuple[str, ...] = tuple(COLOURS)
+    rng: np.random.Generator,
+    size: int = 32,
+    pair_fraction: float = 0.5,
+    colours: tuple[str, ...] = tuple(COLOURS),
+    shapes: tuple[str, ...] = SHAPES,
 ) -> Scene:
     """One or two objects at random; a pair is placed so that its relation is unambiguous."""
     if rng.random() >= pair_fraction:
-        colour, shape, side = _object(rng, size, 0.34, 0.56, colours)
+        colour, shape, side = _object(rng, size, 0.34, 0.56, colours, shapes)
         cx = rng.uniform(side / 2 + 1, size - side / 2 - 1)
         cy = rng.uniform(side / 2 + 1, size - side / 2 - 1)
         return Scene((ShapeObject(colour, shape, cx, cy, side),))
-    (ca, sa, da), (cb, sb, db) = _object(rng, size, 0.25, 0.38, colours), _object(rng, size, 0.25, 0.38, colours)
+    ca, sa, da = _object(rng, size, 0.25, 0.38, colours, shapes)
+    cb, sb, db = _object(rng, size, 0.25, 0.38, colours, shapes)
     while (cb, sb) == (ca, sa):  # two identical objects would make the caption ambiguous
-        cb, sb, db = _object(rng, size, 0.25, 0.38, colours)
+        cb, sb, db = _object(rng, size, 0.25, 0.38, colours, shapes)
     relation = str(rng.choice(RELATIONS))
     gap = max(2.0, 0.08 * size)
     # along the relation axis: a first, then b, at least `gap` apart; across it: nearly aligned
@@ -147,8 +244,9 @@ def random_scene(
 
 
 def class_label(scene: Scene) -> int:
-    """Class index colour x shape (0..11) of a one-object scene, -1 for pairs."""
-    if len(scene.objects) != 1 or scene.objects[0].colour not in COLOURS:
+    """Class index colour x shape (0..11) of a one-object scene, -1 for pairs and for objects outside the
+    base colours and shapes."""
+    if len(scene.objects) != 1 or scene.objects[0].colour not in COLOURS or scene.objects[0].shape not in SHAPES:
         return -1
     obj = scene.objects[0]
     return list(COLOURS).index(obj.colour) * len(SHAPES) + SHAPES.index(obj.shape)
@@ -158,6 +256,16 @@ def class_names() -> list[str]:
     return [f"{c} {s}" for c in COLOURS for s in SHAPES]
 
 
+def check_names(colours: tuple[str, ...], shapes: tuple[str, ...]) -> None:
+    """Refuse unknown colour or shape names (ValueError, one line naming the known ones)."""
+    for kind, names, known in (("colour", colours, ALL_COLOURS), ("shape", shapes, ALL_SHAPES)):
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"unknown {kind} {unknown[0]!r}; known: {', '.join(known)}")
+        if not names:
+            raise ValueError(f"no {kind}s to draw from; known: {', '.join(known)}")
+
+
 def render_example(
     seed: int,
     split: str,
@@ -165,13 +273,12 @@ def render_example(
     size: int = 32,
     pair_fraction: float = 0.5,
     colours: tuple[str, ...] = tuple(COLOURS),
+    shapes: tuple[str, ...] = SHAPES,
 ) -> dict:
     """Example `index` of `split`: image, captions and the scene that produced them."""
-    unknown = [c for c in colours if c not in ALL_COLOURS]
-    if unknown:
-        raise ValueError(f"unknown colour {unknown[0]!r}; known: {', '.join(ALL_COLOURS)}")
+    check_names(colours, shapes)
     rng = np.random.default_rng([seed, SPLIT_OFFSET[split], index])
-    scene = random_scene(rng, size, pair_fraction, tuple(colours))
+    scene = random_scene(rng, size, pair_fraction, tuple(colours), tuple(shapes))
     return {
         "image": draw_scene(scene, size),
         "captions": scene.captions(rng),
@@ -190,13 +297,16 @@ def build_shapes(
     n_test: int | None = None,
     pair_fraction: float = 0.5,
     colours: tuple[str, ...] = tuple(COLOURS),
+    shapes: tuple[str, ...] = SHAPES,
 ):  # noqa: ANN201
     """A `datasets.DatasetDict` with train / validation / test splits of rendered scenes
-    (`colours`: the palette drawn from, e.g. ("purple",) for a shifted set)."""
+    (`colours`: the palette drawn from, e.g. ("purple",) for a shifted set; `shapes`: the object kinds,
+    e.g. `DOMAINS["digits"]["shapes"]` for a downstream domain)."""
     import datasets
 
     if size not in (32, 64):
         raise ValueError(f"shapes are rendered at 32 or 64 pixels, got size={size}")
+    check_names(tuple(colours), tuple(shapes))
     held_out = min(1000, n // 20)  # held-out splits stop growing at 1,000 images
     sizes = {
         "train": n,
@@ -223,7 +333,7 @@ def build_shapes(
     )
     splits = {}
     for split, count in sizes.items():
-        rows = [render_example(seed, split, i, size, pair_fraction, colours) for i in range(count)]
+        rows = [render_example(seed, split, i, size, pair_fraction, colours, shapes) for i in range(count)]
         splits[split] = datasets.Dataset.from_list(rows, features=features)
     return datasets.DatasetDict(splits)
 

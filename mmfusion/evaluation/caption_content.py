@@ -4,8 +4,10 @@ n-gram metrics such as CIDEr are blunt here: a caption with the wrong relation o
 shares most of its n-grams with the references and still scores high. This judge reads a caption in
 any phrasing the data's templates produce (`mmfusion.data.shapes`), turns it into what it states
 (which colour-shape objects, and which one is left of / above which), and compares that with the
-scene the image was drawn from. Inverse phrasings state the same fact: "a blue square to the right
-of a red circle" is right for a red circle left of a blue square.
+scene the image was drawn from. Any colour and shape the data knows reads, so the captions of the
+downstream domains ("a red ring above a blue cross", "a single purple seven") are judged alike.
+Inverse phrasings state the same fact: "a blue square to the right of a red circle" is right for a
+red circle left of a blue square.
 
 A two-object caption counts only when it states the relation: "a red circle and a blue square" (one
 of the templates) names the objects but does not say what the scene says about them.
@@ -18,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mmfusion.data.shapes import ALL_COLOURS, INVERSE, PAIR_TEMPLATES, RELATIONS, SHAPES, SINGLE_TEMPLATES
+from mmfusion.data.shapes import ALL_COLOURS, ALL_SHAPES, INVERSE, PAIR_TEMPLATES, RELATIONS, SINGLE_TEMPLATES
 from mmfusion.evaluation.shapes import proportions
 
 Thing = tuple[str, str]  # (colour, shape)
@@ -77,7 +79,7 @@ class Statement:
             if m is None:
                 continue
             things = [(m[f"c{i}"], m[f"s{i}"]) for i in (1, 2) if f"c{i}" in m.groupdict()]
-            if any(c not in ALL_COLOURS or s not in SHAPES for c, s in things):
+            if any(c not in ALL_COLOURS or s not in ALL_SHAPES for c, s in things):
                 continue
             rel = m.groupdict().get("rel")
             fact = canonical_fact(things[0], rel, things[1]) if rel else None

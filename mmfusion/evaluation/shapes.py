@@ -4,19 +4,39 @@ Strict on purpose: it counts objects of plausible size exactly, rejects clutter 
 away from the named objects), classifies each object's shape by which corners of its bounding box
 are filled (all four: square; the bottom two only: upright triangle; none: circle) together with
 its fill ratio, and checks a pair's relation between centroids with a margin.
+
+Prompts that name an extra shape of a downstream domain (cross, diamond, ring, the digits) are
+judged the same way, except that each object's shape is found by template matching against every
+known shape (`classify_template`); prompts of base shapes only are judged exactly as before.
 """
 
 from __future__ import annotations
 
 import re
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from itertools import permutations
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageDraw
 
-from mmfusion.data.shapes import ALL_COLOURS, COLOURS, RELATIONS, SHAPES, class_names, render_example
+from mmfusion.data.shapes import (
+    ALL_COLOURS,
+    ALL_SHAPES,
+    COLOURS,
+    DIGIT_BITMAPS,
+    DIGIT_WIDTH,
+    DOMAINS,
+    EXTRA_SHAPES,
+    RELATIONS,
+    SHAPES,
+    class_names,
+    glyph,
+    render_example,
+)
 
 _PROMPT = re.compile(
     r"^a (?P<c1>\w+) (?P<s1>\w+)(?: (?P<rel>" + "|".join(RELATIONS) + r") a (?P<c2>\w+) (?P<s2>\w+))?$"
@@ -30,13 +50,14 @@ class Prompt:
 
     @classmethod
     def parse(cls, text: str) -> Prompt:
-        """Parse a plain shapes prompt: `a red circle` or `a red circle to the left of a blue square`."""
+        """Parse a plain shapes prompt: `a red circle` or `a red circle to the left of a blue square`
+        (any colour of ALL_COLOURS, any shape of ALL_SHAPES)."""
         m = _PROMPT.match(text.strip().lower())
-        if not m or m["c1"] not in ALL_COLOURS or m["s1"] not in SHAPES:
+        if not m or m["c1"] not in ALL_COLOURS or m["s1"] not in ALL_SHAPES:
             raise ValueError(f"not a plain shapes prompt: {text!r}")
         if m["rel"] is None:
             return cls(((m["c1"], m["s1"]),))
-        if m["c2"] not in ALL_COLOURS or m["s2"] not in SHAPES:
+        if m["c2"] not in ALL_COLOURS or m["s2"] not in ALL_SHAPES:
             raise ValueError(f"not a plain shapes prompt: {text!r}")
         return cls(((m["c1"], m["s1"]), (m["c2"], m["s2"])), m["rel"])
 
@@ -134,8 +155,57 @@ def classify_shape(pts: np.ndarray) -> str:
     return "?"
 
 
-def find_blobs(img: np.ndarray, names: list[str] | None = None, min_area_frac: float = 0.02) -> tuple[list[Blob], int]:
-    """Objects of plausible size, and the number of stray coloured pixels away from them."""
+@lru_cache(maxsize=4096)
+def template(shape: str, w: int, h: int) -> np.ndarray:
+    """Boolean (h, w) mask of `shape` drawn to fill a w x h box exactly, as the data's renderer draws it
+    (a digit's glyph fills the box: its tight bounding box is narrower than its object's square)."""
+    if shape in EXTRA_SHAPES:
+        mask = glyph(shape, w, h) if shape in DIGIT_BITMAPS else EXTRA_SHAPES[shape](w, h)
+        mask.flags.writeable = False  # shared by the cache
+        return mask
+    img = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(img)
+    if shape == "circle":
+        draw.ellipse((0, 0, w - 1, h - 1), fill=255)
+    elif shape == "square":
+        draw.rectangle((0, 0, w - 1, h - 1), fill=255)
+    else:
+        draw.polygon([((w - 1) / 2, 0), (w - 1, h - 1), (0, h - 1)], fill=255)
+    mask = np.asarray(img) > 0
+    mask.flags.writeable = False  # shared by the cache
+    return mask
+
+
+def classify_template(pts: np.ndarray, min_iou: float = 0.6, max_aspect_ratio: float = 1.3) -> str:
+    """The shape of ALL_SHAPES whose template, drawn at the blob's tight bounding box, overlaps the blob's
+    pixels best (IoU); '?' below `min_iou`. A candidate is only considered when the box's width / height
+    is within `max_aspect_ratio` of the candidate's own (1 for the square-box shapes, DIGIT_WIDTH for
+    digits), so a squashed circle is no digit and a wide digit no ring."""
+    ys, xs = pts[:, 0], pts[:, 1]
+    y0, x0 = ys.min(), xs.min()
+    h, w = ys.max() - y0 + 1, xs.max() - x0 + 1
+    box = np.zeros((h, w), dtype=bool)
+    box[ys - y0, xs - x0] = True
+    best, best_iou = "?", 0.0
+    for shape in ALL_SHAPES:
+        aspect = DIGIT_WIDTH if shape in DIGIT_BITMAPS else 1.0
+        if max(w / h / aspect, aspect * h / w) > max_aspect_ratio:
+            continue
+        t = template(shape, int(w), int(h))
+        iou = (t & box).sum() / (t | box).sum()
+        if iou > best_iou:
+            best, best_iou = shape, iou
+    return best if best_iou >= min_iou else "?"
+
+
+def find_blobs(
+    img: np.ndarray,
+    names: list[str] | None = None,
+    min_area_frac: float = 0.02,
+    classify: Callable[[np.ndarray], str] = classify_shape,
+) -> tuple[list[Blob], int]:
+    """Objects of plausible size, and the number of stray coloured pixels away from them (`classify`
+    names each object's shape from its (y, x) pixel coordinates)."""
     names = names or list(COLOURS)
     labels = classify_pixels(img, names)
     h, w = labels.shape
@@ -152,7 +222,7 @@ def find_blobs(img: np.ndarray, names: list[str] | None = None, min_area_frac: f
                     float(pts[:, 1].mean()),
                     float(pts[:, 0].mean()),
                     (int(pts[:, 1].min()), int(pts[:, 0].min()), int(pts[:, 1].max()), int(pts[:, 0].max())),
-                    classify_shape(pts),
+                    classify(pts),
                 )
             )
     # boundary fringe (one pixel around an object) is not clutter
@@ -174,11 +244,25 @@ def relation_holds(a: Blob, b: Blob, relation: str, size: int, margin: float = 0
     return along > margin * size and along > across
 
 
-def check_image(img: np.ndarray | object, prompt: str | Prompt, max_stray_frac: float = 0.02) -> Verdict:
-    """Judge one generated image (H, W, 3 uint8 array or PIL image) against a plain shapes prompt."""
+EXTRA_MIN_AREA_FRAC = 0.01  # smallest object (fraction of the image) when a prompt names an extra shape
+
+
+def check_image(
+    img: np.ndarray | object, prompt: str | Prompt, max_stray_frac: float = 0.02, *, templates: bool = False
+) -> Verdict:
+    """Judge one generated image (H, W, 3 uint8 array or PIL image) against a plain shapes prompt.
+
+    A prompt naming a shape outside the base three is judged with shapes classified by
+    `classify_template` (and objects counted from `EXTRA_MIN_AREA_FRAC` of the image, for thin strokes).
+    A prompt of base shapes only is judged exactly as the base benchmark always judged it, unless
+    `templates`: the base classifier takes a ring, or a thick cross, for a circle, so judge a model
+    fine-tuned on new shapes with `templates=True` when asking it for base shapes."""
     img = np.asarray(img.convert("RGB") if hasattr(img, "convert") else img)
     p = Prompt.parse(prompt) if isinstance(prompt, str) else prompt
-    blobs, stray = find_blobs(img, palette_for(p))
+    if not templates and all(s in SHAPES for _, s in p.objects):
+        blobs, stray = find_blobs(img, palette_for(p))
+    else:
+        blobs, stray = find_blobs(img, palette_for(p), EXTRA_MIN_AREA_FRAC, classify_template)
     size = img.shape[0]
     clean = stray <= max_stray_frac * img.shape[0] * img.shape[1]
     count = len(blobs) == len(p.objects)
@@ -217,6 +301,23 @@ def benchmark_prompts(n_single: int = 48, n_pair: int = 48, seed: int = 0) -> li
     pairs, i = [], 0
     while len(pairs) < n_pair:
         ex = render_example(seed + 1000, "test", i)
+        if ex["relation"]:
+            pairs.append(ex["text"])
+        i += 1
+    return single + pairs
+
+
+def domain_prompts(domain: str, n_single: int, n_pair: int, seed: int = 0) -> list[str]:
+    """Plain prompts of a downstream domain (`DOMAINS`): each of its colour x shape objects equally often,
+    and pairs drawn from the domain's test split scenes (seed + 1000, as `benchmark_prompts`)."""
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; known: {', '.join(DOMAINS)}")
+    colours, shapes = DOMAINS[domain]["colours"], DOMAINS[domain]["shapes"]
+    names = [f"{c} {s}" for c in colours for s in shapes]
+    single = [f"a {names[i % len(names)]}" for i in range(n_single)]
+    pairs, i = [], 0
+    while len(pairs) < n_pair:
+        ex = render_example(seed + 1000, "test", i, colours=colours, shapes=shapes)
         if ex["relation"]:
             pairs.append(ex["text"])
         i += 1

@@ -86,6 +86,35 @@ def test_data_and_tokenizer_commands(tmp_path, capsys):
     assert (tmp_path / "c" / "captions_test.json").exists()
 
 
+def test_data_shapes_of_a_domain(tmp_path, capsys):
+    import datasets
+
+    from mmfusion.data.shapes import DOMAINS
+
+    assert main(["data", "shapes", "--domain", "digits", "--n", "50", "--out", str(tmp_path / "d")]) == 0
+    assert "train: 50" in capsys.readouterr().out
+    rows = datasets.load_from_disk(str(tmp_path / "d"))["train"]
+    objects = [o for row in rows for o in row["objects"]]
+    assert {o["shape"] for o in objects} == set(DOMAINS["digits"]["shapes"])
+    assert {o["colour"] for o in objects} == set(DOMAINS["digits"]["colours"])
+    out = tmp_path / "s"
+    assert (
+        main(["data", "shapes", "--shapes", "ring,cross", *"--n 20 --n-val 2 --n-test 2".split(), "--out", str(out)])
+        == 0
+    )
+    shapes = {o["shape"] for row in datasets.load_from_disk(str(out))["train"] for o in row["objects"]}
+    assert shapes == {"ring", "cross"}
+    for args, message in (
+        (["--domain", "letters"], "error: unknown domain 'letters'; known: new_shapes, digits"),
+        (["--shapes", "ring,hexagon"], "error: unknown shape 'hexagon'; known: circle, square, triangle, cross"),
+        (["--domain", "digits", "--colours", "red"], "error: --domain sets the colours and shapes"),
+    ):
+        code = main(["data", "shapes", "--n", "10", "--out", str(tmp_path / "bad"), *args])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith(message) and "\n" not in err, err
+        assert not (tmp_path / "bad").exists()
+
+
 def test_missing_data_is_one_line_error(tmp_path, capsys):
     code = main(["tokenizer", "train", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "t")])
     err = capsys.readouterr().err.strip()

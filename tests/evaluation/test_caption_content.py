@@ -10,6 +10,7 @@ import pytest
 
 from mmfusion.data.shapes import (
     ALL_COLOURS,
+    DOMAINS,
     INVERSE,
     PAIR_TEMPLATES,
     RELATIONS,
@@ -129,3 +130,58 @@ def test_parts_and_intervals():
     assert lo == 0.0 and 0.0 < hi < 0.25  # a Wilson interval, not a point
     garbage = caption_content(["to the left of"] * len(pairs), pairs)["pair"]
     assert garbage["parsed"] == 0.0 and garbage["count"] == 0.0
+
+
+@pytest.mark.parametrize("domain", list(DOMAINS))
+@pytest.mark.parametrize("pair_fraction", [0.0, 1.0])
+def test_every_template_with_domain_objects_parses_as_its_scene(domain, pair_fraction):
+    rng = np.random.default_rng(1)
+    colours, shapes = DOMAINS[domain]["colours"], DOMAINS[domain]["shapes"]
+    for scene in (random_scene(rng, 32, pair_fraction, colours, shapes) for _ in range(100)):
+        truth = Statement.of_scene(_objects(scene), scene.relation)
+        for caption in _every_phrasing(scene):
+            said = Statement.parse(caption)
+            assert said is not None and said.objects == truth.objects, caption
+            assert said.fact == (truth.fact if " and a " not in caption else None), caption
+            assert judge_caption(caption, _objects(scene), scene.relation).correct == (said.fact == truth.fact)
+
+
+@pytest.mark.parametrize("domain", list(DOMAINS))
+def test_domain_captions_are_right_and_a_wrong_digit_or_relation_scores_zero(domain):
+    colours, shapes = DOMAINS[domain]["colours"], DOMAINS[domain]["shapes"]
+    rows = [render_example(2, "test", i, colours=colours, shapes=shapes) for i in range(200)]
+    m = caption_content([r["text"] for r in rows], rows)
+    assert m["single"]["accuracy"] == 1.0 and m["pair"]["accuracy"] == 1.0
+    for r in rows:
+        stated = [c for c in r["captions"] if " and a " not in c]
+        assert all(judge_caption(c, r["objects"], r["relation"]).correct for c in stated), r["captions"]
+    wrong, wrong_rows = [], []
+    for r in rows:
+        things = [(o["colour"], o["shape"]) for o in r["objects"]]
+        for k, (colour, shape) in enumerate(things):  # every other shape of the domain (a wrong digit) in turn
+            for other in (s for s in shapes if s != shape):
+                changed = [*things[:k], (colour, other), *things[k + 1 :]]
+                words = [f"{c} {s}" for c, s in changed]
+                wrong.append(f"a {words[0]}" if len(words) == 1 else f"a {words[0]} {r['relation']} a {words[1]}")
+                wrong_rows.append(r)
+        if r["relation"]:
+            a, b = (f"{c} {s}" for c, s in things)
+            wrong += [f"a {a} {rel} a {b}" for rel in RELATIONS if rel != r["relation"]] + [
+                f"a {b} {r['relation']} a {a}",
+                f"two shapes : a {a} {INVERSE[r['relation']]} a {b}",
+            ]
+            wrong_rows += [r] * (len(RELATIONS) + 1)
+    m = caption_content(wrong, wrong_rows)
+    assert m["single"]["accuracy"] == 0.0 and m["pair"]["accuracy"] == 0.0
+    assert m["single"]["parsed"] == 1.0 and m["pair"]["parsed"] == 1.0  # read, and judged wrong
+    assert m["pair"]["n"] > 300
+
+
+def test_digit_words_are_objects_not_counts():
+    """'two shapes : ...' is a template's opening; 'a purple two' an object."""
+    objects = [{"colour": "purple", "shape": "two"}, {"colour": "orange", "shape": "seven"}]
+    assert judge_caption("two shapes : a purple two above a orange seven", objects, "above").correct
+    assert judge_caption("a orange seven below a purple two", objects, "above").correct
+    assert not judge_caption("a purple seven above a orange two", objects, "above").correct
+    assert Statement.parse("a purple two") == Statement((("purple", "two"),))
+    assert Statement.parse("a purple hexagon") is None
