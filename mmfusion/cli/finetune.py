@@ -13,15 +13,15 @@ def finetune(
     data: str,
     out: str,
     task: Literal["t2i", "caption", "joint"] = "joint",
-    lora_r: int = 8,
-    lora_alpha: int = 16,
-    target: str = "q_proj,k_proj,v_proj,o_proj",
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    target: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
     modules_to_save: str | None = None,
     full: bool = False,
     merge: bool = False,
     steps: int = 300,
     minutes: float | None = None,
-    lr: float = 1e-3,
+    lr: float | None = None,
     batch_size: int = 32,
     seed: int = 0,
     image_root: str | None = None,
@@ -49,7 +49,7 @@ def finetune(
         merge: also write OUT/merged, the model with the adapter merged in
         steps: training steps
         minutes: stop after this many minutes even if steps remain
-        lr: learning rate
+        lr: learning rate (default: 3e-3 for LoRA, 1e-3 for --full)
         batch_size: images per step
         seed: random seed
         precision: auto, 32-true or bf16-mixed

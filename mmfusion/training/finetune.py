@@ -31,7 +31,7 @@ from mmfusion.model.adapters import base_fingerprint, write_record
 from mmfusion.pipeline import MMFusion
 from mmfusion.tokenizers.text import TextTokenizer
 from mmfusion.training.callbacks import lightning_warnings_filtered, stopped, stopped_at
-from mmfusion.training.lora import ATTENTION, add_lora, parameter_counts
+from mmfusion.training.lora import ATTENTION, MLP, add_lora, parameter_counts
 from mmfusion.training.module import MMFusionModule
 from mmfusion.training.trainer import build_trainer, choose_precision
 
@@ -39,6 +39,9 @@ TASKS = ("t2i", "caption", "joint")
 NEW_TOKENS = ("rows", "modules", "off")
 JOINT_CAPTION_FRACTION = 0.5
 JOINT_TEXT_LOSS_WEIGHT = 1.0
+# learning rates by default: the adapter's low-rank updates want a larger step than the whole model's
+# (scripts/downstream.py, docs/experiments.md)
+LORA_LR, FULL_LR = 3e-3, 1e-3
 
 
 def task_objective(
@@ -232,14 +235,14 @@ def finetune(
     data: str,
     out: str | Path,
     task: str = "joint",
-    lora_r: int = 8,
-    lora_alpha: int = 16,
-    targets: tuple[str, ...] = ATTENTION,
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    targets: tuple[str, ...] = ATTENTION + MLP,
     modules_to_save: list[str] | None = None,
     full: bool = False,
     steps: int = 300,
     minutes: float | None = None,
-    lr: float = 1e-3,
+    lr: float | None = None,
     batch_size: int = 32,
     merge: bool = False,
     seed: int = 0,
@@ -262,6 +265,7 @@ def finetune(
     out = Path(out)
     # a bad --steps, --minutes, --precision ... is a ConfigError here: one line, before any output
     objective = task_objective(pipe.objective, task, caption_fraction, text_loss_weight)
+    lr = lr or (FULL_LR if full else LORA_LR)
     reading = dict(image_root=image_root, image_column=image_column, caption_column=caption_column)
     if replay:  # the mixed data set has the usual columns
         data, reading = replay_mix(data, replay, replay_data, base_data, reading, out / "run", seed), {}

@@ -104,6 +104,7 @@ def test_data_shapes_of_a_domain(tmp_path, capsys):
     )
     shapes = {o["shape"] for row in datasets.load_from_disk(str(out))["train"] for o in row["objects"]}
     assert shapes == {"ring", "cross"}
+    capsys.readouterr()  # what the runs above wrote (progress bars, where datasets shows them)
     for args, message in (
         (["--domain", "letters"], "error: unknown domain 'letters'; known: new_shapes, digits"),
         (["--shapes", "ring,hexagon"], "error: unknown shape 'hexagon'; known: circle, square, triangle, cross"),
