@@ -116,7 +116,7 @@ def evaluate(args: argparse.Namespace, out: Path) -> dict:
         prompts = domain_prompts(domain, N_PROMPTS, N_PROMPTS, seed=0)
         for seed in args.seeds:
             base = args.base.format(seed=seed)
-            for method in ("base", *METHODS):
+            for method in ("base", *args.methods):
                 key = f"{domain}/{seed}/{method}"
                 if key in results:
                     continue
@@ -157,9 +157,11 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=3.0, help="training time of every adaptation")
     ap.add_argument("--parallel", type=int, default=2, help="adaptations trained at once (one thread each)")
     ap.add_argument("--n", type=int, default=5000, help="training images per domain")
+    ap.add_argument("--methods", default=",".join(METHODS), help="the adaptations to run")
     args = ap.parse_args()
     args.domains = args.domains.split(",")
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.methods = args.methods.split(",")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "data_shapes" / "dataset_dict.json").exists():  # the base's kind of data, for replay
@@ -168,7 +170,7 @@ def main() -> None:
     for domain in args.domains:
         data = domain_data(domain, out, args.n)
         for seed in args.seeds:
-            for method in METHODS:
+            for method in args.methods:
                 jobs.append(
                     (
                         domain,
