@@ -1070,8 +1070,9 @@ def _start_server(model: Path, port: int, concurrency: int, log: Path) -> Any:
 def _request(client: Any, url: str, api_name: str, data: list, session: str = "") -> Any:
     """One call of a served endpoint through Gradio's documented HTTP API (what `curl` does: post the
     inputs, read the result from the event stream), fetching the images it returns; raises on an error
-    event. `session`: the session the request belongs to, as a browser tab sends it. gradio_client would
-    cost ~50x more client CPU per request on the same cores (a thread and a stream per job)."""
+    event. `session`: the session the request belongs to, as a browser tab sends it. Not gradio_client:
+    its thread and stream per job cost the client far more CPU, which on shared cores the server would
+    pay for (docs/BENCHMARKS.md)."""
     import json as _json
 
     body = {"data": data, "session_hash": session} if session else {"data": data}

@@ -84,8 +84,8 @@ def build_app(service: Service, max_queue: int = 64, concurrency: int = 8) -> An
             _caption_tab(gr, service)
         with gr.Tab("Edit"):
             _edit_tab(gr, service)
-    # queue positions sent to waiting pages once a second rather than on every change: under load the
-    # per-change updates cost each request more CPU than the rest of its handling
+    # queue positions sent to waiting pages once a second rather than on every change: under load that
+    # is far fewer messages per request (docs/BENCHMARKS.md)
     return app.queue(max_size=max_queue, default_concurrency_limit=concurrency, status_update_rate=1.0)
 
 
