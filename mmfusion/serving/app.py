@@ -122,28 +122,40 @@ def _shapes_model(service: Service) -> bool:
     return service.pipe.training_data == "shapes" and service.pipe.condition == "text"
 
 
+def _image_inputs(gr: Any, service: Service, label: str, images: int, open_sampler: bool) -> tuple:
+    """The inputs of an image request (text to image, edit): (prompt, negative prompt, number of images,
+    seed, the sampler's controls by setting name)."""
+    prompt = _prompt_box(gr, service, label)
+    negative = gr.Textbox(label="negative prompt (optional)", lines=1)
+    with gr.Row():
+        n = gr.Slider(1, MAX_IMAGES, value=images, step=1, label="number of images")
+        seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="seed")
+    with gr.Accordion("sampler", open=open_sampler):
+        controls = _sampler_controls(gr, service)
+    return prompt, negative, n, seed, controls
+
+
+def _pixel_gallery(gr: Any, label: str, columns: int, elem_id: str) -> Any:
+    """A gallery of the model's images as PNG (lossless), enlarged as blocks."""
+    return gr.Gallery(
+        label=label,
+        show_label=False,
+        columns=columns,
+        format="png",
+        elem_id=elem_id,
+        elem_classes="mmf-pixels",
+        height=420,
+        object_fit="contain",
+    )
+
+
 def _text_to_image_tab(gr: Any, service: Service) -> None:
     with gr.Row():
         with gr.Column():
-            prompt = _prompt_box(gr, service)
-            negative = gr.Textbox(label="negative prompt (optional)", lines=1)
-            with gr.Row():
-                n = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="number of images")
-                seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="seed")
-            with gr.Accordion("sampler", open=True):
-                controls = _sampler_controls(gr, service)
+            prompt, negative, n, seed, controls = _image_inputs(gr, service, "prompt", 4, open_sampler=True)
             run = gr.Button("Generate", variant="primary", elem_id="t2i-run")
         with gr.Column():
-            gallery = gr.Gallery(
-                label="images (caption: the seed of each)",
-                show_label=False,
-                columns=4,
-                format="png",
-                elem_id="t2i-gallery",
-                elem_classes="mmf-pixels",
-                height=420,
-                object_fit="contain",
-            )
+            gallery = _pixel_gallery(gr, "images (caption: the seed of each)", 4, "t2i-gallery")
             command = gr.Textbox(
                 label="the same images from the command line",
                 interactive=False,
@@ -220,25 +232,10 @@ def _edit_tab(gr: Any, service: Service) -> None:
                 sources=["upload"],
                 height=160,
             )
-            prompt = _prompt_box(gr, service, "what to draw there")
-            negative = gr.Textbox(label="negative prompt (optional)", lines=1)
-            with gr.Row():
-                n = gr.Slider(1, MAX_IMAGES, value=2, step=1, label="number of images")
-                seed = gr.Number(value=0, precision=0, minimum=0, label="seed")
-            with gr.Accordion("sampler", open=False):
-                controls = _sampler_controls(gr, service)
+            prompt, negative, n, seed, controls = _image_inputs(gr, service, "what to draw there", 2, False)
             run = gr.Button("Edit", variant="primary", elem_id="edit-run")
         with gr.Column():
-            gallery = gr.Gallery(
-                label="the input as the model sees it, then the edits",
-                show_label=False,
-                columns=3,
-                format="png",
-                elem_id="edit-gallery",
-                elem_classes="mmf-pixels",
-                height=420,
-                object_fit="contain",
-            )
+            gallery = _pixel_gallery(gr, "the input as the model sees it, then the edits", 3, "edit-gallery")
     names = list(controls)
 
     def edit(image: Any, mask_: Any, prompt_: str, negative_: str, n_: float, seed_: float, *values: Any) -> list:

@@ -107,13 +107,7 @@ class Service:
         self, prompt: str, negative_prompt: str | None, num_images: float, seed: float, options: dict[str, Any]
     ) -> list[tuple[Image.Image, int]]:
         """(image, seed) pairs: image k of the request is drawn with seed `seed + k`."""
-        prompt = self._condition(prompt)
-        negative = (negative_prompt or "").strip() or None
-        if negative is not None:
-            negative = self._condition(negative, "negative prompt")
-        n = _whole(num_images, 1, MAX_IMAGES, "number of images")
-        seed = _whole(seed, 0, MAX_SEED - MAX_IMAGES, "seed")
-        settings = self.sampler_settings(options)
+        prompt, negative, n, seed, settings = self._image_request(prompt, negative_prompt, num_images, seed, options)
         items = [(prompt, negative, seed + k) for k in range(n)]
 
         def run(batch: list[tuple[Any, Any, int]]) -> list[Image.Image]:
@@ -124,6 +118,19 @@ class Service:
 
         images = self.worker.submit(("image", settings), items, run)
         return list(zip(images, [s for _, _, s in items]))
+
+    def _image_request(
+        self, prompt: str, negative_prompt: str | None, num_images: float, seed: float, options: dict[str, Any]
+    ) -> tuple[str | int, str | int | None, int, int, Any]:
+        """What an image request (text to image or an edit) asks for, checked: (prompt, negative prompt
+        or None, number of images, first seed, the sampler's settings)."""
+        prompt = self._condition(prompt)
+        negative = (negative_prompt or "").strip() or None
+        if negative is not None:
+            negative = self._condition(negative, "negative prompt")
+        n = _whole(num_images, 1, MAX_IMAGES, "number of images")
+        seed = _whole(seed, 0, MAX_SEED - MAX_IMAGES, "seed")
+        return prompt, negative, n, seed, self.sampler_settings(options)
 
     def _condition(self, text: str | None, what: str = "prompt") -> str | int:
         text = _prompt(text, what)
@@ -236,11 +243,7 @@ class Service:
                 "the mask selects nothing: paint over the region to redraw, or upload a white-on-black mask"
             )
         small = self.model_mask(regen)
-        prompt = self._condition(prompt)
-        negative = (negative_prompt or "").strip() or None
-        n = _whole(num_images, 1, MAX_IMAGES, "number of images")
-        seed = _whole(seed, 0, MAX_SEED - MAX_IMAGES, "seed")
-        settings = self.sampler_settings(options)
+        prompt, negative, n, seed, settings = self._image_request(prompt, negative_prompt, num_images, seed, options)
 
         def run(batch: list[int]) -> list[Image.Image]:
             return self.pipe.edit(
