@@ -1155,7 +1155,8 @@ def bench_serve(quick: bool) -> dict:
     for i, path in enumerate(paths):
         render_example(0, "test", i, pipe.image_cfg.image_size)["image"].save(path)
     pils = [open_image(path) for path in paths]
-    sampler = dict(ar_steps=1, order="random", sampler="ddpm", steps=steps, cfg_scale=3.0)
+    # in the order of the page's controls: the served requests send the values by position
+    sampler = dict(ar_steps=1, order="random", sampler="ddpm", steps=steps, temperature=1.0, cfg_scale=3.0)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -26,6 +26,7 @@ from mmfusion.errors import ConfigError, UserError
 from mmfusion.generation.caption import CaptionDecoder
 from mmfusion.generation.common import batches
 from mmfusion.generation.diffusion import NextTokenDiffusionSampler
+from mmfusion.generation.rerank import redraw_error
 from mmfusion.generation.settings import CaptionSampling, DiffusionSampling, SampleConfig, TokenSampling, with_changes
 from mmfusion.generation.tokens import ARImageSampler
 from mmfusion.hub import (
@@ -457,13 +458,18 @@ class MMFusion:
         seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(images))]
         s = self.caption_settings(settings, **changes)
         t = self.text_tokenizer
-        decoder = CaptionDecoder(self.model, t.bos_id, t.boi_id, t.eoi_id, t.eos_id)
+        decoder = CaptionDecoder(self.model, t.bos_id, t.boi_id, t.eoi_id, t.eos_id, self._redraw_error)
         out = []
         for start, chunk in batches(images, batch_size, "captions", progress):
             gens = [torch.Generator().manual_seed(int(sd)) for sd in seeds[start : start + len(chunk)]]
             ids = decoder(self.encode_images(chunk), s, gens)
             out += [t.decode(i) for i in ids]
         return out
+
+    def _redraw_error(self, tokens: torch.Tensor, captions: list[list[int]], timesteps: int) -> torch.Tensor:
+        """The T2I direction's error for each (image tokens, caption ids) pair: what reranks captions."""
+        t = self.text_tokenizer
+        return redraw_error(self.model, self.prompts, self.diffusion, tokens, captions, timesteps, (t.eos_id, t.eoi_id))
 
     # editing ------------------------------------------------------------------------------
     def token_mask(self, mask: Any) -> torch.Tensor:

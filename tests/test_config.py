@@ -51,7 +51,7 @@ def test_overrides_and_types():
         (["sample.diffusion.steps=0"], r"sample\.diffusion\.steps: \(denoising steps per AR step\) must be"),
         (["sample.tokens.top_p=0"], r"sample\.tokens\.top_p: must be in \(0, 1\], got 0"),
         (["sample.caption.method=sample"], r"sample\.caption\.method: must be one of greedy, beam, nucleus"),
-        (["sample.diffusion.temperature=2"], r"sample\.diffusion\.temperature: unknown key; the keys of "),
+        (["sample.diffusion.top_k=2"], r"sample\.diffusion\.top_k: unknown key; the keys of "),
         (["sample.cfg_scale=-1"], r"sample\.diffusion\.cfg_scale: must not be negative, got -1"),
         (["sample.diffusion=3"], r"sample\.diffusion: must be a mapping of keys to values, got 3"),
         (["data.batch_size=8", "data.global_batch_size=16"], None),
@@ -77,6 +77,7 @@ def test_a_flat_sample_section_of_before_still_loads(tmp_path):
     s = load_config(path).sample
     assert (s.diffusion.ar_steps, s.diffusion.steps, s.diffusion.cfg_scale) == (4, 20, 3.0)
     assert (s.tokens.temperature, s.tokens.cfg_scale) == (0.7, 3.0)
+    assert s.diffusion.temperature == 1.0  # CausalFusion's sampler had no temperature when flat sections were written
     assert s.caption.temperature == 1.0  # a flat temperature was Token-Shuffle's, never the captions'
     assert load_config(path, ["sample.diffusion.steps=7"]).sample.diffusion.steps == 7
     new = tmp_path / "new.yaml"

@@ -354,8 +354,8 @@ def test_the_diffusers_style_call_equals_generate(trained_tiny):
     assert _same(replay, first.images)
     with pytest.raises(UserError, match="got 3 generators for 4 images"):
         pipe(prompts, generator=[torch.Generator()] * 3, **kw)
-    with pytest.raises(UserError, match="^temperature: not a setting of CausalFusion"):
-        pipe(prompts, temperature=0.5)
+    with pytest.raises(UserError, match="^top_k: not a setting of CausalFusion"):
+        pipe(prompts, top_k=5)
 
 
 def test_a_negative_prompt_replaces_the_unconditional_stream(trained_tiny):

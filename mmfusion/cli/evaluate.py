@@ -23,6 +23,7 @@ def caption(
     caption_column: str | None = None,
     method: Literal["greedy", "beam", "nucleus"] | None = None,
     num_beams: int | None = None,
+    rerank_weight: float | None = None,
     batch_size: int = 32,
     spice: bool | None = None,
     dtype: Literal["float32", "bfloat16"] = "float32",
@@ -41,6 +42,8 @@ def caption(
         limit: evaluate only the first N images
         method: greedy, beam or nucleus decoding (default: the model's caption settings)
         num_beams: beams for beam search (default: the model's)
+        rerank_weight: beam search's candidates scored by log-probability minus this x the error of
+          redrawing the image from each (0: off; default: the model's)
         batch_size: images captioned at once
         spice: force SPICE on (--spice) or off (--no-spice); default: only when its models are installed
     """
@@ -49,7 +52,7 @@ def caption(
 
     rows = caption_split(data, split, image_root, limit, image_column, caption_column)
     pipe = MMFusion.from_pretrained(model, dtype=dtype, device=device)
-    settings = pipe.caption_settings(method=method, num_beams=num_beams)
+    settings = pipe.caption_settings(method=method, num_beams=num_beams, rerank_weight=rerank_weight)
     metrics = run_caption_benchmark(pipe, rows, out, settings, batch_size, spice)
     print(" ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
 
@@ -68,6 +71,10 @@ def shapes(
     sampler: Literal["ddpm", "ddim"] | None = None,
     steps: int | None = None,
     cfg: float | None = None,
+    temperature: float | None = None,
+    method: Literal["greedy", "beam", "nucleus"] | None = None,
+    num_beams: int | None = None,
+    rerank_weight: float | None = None,
     dtype: Literal["float32", "bfloat16"] = "float32",
     device: str = "auto",
 ) -> None:
@@ -93,6 +100,11 @@ def shapes(
         sampler: ddpm or ddim (default: the model's)
         steps: denoising steps per AR step
         cfg: guidance scale
+        temperature: scale of the noise each denoising step adds (default: the model's)
+        method: caption decoding: greedy, beam or nucleus (default: the model's caption settings)
+        num_beams: beams for beam search (default: the model's)
+        rerank_weight: beam search's candidates scored by log-probability minus this x the error of
+          redrawing the image from each (0: off; default: the model's)
     """
     from mmfusion.evaluation import demo_eval
     from mmfusion.pipeline import MMFusion
@@ -106,12 +118,17 @@ def shapes(
         ]
     )
     pipe = MMFusion.from_pretrained(model, dtype=dtype, device=device)
-    settings = pipe.image_settings(sampler=sampler, steps=steps, cfg_scale=cfg)
+    settings = pipe.image_settings(sampler=sampler, steps=steps, cfg_scale=cfg, temperature=temperature)
+    caption_settings = None
+    if pipe.condition == "text":
+        caption_settings = pipe.caption_settings(method=method, num_beams=num_beams, rerank_weight=rerank_weight)
     modes = None  # the benchmark's AR modes, or the one asked for
     if ar_steps is not None:
         modes = {f"S={ar_steps}" + (f" {order}" if order else ""): {"ar_steps": ar_steps, "order": order}}
     test = _shapes_test(data, captions, seed) if pipe.condition == "text" else []
-    metrics = demo_eval.run_shapes_benchmark(pipe, Path(out), test, seed, n_single, n_pair, modes, settings)
+    metrics = demo_eval.run_shapes_benchmark(
+        pipe, Path(out), test, seed, n_single, n_pair, modes, settings, caption_settings
+    )
     print("\n".join(demo_eval.summary_lines(metrics)))
 
 

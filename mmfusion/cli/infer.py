@@ -73,7 +73,8 @@ def generate(
         cfg: classifier-free guidance scale (1 disables it)
         cfg_interval: guide only for noise levels t/T in [LO, HI]: --cfg-interval LO --cfg-interval HI
         cfg_until_step: no guidance after this AR step
-        temperature: Token-Shuffle: softmax temperature of the codes
+        temperature: CausalFusion: the noise each denoising step adds is scaled by this (below 1: nearer the
+          model's modes); Token-Shuffle: softmax temperature of the codes
         top_k: Token-Shuffle: keep the k most likely codes (0: all)
         top_p: Token-Shuffle: nucleus of this probability mass
         cfg_schedule: Token-Shuffle: guidance constant, or ramping from 1 to --cfg over the tokens
@@ -100,6 +101,7 @@ def caption(
     json: str | None = None,
     method: Literal["greedy", "beam", "nucleus"] | None = None,
     num_beams: int | None = None,
+    rerank_weight: float | None = None,
     top_p: float | None = None,
     temperature: float | None = None,
     max_new_tokens: int | None = None,
@@ -118,6 +120,8 @@ def caption(
         json: write the captions here as JSON mapping each image path to its caption
         method: greedy, beam or nucleus decoding
         num_beams: beams for beam search
+        rerank_weight: beam search's candidates scored by log-probability minus this x the error of
+          redrawing the image from each (0: off)
         top_p: nucleus mass for nucleus sampling
         temperature: softmax temperature for nucleus sampling
         max_new_tokens: caption length limit in tokens
@@ -129,7 +133,12 @@ def caption(
     pils = [open_image(p) for p in images]
     pipe = _load(model, adapter, dtype, device, revision)
     settings = pipe.caption_settings(
-        method=method, num_beams=num_beams, top_p=top_p, temperature=temperature, max_new_tokens=max_new_tokens
+        method=method,
+        num_beams=num_beams,
+        rerank_weight=rerank_weight,
+        top_p=top_p,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
     )
     caps = pipe.caption(pils, seed=seed, progress=True, settings=settings)
     result = dict(zip(images, caps))

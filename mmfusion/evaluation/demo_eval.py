@@ -145,17 +145,18 @@ def evaluate_shapes_model(
     progress: bool = False,
     modes: dict[str, dict[str, Any]] | None = None,
     settings: Any = None,
+    caption_settings: Any = None,
 ) -> tuple[dict[str, Any], list[Any]]:
     """The whole shapes benchmark of a joint model: T2I accuracy in each AR mode (`evaluate_t2i_modes`),
     captions of the `test` rows (none when empty) scored by pycocoevalcap and by content. Returns the
     metrics (with the captions under "captions", one record per test image) and the images of the first
-    mode."""
+    mode. `settings` / `caption_settings`: the image sampler's and the captions' (default: the model's)."""
     by_mode = evaluate_t2i_modes(pipe, n_single, n_pair, seed, progress, modes, settings)
     metrics: dict[str, Any] = {"t2i": {name: summary for name, (summary, _, _) in by_mode.items()}}
     if len(test):
         if progress:
             print(f"captions of {len(test)} test images")
-        scores, captions = evaluate_captions(pipe, test, progress=progress)
+        scores, captions = evaluate_captions(pipe, test, progress=progress, settings=caption_settings)
         metrics["caption"] = scores
         metrics["captions"] = [
             {"image": i, "caption": c, "references": test[i]["captions"]} for i, c in captions.items()
@@ -172,6 +173,7 @@ def run_shapes_benchmark(
     n_pair: int = 96,
     modes: dict[str, dict[str, Any]] | None = None,
     settings: Any = None,
+    caption_settings: Any = None,
 ) -> dict[str, Any]:
     """The shapes benchmark of any shapes model, written into `out`: shapes_metrics.json, shapes_grid.png
     and, when `test` has rows to caption, captions.json. A class-conditional model is judged per class; a
@@ -182,7 +184,9 @@ def run_shapes_benchmark(
         summary, images = evaluate_classes(pipe, per_class=per_class, seed=seed, settings=settings)
         metrics = {"t2i": {"class": {"single": summary}}}
     else:
-        metrics, images = evaluate_shapes_model(pipe, test, seed, n_single, n_pair, True, modes, settings)
+        metrics, images = evaluate_shapes_model(
+            pipe, test, seed, n_single, n_pair, True, modes, settings, caption_settings
+        )
         if "captions" in metrics:
             write_json(out / "captions.json", metrics.pop("captions"))
     make_grid(images, cols=16, scale=3).save(out / "shapes_grid.png")

@@ -1,24 +1,38 @@
 """Captioning: clean image tokens (timestep 0) as the prefix, then greedy, beam or nucleus decoding
-of text with a KV cache, batched.
+of text with a KV cache, batched; beam search's candidates optionally re-scored by how well the model
+redraws the image from each (`mmfusion.generation.rerank`).
 
 Prefix: `<bos> <boi> [image tokens, t = 0] <eoi>`; decoding stops at `<eos>`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from mmfusion.generation.common import inference
+from mmfusion.generation.rerank import rerank
 from mmfusion.generation.settings import CaptionSampling
 from mmfusion.model.masks import CLEAN
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.model.sequence import SequenceBuilder, collate, text_step
 from mmfusion.model.token_shuffle import fuse_grid
 
+RERANK_CHUNK = 256  # (image, candidate) pairs scored at once
+
+# (image tokens (n, ...), candidate ids, noise levels) -> (n,) redraw errors: `rerank.redraw_error`
+Scorer = Callable[[torch.Tensor, list[list[int]], int], torch.Tensor]
+
 
 class CaptionDecoder:
-    def __init__(self, model: MMFusionModel, bos: int, boi: int, eoi: int, eos: int) -> None:
+    """`scorer`: the model's redraw error of an image under a caption, for `CaptionSampling.rerank_weight`."""
+
+    def __init__(
+        self, model: MMFusionModel, bos: int, boi: int, eoi: int, eos: int, scorer: Scorer | None = None
+    ) -> None:
         self.model, self.bos, self.boi, self.eoi, self.eos = model, bos, boi, eoi, eos
+        self.scorer = scorer
 
     def _prefix_rows(self, tokens: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         cfg = self.model.cfg
@@ -54,6 +68,8 @@ class CaptionDecoder:
         use_cache: bool = True,
     ) -> list[list[int]]:
         """Caption ids (without specials) for image tokens (B, N, C)."""
+        if settings.method == "beam" and settings.rerank_weight > 0:
+            return self._reranked(tokens, settings)
         if settings.method == "beam":
             return self._beam(tokens, settings)
         return self.decode(self._prefix_rows(tokens), settings, generators, use_cache)
@@ -108,6 +124,26 @@ class CaptionDecoder:
         return torch.cat(choice)
 
     def _beam(self, tokens: torch.Tensor, s: CaptionSampling) -> list[list[int]]:
+        return [ranked[0][1] for ranked in self.beam_candidates(tokens, s)]
+
+    def _reranked(self, tokens: torch.Tensor, s: CaptionSampling) -> list[list[int]]:
+        if self.scorer is None:
+            raise ValueError("rerank_weight > 0 needs a scorer (the pipeline gives its model's redraw error)")
+        candidates = self.beam_candidates(tokens, s)
+        owner = torch.tensor([i for i, ranked in enumerate(candidates) for _ in ranked])
+        ids = [c for ranked in candidates for _, c in ranked]
+        errors = torch.cat(
+            [
+                self.scorer(tokens[owner[at : at + RERANK_CHUNK]], ids[at : at + RERANK_CHUNK], s.rerank_timesteps)
+                for at in range(0, len(ids), RERANK_CHUNK)
+            ]
+        )
+        return rerank(candidates, errors, s.rerank_weight)
+
+    @inference
+    def beam_candidates(self, tokens: torch.Tensor, s: CaptionSampling) -> list[list[tuple[float, list[int]]]]:
+        """Beam search's candidates for each image, best first: (length-normalised log-probability,
+        ids without specials). The finished ones, or the live beams where none finished."""
         b, k = tokens.shape[0], s.num_beams
         cache = self.model.new_cache()
         prefix = collate(self._prefix_rows(tokens))
@@ -148,8 +184,8 @@ class CaptionDecoder:
                 for j in range(k)
                 if torch.isfinite(scores[i * k + j])
             ]
-            best = max(finished[i] or alive, key=lambda x: x[0])
-            results.append(_strip(best[1], self.eos))
+            ranked = sorted(finished[i] or alive, key=lambda x: -x[0])
+            results.append([(score, _strip(ids, self.eos)) for score, ids in ranked])
         return results
 
 

@@ -138,14 +138,39 @@ class NextTokenDiffusionSampler:
     ) -> torch.Tensor:
         """One scheduler step of the whole batch, or, with `ragged` token positions per image, row by
         row, so that each image draws the step's noise for its own tokens only."""
-        kwargs = {"eta": self.settings.eta} if self.settings.sampler == "ddim" else {}
         if ragged is None:
-            return scheduler.step(pred, t, x, generator=generators, **kwargs).prev_sample
+            return self._step(scheduler, pred, t, x, generators)
         for i, (p, gen) in enumerate(zip(ragged, generators)):
             if len(p):
                 one = slice(i, i + 1), slice(0, len(p))
-                x[one] = scheduler.step(pred[one], t, x[one], generator=[gen], **kwargs).prev_sample
+                x[one] = self._step(scheduler, pred[one], t, x[one], [gen])
         return x
+
+    def _step(
+        self, scheduler: Any, pred: torch.Tensor, t: int, x: torch.Tensor, generators: list[torch.Generator]
+    ) -> torch.Tensor:
+        """The scheduler's step, its added noise scaled by the temperature: x_prev = mean + tau * (the
+        scheduler's x_prev - mean), where mean is the step without noise (DDPM's posterior mean)."""
+        s = self.settings
+        kwargs = {"eta": s.eta} if s.sampler == "ddim" else {}
+        out = scheduler.step(pred, t, x, generator=generators, **kwargs)
+        if s.temperature == 1.0:
+            return out.prev_sample
+        if s.sampler == "ddim":
+            mean = scheduler.step(pred, t, x, variance_noise=torch.zeros_like(x), **kwargs).prev_sample
+        else:
+            mean = _ddpm_posterior_mean(scheduler, out.pred_original_sample, x, t)
+        return mean + s.temperature * (out.prev_sample - mean)
+
+
+def _ddpm_posterior_mean(scheduler: Any, x0: torch.Tensor, x: torch.Tensor, t: int) -> torch.Tensor:
+    """The mean of DDPM's posterior q(x_prev | x_t, x0) (Ho et al. 2020, eq. 7), with the scheduler's
+    noise levels: what its step returns before it adds noise."""
+    prev = int(scheduler.previous_timestep(t))
+    a_t = scheduler.alphas_cumprod[t]
+    a_prev = scheduler.alphas_cumprod[prev] if prev >= 0 else torch.tensor(1.0)
+    alpha = a_t / a_prev
+    return (a_prev.sqrt() * (1 - alpha) * x0 + alpha.sqrt() * (1 - a_prev) * x) / (1 - a_t)
 
 
 @dataclass

@@ -38,6 +38,9 @@ class DiffusionSampling:
     cfg_interval: tuple[float, float] = (0.0, 1.0)  # guide only where t / T lies in [lo, hi]
     cfg_until_step: int | None = None  # no guidance after this AR step (1-based)
     eta: float = 0.0  # DDIM stochasticity
+    # the noise each denoising step adds, scaled by this (MAR's sampling temperature): below 1 draws
+    # nearer the modes of the model; DDPM, and DDIM with eta > 0 (DDIM with eta 0 adds none)
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         lo_hi = self.cfg_interval
@@ -59,6 +62,7 @@ class DiffusionSampling:
                     f"must not be negative, got {self.cfg_until_step}",
                 ),
                 (self.eta >= 0, "eta", f"must not be negative, got {self.eta}"),
+                (self.temperature >= 0, "temperature", f"must not be negative, got {self.temperature}"),
             ]
         )
 
@@ -109,6 +113,10 @@ class CaptionSampling:
     length_penalty: float = 1.0  # beam search: scores divided by length ** this
     top_p: float = 0.9  # nucleus sampling: probability mass kept
     temperature: float = 1.0  # nucleus sampling: softmax temperature
+    # beam search: each candidate scored by its log-probability - rerank_weight x the error of the
+    # model's T2I prediction of the image under it (mmfusion.generation.rerank); 0 keeps beam search's own
+    rerank_weight: float = 0.0
+    rerank_timesteps: int = 8  # noise levels of that error (CausalFusion images)
 
     def __post_init__(self) -> None:
         check(
@@ -127,6 +135,8 @@ class CaptionSampling:
                 (self.num_beams >= 1, "num_beams", f"must be at least 1, got {self.num_beams}"),
                 (_unit_interval(self.top_p), "top_p", f"must be in (0, 1], got {self.top_p}"),
                 (self.temperature > 0, "temperature", f"must be positive, got {self.temperature}"),
+                (self.rerank_weight >= 0, "rerank_weight", f"must not be negative, got {self.rerank_weight}"),
+                (self.rerank_timesteps >= 1, "rerank_timesteps", f"must be at least 1, got {self.rerank_timesteps}"),
             ]
         )
 
@@ -167,7 +177,11 @@ class SampleConfig:
             return data
         out = {k: v for k, v in data.items() if k in ("diffusion", "tokens", "caption")}
         for key, value in data.items():
-            owners = [part for part, kind in IMAGE_SAMPLERS.items() if key in _names(kind)]
+            owners = [
+                part
+                for part, kind in IMAGE_SAMPLERS.items()
+                if key in _names(kind) and key not in ADDED_SINCE_FLAT.get(part, ())
+            ]
             if key in out:
                 continue
             if not owners:
@@ -180,6 +194,9 @@ class SampleConfig:
 
 
 IMAGE_SAMPLERS = {"diffusion": DiffusionSampling, "tokens": TokenSampling}
+# settings a sampler gained after flat sections stopped being written: a flat key of that name was the
+# other sampler's (a flat `temperature` was always Token-Shuffle's)
+ADDED_SINCE_FLAT = {"diffusion": ("temperature",)}
 
 
 def _names(kind: type) -> set[str]:

@@ -106,6 +106,9 @@ def _sampler_controls(gr: Any, service: Service) -> dict[str, Any]:
             "order": gr.Radio(["random", "raster", "block_raster"], value=s.order, label="token order"),
             "sampler": gr.Radio(["ddpm", "ddim"], value=s.sampler, label="sampler"),
             "steps": gr.Slider(1, MAX_STEPS, value=s.steps, step=1, label="denoising steps per AR step"),
+            "temperature": gr.Slider(
+                0.0, 1.5, value=s.temperature, step=0.05, label="temperature (noise added per denoising step)"
+            ),
         }
     controls["cfg_scale"] = gr.Slider(0, MAX_GUIDANCE, value=s.cfg_scale, step=0.5, label="guidance scale")
     return controls

@@ -101,6 +101,8 @@ class Service:
                 opts["ar_steps"] = _whole(opts["ar_steps"], 1, self.n_tokens, "AR steps")
             if "steps" in opts:
                 opts["steps"] = _whole(opts["steps"], 1, MAX_STEPS, "denoising steps")
+            if "temperature" in opts:
+                _in_range(opts["temperature"], 0.0, 10.0, "temperature")
         return self.pipe.image_settings(**opts)
 
     def text_to_image(

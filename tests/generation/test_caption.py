@@ -71,6 +71,8 @@ def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(decoder):
         ({"max_new_tokens": 0}, "max_new_tokens: must be at least 1"),
         ({"min_new_tokens": 40}, r"min_new_tokens: must be within 0\.\.max_new_tokens \(32\), got 40"),
         ({"num_beams": 0}, "num_beams: must be at least 1"),
+        ({"rerank_weight": -1.0}, "rerank_weight: must not be negative"),
+        ({"rerank_timesteps": 0}, "rerank_timesteps: must be at least 1"),
         ({"top_p": 1.5}, r"top_p: must be in \(0, 1\]"),
         ({"temperature": 0.0}, "temperature: must be positive"),
     ],

@@ -130,6 +130,7 @@ def test_too_many_ar_steps_is_refused(model):
         ({"cfg_interval": (0.8, 0.2)}, "cfg_interval: must be LO <= HI within"),
         ({"cfg_scale": -1.0}, "cfg_scale: must not be negative"),
         ({"eta": -0.5}, "eta: must not be negative"),
+        ({"temperature": -0.1}, "temperature: must not be negative"),
     ],
 )
 def test_bad_sampler_settings_are_refused(bad, message):
@@ -157,9 +158,9 @@ def test_each_sampler_takes_only_its_own_settings():
     base = DiffusionSampling(steps=20)
     assert with_changes(base, "x", ar_steps=4, order=None) == DiffusionSampling(steps=20, ar_steps=4)
     assert with_changes(base, "x", cfg_interval=[0.2, 0.8]).cfg_interval == (0.2, 0.8)
-    refused = "^temperature: not a setting of x .DiffusionSampling.; its settings: ar_steps"
+    refused = "^top_k: not a setting of x .DiffusionSampling.; its settings: ar_steps"
     with pytest.raises(ConfigError, match=refused):
-        with_changes(base, "x", temperature=0.7)
+        with_changes(base, "x", top_k=7)
     with pytest.raises(ConfigError, match="^ar_steps: not a setting of y .TokenSampling."):
         with_changes(TokenSampling(), "y", ar_steps=4)
 
@@ -247,3 +248,37 @@ def test_guided_x0_reaches_the_scheduler_clipped(model, sampler, monkeypatch):
     unclipped = DiffusionConfig(prediction_type="sample", clip_sample=False, gamma=0.9)
     NextTokenDiffusionSampler(big, unclipped, s)(CONDS, UNCONDS, _gens([0, 1]))
     assert max(seen) > 1.0  # without clip_sample the prediction goes through as it is
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_temperature_scales_the_noise_each_step_adds(model, sampler):
+    """x_prev(tau) = mean + tau * (x_prev(1) - mean): tau 1 is the scheduler's own step, tau 0 its
+    noiseless mean, the same whatever the generator."""
+    cfg = DiffusionConfig(prediction_type="sample", clip_sample=True)
+    scheduler = cfg.make_scheduler(sampler)
+    scheduler.set_timesteps(10)
+    t = int(scheduler.timesteps[4])
+    pred, x = torch.rand(2, 4, 12) * 2 - 1, torch.randn(2, 4, 12)
+
+    def step(tau, seeds):
+        s = DiffusionSampling(sampler=sampler, eta=1.0, temperature=tau)
+        return NextTokenDiffusionSampler(model, cfg, s)._step(scheduler, pred, t, x, _gens(seeds))
+
+    kwargs = {"eta": 1.0} if sampler == "ddim" else {}
+    plain = scheduler.step(pred, t, x, generator=_gens([3, 4]), **kwargs).prev_sample
+    torch.testing.assert_close(step(1.0, [3, 4]), plain)
+    mean = step(0.0, [3, 4])
+    torch.testing.assert_close(mean, step(0.0, [8, 9]))  # no noise left to draw
+    assert not torch.allclose(mean, plain)
+    torch.testing.assert_close(step(0.4, [3, 4]) - mean, 0.4 * (plain - mean), atol=1e-5, rtol=1e-5)
+
+
+def test_temperature_sampling_is_cached_batched_and_changes_the_images(model):
+    s = DiffusionSampling(ar_steps=4, steps=3, temperature=0.3)
+    smp = NextTokenDiffusionSampler(model, DiffusionConfig(), s)
+    both = smp(CONDS, None, _gens([5, 6]))
+    torch.testing.assert_close(both, smp(CONDS, None, _gens([5, 6]), use_cache=False), atol=1e-4, rtol=1e-4)
+    for i in range(2):
+        torch.testing.assert_close(both[i : i + 1], smp(CONDS[i : i + 1], None, _gens([5 + i])), atol=1e-5, rtol=1e-5)
+    hot = NextTokenDiffusionSampler(model, DiffusionConfig(), DiffusionSampling(ar_steps=4, steps=3))
+    assert not torch.allclose(both, hot(CONDS, None, _gens([5, 6])))

@@ -13,8 +13,11 @@ from PIL import Image
 from tests.serving.conftest import launch
 
 # AR steps, order, sampler, steps, guidance: the page's sampler controls in order
-SAMPLER = [2, "raster", "ddpm", 4, 2.0]
-API_SAMPLER = dict(guidance_scale=2.0, ar_steps=2, order="raster", sampler="ddpm", num_inference_steps=4)
+SAMPLER = [2, "raster", "ddpm", 4, 0.5, 2.0]  # AR steps, order, sampler, steps, temperature, guidance
+EDIT_SAMPLER = dict(ar_steps=2, order="raster", steps=4, cfg_scale=2.0, temperature=0.5)  # SAMPLER, by name
+API_SAMPLER = dict(
+    guidance_scale=2.0, ar_steps=2, order="raster", sampler="ddpm", num_inference_steps=4, temperature=0.5
+)
 
 
 def pixels(path_or_image):
@@ -71,9 +74,7 @@ def test_edit_endpoint_equals_the_api(files_client, tiny_pipe, tmp_path):
     assert [item["caption"] for item in gallery] == ["input", "seed 3", "seed 4"]
     mask = Image.new("L", (32, 32), 0)
     mask.paste(255, (16, 0, 32, 32))
-    api = tiny_pipe.edit(
-        src, mask, "a blue square", seed=3, num_images=2, ar_steps=2, order="raster", steps=4, cfg_scale=2.0
-    )
+    api = tiny_pipe.edit(src, mask, "a blue square", seed=3, num_images=2, **EDIT_SAMPLER)
     served = gallery_images(gallery)
     assert np.array_equal(served[0], pixels(src))
     assert all(np.array_equal(a, pixels(b)) for a, b in zip(served[1:], api))
@@ -86,7 +87,7 @@ def test_bad_input_shows_its_message_and_the_server_goes_on(client, tmp_path):
     with pytest.raises(AppError, match="99 is greater than maximum value 16"):  # the slider's own check
         client.predict("a red circle", "", 99, 0, *SAMPLER, api_name="/text_to_image")
     with pytest.raises(AppError, match="denoising steps must be a whole number"):
-        client.predict("a red circle", "", 1, 0, 2, "raster", "ddpm", 4.5, 2.0, api_name="/text_to_image")
+        client.predict("a red circle", "", 1, 0, 2, "raster", "ddpm", 4.5, 1.0, 2.0, api_name="/text_to_image")
     with pytest.raises(AppError, match="upload an image to caption"):
         client.predict(None, "greedy", 2, 0.9, 1.0, 0, api_name="/caption")
     junk = tmp_path / "junk.png"
@@ -104,7 +105,7 @@ def test_a_full_queue_answers_busy_at_once(trained_tiny, tiny_pipe):
 
     service = Service(tiny_pipe, str(trained_tiny))
     app, url = launch(service, max_queue=1, concurrency=1)
-    slow = [16, "raster", "ddpm", 40, 2.0]  # long enough that the first two are still there
+    slow = [16, "raster", "ddpm", 40, 1.0, 2.0]  # long enough that the first two are still there
 
     def call(i):
         c = gradio_client.Client(url, verbose=False, download_files=False)
