@@ -18,8 +18,10 @@ time, each for `--minutes` of training:
 
 Each result is judged on the domain (T2I accuracy on 48 one-object and 48 two-object prompts at S = 1,
 the analytic checker; caption content accuracy on 300 test images, greedy) and on the old task (the shapes
-benchmark's T2I at S = 1 and caption content, the same sizes). Writes OUT/results.json, OUT/results.md
+benchmark's T2I at S = 1 and caption content, the same sizes). Writes OUT/results.json
 and OUT/grid_{domain}.png (prompts in rows: the base model, LoRA, full fine-tuning, scratch).
+`--temperature T` judges the images of every model sampled at that temperature (results_tT.json); the
+adaptations already trained are not run again.
 """
 
 from __future__ import annotations
@@ -90,11 +92,11 @@ def load(method: str, base: str, run: Path) -> MMFusion:
     return MMFusion.from_pretrained(base, adapters=[str(run)])
 
 
-def judge(pipe: MMFusion, prompts: list[str], test: datasets.Dataset, seed: int) -> dict:
-    """T2I accuracy (one / two objects) on `prompts` and caption content accuracy on `test`. Shapes are
-    told apart by template matching for every prompt, old ones included: the old task's geometric
-    classifier would take a drawn ring for a circle."""
-    images = pipe.generate(prompts, seed=seed, batch_size=48)
+def judge(pipe: MMFusion, prompts: list[str], test: datasets.Dataset, seed: int, temperature: float | None) -> dict:
+    """T2I accuracy (one / two objects) on `prompts` at the sampler `temperature` (None: the model's) and
+    caption content accuracy on `test`. Shapes are told apart by template matching for every prompt, old
+    ones included: the old task's geometric classifier would take a drawn ring for a circle."""
+    images = pipe.generate(prompts, seed=seed, batch_size=48, temperature=temperature)
     t2i = summarize([check_image(im, p, templates=True) for im, p in zip(images, prompts)], prompts)
     rows = [test[i] for i in range(min(N_CAPTIONS, len(test)))]
     captions = pipe.caption([r["image"] for r in rows], batch_size=64, method="greedy")  # one decoding for all
@@ -108,7 +110,8 @@ def judge(pipe: MMFusion, prompts: list[str], test: datasets.Dataset, seed: int)
 
 
 def evaluate(args: argparse.Namespace, out: Path) -> dict:
-    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    path = out / ("results.json" if args.temperature is None else f"results_t{args.temperature:g}.json")
+    results = json.loads(path.read_text()) if path.exists() else {}
     old_test = build_shapes(n=20, seed=11, n_test=N_CAPTIONS)["test"]
     old_prompts = benchmark_prompts(N_PROMPTS, N_PROMPTS, seed=0)
     for domain in args.domains:
@@ -124,13 +127,13 @@ def evaluate(args: argparse.Namespace, out: Path) -> dict:
                 pipe = MMFusion.from_pretrained(base) if method == "base" else load(method, base, run)
                 report = {} if method in ("base", "scratch") else json.loads((run / "finetune_report.json").read_text())
                 results[key] = {
-                    "new": judge(pipe, prompts, test, seed),
-                    "old": judge(pipe, old_prompts, old_test, seed) if method != "scratch" else None,
+                    "new": judge(pipe, prompts, test, seed, args.temperature),
+                    "old": judge(pipe, old_prompts, old_test, seed, args.temperature) if method != "scratch" else None,
                     "steps": report.get("steps"),
                     "trainable_parameters": report.get("trainable_parameters"),
                 }
                 print(key, json.dumps(results[key]), flush=True)
-                (out / "results.json").write_text(json.dumps(results, indent=2))
+                path.write_text(json.dumps(results, indent=2))
     return results
 
 
@@ -158,6 +161,13 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=2, help="adaptations trained at once (one thread each)")
     ap.add_argument("--n", type=int, default=5000, help="training images per domain")
     ap.add_argument("--methods", default=",".join(METHODS), help="the adaptations to run")
+    ap.add_argument(
+        "--temperature",
+        type=float,
+        help="judge every model's images at this sampler temperature (default: each model's own); results "
+        "then go to OUT/results_t{temperature}.json",
+    )
+    ap.add_argument("--no-grids", action="store_true", help="judge only: no grids")
     args = ap.parse_args()
     args.domains = args.domains.split(",")
     args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -185,7 +195,8 @@ def main() -> None:
     with ThreadPoolExecutor(args.parallel) as pool:
         list(pool.map(adapt, jobs))
     evaluate(args, out)
-    grids(args, out)
+    if not args.no_grids:
+        grids(args, out)
 
 
 if __name__ == "__main__":
