@@ -19,7 +19,7 @@ from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.model.sequence import SequenceBuilder, collate, text_step
 from mmfusion.model.token_shuffle import fuse_grid
 
-RERANK_CHUNK = 256  # (image, candidate) pairs scored at once
+RERANK_TOKENS = 32768  # image tokens (noisy copies included) scored in one model call when reranking
 
 # (image tokens (n, ...), candidate ids, noise levels) -> (n,) redraw errors: `rerank.redraw_error`
 Scorer = Callable[[torch.Tensor, list[list[int]], int], torch.Tensor]
@@ -132,10 +132,11 @@ class CaptionDecoder:
         candidates = self.beam_candidates(tokens, s)
         owner = torch.tensor([i for i, ranked in enumerate(candidates) for _ in ranked])
         ids = [c for ranked in candidates for _, c in ranked]
+        chunk = max(1, RERANK_TOKENS // (s.rerank_timesteps * tokens.shape[1]))  # (image, candidate) pairs
         errors = torch.cat(
             [
-                self.scorer(tokens[owner[at : at + RERANK_CHUNK]], ids[at : at + RERANK_CHUNK], s.rerank_timesteps)
-                for at in range(0, len(ids), RERANK_CHUNK)
+                self.scorer(tokens[owner[at : at + chunk]], ids[at : at + chunk], s.rerank_timesteps)
+                for at in range(0, len(ids), chunk)
             ]
         )
         return rerank(candidates, errors, s.rerank_weight)

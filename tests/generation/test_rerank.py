@@ -165,3 +165,27 @@ def test_pipeline_captions_by_the_combined_score(trained_tiny):
             want.append(t.decode(ranked[best][1]))
         got = pipe.caption(images, method="beam", num_beams=3, max_new_tokens=8, rerank_weight=weight)
         assert got == want
+
+
+def test_reranking_in_chunks_picks_the_same(monkeypatch):
+    """Pairs are scored in chunks of bounded size (for large images); the choice does not depend on it."""
+    import mmfusion.generation.caption as caption_module
+
+    torch.manual_seed(2)
+    model, prompts, diffusion = _continuous()
+    tokens = torch.rand(3, 16, 12) * 2 - 1
+
+    def scorer(images, ids, timesteps):
+        calls.append(len(ids))
+        with torch.no_grad():
+            return redraw_error(model, prompts, diffusion, images, ids, timesteps, (EOS, EOI))
+
+    s = CaptionSampling(method="beam", num_beams=3, max_new_tokens=5, rerank_weight=50.0, rerank_timesteps=2)
+    decoder = CaptionDecoder(model, BOS, BOI, EOI, EOS, scorer)
+    calls = []
+    whole = decoder(tokens, s)
+    assert len(calls) == 1
+    monkeypatch.setattr(caption_module, "RERANK_TOKENS", 2 * 16 * 2)  # two pairs a call
+    calls = []
+    assert decoder(tokens, s) == whole
+    assert len(calls) > 1 and max(calls) == 2
