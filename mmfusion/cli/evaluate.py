@@ -103,12 +103,24 @@ def shapes(
         temperature: scale of the noise each denoising step adds (default: the model's)
         method: caption decoding: greedy, beam or nucleus (default: the model's caption settings)
         num_beams: beams for beam search (default: the model's)
-        rerank_weight: beam search's candidates scored by log-probability minus this x the error of
-          redrawing the image from each (0: off; default: the model's)
+        rerank_weight: check beam search's candidates by redrawing the image from each, at this weight
     """
     from mmfusion.evaluation import demo_eval
     from mmfusion.pipeline import MMFusion
 
+    modes = _shapes_modes(n_single, n_pair, captions, ar_steps, order)
+    pipe = MMFusion.from_pretrained(model, dtype=dtype, device=device)
+    settings = pipe.image_settings(sampler=sampler, steps=steps, cfg_scale=cfg, temperature=temperature)
+    captioning = pipe.caption_settings(method=method, num_beams=num_beams, rerank_weight=rerank_weight)
+    test = _shapes_test(data, captions, seed) if pipe.condition == "text" else []
+    metrics = demo_eval.run_shapes_benchmark(pipe, Path(out), test, seed, n_single, n_pair, modes, settings, captioning)
+    print("\n".join(demo_eval.summary_lines(metrics)))
+
+
+def _shapes_modes(
+    n_single: int, n_pair: int, captions: int, ar_steps: int | None, order: str | None
+) -> dict[str, dict[str, Any]] | None:
+    """The AR modes `eval shapes` samples (None: the benchmark's), once its counts are checked."""
     require(
         [
             (n_single >= 0 and n_pair >= 0, "--n-single and --n-pair must not be negative"),
@@ -117,19 +129,9 @@ def shapes(
             (order is None or ar_steps is not None, "--order needs --ar-steps (the benchmark's modes fix it)"),
         ]
     )
-    pipe = MMFusion.from_pretrained(model, dtype=dtype, device=device)
-    settings = pipe.image_settings(sampler=sampler, steps=steps, cfg_scale=cfg, temperature=temperature)
-    caption_settings = None
-    if pipe.condition == "text":
-        caption_settings = pipe.caption_settings(method=method, num_beams=num_beams, rerank_weight=rerank_weight)
-    modes = None  # the benchmark's AR modes, or the one asked for
-    if ar_steps is not None:
-        modes = {f"S={ar_steps}" + (f" {order}" if order else ""): {"ar_steps": ar_steps, "order": order}}
-    test = _shapes_test(data, captions, seed) if pipe.condition == "text" else []
-    metrics = demo_eval.run_shapes_benchmark(
-        pipe, Path(out), test, seed, n_single, n_pair, modes, settings, caption_settings
-    )
-    print("\n".join(demo_eval.summary_lines(metrics)))
+    if ar_steps is None:
+        return None
+    return {f"S={ar_steps}" + (f" {order}" if order else ""): {"ar_steps": ar_steps, "order": order}}
 
 
 def _shapes_test(data: str | None, n: int, seed: int) -> Any:

@@ -73,8 +73,7 @@ def generate(
         cfg: classifier-free guidance scale (1 disables it)
         cfg_interval: guide only for noise levels t/T in [LO, HI]: --cfg-interval LO --cfg-interval HI
         cfg_until_step: no guidance after this AR step
-        temperature: CausalFusion: the noise each denoising step adds is scaled by this (below 1: nearer the
-          model's modes); Token-Shuffle: softmax temperature of the codes
+        temperature: scale of the noise each denoising step adds (Token-Shuffle: softmax temperature of the codes)
         top_k: Token-Shuffle: keep the k most likely codes (0: all)
         top_p: Token-Shuffle: nucleus of this probability mass
         cfg_schedule: Token-Shuffle: guidance constant, or ramping from 1 to --cfg over the tokens

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from mmfusion.diffusion.config import DiffusionConfig
+from mmfusion.diffusion.layout import BatchLayout, Draws
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.model.prompts import Prompts
 from mmfusion.model.sequence import SequenceBuilder, collate, row_index, select_rows
 from mmfusion.model.token_shuffle import code_bits, fuse_grid
-from mmfusion.training.layout import BatchLayout, Draws
 
 NOISE_SEED = 0  # the noise every candidate is judged under
 

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from mmfusion.config import ObjectiveConfig
 from mmfusion.diffusion.causal import add_image
 from mmfusion.diffusion.config import DiffusionConfig
+from mmfusion.diffusion.layout import BatchLayout
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.model.prompts import Prompts
 from mmfusion.model.sequence import IGNORE, SequenceBuilder, TokenBatch, collate, pack, row_index, select_rows
 from mmfusion.model.token_shuffle import code_bits, fuse_grid
-from mmfusion.training.layout import BatchLayout
 
 
 class JointObjective:

@@ -9,7 +9,7 @@ training step as the forward pass. This module makes the same batch in two passe
 2. for the whole batch at once, everything else: token order, noising, targets, loss weights, the
    sequence layout, packing into rows.
 
-The result equals the per-sample path's element by element (tests/training/test_layout.py), so resume
+The result equals the per-sample path's element by element (tests/diffusion/test_layout.py), so resume
 and data-parallel equality hold whichever path built a batch. It covers continuous image tokens under
 a text condition, the demo's and every CausalFusion / Transfusion text run's case; Token-Shuffle codes
 and class conditions keep the per-sample path.
