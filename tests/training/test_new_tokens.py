@@ -35,7 +35,7 @@ def test_new_word_rows_train_alone_and_reload(trained_tiny, new_word_data, tmp_p
     assert "new tokens: the captions use" in capsys.readouterr().out
     saved = json.loads((out / "finetune_report.json").read_text())
     assert saved["new_tokens"] == "rows" and saved["new_token_rows"] == report["new_token_rows"] > 0
-    assert (saved["caption_fraction"], saved["text_loss_weight"]) == (0.5, 1.0)
+    assert (saved["caption_fraction"], saved["text_loss_weight"]) == (0.5, 0.1)
     base = MMFusion.from_pretrained(trained_tiny)
     captions = datasets.load_from_disk(new_word_data)["train"]["captions"]
     used = {i for caps in captions for c in caps for i in base.text_tokenizer.encode(c)}
