@@ -17,14 +17,13 @@ checked by drawing"), so `rerank` scores a candidate by its log-probability minu
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from mmfusion.diffusion.config import DiffusionConfig
 from mmfusion.diffusion.layout import BatchLayout, Draws
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.model.prompts import Prompts
 from mmfusion.model.sequence import SequenceBuilder, collate, row_index, select_rows
-from mmfusion.model.token_shuffle import code_bits, fuse_grid
+from mmfusion.model.token_shuffle import fuse_grid, per_code_loss
 
 NOISE_SEED = 0  # the noise every candidate is judged under
 
@@ -84,12 +83,7 @@ def _code_error(model: MMFusionModel, prompts: Prompts, grids: torch.Tensor, cap
     at = row_index(scored)
     target = select_rows(batch.code_labels, at)
     logits = model.code_logits(select_rows(hidden, at), codes=target.to(hidden.device)).float().cpu()
-    if model.shuffle_out.bitwise:
-        bits = code_bits(target, cfg.code_bits).clamp(min=0)
-        per_code = F.binary_cross_entropy_with_logits(logits, bits.float(), reduction="none").mean(-1)
-    else:
-        per_code = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view_as(target)
-    per_token = per_code.mean(-1)
+    per_token = per_code_loss(logits, target, cfg.code_bits if model.shuffle_out.bitwise else 0).mean(-1)
     owner = at // batch.kind.shape[1]
     return torch.zeros(len(rows)).index_add(0, owner, per_token) / torch.bincount(owner, minlength=len(rows))
 

@@ -12,6 +12,7 @@ independently of each other.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmfusion.model.config import ModelConfig
@@ -36,6 +37,17 @@ def code_bits(codes: torch.Tensor, d: int) -> torch.Tensor:
     """Integer codes (...) -> bits as +-1 floats (..., d)."""
     bits = (codes[..., None] >> torch.arange(d, device=codes.device)) & 1
     return bits.float() * 2 - 1
+
+
+def per_code_loss(logits: torch.Tensor, target: torch.Tensor, bits: int) -> torch.Tensor:
+    """The loss (n, W) of each target code (n, W) under the code head's logits: cross-entropy over the
+    codebook (n, W, K), or with `bits` > 0 the mean binary cross-entropy of its bits (n, W, bits)."""
+    if bits:
+        zero_one = code_bits(target, bits).clamp(min=0)  # +-1 -> {0, 1}
+        return F.binary_cross_entropy_with_logits(logits, zero_one, reduction="none").mean(-1)
+    # flattened (n * W, K): a class dim that is not last (logits.transpose(1, 2)) gives the same numbers
+    # but a strided log-softmax, a good part slower
+    return F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view_as(target)
 
 
 def code_embedding(cfg: ModelConfig, width: int) -> nn.Module:

@@ -20,7 +20,7 @@ from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.model.prompts import Prompts
 from mmfusion.model.sequence import IGNORE, SequenceBuilder, TokenBatch, collate, pack, row_index, select_rows
-from mmfusion.model.token_shuffle import code_bits, fuse_grid
+from mmfusion.model.token_shuffle import fuse_grid, per_code_loss
 
 
 class JointObjective:
@@ -170,11 +170,5 @@ class JointObjective:
         rows = row_index(batch.weights > 0)
         target = select_rows(batch.code_labels, rows)  # (n, W)
         logits = model.code_logits(select_rows(hidden, rows), codes=target).float()  # (n, W, K) or (n, W, d)
-        if model.shuffle_out.bitwise:
-            bits = code_bits(target, self.model_cfg.code_bits).clamp(min=0)  # +-1 -> {0, 1}
-            per_code = F.binary_cross_entropy_with_logits(logits, bits, reduction="none").mean(-1)
-        else:
-            # flattened (n * W, K): a class dim that is not last (logits.transpose(1, 2)) gives the same
-            # numbers but a strided log-softmax, a good part slower
-            per_code = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view_as(target)
+        per_code = per_code_loss(logits, target, self.model_cfg.code_bits if model.shuffle_out.bitwise else 0)
         return (per_code.mean(-1) * select_rows(batch.weights, rows)).sum() / len(rows)
