@@ -421,3 +421,18 @@ def test_user_images_are_made_square_by_the_models_resize_policy(tmp_path):
     pipe.save_pretrained(tmp_path / "model")
     assert json.loads((tmp_path / "model" / "config.json").read_text())["resize"] == "pad"
     assert MMFusion.from_pretrained(tmp_path / "model", device="cpu").resize == "pad"
+
+
+def test_cli_generate_lookahead_draws_what_the_api_draws(trained_tiny, tmp_path):
+    """`--lookahead` and `--temperature` reach the sampler: the PNGs are the API's images with the same
+    settings, and not the images without lookahead."""
+    from mmfusion.cli.main import main
+
+    out = tmp_path / "gen"
+    flags = ["--ar-steps", "4", "--steps", "3", "--temperature", "0.5", "--lookahead", "4", "--seed", "3"]
+    assert main(["generate", "--model", str(trained_tiny), "--prompt", "a red circle", *flags, "--out", str(out)]) == 0
+    written = np.asarray(Image.open(out / json.loads((out / "index.json").read_text())[0]["file"]))
+    pipe = MMFusion.from_pretrained(trained_tiny)
+    kwargs = dict(seed=3, ar_steps=4, steps=3, temperature=0.5)
+    assert np.array_equal(written, np.asarray(pipe.generate(["a red circle"], lookahead=4, **kwargs)[0]))
+    assert not np.array_equal(written, np.asarray(pipe.generate(["a red circle"], lookahead=0, **kwargs)[0]))

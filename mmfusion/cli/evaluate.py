@@ -72,6 +72,7 @@ def shapes(
     steps: int | None = None,
     cfg: float | None = None,
     temperature: float | None = None,
+    lookahead: int | None = None,
     method: Literal["greedy", "beam", "nucleus"] | None = None,
     num_beams: int | None = None,
     rerank_weight: float | None = None,
@@ -89,8 +90,7 @@ def shapes(
 
     Args:
         out: output folder
-        data: a saved shapes data set whose test split is captioned (default: the test split rendered
-          for --seed)
+        data: a saved shapes data set whose test split is captioned (default: rendered for --seed)
         captions: test images to caption (0: no captions)
         n_single: prompts naming one object (class-conditional: images per class = n_single / 12)
         n_pair: prompts naming two objects and a relation
@@ -101,6 +101,7 @@ def shapes(
         steps: denoising steps per AR step
         cfg: guidance scale
         temperature: scale of the noise each denoising step adds (default: the model's)
+        lookahead: tokens beyond each AR group denoised with it and dropped (default: the model's)
         method: caption decoding: greedy, beam or nucleus (default: the model's caption settings)
         num_beams: beams for beam search (default: the model's)
         rerank_weight: check beam search's candidates by redrawing the image from each, at this weight
@@ -110,7 +111,8 @@ def shapes(
 
     modes = _shapes_modes(n_single, n_pair, captions, ar_steps, order)
     pipe = MMFusion.from_pretrained(model, dtype=dtype, device=device)
-    settings = pipe.image_settings(sampler=sampler, steps=steps, cfg_scale=cfg, temperature=temperature)
+    changes = dict(sampler=sampler, steps=steps, cfg_scale=cfg, temperature=temperature, lookahead=lookahead)
+    settings = pipe.image_settings(**changes)
     captioning = pipe.caption_settings(method=method, num_beams=num_beams, rerank_weight=rerank_weight)
     test = _shapes_test(data, captions, seed) if pipe.condition == "text" else []
     metrics = demo_eval.run_shapes_benchmark(pipe, Path(out), test, seed, n_single, n_pair, modes, settings, captioning)

@@ -47,6 +47,7 @@ def generate(
     cfg_interval: list[float] | None = None,
     cfg_until_step: int | None = None,
     temperature: float | None = None,
+    lookahead: int | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
     cfg_schedule: Literal["constant", "linear", "cosine"] | None = None,
@@ -74,22 +75,27 @@ def generate(
         cfg_interval: guide only for noise levels t/T in [LO, HI]: --cfg-interval LO --cfg-interval HI
         cfg_until_step: no guidance after this AR step
         temperature: scale of the noise each denoising step adds (Token-Shuffle: softmax temperature of the codes)
+        lookahead: tokens beyond each AR group denoised with it, then dropped (0: the paper's sampler)
         top_k: Token-Shuffle: keep the k most likely codes (0: all)
         top_p: Token-Shuffle: nucleus of this probability mass
         cfg_schedule: Token-Shuffle: guidance constant, or ramping from 1 to --cfg over the tokens
         batch_size: images sampled at once
         scale: the grid is enlarged this many times (nearest neighbour) for viewing
     """
-    from mmfusion.image_io import write_generated
-
     _check_view(cfg_interval, scale)
     pipe = _load(model, adapter, dtype, device, revision)
     flags = dict(ar_steps=ar_steps, order=order, sampler=sampler, steps=steps, cfg_until_step=cfg_until_step)
     flags.update(cfg_scale=cfg, cfg_interval=cfg_interval, temperature=temperature, top_k=top_k, top_p=top_p)
-    settings = pipe.image_settings(**flags, cfg_schedule=cfg_schedule)
+    settings = pipe.image_settings(**flags, lookahead=lookahead, cfg_schedule=cfg_schedule)
     kwargs = dict(num_images=num_images, seed=seed, batch_size=batch_size, negative_prompt=negative_prompt)
     images = pipe.generate(prompt, progress=True, settings=settings, **kwargs)
-    write_generated(out, images, prompt, num_images, seed, scale)
+    _write_images(out, images, prompt, num_images, seed, scale)
+
+
+def _write_images(out: str, images: list, prompts: list[str], num_images: int, seed: int, scale: int) -> None:
+    from mmfusion.image_io import write_generated
+
+    write_generated(out, images, prompts, num_images, seed, scale)
     print(f"wrote {len(images)} images, grid.png and index.json to {out}")
 
 

@@ -1,13 +1,17 @@
 """Next-token(s) diffusion sampling (CausalFusion): any number of AR steps, any order.
 
-For each AR step s the diffusion sampler (DDPM or DDIM) denoises group s only, attending to the
-cached clean prefix (condition plus finished groups); then the finished group is appended to the KV
-cache as clean tokens. Classifier-free guidance runs an unconditional stream beside the conditional
-one, only where it is switched on (an interval of noise levels, and up to a given AR step).
+For each AR step s the diffusion sampler (DDPM or DDIM) denoises group s, attending to the cached clean
+prefix (condition plus finished groups); then the finished group is appended to the KV cache as clean
+tokens. With `lookahead` L the next L tokens of the order are denoised beside the group, as noisy
+tokens of the same group, and dropped at the end of the step: the group is drawn as a part of a larger
+one (each AR step still samples p(group | prefix), as that joint's marginal). Classifier-free
+guidance runs an unconditional stream beside the conditional one, only where it is switched on (an
+interval of noise levels, and up to a given AR step).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +31,11 @@ from mmfusion.model.sequence import SequenceBuilder, TokenBatch, collate, image_
 
 @dataclass
 class _Plan:
-    """Per-sample generation plan: positions of the tokens of each AR group (padded with -1)."""
+    """Per-sample generation plan: positions of the tokens of each AR group, and of the tokens denoised
+    beside it and dropped (lookahead)."""
 
     groups: list[list[torch.Tensor]]  # [sample][group] -> image positions
+    ahead: list[list[torch.Tensor]]  # [sample][group] -> the positions after the group, up to lookahead
     known: list[torch.Tensor]  # [sample] -> positions of given tokens (editing), may be empty
 
 
@@ -43,7 +49,7 @@ class NextTokenDiffusionSampler:
 
     # planning -----------------------------------------------------------------------------
     def _plan(self, batch: int, generators: list[torch.Generator], known_mask: torch.Tensor | None) -> _Plan:
-        groups, known = [], []
+        groups, ahead, known = [], [], []
         n = self.grid[0] * self.grid[1]
         for i in range(batch):
             order = token_order(self.grid, self.settings.order, generators[i], self.diffusion.block_size)
@@ -56,9 +62,10 @@ class NextTokenDiffusionSampler:
             steps = min(self.settings.ar_steps, len(order))
             sizes = even_group_sizes(len(order), steps) if len(order) else []
             groups.append(list(order.split(sizes)) if sizes else [])
+            ahead.append([order[end : end + self.settings.lookahead] for end in itertools.accumulate(sizes)])
         if known_mask is None and self.settings.ar_steps > n:
             raise UserError(f"ar_steps={self.settings.ar_steps} exceeds the {n} tokens of an image: choose 1 to {n}")
-        return _Plan(groups, known)
+        return _Plan(groups, ahead, known)
 
     # main ---------------------------------------------------------------------------------
     @inference
@@ -99,18 +106,20 @@ class NextTokenDiffusionSampler:
         for step in range(n_groups):
             bar.set_postfix_str(f"AR step {step + 1}/{n_groups}", refresh=False)
             pos_rows = [g[step] if step < len(g) else none_left for g in plan.groups]
-            ragged = len({len(p) for p in pos_rows}) > 1  # editing: images with different tokens to make
-            x = self._noise(pos_rows, generators)
+            # the group and the tokens denoised beside it (lookahead); the first len(group) are kept
+            work = [torch.cat([p, a[step]]) if step < len(a) else p for p, a in zip(pos_rows, plan.ahead)]
+            ragged = len({len(p) for p in work}) > 1  # editing: images with different tokens to make
+            x = self._noise(work, generators)
             for t in scheduler.timesteps:
                 t = int(t)
                 guided_now = s.guides(t, step, self.diffusion.num_train_timesteps)
                 rows = dup if guided_now else 1
-                pred = state.predict(step, pos_rows * rows, torch.cat([x] * rows), t, rows * b)
+                pred = state.predict(step, work * rows, torch.cat([x] * rows), t, rows * b)
                 if guided_now:
                     pred = guide(pred, b, s.cfg_scale)
                 if clip_x0:
                     pred = pred.clamp(-1.0, 1.0)
-                x = self._denoise(scheduler, pred, t, x, pos_rows if ragged else None, generators)
+                x = self._denoise(scheduler, pred, t, x, work if ragged else None, generators)
                 bar.update()
             for i, p in enumerate(pos_rows):
                 out[i, p] = x[i, : len(p)]

@@ -41,6 +41,10 @@ class DiffusionSampling:
     # the noise each denoising step adds, scaled by this (MAR's sampling temperature): below 1 draws
     # nearer the modes of the model; DDPM, and DDIM with eta > 0 (DDIM with eta 0 adds none)
     temperature: float = 1.0
+    # tokens of the order beyond each AR group denoised with it and then dropped: the group is drawn as
+    # part of a larger one (the marginal of p(group + next tokens | prefix)), which a model trained
+    # mostly at one AR step draws more consistently than the group alone. 0 is the paper's sampler
+    lookahead: int = 0
 
     def __post_init__(self) -> None:
         lo_hi = self.cfg_interval
@@ -63,6 +67,7 @@ class DiffusionSampling:
                 ),
                 (self.eta >= 0, "eta", f"must not be negative, got {self.eta}"),
                 (self.temperature >= 0, "temperature", f"must not be negative, got {self.temperature}"),
+                (self.lookahead >= 0, "lookahead", f"must not be negative, got {self.lookahead}"),
             ]
         )
 

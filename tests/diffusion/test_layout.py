@@ -7,8 +7,8 @@ import torch
 
 from mmfusion.config import ObjectiveConfig
 from mmfusion.diffusion.config import DiffusionConfig
-from mmfusion.model.config import ModelConfig
 from mmfusion.diffusion.layout import place
+from mmfusion.model.config import ModelConfig
 from mmfusion.training.objective import JointObjective
 
 DEMO = DiffusionConfig(

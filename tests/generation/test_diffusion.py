@@ -131,6 +131,7 @@ def test_too_many_ar_steps_is_refused(model):
         ({"cfg_scale": -1.0}, "cfg_scale: must not be negative"),
         ({"eta": -0.5}, "eta: must not be negative"),
         ({"temperature": -0.1}, "temperature: must not be negative"),
+        ({"lookahead": -1}, "lookahead: must not be negative"),
     ],
 )
 def test_bad_sampler_settings_are_refused(bad, message):
@@ -282,3 +283,45 @@ def test_temperature_sampling_is_cached_batched_and_changes_the_images(model):
         torch.testing.assert_close(both[i : i + 1], smp(CONDS[i : i + 1], None, _gens([5 + i])), atol=1e-5, rtol=1e-5)
     hot = NextTokenDiffusionSampler(model, DiffusionConfig(), DiffusionSampling(ar_steps=4, steps=3))
     assert not torch.allclose(both, hot(CONDS, None, _gens([5, 6])))
+
+
+def test_lookahead_keeps_the_group_of_a_larger_draw(model):
+    """With lookahead 12 at S = 4 the first AR step denoises all 16 tokens, in the order and with the
+    noise that one AR step uses, and keeps its group of 4: those equal the one-step image's tokens
+    there, while the later groups are drawn again given them. At S = 1 there is nothing ahead."""
+    one = NextTokenDiffusionSampler(model, DiffusionConfig(), DiffusionSampling(ar_steps=1, steps=3))
+    ahead = NextTokenDiffusionSampler(model, DiffusionConfig(), DiffusionSampling(ar_steps=4, steps=3, lookahead=12))
+    first = ahead._plan(2, _gens([5, 6]), None).groups
+    whole, kept = one(CONDS, None, _gens([5, 6])), ahead(CONDS, None, _gens([5, 6]))
+    for i in range(2):
+        group, rest = first[i][0], torch.cat(first[i][1:])
+        torch.testing.assert_close(kept[i, group], whole[i, group], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(kept[i, rest], whole[i, rest])
+    plain = NextTokenDiffusionSampler(model, DiffusionConfig(), DiffusionSampling(ar_steps=4, steps=3))
+    assert not torch.allclose(kept, plain(CONDS, None, _gens([5, 6])))
+    at_one = NextTokenDiffusionSampler(model, DiffusionConfig(), DiffusionSampling(ar_steps=1, steps=3, lookahead=5))
+    assert torch.equal(at_one(CONDS, None, _gens([5, 6])), whole)
+
+
+@pytest.mark.parametrize("order,lookahead", [("random", 3), ("raster", 20)])
+def test_lookahead_is_cached_batched_and_guided(model, order, lookahead):
+    s = DiffusionSampling(ar_steps=5, steps=3, order=order, cfg_scale=2.0, lookahead=lookahead, temperature=0.5)
+    smp = NextTokenDiffusionSampler(model, DiffusionConfig(), s)
+    both = smp(CONDS, UNCONDS, _gens([5, 6]))
+    torch.testing.assert_close(both, smp(CONDS, UNCONDS, _gens([5, 6]), use_cache=False), atol=1e-4, rtol=1e-4)
+    for i in range(2):
+        alone = smp(CONDS[i : i + 1], UNCONDS[i : i + 1], _gens([5 + i]))
+        torch.testing.assert_close(both[i : i + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_lookahead_with_given_tokens_keeps_them(model):
+    known = torch.randn(2, 16, 12)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, :14] = True
+    mask[1, 3:9] = True
+    s = DiffusionSampling(ar_steps=4, steps=3, lookahead=4)
+    smp = NextTokenDiffusionSampler(model, DiffusionConfig(), s)
+    out = smp(CONDS, None, _gens([0, 1]), known=known, known_mask=mask)
+    assert torch.equal(out[mask], known[mask])
+    ref = smp(CONDS, None, _gens([0, 1]), known=known, known_mask=mask, use_cache=False)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

@@ -98,7 +98,7 @@ def test_training_forward_predicts_each_group_as_the_cached_sampler(prompt_atten
         trained = trained[0][noisy]
 
     sampler = NextTokenDiffusionSampler(model, diffusion, DiffusionSampling(ar_steps=4, order="random"))
-    plan = _Plan(groups=[groups], known=[torch.zeros(0, dtype=torch.long)])
+    plan = _Plan(groups=[groups], ahead=[[g[:0] for g in groups]], known=[torch.zeros(0, dtype=torch.long)])
     out = torch.zeros(1, cfg.num_image_tokens, cfg.image_token_dim)
     state = _State(sampler, [prompt], plan, out, [len(prompt)], use_cache=True)
     with torch.no_grad():
