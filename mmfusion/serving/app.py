@@ -10,6 +10,8 @@ worker, which batches them (`mmfusion.serving.batcher`). Bad input shows its mes
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
 import os
 import tempfile
 from collections.abc import Callable
@@ -152,6 +154,28 @@ def _pixel_gallery(gr: Any, label: str, columns: int, elem_id: str) -> Any:
     )
 
 
+def _png_files(gr: Any, images: list[Image.Image]) -> list[str]:
+    """Each image as a PNG file in Gradio's cache folder, named by its content and written under a
+    temporary name then renamed into place. Handed PIL images, Gradio rewrites the file of an image it
+    has made before in place, and a request still downloading that file (two users asking for the same
+    prompt and seed) gets a broken response; a file that exists here is never written again."""
+    folder = Path(gr.utils.get_upload_folder()) / "mmfusion"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for image in images:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        data = buf.getvalue()
+        path = folder / f"{hashlib.sha256(data).hexdigest()}.png"
+        if not path.exists():
+            fd, staging = tempfile.mkstemp(dir=folder, prefix=".staging-", suffix=".png")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(staging, path)
+        paths.append(str(path))
+    return paths
+
+
 def _text_to_image_tab(gr: Any, service: Service) -> None:
     with gr.Row():
         with gr.Column():
@@ -170,7 +194,8 @@ def _text_to_image_tab(gr: Any, service: Service) -> None:
     def generate(prompt_: str, negative_: str, n_: float, seed_: float, *values: Any) -> tuple[list, str]:
         options = dict(zip(names, values))
         pairs = service.text_to_image(prompt_, negative_, n_, seed_, options)
-        return [(im, f"seed {s}") for im, s in pairs], service.reproduce_command(prompt_, negative_, n_, seed_, options)
+        shown = list(zip(_png_files(gr, [im for im, _ in pairs]), (f"seed {s}" for _, s in pairs)))
+        return shown, service.reproduce_command(prompt_, negative_, n_, seed_, options)
 
     inputs = [prompt, negative, n, seed, *controls.values()]
     run.click(shown_errors(gr, generate), inputs, [gallery, command], api_name="text_to_image")
@@ -243,7 +268,8 @@ def _edit_tab(gr: Any, service: Service) -> None:
 
     def edit(image: Any, mask_: Any, prompt_: str, negative_: str, n_: float, seed_: float, *values: Any) -> list:
         seen, pairs = service.edit(image, mask_, prompt_, negative_, n_, seed_, dict(zip(names, values)))
-        return [(seen, "input"), *((im, f"seed {s}") for im, s in pairs)]
+        files = _png_files(gr, [seen, *(im for im, _ in pairs)])
+        return list(zip(files, ["input", *(f"seed {s}" for _, s in pairs)]))
 
     inputs = [editor, mask, prompt, negative, n, seed, *controls.values()]
     run.click(shown_errors(gr, edit), inputs, gallery, api_name="edit", preprocess=False)  # read by the service

@@ -2,8 +2,10 @@
 what the Python API returns for the same seed; bad input comes back as its message, a full queue as a
 busy message at once, and the server goes on serving."""
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import gradio_client
 import numpy as np
@@ -150,3 +152,41 @@ def test_the_load_benchmark_client_gets_whole_answers_and_renders_them(served, t
     row = {"t2i_1": {"complete": 4, "p50_s": 0.1, "p95_s": 0.2, "server_per_s": 8.0, "api_per_s": 10.0, "ratio": 0.8}}
     text = "\n".join(bench._serve_rows({"requests": 4, "clients": 2, "steps": 4, **row}, bench._fmt))
     assert "| text to image, 1 image a request | 4 of 4 | 0.1 | 0.2 | 8 | 10 | 80% |" in text
+
+
+def test_the_same_images_asked_for_at_once_come_back_whole(served, tiny_pipe):
+    """Many clients asking for the same prompt and seeds at once (a demo's example prompt): every answer
+    is whole and holds the API's images. Gradio rewrote the file of an image it had made before in place,
+    under a download of that file, which failed the download ("Too much data for declared
+    Content-Length")."""
+    from benchmarks import bench
+
+    _, url = served
+    jobs = [["a red circle", "", 2, 5, *SAMPLER] for _ in range(24)]
+    _, got = bench._client_load(url, jobs, 6, "text_to_image")
+    assert [[item["caption"] for item in r[0]] for _, r in got] == [["seed 5", "seed 6"]] * 24
+    paths = {item["image"]["path"] for _, r in got for item in r[0]}
+    assert len(paths) == 2  # one file per distinct image, shared by every answer
+    api = tiny_pipe("a red circle", num_images_per_prompt=2, seed=5, **API_SAMPLER).images
+    for item, image in zip(got[0][1][0], api):
+        assert np.array_equal(pixels(item["image"]["path"]), pixels(image))
+
+
+def test_gallery_files_are_written_once_and_whole(tmp_path, monkeypatch):
+    """An image's file is named by its content, written under another name and renamed into place, and
+    never written again: a second request for the same image gets the same file, untouched."""
+    import gradio as gr
+
+    from mmfusion.serving.app import _png_files
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    red, blue = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))
+    first = _png_files(gr, [red, blue])
+    before = [(p, os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in first]
+    time.sleep(0.01)
+    again = _png_files(gr, [red])
+    assert again == first[:1] and len(set(first)) == 2
+    assert [(p, os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in first] == before
+    assert all(p.startswith(str(tmp_path)) for p in first)
+    assert np.array_equal(pixels(first[1]), pixels(blue))
+    assert sorted(f.name for f in (tmp_path / "mmfusion").iterdir()) == sorted(Path(p).name for p in first)
