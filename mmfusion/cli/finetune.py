@@ -43,7 +43,8 @@ def finetune(
         task: t2i (image loss, T2I order), caption (text loss, caption order) or joint (the training objective)
         lora_r: LoRA rank
         lora_alpha: LoRA alpha (scale = alpha / r)
-        target: comma-separated projections to adapt (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)
+        target: comma-separated projections to adapt (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj;
+          a CausalFusion model's image_in,image_head_mlp.0,image_head on request)
         modules_to_save: comma-separated modules trained fully and saved with the adapter (e.g. image_head)
         full: full fine-tuning instead of LoRA (saves a whole model folder; for comparison)
         merge: also write OUT/merged, the model with the adapter merged in
@@ -55,7 +56,7 @@ def finetune(
         precision: auto, 32-true or bf16-mixed
         new_tokens: train the token rows the captions use in the text embedding and head (rows), both whole (modules)
         caption_fraction: share of caption-order samples (default: t2i 0, caption 1, joint 0.5)
-        text_loss_weight: text loss x this (default: 1; t2i has no caption samples)
+        text_loss_weight: text loss x this (default: joint 0.1, caption 1; t2i has no caption samples)
         replay: share of the rows from the base's own data, against forgetting (e.g. 0.2; shapes bases render them)
         replay_data: the base's training data, for --replay (any base not trained on the built-in shapes)
     """

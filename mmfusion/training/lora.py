@@ -20,6 +20,9 @@ from mmfusion.errors import UserError
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
+# a CausalFusion model's image input projection and image head (the head MLP's first layer, where it has
+# one): adaptable on request, not by default (docs/experiments.md, the downstream benchmark)
+IMAGE = ("image_in", "image_head_mlp.0", "image_head")
 
 
 def add_lora(
@@ -35,9 +38,9 @@ def add_lora(
     `embed_tokens` and `lm_head`) stay trainable."""
     if r < 1 or alpha <= 0:
         raise UserError(f"LoRA needs a rank of at least 1 and a positive alpha, got r={r}, alpha={alpha}")
-    unknown = [t for t in targets if t not in ATTENTION + MLP]
+    unknown = [t for t in targets if t not in ATTENTION + MLP + IMAGE]
     if unknown:
-        raise UserError(f"unknown LoRA target {unknown[0]!r}; choose from {', '.join(ATTENTION + MLP)}")
+        raise UserError(f"unknown LoRA target {unknown[0]!r}; choose from {', '.join(ATTENTION + MLP + IMAGE)}")
     rows = None
     if token_rows:
         if getattr(getattr(model, "cfg", None), "tie_embeddings", False):

@@ -8,8 +8,9 @@ from peft import PeftModel
 from mmfusion.config import ObjectiveConfig
 from mmfusion.diffusion.config import DiffusionConfig
 from mmfusion.errors import UserError
+from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel
-from mmfusion.training.lora import MLP, add_lora, parameter_counts
+from mmfusion.training.lora import ATTENTION, IMAGE, MLP, add_lora, parameter_counts
 from mmfusion.training.objective import JointObjective
 
 CAPTIONS = [[10, 11, 12], [13, 14], [15, 16, 17, 18]]
@@ -70,6 +71,29 @@ def test_merged_equals_unmerged(tiny_cfg):
         unmerged = model.eval()(batch)
         merged = model.merge_and_unload().eval()(batch)
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("hidden", [0, 32])
+def test_image_projections_can_be_adapted_and_train(hidden):
+    """`--target ...,image_in,image_head_mlp.0,image_head`: the image loss reaches the adapters of the
+    image input and output projections (the head MLP's first layer where there is one; a name the
+    model lacks adapts nothing), and merging changes no prediction."""
+    cfg = ModelConfig.from_name("tiny", image_head_hidden=hidden)
+    net = MMFusionModel(cfg)
+    torch.nn.init.normal_(net.image_head.weight, std=0.02)
+    model = add_lora(net, r=4, alpha=8, targets=ATTENTION + MLP + IMAGE)
+    _perturb(model)
+    obj, batch = _batch(cfg, 1.0)
+    obj.loss(model, batch)["image_loss"].backward()
+    params = dict(model.named_parameters())
+    for name in ("image_in", *(("image_head_mlp.0",) if hidden else ()), "image_head"):
+        lora_a = params[f"base_model.model.{name}.lora_A.default.weight"]
+        assert lora_a.grad is not None and lora_a.grad.abs().sum() > 0, name
+    assert hidden or not any("image_head_mlp" in n for n in params)
+    with torch.no_grad():
+        unmerged = model.eval().image_output(model(batch))
+        merged = model.merge_and_unload().eval()
+        torch.testing.assert_close(merged.image_output(merged(batch)), unmerged, atol=1e-5, rtol=1e-5)
 
 
 def test_unknown_target_is_refused(tiny_cfg):
