@@ -43,8 +43,7 @@ def finetune(
         task: t2i (image loss, T2I order), caption (text loss, caption order) or joint (the training objective)
         lora_r: LoRA rank
         lora_alpha: LoRA alpha (scale = alpha / r)
-        target: comma-separated projections to adapt (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj;
-          a CausalFusion model's image_in,image_head_mlp.0,image_head on request)
+        target: comma-separated projections to adapt; image_in,image_head_mlp.0,image_head may join the seven
         modules_to_save: comma-separated modules trained fully and saved with the adapter (e.g. image_head)
         full: full fine-tuning instead of LoRA (saves a whole model folder; for comparison)
         merge: also write OUT/merged, the model with the adapter merged in
