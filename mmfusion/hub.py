@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -216,10 +217,14 @@ def _flat(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
     """`write(tmp)` to a temporary file beside `path`, then rename it to `path`: a crash never leaves a
-    half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    tmp.replace(path)
+    half-written file, and neither do two writers of the same path at once (each writes a temporary
+    file of its own; a fixed name would let one rename the file the other is still writing)."""
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

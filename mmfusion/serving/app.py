@@ -23,6 +23,7 @@ from PIL import Image
 
 from mmfusion.data.shapes import render_example
 from mmfusion.errors import UserError
+from mmfusion.hub import write_atomic
 from mmfusion.serving.service import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS, Service
 
 # Gradio's queue recomputes a pandas summary of up to 10,000 past events after every event by default:
@@ -155,10 +156,10 @@ def _pixel_gallery(gr: Any, label: str, columns: int, elem_id: str) -> Any:
 
 
 def _png_files(gr: Any, images: list[Image.Image]) -> list[str]:
-    """Each image as a PNG file in Gradio's cache folder, named by its content and written under a
-    temporary name then renamed into place. Handed PIL images, Gradio rewrites the file of an image it
-    has made before in place, and a request still downloading that file (two users asking for the same
-    prompt and seed) gets a broken response; a file that exists here is never written again."""
+    """Each image as a PNG file in Gradio's cache folder, named by its content and written atomically
+    (`write_atomic`). Handed PIL images, Gradio rewrites the file of an image it has made before in
+    place, and a request still downloading that file (two users asking for the same prompt and seed)
+    gets a broken response; a file that exists here is never written again."""
     folder = Path(gr.utils.get_upload_folder()) / "mmfusion"
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -168,10 +169,7 @@ def _png_files(gr: Any, images: list[Image.Image]) -> list[str]:
         data = buf.getvalue()
         path = folder / f"{hashlib.sha256(data).hexdigest()}.png"
         if not path.exists():
-            fd, staging = tempfile.mkstemp(dir=folder, prefix=".staging-", suffix=".png")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(staging, path)
+            write_atomic(path, lambda p, data=data: p.write_bytes(data))
         paths.append(str(path))
     return paths
 
