@@ -16,12 +16,13 @@ time, each for `--minutes` of training:
 - `full`: `mmfusion finetune --full`, the same data, task and learning rate;
 - `scratch`: `mmfusion train` with the demo's recipe on the domain's data alone (its own tokenizer).
 
-Each result is judged on the domain (T2I accuracy on 48 one-object and 48 two-object prompts at S = 1,
+Each result is judged on the domain (T2I accuracy on 96 one-object and 96 two-object prompts at S = 1,
 the analytic checker; caption content accuracy on 300 test images, greedy) and on the old task (the shapes
 benchmark's T2I at S = 1 and caption content, the same sizes). Writes OUT/results.json
 and OUT/grid_{domain}.png (prompts in rows: the base model, LoRA, full fine-tuning, scratch).
 `--temperature T` judges the images of every model sampled at that temperature (results_tT.json); the
-adaptations already trained are not run again.
+adaptations already trained are not run again. `--finetune-args "..."` adds options to every fine-tuning
+(another rank, other targets) without changing the defaults it measures.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +46,7 @@ from mmfusion.pipeline import MMFusion
 from mmfusion.training.demo import DEMO_CONFIG
 
 METHODS = ("lora", "lora_replay", "full", "scratch")
-N_PROMPTS, N_CAPTIONS = 48, 300
+N_PROMPTS, N_CAPTIONS = 96, 300
 
 
 def domain_data(domain: str, out: Path, n: int) -> Path:
@@ -58,8 +60,11 @@ def domain_data(domain: str, out: Path, n: int) -> Path:
     return path
 
 
-def command(method: str, base: str, data: Path, run: Path, seed: int, minutes: float) -> list[str]:
-    """The adaptation's command line (replay reads the shapes data beside the domains' data)."""
+def command(
+    method: str, base: str, data: Path, run: Path, seed: int, minutes: float, extra_args: str = ""
+) -> list[str]:
+    """The adaptation's command line (replay reads the shapes data beside the domains' data); `extra_args`
+    are added to the fine-tunings' (`mmfusion finetune`) command lines."""
     cli = [sys.executable, "-m", "mmfusion.cli.main"]
     if method == "scratch":
         overrides = [f"data.source={data}", f"train.out={run}", f"train.max_time_minutes={minutes}", "train.threads=1"]
@@ -67,12 +72,13 @@ def command(method: str, base: str, data: Path, run: Path, seed: int, minutes: f
     replay = ["--replay", "0.2", "--replay-data", str(data.parent / "data_shapes")]
     extra = {"lora": [], "lora_replay": replay, "full": ["--full"]}[method]
     budget = ["--minutes", str(minutes), "--steps", "1000000", "--seed", str(seed)]
-    return [*cli, "finetune", "--model", base, "--data", str(data), "--out", str(run), *budget, *extra]
+    finetune = [*cli, "finetune", "--model", base, "--data", str(data), "--out", str(run)]
+    return [*finetune, *budget, *extra, *shlex.split(extra_args)]
 
 
-def adapt(job: tuple[str, str, str, Path, Path, int, float]) -> None:
+def adapt(job: tuple[str, str, str, Path, Path, int, float, str]) -> None:
     """Run one adaptation unless its result is there (its log beside it)."""
-    domain, method, base, data, run, seed, minutes = job
+    domain, method, base, data, run, seed, minutes, extra_args = job
     done = run / ("model" if method == "scratch" else "finetune_report.json")
     if done.exists():
         return
@@ -80,7 +86,11 @@ def adapt(job: tuple[str, str, str, Path, Path, int, float]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with (run.parent / f"{run.name}.log").open("w") as log:
         subprocess.run(
-            command(method, base, data, run, seed, minutes), stdout=log, stderr=subprocess.STDOUT, env=env, check=True
+            command(method, base, data, run, seed, minutes, extra_args),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            check=True,
         )
 
 
@@ -167,6 +177,7 @@ def main() -> None:
         help="judge every model's images at this sampler temperature (default: each model's own); results "
         "then go to OUT/results_t{temperature}.json",
     )
+    ap.add_argument("--finetune-args", default="", help="more options for every fine-tuning (e.g. '--batch-size 64')")
     ap.add_argument("--no-grids", action="store_true", help="judge only: no grids")
     args = ap.parse_args()
     args.domains = args.domains.split(",")
@@ -190,6 +201,7 @@ def main() -> None:
                         out / domain / f"s{seed}_{method}",
                         seed,
                         args.minutes,
+                        args.finetune_args,
                     )
                 )
     with ThreadPoolExecutor(args.parallel) as pool:

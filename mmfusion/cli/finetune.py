@@ -22,20 +22,20 @@ def finetune(
     steps: int = 300,
     minutes: float | None = None,
     lr: float | None = None,
-    batch_size: int = 32,
+    batch_size: int = 64,
     seed: int = 0,
     image_root: str | None = None,
     image_column: str | None = None,
     caption_column: str | None = None,
     precision: str = "auto",
+    compile: bool = True,
     new_tokens: Literal["rows", "modules", "off"] = "rows",
     caption_fraction: float | None = None,
     text_loss_weight: float | None = None,
     replay: float = 0.0,
     replay_data: str | None = None,
 ) -> None:
-    """Fine-tune a trained model with LoRA (peft) on new captioned images; saves the adapter alone (only
-    it, --modules-to-save and --new-tokens' rows train); --merge adds OUT/merged, a model folder.
+    """Fine-tune a trained model with LoRA (peft) on new captioned images; saves the adapter alone.
 
     Args:
         data: captioned data (any source `mmfusion train` reads)
@@ -53,6 +53,7 @@ def finetune(
         batch_size: images per step
         seed: random seed
         precision: auto, 32-true or bf16-mixed
+        compile: torch.compile the transformer (faster steps after some seconds of compiling; needs g++ on CPU)
         new_tokens: train the token rows the captions use in the text embedding and head (rows), both whole (modules)
         caption_fraction: share of caption-order samples (default: t2i 0, caption 1, joint 0.5)
         text_loss_weight: text loss x this (default: joint 0.1, caption 1; t2i has no caption samples)
@@ -61,11 +62,9 @@ def finetune(
     """
     from mmfusion.training.finetune import finetune as run
 
-    rest = dict(new_tokens=new_tokens, caption_fraction=caption_fraction, text_loss_weight=text_loss_weight)
-    rest |= dict(image_root=image_root, image_column=image_column, caption_column=caption_column)
-    rest |= dict(steps=steps, minutes=minutes, lr=lr, batch_size=batch_size, seed=seed, precision=precision)
-    lora = dict(lora_r=lora_r, lora_alpha=lora_alpha, targets=_names(target), modules_to_save=_names(modules_to_save))
-    report = run(model, data, out, task, **lora, **rest, full=full, merge=merge, replay=replay, replay_data=replay_data)
+    # every option goes through by its name; the two comma-separated lists as tuples
+    options = {name: value for name, value in locals().items() if name not in ("run", "target", "modules_to_save")}
+    report = run(**options, targets=_names(target), modules_to_save=_names(modules_to_save))
     print(f"{report['mode']} fine-tuning: {report['steps']} steps in {report['seconds']:.0f} s; saved to {out}")
 
 

@@ -117,6 +117,7 @@ def _run_config(
     seed: int,
     reading: dict[str, str | None],
     precision: str,
+    compile: bool,
 ) -> RunConfig:
     return RunConfig(
         model=pipe.model.cfg,
@@ -142,6 +143,7 @@ def _run_config(
             checkpoint_every_n_steps=max(steps, 1),
             log_every_n_steps=10,
             precision=precision,
+            compile=compile,
         ),
     )
 
@@ -245,13 +247,14 @@ def finetune(
     steps: int = 300,
     minutes: float | None = None,
     lr: float | None = None,
-    batch_size: int = 32,
+    batch_size: int = 64,
     merge: bool = False,
     seed: int = 0,
     image_root: str | None = None,
     image_column: str | None = None,
     caption_column: str | None = None,
     precision: str = "auto",
+    compile: bool = True,
     new_tokens: str = "rows",
     caption_fraction: float | None = None,
     text_loss_weight: float | None = None,
@@ -260,7 +263,8 @@ def finetune(
 ) -> dict[str, Any]:
     """Fine-tune; saves the adapter alone (or, with `full`, a whole model folder) to `out`. `new_tokens`,
     `caption_fraction` and `text_loss_weight`: see the module's docstring and `task_objective`; `replay`:
-    that share of the training rows from the base's own data (`replay_mix`), against forgetting."""
+    that share of the training rows from the base's own data (`replay_mix`), against forgetting. `compile`:
+    the transformer compiled with its adapters inside (`train.compile`), for more samples in a fixed time."""
     pipe = MMFusion.from_pretrained(model)
     base_data = pipe.training_data
     pipe.training_data = f"{pipe.training_data or 'unrecorded'}, then fine-tuned on {data_name(data)}"
@@ -271,7 +275,7 @@ def finetune(
     reading = dict(image_root=image_root, image_column=image_column, caption_column=caption_column)
     if replay:  # the mixed data set has the usual columns
         data, reading = replay_mix(data, replay, replay_data, base_data, reading, out / "run", seed), {}
-    cfg = _run_config(pipe, data, out, objective, steps, minutes, lr, batch_size, seed, reading, precision)
+    cfg = _run_config(pipe, data, out, objective, steps, minutes, lr, batch_size, seed, reading, precision, compile)
     L.seed_everything(seed, verbose=False)
     base = (str(model), base_fingerprint(pipe.model))
     datamodule = MMFusionDataModule(
@@ -285,6 +289,7 @@ def finetune(
     trainer, seconds = _fit(cfg, pipe, net, datamodule, out, precision)
     _save(pipe, net.eval(), out, full, merge, base)
     report = {"task": task, "mode": "full" if full else "lora", "trainable_parameters": trainable, "replay": replay}
+    report |= {"batch_size": batch_size, "compile": cfg.train.compile}
     report |= _measures(trainer, total, seconds, objective, "off" if full or not rows else new_tokens, len(rows))
     (out / "finetune_report.json").write_text(json.dumps(report, indent=2))
     return report

@@ -101,8 +101,9 @@ def test_unknown_target_is_refused(tiny_cfg):
         add_lora(MMFusionModel(tiny_cfg), targets=("qkv",))
 
 
-@pytest.mark.parametrize("task", ["caption", "t2i"])
-def test_finetune_cli_end_to_end(trained_tiny, tmp_path, task, capsys):
+@pytest.mark.parametrize(("task", "compiled"), [("caption", True), ("t2i", False)])
+def test_finetune_cli_end_to_end(trained_tiny, tmp_path, task, compiled, capsys):
+    """The caption task at the default (the transformer compiled with its adapters), t2i eager."""
     from mmfusion.cli.main import main
     from mmfusion.pipeline import MMFusion
 
@@ -135,6 +136,7 @@ def test_finetune_cli_end_to_end(trained_tiny, tmp_path, task, capsys):
                 "32-true",
                 "--lr",
                 "0.05",
+                *([] if compiled else ["--no-compile"]),
             ]
         )
         == 0
@@ -145,6 +147,7 @@ def test_finetune_cli_end_to_end(trained_tiny, tmp_path, task, capsys):
     assert json.loads((out / "mmfusion_adapter.json").read_text())["base_model"] == str(trained_tiny)
     report = json.loads((out / "finetune_report.json").read_text())
     assert report["trainable_parameters"] < report["total_parameters"] / 5 and report["steps"] == 3
+    assert report["compile"] is compiled and report["batch_size"] == 4
     base = MMFusion.from_pretrained(trained_tiny)
     adapted = MMFusion.from_pretrained(trained_tiny, adapters=[out])
     merged = MMFusion.from_pretrained(out / "merged")

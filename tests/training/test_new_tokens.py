@@ -23,7 +23,7 @@ def new_word_data(trained_tiny, tmp_path_factory):
 def _run(model, data, out, **kw):
     from mmfusion.training.finetune import finetune
 
-    args = dict(lora_r=4, lora_alpha=8, steps=6, lr=0.01, batch_size=8, precision="32-true", seed=0)
+    args = dict(lora_r=4, lora_alpha=8, steps=6, lr=0.01, batch_size=8, precision="32-true", seed=0, compile=False)
     return finetune(model, data, out, **(args | kw))
 
 
