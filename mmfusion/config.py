@@ -161,6 +161,8 @@ class TrainConfig:
     lr: float = 1e-4  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1  # floor of the cosine and wsd schedules (x lr)
     weight_decay: float = 0.0  # AdamW weight decay (not on norms, biases and embeddings)
+    # learning rate of LoRA's B matrices over lr (LoRA+, Hayou et al. 2024; 1: plain LoRA)
+    loraplus_lr_ratio: float = 1.0
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
     warmup_steps: int = 100  # linear warm-up of the learning rate from 0
     # constant | cosine | wsd (warmup-stable-decay: constant, then linear down to min_lr_ratio over the

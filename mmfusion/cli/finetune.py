@@ -15,6 +15,7 @@ def finetune(
     task: Literal["t2i", "caption", "joint"] = "joint",
     lora_r: int = 16,
     lora_alpha: int = 32,
+    loraplus_lr_ratio: float = 1.0,
     target: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
     modules_to_save: str | None = None,
     full: bool = False,
@@ -43,6 +44,7 @@ def finetune(
         task: t2i (image loss, T2I order), caption (text loss, caption order) or joint (the training objective)
         lora_r: LoRA rank
         lora_alpha: LoRA alpha (scale = alpha / r)
+        loraplus_lr_ratio: learning rate of LoRA's B matrices over --lr (LoRA+; 1 is plain LoRA)
         target: comma-separated projections to adapt; image_in,image_head_mlp.0,image_head may join the seven
         modules_to_save: comma-separated modules trained fully and saved with the adapter (e.g. image_head)
         full: full fine-tuning instead of LoRA (saves a whole model folder; for comparison)
@@ -62,8 +64,7 @@ def finetune(
     """
     from mmfusion.training.finetune import finetune as run
 
-    # every option goes through by its name; the two comma-separated lists as tuples
-    options = {name: value for name, value in locals().items() if name not in ("run", "target", "modules_to_save")}
+    options = {k: v for k, v in locals().items() if k not in ("run", "target", "modules_to_save")}  # all by name
     report = run(**options, targets=_names(target), modules_to_save=_names(modules_to_save))
     print(f"{report['mode']} fine-tuning: {report['steps']} steps in {report['seconds']:.0f} s; saved to {out}")
 

@@ -110,15 +110,13 @@ def _run_config(
     data: str,
     out: Path,
     objective: ObjectiveConfig,
-    steps: int,
-    minutes: float | None,
-    lr: float,
     batch_size: int,
-    seed: int,
     reading: dict[str, str | None],
-    precision: str,
-    compile: bool,
+    **train: Any,
 ) -> RunConfig:
+    """The run's config: the base's model, image and diffusion settings, the data, and `train`'s
+    TrainConfig fields over fine-tuning's own defaults (no EMA, one checkpoint at the end)."""
+    steps = train["max_steps"]
     return RunConfig(
         model=pipe.model.cfg,
         image=pipe.image_cfg,
@@ -134,16 +132,11 @@ def _run_config(
         ),
         train=TrainConfig(
             out=str(out / "run"),
-            seed=seed,
-            max_steps=steps,
-            max_time_minutes=minutes,
-            lr=lr,
             warmup_steps=min(20, steps // 10),
             ema_decay=0.0,
             checkpoint_every_n_steps=max(steps, 1),
             log_every_n_steps=10,
-            precision=precision,
-            compile=compile,
+            **train,  # seed, max_steps, max_time_minutes, lr, precision, compile, loraplus_lr_ratio
         ),
     )
 
@@ -203,11 +196,14 @@ def replay_mix(
     return str(path)
 
 
-def _measures(
-    trainer: Any, total: int, seconds: float, objective: ObjectiveConfig, new_tokens: str, rows: int
-) -> dict[str, Any]:
-    """The report's counts, time, memory, the task's losses and the new-token choice, and the last losses."""
+def _measures(trainer: Any, total: int, seconds: float, cfg: RunConfig, new_tokens: str, rows: int) -> dict[str, Any]:
+    """The report's counts, time, memory, the run's settings and the task's losses, the new-token choice, and
+    the last losses."""
+    objective = cfg.objective
     return {
+        "batch_size": cfg.data.batch_size,
+        "compile": cfg.train.compile,
+        "loraplus_lr_ratio": cfg.train.loraplus_lr_ratio,
         "total_parameters": total,
         "steps": int(trainer.global_step),
         "seconds": seconds,
@@ -241,6 +237,7 @@ def finetune(
     task: str = "joint",
     lora_r: int = 16,
     lora_alpha: int = 32,
+    loraplus_lr_ratio: float = 1.0,
     targets: tuple[str, ...] = ATTENTION + MLP,
     modules_to_save: list[str] | None = None,
     full: bool = False,
@@ -271,11 +268,12 @@ def finetune(
     out = Path(out)
     # a bad --steps, --minutes, --precision ... is a ConfigError here: one line, before any output
     objective = task_objective(pipe.objective, task, caption_fraction, text_loss_weight)
-    lr = lr or (FULL_LR if full else LORA_LR)
     reading = dict(image_root=image_root, image_column=image_column, caption_column=caption_column)
     if replay:  # the mixed data set has the usual columns
         data, reading = replay_mix(data, replay, replay_data, base_data, reading, out / "run", seed), {}
-    cfg = _run_config(pipe, data, out, objective, steps, minutes, lr, batch_size, seed, reading, precision, compile)
+    train = dict(max_steps=steps, max_time_minutes=minutes, lr=lr or (FULL_LR if full else LORA_LR), seed=seed)
+    train |= dict(precision=precision, compile=compile, loraplus_lr_ratio=loraplus_lr_ratio)
+    cfg = _run_config(pipe, data, out, objective, batch_size, reading, **train)
     L.seed_everything(seed, verbose=False)
     base = (str(model), base_fingerprint(pipe.model))
     datamodule = MMFusionDataModule(
@@ -289,7 +287,6 @@ def finetune(
     trainer, seconds = _fit(cfg, pipe, net, datamodule, out, precision)
     _save(pipe, net.eval(), out, full, merge, base)
     report = {"task": task, "mode": "full" if full else "lora", "trainable_parameters": trainable, "replay": replay}
-    report |= {"batch_size": batch_size, "compile": cfg.train.compile}
-    report |= _measures(trainer, total, seconds, objective, "off" if full or not rows else new_tokens, len(rows))
+    report |= _measures(trainer, total, seconds, cfg, "off" if full or not rows else new_tokens, len(rows))
     (out / "finetune_report.json").write_text(json.dumps(report, indent=2))
     return report

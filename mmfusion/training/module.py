@@ -294,16 +294,22 @@ class MMFusionModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         t = self.cfg.train
-        decay, no_decay = [], []
+        decay, no_decay, lora_b = [], [], []
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if p.ndim < 2 or "embed" in name or "trainable_tokens" in name else decay).append(p)
+            if ".lora_B." in name and t.loraplus_lr_ratio != 1.0:
+                lora_b.append(p)
+            else:
+                (no_decay if p.ndim < 2 or "embed" in name or "trainable_tokens" in name else decay).append(p)
+        groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if lora_b:  # LoRA+: B, which starts at zero, learns at a higher rate than A
+            groups.append({"params": lora_b, "weight_decay": t.weight_decay, "lr": t.lr * t.loraplus_lr_ratio})
         opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            groups,
             lr=t.lr,
             betas=t.betas,
-            fused=self._fused_optimizer(decay + no_decay),
+            fused=self._fused_optimizer(decay + no_decay + lora_b),
         )
         self.lr_schedule = LRSchedule(*self._schedule_settings())
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_schedule)

@@ -136,7 +136,7 @@ def test_finetune_cli_end_to_end(trained_tiny, tmp_path, task, compiled, capsys)
                 "32-true",
                 "--lr",
                 "0.05",
-                *([] if compiled else ["--no-compile"]),
+                *([] if compiled else ["--no-compile", "--loraplus-lr-ratio", "8"]),
             ]
         )
         == 0
@@ -148,6 +148,7 @@ def test_finetune_cli_end_to_end(trained_tiny, tmp_path, task, compiled, capsys)
     report = json.loads((out / "finetune_report.json").read_text())
     assert report["trainable_parameters"] < report["total_parameters"] / 5 and report["steps"] == 3
     assert report["compile"] is compiled and report["batch_size"] == 4
+    assert report["loraplus_lr_ratio"] == (1.0 if compiled else 8.0)
     base = MMFusion.from_pretrained(trained_tiny)
     adapted = MMFusion.from_pretrained(trained_tiny, adapters=[out])
     merged = MMFusion.from_pretrained(out / "merged")

@@ -1,6 +1,7 @@
 """AdamW's fused kernel under bf16-mixed, with the gradient clipping Lightning would refuse for it."""
 
 import lightning as L
+import pytest
 import torch
 
 import mmfusion.training.run as run
@@ -39,3 +40,33 @@ def test_fused_adamw_clips_under_bf16_mixed(tmp_path, monkeypatch):
     assert norms.fused == [True] * 3
     assert min(norms.before) > 10 * clip
     assert max(norms.after) <= clip * 1.01
+
+
+@pytest.mark.parametrize("ratio", [1.0, 16.0])
+def test_loraplus_gives_the_b_matrices_their_own_learning_rate(ratio, tmp_path):
+    """LoRA+: every trainable parameter in exactly one group; LoRA's B matrices at `ratio` x lr, through
+    the warm-up schedule as well, and everything else at lr (one group fewer at ratio 1)."""
+    from mmfusion.data.datamodule import MMFusionDataModule
+    from mmfusion.training.lora import add_lora
+    from mmfusion.training.module import MMFusionModule
+
+    overrides = ["train.lr=1e-3", "train.warmup_steps=10", f"train.loraplus_lr_ratio={ratio}", f"train.out={tmp_path}"]
+    cfg = load_config(None, [*TINY_RUN, *overrides])
+    module = MMFusionModule(cfg, MMFusionDataModule(cfg.data, 32, tmp_path).text_tokenizer())
+    net = module.model = add_lora(module.model, r=4, alpha=8)
+    opt = module.configure_optimizers()
+    optimizer, schedule = opt["optimizer"], opt["lr_scheduler"]["scheduler"]
+    trainable = {id(p) for p in net.parameters() if p.requires_grad}
+    grouped = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(trainable)
+    assert len(optimizer.param_groups) == (2 if ratio == 1.0 else 3)
+    names = {id(p): n for n, p in net.named_parameters()}
+    for _ in range(3):
+        optimizer.step()
+        schedule.step()
+        base = optimizer.param_groups[0]["lr"]
+        assert 0 < base < 1e-3  # still warming up
+        for g in optimizer.param_groups:
+            is_b = {".lora_B." in names[id(p)] for p in g["params"]}
+            assert len(is_b) <= 1 or ratio == 1.0  # a group of B matrices alone, or none of them
+            assert g["lr"] == pytest.approx(base * ratio if is_b == {True} else base)
