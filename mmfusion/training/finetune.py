@@ -216,12 +216,12 @@ def _measures(trainer: Any, total: int, seconds: float, cfg: RunConfig, new_toke
     }
 
 
-def _fit(cfg: RunConfig, pipe: MMFusion, net: Any, datamodule: Any, out: Path, precision: str) -> tuple[Any, float]:
+def _fit(cfg: RunConfig, pipe: MMFusion, net: Any, datamodule: Any, out: Path) -> tuple[Any, float]:
     """Train `net` (the whole model or its adapter) on the data; (the trainer, seconds it took)."""
     module = MMFusionModule(cfg, pipe.text_tokenizer, model=net, image_tokenizer=pipe.image_tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    trainer = build_trainer(cfg, out / "run", choose_precision(precision), enable_checkpointing=False)
+    trainer = build_trainer(cfg, out / "run", choose_precision(cfg.train.precision), enable_checkpointing=False)
     with lightning_warnings_filtered():
         trainer.fit(module, datamodule=datamodule)
     step = stopped_at(trainer)
@@ -284,7 +284,7 @@ def finetune(
     net = _adapt(pipe.model.train(), full, lora, new_tokens, rows)
     trainable, total = parameter_counts(net)
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
-    trainer, seconds = _fit(cfg, pipe, net, datamodule, out, precision)
+    trainer, seconds = _fit(cfg, pipe, net, datamodule, out)
     _save(pipe, net.eval(), out, full, merge, base)
     report = {"task": task, "mode": "full" if full else "lora", "trainable_parameters": trainable, "replay": replay}
     report |= _measures(trainer, total, seconds, cfg, "off" if full or not rows else new_tokens, len(rows))
