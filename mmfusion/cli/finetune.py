@@ -16,6 +16,7 @@ def finetune(
     lora_r: int = 16,
     lora_alpha: int = 32,
     loraplus_lr_ratio: float = 1.0,
+    lora_init: Literal["lora", "lora_ga", "pissa", "olora"] = "lora",
     target: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
     modules_to_save: str | None = None,
     full: bool = False,
@@ -45,6 +46,7 @@ def finetune(
         lora_r: LoRA rank
         lora_alpha: LoRA alpha (scale = alpha / r)
         loraplus_lr_ratio: learning rate of LoRA's B matrices over --lr (LoRA+; 1 is plain LoRA)
+        lora_init: the adapter's start: lora (B = 0), lora_ga (the gradient's main directions), pissa, olora
         target: comma-separated projections to adapt; image_in,image_head_mlp.0,image_head may join the seven
         modules_to_save: comma-separated modules trained fully and saved with the adapter (e.g. image_head)
         full: full fine-tuning instead of LoRA (saves a whole model folder; for comparison)
@@ -62,11 +64,16 @@ def finetune(
         replay: share of the rows from the base's own data, against forgetting (e.g. 0.2; shapes bases render them)
         replay_data: the base's training data, for --replay (any base not trained on the built-in shapes)
     """
-    from mmfusion.training.finetune import finetune as run
+    options = {k: v for k, v in locals().items() if k not in ("target", "modules_to_save")}  # all by name
+    _run(**options, targets=_names(target), modules_to_save=_names(modules_to_save))
 
-    options = {k: v for k, v in locals().items() if k not in ("run", "target", "modules_to_save")}  # all by name
-    report = run(**options, targets=_names(target), modules_to_save=_names(modules_to_save))
-    print(f"{report['mode']} fine-tuning: {report['steps']} steps in {report['seconds']:.0f} s; saved to {out}")
+
+def _run(**options: object) -> None:
+    from mmfusion.training.finetune import finetune
+
+    report = finetune(**options)
+    steps, seconds = report["steps"], report["seconds"]
+    print(f"{report['mode']} fine-tuning: {steps} steps in {seconds:.0f} s; saved to {options['out']}")
 
 
 def _names(text: str | None) -> tuple[str, ...] | None:

@@ -15,6 +15,7 @@ import json
 import resource
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from mmfusion.model.adapters import base_fingerprint, write_record
 from mmfusion.pipeline import MMFusion
 from mmfusion.tokenizers.text import TextTokenizer
 from mmfusion.training.callbacks import lightning_warnings_filtered, stopped, stopped_at
-from mmfusion.training.lora import ATTENTION, MLP, add_lora, parameter_counts
+from mmfusion.training.lora import ATTENTION, MLP, add_lora, initial_factors, parameter_counts, save_as_plain_lora
 from mmfusion.training.module import MMFusionModule
 from mmfusion.training.trainer import build_trainer, choose_precision
 
@@ -42,6 +43,7 @@ JOINT_TEXT_LOSS_WEIGHT = 0.1
 # learning rates by default: the adapter's low-rank updates want a larger step than the whole model's
 # (scripts/downstream.py, docs/experiments.md)
 LORA_LR, FULL_LR = 3e-3, 1e-3
+GRADIENT_BATCHES = 8  # LoRA-GA: the training batches its gradient estimate averages over
 
 
 def task_objective(
@@ -141,31 +143,57 @@ def _run_config(
     )
 
 
-def _save(pipe: MMFusion, net: Any, out: Path, full: bool, merge: bool, base: tuple[str, str]) -> None:
+def _save(pipe: MMFusion, net: Any, out: Path, full: bool, merge: bool, base: tuple[str, str], initial: Any) -> None:
     """A whole model folder (`full`), or the adapter alone, with the record of its `base` (name,
-    fingerprint), and with `merge` OUT/merged as well."""
+    fingerprint), and with `merge` OUT/merged as well. An adapter started from `initial` factors that
+    moved the frozen weights (PiSSA, OLoRA) is saved as the plain LoRA that gives the same model on the
+    untouched base."""
     pipe.model = net
     if full:
         pipe.save_pretrained(out)
         return
     net.save_pretrained(str(out))  # adapter_config.json + adapter_model.safetensors only
+    if initial is not None:
+        save_as_plain_lora(out, initial)
     write_record(out, base[1], base[0])  # mmfusion_adapter.json: another base refuses this adapter
     if merge:
         pipe.model = net.merge_and_unload().eval()
         pipe.save_pretrained(out / "merged")
 
 
-def _adapt(net: Any, full: bool, lora: dict[str, Any], new_tokens: str, rows: list[int]) -> Any:
-    """The model to train: whole (`full`), or with LoRA `lora` (r, alpha, targets, modules_to_save) and the
-    new-token choice (`rows` trainable in the embedding and head, or both modules whole)."""
+def _adapt(net: Any, full: bool, lora: dict[str, Any], new_tokens: str, rows: list[int]) -> tuple[Any, Any]:
+    """The model to train: whole (`full`), or with LoRA `lora` (r, alpha, targets, modules_to_save, init) and the
+    new-token choice (`rows` trainable in the embedding and head, or both modules whole); with the adapter's
+    starting factors where its init moved the frozen weights (`initial_factors`), for `_save`."""
     if full:
-        return net.requires_grad_(True)
+        net = net.requires_grad_(True)
+        _print_trainable(net)
+        return net, None
     save = list(lora["modules_to_save"] or [])
     if new_tokens == "modules" and rows:
         save += [m for m in ("embed_tokens", "lm_head") if m not in save]
     trainable_rows = rows if new_tokens == "rows" and not {"embed_tokens", "lm_head"} & set(save) else None
-    r, alpha, targets = lora["r"], lora["alpha"], lora["targets"]
-    return add_lora(net, r, alpha, targets, modules_to_save=save or None, token_rows=trainable_rows)
+    kwargs = dict(modules_to_save=save or None, token_rows=trainable_rows, init=lora["init"])
+    net = add_lora(net, lora["r"], lora["alpha"], lora["targets"], gradient_step=lora["gradient_step"], **kwargs)
+    _print_trainable(net)
+    return net, initial_factors(net)
+
+
+def _gradient_step(cfg: RunConfig, pipe: MMFusion, datamodule: Any) -> Callable[[], None]:
+    """LoRA-GA's gradient estimate: the training loss's backward, on the base model, over the run's first
+    `GRADIENT_BATCHES` batches (the batches its first steps then train on)."""
+    module = MMFusionModule(cfg, pipe.text_tokenizer, model=pipe.model, image_tokenizer=pipe.image_tokenizer)
+
+    def step() -> None:
+        for _, batch in zip(range(GRADIENT_BATCHES), datamodule.train_dataloader()):
+            module.objective.loss(module.model, module.token_batch(batch))["loss"].backward()
+
+    return step
+
+
+def _print_trainable(net: Any) -> None:
+    trainable, total = parameter_counts(net)
+    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
 
 
 def replay_mix(
@@ -196,11 +224,13 @@ def replay_mix(
     return str(path)
 
 
-def _measures(trainer: Any, total: int, seconds: float, cfg: RunConfig, new_tokens: str, rows: int) -> dict[str, Any]:
+def _measures(trainer: Any, net: Any, seconds: float, cfg: RunConfig, new_tokens: str, rows: int) -> dict[str, Any]:
     """The report's counts, time, memory, the run's settings and the task's losses, the new-token choice, and
     the last losses."""
     objective = cfg.objective
+    trainable, total = parameter_counts(net)
     return {
+        "trainable_parameters": trainable,
         "batch_size": cfg.data.batch_size,
         "compile": cfg.train.compile,
         "loraplus_lr_ratio": cfg.train.loraplus_lr_ratio,
@@ -238,6 +268,7 @@ def finetune(
     lora_r: int = 16,
     lora_alpha: int = 32,
     loraplus_lr_ratio: float = 1.0,
+    lora_init: str = "lora",
     targets: tuple[str, ...] = ATTENTION + MLP,
     modules_to_save: list[str] | None = None,
     full: bool = False,
@@ -280,13 +311,12 @@ def finetune(
         cfg.data, cfg.image.image_size, out / "run", tokenizer=pipe.text_tokenizer, seed=seed, total_steps=steps
     )
     rows = [] if full or task == "t2i" else token_rows(new_tokens, datamodule, pipe.text_tokenizer)
-    lora = {"r": lora_r, "alpha": lora_alpha, "targets": targets, "modules_to_save": modules_to_save}
-    net = _adapt(pipe.model.train(), full, lora, new_tokens, rows)
-    trainable, total = parameter_counts(net)
-    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    lora = {"r": lora_r, "alpha": lora_alpha, "targets": targets, "modules_to_save": modules_to_save, "init": lora_init}
+    lora["gradient_step"] = _gradient_step(cfg, pipe, datamodule) if lora_init == "lora_ga" else None
+    net, initial = _adapt(pipe.model.train(), full, lora, new_tokens, rows)
     trainer, seconds = _fit(cfg, pipe, net, datamodule, out)
-    _save(pipe, net.eval(), out, full, merge, base)
-    report = {"task": task, "mode": "full" if full else "lora", "trainable_parameters": trainable, "replay": replay}
-    report |= _measures(trainer, total, seconds, cfg, "off" if full or not rows else new_tokens, len(rows))
+    _save(pipe, net.eval(), out, full, merge, base, initial)
+    report = dict(task=task, mode="full" if full else "lora", lora_init=None if full else lora_init, replay=replay)
+    report |= _measures(trainer, net, seconds, cfg, "off" if full or not rows else new_tokens, len(rows))
     (out / "finetune_report.json").write_text(json.dumps(report, indent=2))
     return report

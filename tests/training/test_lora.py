@@ -10,7 +10,15 @@ from mmfusion.diffusion.config import DiffusionConfig
 from mmfusion.errors import UserError
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel
-from mmfusion.training.lora import ATTENTION, IMAGE, MLP, add_lora, parameter_counts
+from mmfusion.training.lora import (
+    ATTENTION,
+    IMAGE,
+    MLP,
+    add_lora,
+    initial_factors,
+    parameter_counts,
+    save_as_plain_lora,
+)
 from mmfusion.training.objective import JointObjective
 
 CAPTIONS = [[10, 11, 12], [13, 14], [15, 16, 17, 18]]
@@ -96,14 +104,77 @@ def test_image_projections_can_be_adapted_and_train(hidden):
         torch.testing.assert_close(merged.image_output(merged(batch)), unmerged, atol=1e-5, rtol=1e-5)
 
 
+def _backward(model, batch, obj):
+    return lambda: obj.loss(model, batch)["loss"].backward()
+
+
+@pytest.mark.parametrize("init", ["lora_ga", "pissa", "olora"])
+def test_other_inits_start_at_the_base_and_save_as_plain_lora(tiny_cfg, tmp_path, init):
+    """LoRA-GA, PiSSA and OLoRA move the frozen weights but not the function: the adapted model's output at
+    the start equals the base's. Trained and saved as the plain LoRA of rank 2r, the adapter gives the
+    trained model on the untouched base (token rows kept as trained); plain LoRA has no factors to keep."""
+    base = MMFusionModel(tiny_cfg).eval()
+    torch.nn.init.normal_(base.image_head.weight, std=0.02)
+    obj, batch = _batch(tiny_cfg, 0.5)
+    net = copy.deepcopy(base)
+    step = _backward(net, batch, obj)
+    model = add_lora(net, r=4, alpha=8, targets=ATTENTION + MLP, token_rows=[10, 13], init=init, gradient_step=step)
+    assert initial_factors(add_lora(copy.deepcopy(base), r=4, alpha=8)) is None
+    initial = initial_factors(model)
+    assert initial and all(v.abs().sum() > 0 for v in initial.values())  # B starts non-zero, unlike LoRA's
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(batch), base(batch), atol=1e-4, rtol=1e-4)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)  # as training would move them
+        trained = model(batch)
+    model.save_pretrained(str(tmp_path))
+    save_as_plain_lora(tmp_path, initial)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (8, 16, True)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch), trained, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(trained, base(batch), atol=1e-3)
+
+
+def test_lora_ga_starts_in_the_gradients_main_directions(tiny_cfg):
+    """LoRA-GA's A spans the top right singular vectors of the training loss's gradient of each weight,
+    as computed here directly on the base; plain LoRA's random A does not."""
+    base = MMFusionModel(tiny_cfg).train()
+    torch.nn.init.normal_(base.image_head.weight, std=0.02)
+    obj, batch = _batch(tiny_cfg, 0.5)
+    reference = copy.deepcopy(base)
+    obj.loss(reference, batch)["loss"].backward()
+    net, targets = copy.deepcopy(base), ("q_proj", "up_proj")
+    ga = add_lora(net, r=4, alpha=8, targets=targets, init="lora_ga", gradient_step=_backward(net, batch, obj))
+    plain = add_lora(copy.deepcopy(base), r=4, alpha=8, targets=targets)
+    for name in ("backbone.layers.0.self_attn.q_proj", "backbone.layers.1.mlp.up_proj"):
+        grad = reference.get_submodule(name).weight.grad
+        top = torch.linalg.svd(grad, full_matrices=False).Vh[:4]  # (r, in)
+        for model, low, high in ((ga, 3.9, 4.0), (plain, 0.0, 2.0)):
+            a = model.base_model.model.get_submodule(name).lora_A["default"].weight.detach()
+            basis = torch.linalg.qr(a.T).Q  # an orthonormal basis of A's row space, (in, r)
+            overlap = (top @ basis).square().sum()  # r when the two spaces agree
+            assert low <= overlap <= high + 1e-4, (name, float(overlap))
+
+
+def test_lora_ga_needs_batches(tiny_cfg):
+    with pytest.raises(UserError, match="LoRA-GA needs training batches"):
+        add_lora(MMFusionModel(tiny_cfg), init="lora_ga")
+
+
 def test_unknown_target_is_refused(tiny_cfg):
     with pytest.raises(UserError, match="unknown LoRA target"):
         add_lora(MMFusionModel(tiny_cfg), targets=("qkv",))
+    with pytest.raises(UserError, match="unknown LoRA init"):
+        add_lora(MMFusionModel(tiny_cfg), init="gaussian")
 
 
 @pytest.mark.parametrize(("task", "compiled"), [("caption", True), ("t2i", False)])
 def test_finetune_cli_end_to_end(trained_tiny, tmp_path, task, compiled, capsys):
-    """The caption task at the default (the transformer compiled with its adapters), t2i eager."""
+    """The caption task at the default (the transformer compiled with its adapters), t2i eager with LoRA+
+    and LoRA-GA's start (its adapter saved as the plain LoRA that gives the trained model on the base)."""
     from mmfusion.cli.main import main
     from mmfusion.pipeline import MMFusion
 
@@ -136,7 +207,7 @@ def test_finetune_cli_end_to_end(trained_tiny, tmp_path, task, compiled, capsys)
                 "32-true",
                 "--lr",
                 "0.05",
-                *([] if compiled else ["--no-compile", "--loraplus-lr-ratio", "8"]),
+                *([] if compiled else ["--no-compile", "--loraplus-lr-ratio", "8", "--lora-init", "lora_ga"]),
             ]
         )
         == 0
@@ -149,6 +220,8 @@ def test_finetune_cli_end_to_end(trained_tiny, tmp_path, task, compiled, capsys)
     assert report["trainable_parameters"] < report["total_parameters"] / 5 and report["steps"] == 3
     assert report["compile"] is compiled and report["batch_size"] == 4
     assert report["loraplus_lr_ratio"] == (1.0 if compiled else 8.0)
+    assert report["lora_init"] == ("lora" if compiled else "lora_ga")
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == (4 if compiled else 8)
     base = MMFusion.from_pretrained(trained_tiny)
     adapted = MMFusion.from_pretrained(trained_tiny, adapters=[out])
     merged = MMFusion.from_pretrained(out / "merged")
