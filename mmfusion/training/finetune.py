@@ -14,6 +14,7 @@ import dataclasses
 import json
 import resource
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -185,8 +186,10 @@ def _gradient_step(cfg: RunConfig, pipe: MMFusion, datamodule: Any) -> Callable[
     module = MMFusionModule(cfg, pipe.text_tokenizer, model=pipe.model, image_tokenizer=pipe.image_tokenizer)
 
     def step() -> None:
-        for _, batch in zip(range(GRADIENT_BATCHES), datamodule.train_dataloader()):
-            module.objective.loss(module.model, module.token_batch(batch))["loss"].backward()
+        with warnings.catch_warnings():  # peft counts the passes with backward hooks on frozen inputs: expected
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for _, batch in zip(range(GRADIENT_BATCHES), datamodule.train_dataloader()):
+                module.objective.loss(module.model, module.token_batch(batch))["loss"].backward()
 
     return step
 
