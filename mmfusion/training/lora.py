@@ -87,8 +87,8 @@ def add_lora(
 
 
 def initial_factors(model: PeftModel) -> dict[str, torch.Tensor] | None:
-    """Copies of the adapter's A and B as they start, for an init that moves the frozen weights (PiSSA,
-    OLoRA); None for LoRA's own init, which leaves the base as it is."""
+    """Copies of the adapter's A and B as they start, for an init that moves the frozen weights (LoRA-GA,
+    PiSSA, OLoRA); None for LoRA's own init, which leaves the base as it is."""
     if model.peft_config["default"].init_lora_weights is True:
         return None
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items() if ".lora_" in k}
@@ -96,8 +96,8 @@ def initial_factors(model: PeftModel) -> dict[str, torch.Tensor] | None:
 
 def save_as_plain_lora(folder: str | Path, initial: dict[str, torch.Tensor]) -> None:
     """Rewrite the adapter saved in `folder`, trained from the factors `initial` (A0, B0) on weights that
-    had A0 B0 taken out, as the plain LoRA that gives the same weights on the untouched base: the weight
-    change is A B - A0 B0 = [B, -B0] [A; A0], rank 2r at the same scale (alpha doubles with r). Everything
+    had B0 A0 taken out, as the plain LoRA that gives the same weights on the untouched base: the weight
+    change is B A - B0 A0 = [B, -B0] [A; A0], rank 2r at the same scale (alpha doubles with r). Everything
     else in the adapter (token rows, whole modules) is kept as it is."""
     folder = Path(folder)
     path = folder / "adapter_model.safetensors"
