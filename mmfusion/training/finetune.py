@@ -147,7 +147,7 @@ def _run_config(
 def _save(pipe: MMFusion, net: Any, out: Path, full: bool, merge: bool, base: tuple[str, str], initial: Any) -> None:
     """A whole model folder (`full`), or the adapter alone, with the record of its `base` (name,
     fingerprint), and with `merge` OUT/merged as well. An adapter started from `initial` factors that
-    moved the frozen weights (PiSSA, OLoRA) is saved as the plain LoRA that gives the same model on the
+    moved the frozen weights (LoRA-GA, PiSSA, OLoRA) is saved as the plain LoRA that gives the same model on the
     untouched base."""
     pipe.model = net
     if full:

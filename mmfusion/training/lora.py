@@ -98,7 +98,8 @@ def save_as_plain_lora(folder: str | Path, initial: dict[str, torch.Tensor]) -> 
     """Rewrite the adapter saved in `folder`, trained from the factors `initial` (A0, B0) on weights that
     had B0 A0 taken out, as the plain LoRA that gives the same weights on the untouched base: the weight
     change is B A - B0 A0 = [B, -B0] [A; A0], rank 2r at the same scale (alpha doubles with r). Everything
-    else in the adapter (token rows, whole modules) is kept as it is."""
+    else in the adapter (token rows, whole modules) is kept as it is: peft's own conversion (`save_pretrained`
+    with `path_initial_model_for_weight_conversion`) keeps only the A and B tensors and would drop them."""
     folder = Path(folder)
     path = folder / "adapter_model.safetensors"
     tensors = load_file(str(path))
