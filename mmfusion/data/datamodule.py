@@ -278,6 +278,7 @@ class MMFusionDataModule(L.LightningDataModule):
         self.tokenizer, self.need_text = tokenizer, need_text
         self.seed, self.total_steps = seed, total_steps
         self.data = None
+        self._datasets: dict[tuple[str, int | None], CaptionedImages | DecodedRows] = {}
 
     def load(self) -> Any:
         """The DatasetDict; the shapes set is rendered once into the run folder."""
@@ -335,7 +336,13 @@ class MMFusionDataModule(L.LightningDataModule):
 
     def dataset(self, split: str, progress: bool = False, rows: int | None = None) -> CaptionedImages | DecodedRows:
         """The split's rows (its first `rows` when given): decoded into tensors once (`DecodedRows`) when
-        they fit in `data.cache_mb`, else read and decoded row by row on every pass."""
+        they fit in `data.cache_mb`, else read and decoded row by row on every pass. Made once per split
+        and size: a second loader over the same split (LoRA-GA's estimate, then training) decodes nothing."""
+        if (split, rows) not in self._datasets:
+            self._datasets[split, rows] = self._dataset(split, progress, rows)
+        return self._datasets[split, rows]
+
+    def _dataset(self, split: str, progress: bool, rows: int | None) -> CaptionedImages | DecodedRows:
         data = self.load()
         if split not in data:
             raise UserError(f"split {split!r} not in the data set (it has: {', '.join(data)}); set data.train_split")

@@ -35,3 +35,19 @@ def test_a_table_source_trains_with_its_columns_and_the_resize_policy(tmp_path, 
     assert torch.equal(batch["images"], from_uint8(cropped).expand(2, -1, -1, -1))
     tok = dm.text_tokenizer()
     assert tok.decode(batch["captions"][0, 0, : batch["caption_lengths"][0, 0]].tolist()).startswith("a red and blue")
+
+
+def test_the_rows_are_decoded_once_for_every_loader_over_a_split(tmp_path, monkeypatch):
+    from mmfusion.data import datamodule
+
+    reads = []
+    read_all = datamodule.CaptionedImages.read_all
+    monkeypatch.setattr(
+        datamodule.CaptionedImages, "read_all", lambda self, **kw: reads.append(1) or read_all(self, **kw)
+    )
+    dm = MMFusionDataModule(DataConfig(source="shapes", shapes_n=40, vocab_size=300, batch_size=4), 32, tmp_path)
+    first, second = dm.train_dataloader(), dm.train_dataloader()
+    assert first.dataset is second.dataset and len(reads) == 1
+    assert torch.equal(next(iter(first))["images"], next(iter(second))["images"])  # the same sampler start
+    dm.dataset("train", rows=8)  # another size is another set
+    assert len(reads) == 2 and len(dm.dataset("train", rows=8)) == 8 and len(reads) == 2
