@@ -17,7 +17,8 @@ time, each for `--minutes` of training:
 - `scratch`: `mmfusion train` with the demo's recipe on the domain's data alone (its own tokenizer).
 
 Each result is judged on the domain (T2I accuracy on 96 one-object and 96 two-object prompts at S = 1,
-the model's own sampling settings, the analytic checker; caption content accuracy on 300 test images,
+the model's own sampling settings, the analytic checker, with what a two-object scene got right:
+`t2i_pair_shape`, `_colour`, `_position`; caption content accuracy on 300 test images,
 decoded greedily and with the model's own caption settings, `*_model`) and on the old task (the shapes
 benchmark's T2I at S = 1 and caption content, the same sizes). Results judged before the model's own
 caption decoding was recorded get it added (new domain) when the script runs again. Writes OUT/results.json
@@ -110,7 +111,10 @@ def judge(pipe: MMFusion, prompts: list[str], test: datasets.Dataset, seed: int,
     ones included: the old task's geometric classifier would take a drawn ring for a circle."""
     images = pipe.generate(prompts, seed=seed, batch_size=48, temperature=temperature)
     t2i = summarize([check_image(im, p, templates=True) for im, p in zip(images, prompts)], prompts)
-    return {"t2i_single": t2i["single"]["accuracy"], "t2i_pair": t2i["pair"]["accuracy"], **judge_captions(pipe, test)}
+    # what a two-object scene got wrong: both shapes, both colours, the relation (each judged on its own)
+    parts = {f"t2i_pair_{part}": t2i["pair"][part] for part in ("shape", "colour", "position")}
+    t2i = {"t2i_single": t2i["single"]["accuracy"], "t2i_pair": t2i["pair"]["accuracy"], **parts}
+    return {**t2i, **judge_captions(pipe, test)}
 
 
 def judge_captions(pipe: MMFusion, test: datasets.Dataset) -> dict:

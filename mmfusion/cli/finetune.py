@@ -53,7 +53,7 @@ def finetune(
         merge: also write OUT/merged, the model with the adapter merged in
         steps: training steps
         minutes: stop after this many minutes even if steps remain
-        lr: learning rate (default: 3e-3 for LoRA, 1e-3 for --full)
+        lr: learning rate (default: 3e-3 for LoRA, 1e-3 for --full), held, then down to a tenth in the run's last fifth
         batch_size: images per step
         seed: random seed
         precision: auto, 32-true or bf16-mixed

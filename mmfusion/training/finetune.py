@@ -118,7 +118,9 @@ def _run_config(
     **train: Any,
 ) -> RunConfig:
     """The run's config: the base's model, image and diffusion settings, the data, and `train`'s
-    TrainConfig fields over fine-tuning's own defaults (no EMA, one checkpoint at the end)."""
+    TrainConfig fields over fine-tuning's own defaults: no EMA, one checkpoint at the end, and the rate
+    held, then brought down to a tenth over the last fifth of the steps or of the time budget (`wsd`), which
+    draws the new objects better than a rate held to the end (docs/experiments.md)."""
     steps = train["max_steps"]
     return RunConfig(
         model=pipe.model.cfg,
@@ -137,6 +139,7 @@ def _run_config(
             out=str(out / "run"),
             warmup_steps=min(20, steps // 10),
             ema_decay=0.0,
+            lr_schedule="wsd",
             checkpoint_every_n_steps=max(steps, 1),
             log_every_n_steps=10,
             **train,  # seed, max_steps, max_time_minutes, lr, precision, compile, loraplus_lr_ratio
@@ -237,6 +240,7 @@ def _measures(trainer: Any, net: Any, seconds: float, cfg: RunConfig, new_tokens
         "batch_size": cfg.data.batch_size,
         "compile": cfg.train.compile,
         "loraplus_lr_ratio": cfg.train.loraplus_lr_ratio,
+        "lr_schedule": cfg.train.lr_schedule,
         "total_parameters": total,
         "steps": int(trainer.global_step),
         "seconds": seconds,

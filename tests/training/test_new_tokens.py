@@ -70,6 +70,22 @@ def test_new_word_text_loss_falls_further_than_without_rows(trained_tiny, new_wo
     assert losses["rows"] < losses["off"] - 0.5, losses
 
 
+def test_finetune_holds_the_rate_then_brings_it_down_over_the_last_fifth(trained_tiny, new_word_data, tmp_path):
+    """Fine-tuning's schedule is wsd: the rate logged at step 9 of 20 is the one asked for, at step 19 (in
+    the last fifth) between a tenth and half of it; the report records the schedule."""
+    report = _run(trained_tiny, new_word_data, tmp_path / "a", steps=20, lr=0.01)
+    assert report["lr_schedule"] == "wsd" and report["steps"] == 20
+    metrics = (tmp_path / "a" / "run" / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    columns = metrics[0].split(",")
+    lr = {}
+    for line in metrics[1:]:
+        row = dict(zip(columns, line.split(",")))
+        if row.get("lr-AdamW/pg1"):
+            lr[int(row["step"])] = float(row["lr-AdamW/pg1"])
+    assert lr[9] == pytest.approx(0.01)
+    assert 0.001 <= lr[19] < 0.005, lr
+
+
 def test_finetune_reads_the_columns_it_is_told(trained_tiny, tmp_path):
     """Data whose captions sit in a column no usual name finds: refused by name without
     `caption_column`, fine-tuned on with it (the new word's rows then train)."""
