@@ -111,7 +111,7 @@ def judge(pipe: MMFusion, prompts: list[str], test: datasets.Dataset, seed: int,
     ones included: the old task's geometric classifier would take a drawn ring for a circle."""
     images = pipe.generate(prompts, seed=seed, batch_size=48, temperature=temperature)
     t2i = summarize([check_image(im, p, templates=True) for im, p in zip(images, prompts)], prompts)
-    # what a two-object scene got wrong: both shapes, both colours, the relation (each judged on its own)
+    # what a two-object scene got right: both shapes, both colours, the relation (each judged on its own)
     parts = {f"t2i_pair_{part}": t2i["pair"][part] for part in ("shape", "colour", "position")}
     t2i = {"t2i_single": t2i["single"]["accuracy"], "t2i_pair": t2i["pair"]["accuracy"], **parts}
     return {**t2i, **judge_captions(pipe, test)}

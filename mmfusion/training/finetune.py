@@ -119,8 +119,8 @@ def _run_config(
 ) -> RunConfig:
     """The run's config: the base's model, image and diffusion settings, the data, and `train`'s
     TrainConfig fields over fine-tuning's own defaults: no EMA, one checkpoint at the end, and the rate
-    held, then brought down to a tenth over the last fifth of the steps or of the time budget (`wsd`), which
-    draws the new objects better than a rate held to the end (docs/experiments.md)."""
+    held, then brought down to a tenth over the last fifth of the steps or of the time budget (`wsd`), so that
+    a run cut by its time budget still ends at a low rate."""
     steps = train["max_steps"]
     return RunConfig(
         model=pipe.model.cfg,
