@@ -149,16 +149,18 @@ def evaluate(args: argparse.Namespace, out: Path) -> dict:
                 pipe = MMFusion.from_pretrained(base) if method == "base" else load(method, base, run)
                 if key in results:  # judged before captions were decoded the model's way too: add them (new domain)
                     results[key]["new"].update(judge_captions(pipe, test))
-                    print(key, json.dumps(results[key]), flush=True)
-                    path.write_text(json.dumps(results, indent=2))
-                    continue
-                report = {} if method in ("base", "scratch") else json.loads((run / "finetune_report.json").read_text())
-                results[key] = {
-                    "new": judge(pipe, prompts, test, seed, args.temperature),
-                    "old": judge(pipe, old_prompts, old_test, seed, args.temperature) if method != "scratch" else None,
-                    "steps": report.get("steps"),
-                    "trainable_parameters": report.get("trainable_parameters"),
-                }
+                else:
+                    report = (
+                        {} if method in ("base", "scratch") else json.loads((run / "finetune_report.json").read_text())
+                    )
+                    new = judge(pipe, prompts, test, seed, args.temperature)
+                    old = None if method == "scratch" else judge(pipe, old_prompts, old_test, seed, args.temperature)
+                    results[key] = {
+                        "new": new,
+                        "old": old,
+                        "steps": report.get("steps"),
+                        "trainable_parameters": report.get("trainable_parameters"),
+                    }
                 print(key, json.dumps(results[key]), flush=True)
                 path.write_text(json.dumps(results, indent=2))
     return results
