@@ -65,11 +65,11 @@ def task_objective(
     captions the text loss does not move in a few hundred steps (issue 33). A joint task is asked to learn
     both directions from the same few pairs, and a quarter of the samples read the caption: only T2I
     samples teach what a new word looks like (a caption-order image comes before its caption, so its image
-    loss is unconditional), and a new picture takes more samples to learn than its name. At text
-    loss x 1 the text (cross-entropy in nats, well above the image loss) took most of what an adapter
-    learns and left the new pictures undrawn, while x 0.1 still learns the new words (docs/experiments.md,
-    the downstream benchmark). With replay the joint task keeps half in caption order: the old rows'
-    captions compete with the new words for the caption-order samples (docs/experiments.md, round 14).
+    loss is unconditional). At text loss x 1 the text (cross-entropy in nats, well above the image loss)
+    took most of what an adapter learns and left the new pictures undrawn, while x 0.1 still learns the
+    new words (docs/experiments.md, the downstream benchmark). With replay the joint task keeps half in
+    caption order: old rows take part of the caption-order samples, and fewer are left for the new words
+    (docs/experiments.md, round 14).
     """
     if task not in TASKS:
         raise UserError(f"task must be one of {', '.join(TASKS)}, got {task!r}")

@@ -122,8 +122,8 @@ def test_replay_mixes_the_bases_own_rows_into_the_training_split(trained_tiny, n
         replay_mix(new_word_data, 0.25, None, "my-photos", {}, tmp_path / "b", 0)
     with pytest.raises(UserError, match=r"within \(0, 1\)"):
         replay_mix(new_word_data, 1.5, None, "shapes", {}, tmp_path / "c", 0)
-    report = _run(trained_tiny, new_word_data, tmp_path / "run", task="caption", replay=0.25)
-    assert report["replay"] == 0.25 and report["steps"] == 6
+    report = _run(trained_tiny, new_word_data, tmp_path / "run", replay=0.25)  # the joint task
+    assert report["replay"] == 0.25 and report["steps"] == 6 and report["caption_fraction"] == 0.5
 
 
 def test_the_joint_task_reads_captions_in_a_quarter_of_its_samples_and_in_half_with_replay():
