@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -117,8 +118,6 @@ def _config_docs():
 def test_config_page_is_current_and_explains_every_key():
     """docs/config.md is what scripts/config_docs.py makes from the dataclasses now, and every key of
     every section has a default and a meaning there."""
-    import dataclasses
-
     from mmfusion.config import RunConfig
 
     docs = _config_docs()

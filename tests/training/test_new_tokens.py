@@ -1,6 +1,7 @@
 """`mmfusion finetune` on captions with a word the base never produced: its token rows train (issue 33)."""
 
 import csv
+import dataclasses
 import json
 
 import datasets
@@ -127,8 +128,6 @@ def test_replay_mixes_the_bases_own_rows_into_the_training_split(trained_tiny, n
 
 
 def test_the_joint_task_reads_captions_in_a_quarter_of_its_samples_and_in_half_with_replay():
-    import dataclasses
-
     from mmfusion.config import ObjectiveConfig
     from mmfusion.training.finetune import task_objective
 
