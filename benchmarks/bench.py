@@ -444,6 +444,51 @@ def bench_train(preset: str, quick: bool) -> dict:
     return out
 
 
+FINETUNE_VARIANTS = {  # bench_finetune's rows: key -> what the row times
+    "full": "full fine-tuning (`--full`)",
+    "lora_peft": "LoRA r 16 on the seven projections, peft's forward (x W^T + s (x A^T) B^T)",
+    "lora": "the same LoRA in weight space (x (W + s B A)^T; `mmfusion finetune`)",
+}
+
+
+def bench_finetune(quick: bool, preset: str = "small", compiled: bool = True) -> dict:
+    """The fine-tuning step (forward, backward, clipping, fused AdamW over the trainable weights) on the
+    `train_small` batch packed into rows, bf16 autocast where the CPU has it, compiled transformer: full
+    fine-tuning, LoRA through peft's forward and LoRA in weight space (`weight_space_training`), in turn.
+    The LoRA rows train the same factors from the same start; only how the products are grouped differs."""
+    import contextlib
+
+    import torch
+
+    from mmfusion.model.multimodal import MMFusionModel
+    from mmfusion.runtime import bf16_native
+    from mmfusion.training.lora import ATTENTION, MLP, add_lora, weight_space_training
+    from mmfusion.training.module import compile_blocks
+
+    cfg, obj, batches = _train_setup(preset)
+    dtype = torch.bfloat16 if bf16_native()[0] else None
+    steps, trainable = {}, {}
+    with contextlib.ExitStack() as stack:
+        for key in FINETUNE_VARIANTS:
+            torch.manual_seed(0)
+            model = MMFusionModel(cfg)
+            if key != "full":
+                model = add_lora(model, r=16, alpha=32, targets=ATTENTION + MLP)
+            if key == "lora":  # before compiling: the graph traces the forward in place
+                stack.enter_context(weight_space_training(model))
+            if compiled:
+                compile_blocks(model)
+            steps[key] = _train_step(model, obj, batches[PACK_LENGTH], dtype)
+            trainable[key] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        times = in_turn(steps, rounds=3 if quick else 12, warmup=3 if compiled else 1)
+    out: dict[str, Any] = {"preset": preset, "precision": "bf16" if dtype else "fp32", "compiled": compiled}
+    for key in FINETUNE_VARIANTS:
+        over_full = times[key] / times["full"]
+        out[key] = {"step_s": times[key], "trainable_parameters": trainable[key], "over_full": over_full}
+    out["lora_speedup"] = times["lora_peft"] / times["lora"]
+    return out
+
+
 def _rates(sec: float, flops: float, tokens: int, peak: float) -> dict:
     """A training row: step seconds, tokens/s, achieved GFLOP/s, the matmul peak measured with it, MFU."""
     return {
@@ -1231,6 +1276,7 @@ BENCHES = {
     "train_small": lambda quick: bench_train("small", quick),
     "train_width": bench_train_width,
     "pipeline": bench_pipeline,
+    "finetune": bench_finetune,
     "sampling": bench_sampling,
     "sampling_batch": bench_sampling_batch,
     "sampling_paper_tokens": bench_sampling_paper_tokens,
@@ -1530,6 +1576,23 @@ def pipeline_rows(p: dict, f: Any) -> list[str]:
     return lines
 
 
+def finetune_rows(r: dict, f: Any) -> list[str]:
+    """The table of `bench_finetune`: each variant's step, and LoRA's two ratios."""
+    lines = [
+        f"| the fine-tuning step, `{r.get('preset')}` ({r.get('precision')}"
+        f"{', compiled' if r.get('compiled') else ''}, packed rows, in turn) | trainable | step s | step / full's |",
+        "|---|---|---|---|",
+    ]
+    for key, name in FINETUNE_VARIANTS.items():
+        e = r.get(key, {})
+        lines.append(
+            f"| {name} | {f(e.get('trainable_parameters'), ',')} | {f(e.get('step_s'), '.3g')} | "
+            f"{f(e.get('over_full'), '.2f')}x |"
+        )
+    lines.append(f"| weight space against peft's forward | | | {f(r.get('lora_speedup'), '.2f')}x as fast |")
+    return [*lines, ""]
+
+
 def _against_target(ratio: Any, limit: float) -> str:
     """A ratio with whether it meets `limit`, or by how much it misses it."""
     if not isinstance(ratio, (int, float)):
@@ -1625,6 +1688,7 @@ def _serve_rows(r: dict, f: Any) -> list[str]:
 TABLES = {  # the tables after matmul and training, in their order on the page
     "train_width": train_width_rows,
     "pipeline": pipeline_rows,
+    "finetune": finetune_rows,
     "sampling": _sampling_rows,
     "sampling_batch": _sampling_batch_rows,
     "sampling_paper_tokens": _sampling_paper_tokens_rows,

@@ -369,3 +369,21 @@ def test_train_width_times_each_width_and_precision_against_its_peak(monkeypatch
     table = bench.render_markdown({"date": "d", "machine": {"cores": 2, "cpu": "c", "torch": "t"}, "train_width": out})
     assert "training by width" in table and "| dim=128 |" in table and table.count("| bf16 |") == 2
     assert "n/a" not in table
+
+
+def test_finetune_item_times_full_and_both_lora_forms_in_turn():
+    """The fine-tuning item steps full fine-tuning and LoRA in both forms on the same batch, reports each
+    step against full fine-tuning's and weight space's speed-up over peft's forward; the table shows them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = bench.bench_finetune(True, preset="tiny", compiled=False)
+    finally:
+        torch.set_num_threads(threads)
+    full, peft, ours = out["full"], out["lora_peft"], out["lora"]
+    assert peft["trainable_parameters"] == ours["trainable_parameters"] < full["trainable_parameters"]
+    for e in (full, peft, ours):
+        assert e["step_s"] > 0 and math.isclose(e["over_full"], e["step_s"] / full["step_s"])
+    assert math.isclose(out["lora_speedup"], peft["step_s"] / ours["step_s"])
+    table = bench.render_markdown({"date": "d", "machine": {"cores": 2, "cpu": "c", "torch": "t"}, "finetune": out})
+    assert "the fine-tuning step" in table and "in weight space" in table and "n/a" not in table

@@ -14,7 +14,8 @@ from mmfusion.errors import UserError
 
 def bench(*, quick: bool = False, only: list[str] | None = None, doc: bool = True) -> None:
     """Run the benchmark suite: matmul peak, training throughput and MFU, the demo's training step from
-    data rows to optimizer step (new path against the old, in turn), sampling and captioning with
+    data rows to optimizer step (new path against the old, in turn), the fine-tuning step (full, LoRA in
+    peft's form and in weight space, in turn), sampling and captioning with
     and without the KV cache, Token-Shuffle s = 1, 2, 4, FlexAttention vs SDPA, and mmfusion against
     its peers on the same work (transformers' LLaMA training step and `generate`, the diffusers
     scheduler loop), and `mmfusion serve` under load against the Python API. Writes docs/benchmarks.json
@@ -26,7 +27,7 @@ def bench(*, quick: bool = False, only: list[str] | None = None, doc: bool = Tru
             and leaves the recorded tables alone
         only: run only this benchmark (repeat; the others' results are kept from the last run on this
             machine, torch and mode; where none carry over, only the items run get tables): matmul,
-            train_tiny, train_small, train_width, pipeline, sampling, sampling_batch, sampling_paper_tokens,
+            train_tiny, train_small, train_width, pipeline, finetune, sampling, sampling_batch, sampling_paper_tokens,
             caption, token_shuffle, attention, peers_train, peers_decode, peers_sampling, serve
         doc: update the tables of docs/BENCHMARKS.md (--no-doc: write the JSON only)
     """

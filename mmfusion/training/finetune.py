@@ -33,7 +33,15 @@ from mmfusion.model.adapters import base_fingerprint, write_record
 from mmfusion.pipeline import MMFusion
 from mmfusion.tokenizers.text import TextTokenizer
 from mmfusion.training.callbacks import lightning_warnings_filtered, stopped, stopped_at
-from mmfusion.training.lora import ATTENTION, MLP, add_lora, initial_factors, parameter_counts, save_as_plain_lora
+from mmfusion.training.lora import (
+    ATTENTION,
+    MLP,
+    add_lora,
+    initial_factors,
+    parameter_counts,
+    save_as_plain_lora,
+    weight_space_training,
+)
 from mmfusion.training.module import MMFusionModule
 from mmfusion.training.trainer import build_trainer, choose_precision
 
@@ -264,12 +272,13 @@ def _measures(trainer: Any, net: Any, seconds: float, cfg: RunConfig, new_tokens
 
 
 def _fit(cfg: RunConfig, pipe: MMFusion, net: Any, datamodule: Any, out: Path) -> tuple[Any, float]:
-    """Train `net` (the whole model or its adapter) on the data; (the trainer, seconds it took)."""
+    """Train `net` (the whole model or its adapter, its projections computed in weight space:
+    `weight_space_training`) on the data; (the trainer, seconds it took)."""
     module = MMFusionModule(cfg, pipe.text_tokenizer, model=net, image_tokenizer=pipe.image_tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     trainer = build_trainer(cfg, out / "run", choose_precision(cfg.train.precision), enable_checkpointing=False)
-    with lightning_warnings_filtered():
+    with lightning_warnings_filtered(), weight_space_training(net):
         trainer.fit(module, datamodule=datamodule)
     step = stopped_at(trainer)
     if step is not None:

@@ -17,19 +17,29 @@ starting product from the frozen weight, so the model's function is unchanged at
 frozen weights then differ from the base's, `save_as_plain_lora` rewrites such an adapter as the plain
 LoRA of rank 2r that gives the same weights on the untouched base: it then loads, stacks and merges like
 any other adapter.
+
+`weight_space_training` runs each adapted projection as one product with its merged weight, W + s B A,
+while training, instead of peft's two extra products beside W. The function and the gradients of A and B
+are the same (the chain rule through W + s B A); on a small model the rank-r products, skinny and many,
+cost more than they compute, so the adapter trained slower per step than full fine-tuning
+(docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, LoraGAConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.loraga import preprocess_loraga
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
 
 from mmfusion.errors import UserError
 
@@ -113,6 +123,41 @@ def save_as_plain_lora(folder: str | Path, initial: dict[str, torch.Tensor]) -> 
     config = json.loads(config_path.read_text())
     config.update(r=2 * config["r"], lora_alpha=2 * config["lora_alpha"], init_lora_weights=True)
     config_path.write_text(json.dumps(config, indent=2))
+
+
+def _weight_space_forward(self: LoraLinear, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    """A plain LoRA projection as one product: x (W + s B A)^T + b."""
+    name = self.active_adapters[0]
+    delta = self.lora_B[name].weight @ self.lora_A[name].weight
+    return F.linear(x, self.base_layer.weight + delta * self.scaling[name], self.base_layer.bias)
+
+
+def _plain(layer: LoraLinear) -> bool:
+    """One active LoRA adapter with no dropout, variant (DoRA ...), bias or transposed weight, unmerged."""
+    names = layer.active_adapters
+    return (
+        len(names) == 1
+        and names[0] in layer.lora_A
+        and not (layer.merged or layer.disable_adapters or layer.fan_in_fan_out or layer.lora_variant)
+        and isinstance(layer.lora_dropout[names[0]], nn.Identity)
+        and layer.lora_B[names[0]].bias is None
+        and isinstance(layer.base_layer, nn.Linear)
+    )
+
+
+@contextlib.contextmanager
+def weight_space_training(model: nn.Module) -> Iterator[int]:
+    """Within the block, every plain LoRA projection of `model` computes with its merged weight (see the
+    module docstring); yields how many do. Adapters stay unmerged: saving, merging and switching them work
+    as before, and leaving the block restores peft's own forward."""
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear) and _plain(m)]
+    for layer in layers:
+        layer.forward = types.MethodType(_weight_space_forward, layer)
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

@@ -18,6 +18,7 @@ from mmfusion.training.lora import (
     initial_factors,
     parameter_counts,
     save_as_plain_lora,
+    weight_space_training,
 )
 from mmfusion.training.objective import JointObjective
 
@@ -102,6 +103,47 @@ def test_image_projections_can_be_adapted_and_train(hidden):
         unmerged = model.eval().image_output(model(batch))
         merged = model.merge_and_unload().eval()
         torch.testing.assert_close(merged.image_output(merged(batch)), unmerged, atol=1e-5, rtol=1e-5)
+
+
+def _loss_and_grads(model, obj, batch):
+    model.zero_grad(set_to_none=True)
+    loss = obj.loss(model, batch)["loss"]
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+@pytest.mark.parametrize("t2i", [1.0, 0.5], ids=["image-path", "joint"])
+def test_weight_space_training_equals_peft_in_loss_and_gradients(t2i):
+    """Training's one-product form, x (W + s B A)^T, gives peft's loss and the same gradient for every
+    trainable tensor (LoRA factors, the image projections' adapters, token rows), and leaving it restores
+    peft's own forward."""
+    cfg = ModelConfig.from_name("tiny", image_head_hidden=32)
+    net = MMFusionModel(cfg)
+    torch.nn.init.normal_(net.image_head.weight, std=0.02)
+    model = add_lora(net, r=4, alpha=8, targets=ATTENTION + MLP + IMAGE, token_rows=[10, 13, 15])
+    _perturb(model)
+    obj, batch = _batch(cfg, t2i)
+    loss, grads = _loss_and_grads(model, obj, batch)
+    with weight_space_training(model) as n:
+        assert n == cfg.n_layers * len(ATTENTION + MLP) + len(IMAGE)
+        fast_loss, fast_grads = _loss_and_grads(model, obj, batch)
+    torch.testing.assert_close(fast_loss, loss, atol=1e-6, rtol=1e-5)
+    lora = [n for n, p in model.named_parameters() if "lora_" in n]
+    assert fast_grads.keys() == grads.keys() >= set(lora) and (t2i == 1 or len(grads) > len(lora))
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert torch.equal(_loss_and_grads(model, obj, batch)[0], loss)
+
+
+def test_weight_space_training_leaves_layers_it_cannot_express_to_peft(tiny_cfg):
+    """Dropout on the adapter's input (and any other variant) keeps peft's forward."""
+    net = MMFusionModel(tiny_cfg)
+    with weight_space_training(add_lora(net, r=4, alpha=8, targets=ATTENTION, dropout=0.1)) as n:
+        assert n == 0
+    with weight_space_training(MMFusionModel(tiny_cfg)) as n:  # full fine-tuning: nothing to do
+        assert n == 0
 
 
 def _backward(model, batch, obj):
