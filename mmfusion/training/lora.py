@@ -125,11 +125,11 @@ def save_as_plain_lora(folder: str | Path, initial: dict[str, torch.Tensor]) -> 
     config_path.write_text(json.dumps(config, indent=2))
 
 
-def _weight_space_forward(self: LoraLinear, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-    """A plain LoRA projection as one product: x (W + s B A)^T + b."""
-    name = self.active_adapters[0]
-    delta = self.lora_B[name].weight @ self.lora_A[name].weight
-    return F.linear(x, self.base_layer.weight + delta * self.scaling[name], self.base_layer.bias)
+def _weight_space_forward(self: LoraLinear, x: torch.Tensor) -> torch.Tensor:
+    """A plain LoRA projection as one product: x (W + s B A)^T + b, with s B A as peft's merge computes it.
+    Takes the input alone: peft's per-call options (`adapter_names` ...) have no meaning here."""
+    delta = self.get_delta_weight(self.active_adapters[0])
+    return F.linear(x, self.base_layer.weight + delta, self.base_layer.bias)
 
 
 def _plain(layer: LoraLinear) -> bool:
