@@ -36,6 +36,7 @@ def finetune(
     text_loss_weight: float | None = None,
     replay: float = 0.0,
     replay_data: str | None = None,
+    caption_dropout: float | None = None,
 ) -> None:
     """Fine-tune a trained model with LoRA (peft) on new captioned images; saves the adapter alone.
 
@@ -63,15 +64,15 @@ def finetune(
         text_loss_weight: text loss x this (default: joint 0.1, caption 1; t2i has no caption samples)
         replay: share of the rows from the base's own data, against forgetting (e.g. 0.2; shapes bases render them)
         replay_data: the base's training data, for --replay (any base not trained on the built-in shapes)
+        caption_dropout: share of T2I samples trained without their caption, for CFG (default: the base's)
     """
-    options = {k: v for k, v in locals().items() if k not in ("target", "modules_to_save")}  # all by name
-    _run(**options, targets=_names(target), modules_to_save=_names(modules_to_save))
+    _run(**locals())  # every option by name
 
 
-def _run(**options: object) -> None:
+def _run(target: str, modules_to_save: str | None, **options: object) -> None:
     from mmfusion.training.finetune import finetune
 
-    report = finetune(**options)
+    report = finetune(**options, targets=_names(target), modules_to_save=_names(modules_to_save))
     steps, seconds = report["steps"], report["seconds"]
     print(f"{report['mode']} fine-tuning: {steps} steps in {seconds:.0f} s; saved to {options['out']}")
 

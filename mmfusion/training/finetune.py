@@ -62,10 +62,12 @@ def task_objective(
     caption_fraction: float | None = None,
     text_loss_weight: float | None = None,
     replay: float = 0.0,
+    caption_dropout: float | None = None,
 ) -> ObjectiveConfig:
     """The objective of a fine-tuning `task`, from the base's own (`base`); `caption_fraction` (the share of
     caption-order samples) and `text_loss_weight` override the task's defaults when given; `replay` is the
-    share of old rows mixed in.
+    share of old rows mixed in; `caption_dropout` (the T2I samples trained without their caption, the
+    unconditional stream of CFG) overrides the base's.
 
     t2i: caption fraction 0. caption: caption fraction 1, text loss x 1, no image loss. joint: caption
     fraction 0.25 and text loss x 0.1. Pretraining's 10% caption order at text loss x 0.01 suits a base model
@@ -85,6 +87,8 @@ def task_objective(
         raise UserError(f"--caption-fraction must be between 0 and 1, got {caption_fraction}")
     if text_loss_weight is not None and text_loss_weight < 0:
         raise UserError(f"--text-loss-weight must be at least 0, got {text_loss_weight}")
+    if caption_dropout is not None and not 0.0 <= caption_dropout < 1.0:
+        raise UserError(f"--caption-dropout must be at least 0 and below 1, got {caption_dropout}")
     obj = ObjectiveConfig(**base)
     if task == "t2i":
         obj = dataclasses.replace(obj, t2i_fraction=1.0)
@@ -97,6 +101,8 @@ def task_objective(
         obj = dataclasses.replace(obj, t2i_fraction=1.0 - caption_fraction)
     if text_loss_weight is not None:
         obj = dataclasses.replace(obj, text_loss_weight=text_loss_weight)
+    if caption_dropout is not None:
+        obj = dataclasses.replace(obj, caption_dropout=caption_dropout)
     return obj
 
 
@@ -265,6 +271,7 @@ def _measures(trainer: Any, net: Any, seconds: float, cfg: RunConfig, new_tokens
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "caption_fraction": 1.0 - objective.t2i_fraction,
         "text_loss_weight": objective.text_loss_weight,
+        "caption_dropout": objective.caption_dropout,
         "new_tokens": new_tokens,
         "new_token_rows": rows,
         "final_losses": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")},
@@ -314,17 +321,17 @@ def finetune(
     text_loss_weight: float | None = None,
     replay: float = 0.0,
     replay_data: str | None = None,
+    caption_dropout: float | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune; saves the adapter alone (or, with `full`, a whole model folder) to `out`. `new_tokens`,
-    `caption_fraction` and `text_loss_weight`: see the module's docstring and `task_objective`; `replay`:
-    that share of the training rows from the base's own data (`replay_mix`), against forgetting. `compile`:
-    the transformer compiled with its adapters inside (`train.compile`), for more samples in a fixed time."""
+    """Fine-tune; saves the adapter alone (or, with `full`, a whole model folder) to `out`. The task's options:
+    the module's docstring and `task_objective`; `replay`: that share of the rows from the base's own data
+    (`replay_mix`), against forgetting; `compile`: the transformer compiled with its adapters (`train.compile`)."""
     pipe = MMFusion.from_pretrained(model)
     base_data = pipe.training_data
     pipe.training_data = f"{pipe.training_data or 'unrecorded'}, then fine-tuned on {data_name(data)}"
     out = Path(out)
     # a bad --steps, --minutes, --precision ... is a ConfigError here: one line, before any output
-    objective = task_objective(pipe.objective, task, caption_fraction, text_loss_weight, replay)
+    objective = task_objective(pipe.objective, task, caption_fraction, text_loss_weight, replay, caption_dropout)
     reading = dict(image_root=image_root, image_column=image_column, caption_column=caption_column)
     if replay:  # the mixed data set has the usual columns
         data, reading = replay_mix(data, replay, replay_data, base_data, reading, out / "run", seed), {}

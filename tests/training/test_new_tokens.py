@@ -38,6 +38,7 @@ def test_new_word_rows_train_alone_and_reload(trained_tiny, new_word_data, tmp_p
     saved = json.loads((out / "finetune_report.json").read_text())
     assert saved["new_tokens"] == "rows" and saved["new_token_rows"] == report["new_token_rows"] > 0
     assert (saved["caption_fraction"], saved["text_loss_weight"]) == (0.25, 0.1)
+    assert saved["caption_dropout"] == MMFusion.from_pretrained(trained_tiny).objective["caption_dropout"]
     base = MMFusion.from_pretrained(trained_tiny)
     captions = datasets.load_from_disk(new_word_data)["train"]["captions"]
     used = {i for caps in captions for c in caps for i in base.text_tokenizer.encode(c)}
@@ -137,3 +138,16 @@ def test_the_joint_task_reads_captions_in_a_quarter_of_its_samples_and_in_half_w
     assert task_objective(base, "joint", caption_fraction=0.1, replay=0.2).t2i_fraction == pytest.approx(0.9)
     assert task_objective(base, "t2i", replay=0.2).t2i_fraction == 1.0
     assert task_objective(base, "caption", replay=0.2).t2i_fraction == 0.0
+
+
+def test_caption_dropout_is_the_bases_unless_given():
+    from mmfusion.config import ObjectiveConfig
+    from mmfusion.training.finetune import task_objective
+
+    base = dataclasses.asdict(ObjectiveConfig(caption_dropout=0.15))
+    for task in ("joint", "t2i"):
+        assert task_objective(base, task).caption_dropout == 0.15
+        assert task_objective(base, task, caption_dropout=0.3).caption_dropout == 0.3
+    for bad in (-0.1, 1.0):
+        with pytest.raises(UserError, match="--caption-dropout"):
+            task_objective(base, "joint", caption_dropout=bad)
