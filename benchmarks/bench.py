@@ -462,7 +462,7 @@ def bench_finetune(quick: bool, preset: str = "small", compiled: bool = True) ->
 
     from mmfusion.model.multimodal import MMFusionModel
     from mmfusion.runtime import bf16_native
-    from mmfusion.training.lora import ATTENTION, MLP, add_lora, weight_space_training
+    from mmfusion.training.lora import ATTENTION, MLP, add_lora, parameter_counts, weight_space_training
     from mmfusion.training.module import compile_blocks
 
     cfg, obj, batches = _train_setup(preset)
@@ -479,7 +479,7 @@ def bench_finetune(quick: bool, preset: str = "small", compiled: bool = True) ->
             if compiled:
                 compile_blocks(model)
             steps[key] = _train_step(model, obj, batches[PACK_LENGTH], dtype)
-            trainable[key] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            trainable[key] = parameter_counts(model)[0]
         times = in_turn(steps, rounds=3 if quick else 12, warmup=3 if compiled else 1)
     out: dict[str, Any] = {"preset": preset, "precision": "bf16" if dtype else "fp32", "compiled": compiled}
     for key in FINETUNE_VARIANTS:

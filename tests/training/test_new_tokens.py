@@ -38,8 +38,8 @@ def test_new_word_rows_train_alone_and_reload(trained_tiny, new_word_data, tmp_p
     saved = json.loads((out / "finetune_report.json").read_text())
     assert saved["new_tokens"] == "rows" and saved["new_token_rows"] == report["new_token_rows"] > 0
     assert (saved["caption_fraction"], saved["text_loss_weight"]) == (0.25, 0.1)
-    assert saved["caption_dropout"] == MMFusion.from_pretrained(trained_tiny).objective["caption_dropout"]
     base = MMFusion.from_pretrained(trained_tiny)
+    assert saved["caption_dropout"] == base.objective["caption_dropout"]
     captions = datasets.load_from_disk(new_word_data)["train"]["captions"]
     used = {i for caps in captions for c in caps for i in base.text_tokenizer.encode(c)}
     new = base.text_tokenizer.encode(WORD)
