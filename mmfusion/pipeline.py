@@ -80,6 +80,7 @@ class MMFusion:
         t = text_tokenizer
         self.prompts = Prompts(model.cfg, t.bos_id, t.boi_id)
         self._adapters: Adapters | None = None  # LoRA adapters loaded and not fused (see `load_adapter`)
+        self._base_tokenizer: TextTokenizer | None = None  # while an adapter with new words is loaded
 
     # files --------------------------------------------------------------------------------
     @classmethod
@@ -221,9 +222,20 @@ class MMFusion:
         """Load a LoRA adapter (a folder from `mmfusion finetune`) under `name` (default: the folder's name)
         and add it at `weight` to the active adapters, unmerged: the base weights stay as they are, so
         `set_adapters`, `disable_adapters` and `delete_adapter` switch without reloading. An adapter
-        trained on another base model is refused."""
-        self._adapter_set().load(path, name, weight)
+        trained on another base model is refused. An adapter with new words (`mmfusion finetune --new-tokens
+        words`) brings its own tokenizer, in use until it is deleted, and is used alone."""
+        words = self._adapter_set().load(path, name, weight, self.text_tokenizer)
+        if words is not None:
+            self._base_tokenizer, self.text_tokenizer = self.text_tokenizer, words
         return self
+
+    def _vocabulary_follows_model(self) -> None:
+        """After an adapter with new words is deleted (or fused while disabled) the base's tokenizer is back;
+        fused, its tokenizer stays."""
+        if self._base_tokenizer is not None and self._adapters is not None and self._adapters.words is None:
+            if self.model.cfg.vocab_size == len(self._base_tokenizer):
+                self.text_tokenizer = self._base_tokenizer
+            self._base_tokenizer = None
 
     def set_adapters(
         self, adapters: str | list[str] | dict[str, float], weights: list[float] | None = None
@@ -257,12 +269,14 @@ class MMFusion:
     def delete_adapter(self, name: str) -> MMFusion:
         """Unload one adapter; the base weights are untouched."""
         self._adapter_set().delete(name)
+        self._vocabulary_follows_model()
         return self
 
     def fuse_adapters(self) -> MMFusion:
         """Add the active weighted combination of adapters to the weights and unload them (the base alone if
         they are disabled): the model is plain again, and `save_pretrained` writes an ordinary model folder."""
         self._adapter_set().fuse()
+        self._vocabulary_follows_model()
         return self
 
     # generation ---------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def finetune(
     caption_column: str | None = None,
     precision: str = "auto",
     compile: bool = True,
-    new_tokens: Literal["rows", "modules", "off"] = "rows",
+    new_tokens: Literal["words", "rows", "modules", "off"] = "words",
     caption_fraction: float | None = None,
     text_loss_weight: float | None = None,
     replay: float = 0.0,
@@ -59,7 +59,7 @@ def finetune(
         seed: random seed
         precision: auto, 32-true or bf16-mixed
         compile: torch.compile the transformer (faster steps after some seconds of compiling; needs g++ on CPU)
-        new_tokens: train the token rows the captions use in the text embedding and head (rows), both whole (modules)
+        new_tokens: words (new words spelt in pieces become tokens; their rows and the others used trained), rows, off
         caption_fraction: share of caption-order samples (default: t2i 0, caption 1, joint 0.25, 0.5 with --replay)
         text_loss_weight: text loss x this (default: joint 0.1, caption 1; t2i has no caption samples)
         replay: share of the rows from the base's own data, against forgetting (e.g. 0.2; shapes bases render them)

@@ -7,6 +7,11 @@ pass adds the scaled deltas and fusing (`merge_and_unload`) adds exactly the sam
 (peft's `add_weighted_adapter(combination_type="linear")` would not: it mixes A and B matrices, which
 brings in cross terms.) An adapter folder records the base it was trained on (`mmfusion_adapter.json`,
 a fingerprint of the base's config and weights); it is refused by another base.
+
+An adapter whose fine-tuning made new words whole tokens (`mmfusion finetune --new-tokens words`) holds
+its grown `tokenizer.json`: loading it grows the model's text rows to match (their trained values come
+from the adapter's token rows) and hands that tokenizer to the pipeline; deleting it shrinks them back.
+Such an adapter, like any with token rows, is used alone at weight 1.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from mmfusion.errors import UserError
+from mmfusion.tokenizers.text import TextTokenizer
 
 RECORD = "mmfusion_adapter.json"
 AdapterSpec = str | Path | tuple[str | Path, float]
@@ -40,9 +46,10 @@ def base_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def write_record(folder: str | Path, fingerprint: str, base: str) -> None:
-    """Note in an adapter folder which base (`base`, as the user named it, and its fingerprint) it was trained on."""
-    record = {"base_model": base, "base_fingerprint": fingerprint}
+def write_record(folder: str | Path, fingerprint: str, base: str, vocab_size: int | None = None) -> None:
+    """Note in an adapter folder which base (`base`, as the user named it, its fingerprint and its text
+    vocabulary's size) it was trained on."""
+    record = {"base_model": base, "base_fingerprint": fingerprint, "base_vocab_size": vocab_size}
     (Path(folder) / RECORD).write_text(json.dumps(record, indent=2))
 
 
@@ -102,6 +109,8 @@ class Adapters:
         self.peft: PeftModel | None = None
         self.weights: dict[str, float] = {}  # the active combination
         self.enabled = True
+        self.vocab_size = model.cfg.vocab_size  # the base's
+        self.words: str | None = None  # the loaded adapter that grew the vocabulary, if any
 
     @property
     def names(self) -> list[str]:
@@ -121,18 +130,36 @@ class Adapters:
             name = f"{stem}_{i}"
         return name
 
-    def load(self, path: str | Path, name: str | None = None, weight: float = 1.0) -> str:
+    def load(
+        self, path: str | Path, name: str | None = None, weight: float = 1.0, tokenizer: TextTokenizer | None = None
+    ) -> TextTokenizer | None:
         """Load a saved adapter under `name` (default: its folder's name) and add it, at `weight`, to the
-        active combination. Returns the name."""
+        active combination. An adapter with new words grows the model's vocabulary, each new row starting
+        from the mean of the rows that the base's `tokenizer` spelt it with, and returns its own tokenizer,
+        which the caller must use while it is loaded."""
         path = _adapter_folder(Path(path))
         check_base(path, self.fingerprint)
+        grown = (path / "tokenizer.json").is_file()
+        if (grown or self.words) and self.names:
+            raise UserError(
+                f"adapter {self.words or path} adds words to the text vocabulary, so it is used alone, not with "
+                f"other adapters (loaded: {', '.join(self.names)})"
+            )
         name = self._name(path, name)
+        words = None
+        if grown:
+            if tokenizer is None:
+                raise UserError(f"adapter {path} adds words to the vocabulary: load it with MMFusion.load_adapter")
+            words = TextTokenizer.from_file(path, tokenizer.special, tokenizer.max_len)
+            new = [words.tokenizer.id_to_token(i) for i in range(self.vocab_size, len(words))]
+            self.model.resize_vocab([tokenizer.pieces(w) for w in new])
+            self.words = name
         if self.peft is None:
             self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
         else:
             self.peft.load_adapter(str(path), adapter_name=name)
         self.set({**self.weights, name: weight})
-        return name
+        return words
 
     def set(self, weights: dict[str, float]) -> None:
         """Make `weights` (name -> weight) the active combination; the other loaded adapters rest."""
@@ -173,6 +200,9 @@ class Adapters:
         if not others:
             self.peft.base_model.unload()
             self.peft, self.weights = None, {}
+            if self.words:  # back to the base's vocabulary
+                self.model.resize_vocab(self.vocab_size)
+                self.words = None
             return
         self.set({n: w for n, w in self.weights.items() if n != name} or {others[0]: 1.0})
         self.peft.base_model.delete_adapter(name)
@@ -182,7 +212,11 @@ class Adapters:
         if self.peft is None:
             return
         self.peft.base_model.merge_and_unload() if self.enabled else self.peft.base_model.unload()
-        self.peft, self.weights, self.enabled = None, {}, True
+        self.peft, self.weights = None, {}
+        if self.words and not self.enabled:  # the base alone: its own vocabulary
+            self.model.resize_vocab(self.vocab_size)
+        # fused, the model keeps the new words (and the caller their tokenizer) as its own
+        self.words, self.vocab_size, self.enabled = None, self.model.cfg.vocab_size, True
 
 
 def merge_adapters(model: nn.Module, adapters: Sequence[AdapterSpec]) -> nn.Module:

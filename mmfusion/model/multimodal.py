@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import nullcontext
 
@@ -208,6 +209,29 @@ class MMFusionModel(nn.Module):
         if self.cfg.fp32_head:
             for head in self.output_heads():
                 head.float()
+        return self
+
+    def resize_vocab(self, pieces: list[list[int]] | int) -> MMFusionModel:
+        """Grow the text vocabulary by one token per entry of `pieces` (the ids the new token was spelt
+        with): its embedding and its text head row start as the mean of theirs, so a new whole word starts
+        where its spelling was (Hewitt 2021, on initialising new words). An int shrinks the vocabulary back
+        to that many tokens. Class-conditional models keep theirs (their class ids follow the text ids)."""
+        if self.cfg.num_classes:
+            raise ValueError("a class-conditional model's text vocabulary cannot change size")
+        emb, head = self.embed_tokens.weight, self.lm_head.weight
+        if isinstance(pieces, int):
+            new_emb, new_head = emb.detach()[:pieces], head.detach()[:pieces]
+        else:
+            means = [[w.detach()[p].mean(0, keepdim=True) for p in pieces] for w in (emb, head)]
+            new_emb, new_head = torch.cat([emb.detach(), *means[0]]), torch.cat([head.detach(), *means[1]])
+        self.embed_tokens.weight = nn.Parameter(new_emb.clone(), requires_grad=emb.requires_grad)
+        self.embed_tokens.num_embeddings = new_emb.shape[0]
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        else:
+            self.lm_head.weight = nn.Parameter(new_head.clone(), requires_grad=head.requires_grad)
+        self.lm_head.out_features = new_emb.shape[0]
+        self.cfg = dataclasses.replace(self.cfg, vocab_size=new_emb.shape[0])
         return self
 
     def new_cache(self) -> KVCache:

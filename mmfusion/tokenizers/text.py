@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -90,6 +92,37 @@ class TextTokenizer:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save(str(path))
         return path
+
+    def word_counts(self, texts: Iterable[str]) -> Counter[str]:
+        """How often each word of `texts` occurs, as the tokenizer splits text into words before its
+        subwords (byte-level: " orange" is the word 'Ġorange')."""
+        counts: Counter[str] = Counter()
+        for text in texts:
+            counts.update(word for word, _ in self.tokenizer.pre_tokenizer.pre_tokenize_str(clean_text(text)))
+        return counts
+
+    def word_text(self, word: str) -> str:
+        """The text of a `word` as `word_counts` names it ('Ġorange' -> 'orange')."""
+        return self.tokenizer.decoder.decode([word]).strip() if self.tokenizer.decoder else word.strip()
+
+    def pieces(self, word: str) -> list[int]:
+        """The ids a `word` (as `word_counts` names it) is spelt with."""
+        return [token.id for token in self.tokenizer.model.tokenize(word)]
+
+    def with_words(self, words: Iterable[str]) -> TextTokenizer:
+        """A copy in which each of `words` (as `word_counts` names them) is one token, with the next free ids
+        in their order; every other text is tokenized as before (a word already in the vocabulary keeps
+        its token: BPE's merges are skipped only for whole words the vocabulary holds). Only byte-level
+        BPE tokenizers (ours, and LLaMA-3's kind) can grow this way."""
+        spec = json.loads(self.tokenizer.to_str())
+        if spec["model"]["type"] != "BPE":
+            raise ValueError(f"only a BPE tokenizer can take new words, this one is {spec['model']['type']}")
+        vocab, next_id = spec["model"]["vocab"], len(self)
+        for word in words:
+            if word not in vocab:
+                vocab[word], next_id = next_id, next_id + 1
+        spec["model"]["ignore_merges"] = True
+        return TextTokenizer(Tokenizer.from_str(json.dumps(spec)), self.special, self.max_len)
 
     # use ----------------------------------------------------------------------------------
     def __len__(self) -> int:

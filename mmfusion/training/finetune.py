@@ -3,9 +3,11 @@
 Tasks: `t2i` (T2I order only, image loss), `caption` (caption order only, text loss only) or
 `joint` (T2I and caption order, weighted for a task whose point includes captions: `task_objective`).
 
-New vocabulary: the caption token ids the fine-tuning data uses are made trainable in `embed_tokens` and
-`lm_head` (`new_tokens="rows"`, the default; "modules" trains both whole; "off" neither). Under LoRA alone
-those rows are frozen, and a word the base never produced cannot be learned (issue 33).
+New vocabulary: the words of the new captions that the base's tokenizer spells in pieces become tokens of
+their own (`new_tokens="words"`, the default: `add_words`), and the caption token ids the fine-tuning data
+uses are made trainable in `embed_tokens` and `lm_head` ("rows" does the latter alone; "modules" trains
+both whole; "off" neither). Under LoRA alone those rows are frozen, and a word the base never produced
+cannot be learned (issue 33).
 """
 
 from __future__ import annotations
@@ -46,7 +48,10 @@ from mmfusion.training.module import MMFusionModule
 from mmfusion.training.trainer import build_trainer, choose_precision
 
 TASKS = ("t2i", "caption", "joint")
-NEW_TOKENS = ("rows", "modules", "off")
+NEW_TOKENS = ("words", "rows", "modules", "off")
+# "words": a word of the new captions that the base spells in pieces becomes one token when it occurs this
+# often, the most frequent first, up to this many
+MIN_WORD_COUNT, MAX_NEW_WORDS = 10, 256
 JOINT_CAPTION_FRACTION = 0.25
 REPLAY_CAPTION_FRACTION = 0.5  # the joint task's with --replay: see task_objective
 JOINT_TEXT_LOSS_WEIGHT = 0.1
@@ -116,15 +121,41 @@ def data_token_ids(datamodule: MMFusionDataModule, tokenizer: TextTokenizer) -> 
     return counts
 
 
-def token_rows(mode: str, datamodule: MMFusionDataModule, tokenizer: TextTokenizer) -> list[int]:
-    """The token ids to train for `mode` (every id the new captions use; none when "off"), printed."""
+def add_words(mode: str, pipe: MMFusion, datamodule: MMFusionDataModule) -> list[str]:
+    """For `mode` "words": the words of the training captions that the base's tokenizer spells in two or
+    more tokens (and that occur at least MIN_WORD_COUNT times) become whole tokens, in the tokenizer of
+    `pipe` and `datamodule` and in the model, each starting from the mean of its pieces' rows
+    (`MMFusionModel.resize_vocab`); printed, and returned as text. A caption then costs the model as many tokens
+    as the base's own captions did (a spelt word is a run of pieces that every sample pays for and
+    that the model must learn to read as one), and the word has one row of its own to learn."""
     if mode not in NEW_TOKENS:
         raise UserError(f"--new-tokens must be one of {', '.join(NEW_TOKENS)}, got {mode!r}")
+    tok = pipe.text_tokenizer
+    if mode != "words" or pipe.condition != "text":
+        return []
+    if pipe.model.cfg.vocab_size != len(tok):
+        print(f"new words: the model has {pipe.model.cfg.vocab_size} text rows for {len(tok)} tokens: words stay spelt")
+        return []
+    captions = (c for caps in datamodule.load()[datamodule.cfg.train_split]["captions"] for c in caps or [])
+    counts = tok.word_counts(captions)
+    words = [w for w, n in counts.most_common() if n >= MIN_WORD_COUNT and len(tok.pieces(w)) > 1][:MAX_NEW_WORDS]
+    if not words:
+        return []
+    pipe.model.resize_vocab([tok.pieces(w) for w in words])
+    pipe.text_tokenizer = datamodule.tokenizer = tok.with_words(words)
+    shown = ", ".join(repr(tok.word_text(w)) for w in words[:8])
+    more = f" and {len(words) - 8} more" if len(words) > 8 else ""
+    print(f"new words: {len(words)} words of the captions are now one token each ({shown}{more})")
+    return [tok.word_text(w) for w in words]
+
+
+def token_rows(mode: str, datamodule: MMFusionDataModule, tokenizer: TextTokenizer) -> list[int]:
+    """The token ids to train for `mode` (every id the new captions use; none when "off"), printed."""
     if mode == "off":
         return []
     counts = data_token_ids(datamodule, tokenizer)
     rarest = ", ".join(repr(tokenizer.decode([i])) for i, _ in counts.most_common()[::-1][:6])
-    where = "those rows of" if mode == "rows" else "all of"
+    where = "all of" if mode == "modules" else "those rows of"
     print(
         f"new tokens: the captions use {len(counts)} token ids (rarest: {rarest}); "
         f"training {where} the text embedding and head"
@@ -171,9 +202,10 @@ def _run_config(
     )
 
 
-def _save(pipe: MMFusion, net: Any, out: Path, full: bool, merge: bool, base: tuple[str, str], initial: Any) -> None:
+def _save(pipe: MMFusion, net: Any, out: Path, full: bool, merge: bool, base: tuple, initial: Any) -> None:
     """A whole model folder (`full`), or the adapter alone, with the record of its `base` (name,
-    fingerprint), and with `merge` OUT/merged as well. An adapter started from `initial` factors that
+    fingerprint, text vocabulary size) and, where new words grew the vocabulary, the grown tokenizer.json;
+    with `merge` OUT/merged as well. An adapter started from `initial` factors that
     moved the frozen weights (LoRA-GA, PiSSA, OLoRA) is saved as the plain LoRA that gives the same model on the
     untouched base."""
     pipe.model = net
@@ -183,7 +215,9 @@ def _save(pipe: MMFusion, net: Any, out: Path, full: bool, merge: bool, base: tu
     net.save_pretrained(str(out))  # adapter_config.json + adapter_model.safetensors only
     if initial is not None:
         save_as_plain_lora(out, initial)
-    write_record(out, base[1], base[0])  # mmfusion_adapter.json: another base refuses this adapter
+    write_record(out, base[1], base[0], base[2])  # mmfusion_adapter.json: another base refuses this adapter
+    if len(pipe.text_tokenizer) > base[2]:  # new words: the adapter's tokenizer, which loading puts in use
+        pipe.text_tokenizer.save(out)
     if merge:
         pipe.model = net.merge_and_unload().eval()
         pipe.save_pretrained(out / "merged")
@@ -200,7 +234,7 @@ def _adapt(net: Any, full: bool, lora: dict[str, Any], new_tokens: str, rows: li
     save = list(lora["modules_to_save"] or [])
     if new_tokens == "modules" and rows:
         save += [m for m in ("embed_tokens", "lm_head") if m not in save]
-    trainable_rows = rows if new_tokens == "rows" and not {"embed_tokens", "lm_head"} & set(save) else None
+    trainable_rows = rows if new_tokens in ("words", "rows") and not {"embed_tokens", "lm_head"} & set(save) else None
     kwargs = dict(modules_to_save=save or None, token_rows=trainable_rows, init=lora["init"])
     net = add_lora(net, lora["r"], lora["alpha"], lora["targets"], gradient_step=lora["gradient_step"], **kwargs)
     _print_trainable(net)
@@ -254,9 +288,11 @@ def replay_mix(
     return str(path)
 
 
-def _measures(trainer: Any, net: Any, seconds: float, cfg: RunConfig, new_tokens: str, rows: int) -> dict[str, Any]:
-    """The report's counts, time, memory, the run's settings and the task's losses, the new-token choice, and
-    the last losses."""
+def _measures(
+    trainer: Any, net: Any, seconds: float, cfg: RunConfig, new_tokens: str, rows: int, words: list[str]
+) -> dict[str, Any]:
+    """The report's counts, time, memory, the run's settings and the task's losses, the new-token choice and
+    the new words, and the last losses."""
     objective = cfg.objective
     trainable, total = parameter_counts(net)
     return {
@@ -274,6 +310,7 @@ def _measures(trainer: Any, net: Any, seconds: float, cfg: RunConfig, new_tokens
         "caption_dropout": objective.caption_dropout,
         "new_tokens": new_tokens,
         "new_token_rows": rows,
+        "new_words": words,
         "final_losses": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")},
     }
 
@@ -316,16 +353,15 @@ def finetune(
     caption_column: str | None = None,
     precision: str = "auto",
     compile: bool = True,
-    new_tokens: str = "rows",
+    new_tokens: str = "words",
     caption_fraction: float | None = None,
     text_loss_weight: float | None = None,
     replay: float = 0.0,
     replay_data: str | None = None,
     caption_dropout: float | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune; saves the adapter alone (or, with `full`, a whole model folder) to `out`. The task's options:
-    the module's docstring and `task_objective`; `replay`: that share of the rows from the base's own data
-    (`replay_mix`), against forgetting; `compile`: the transformer compiled with its adapters (`train.compile`)."""
+    """Fine-tune; saves the adapter alone (or, with `full`, a whole model folder) to `out`. Options: the module's
+    docstring, `task_objective`, `add_words`, `replay_mix` (`replay`) and `train.compile` (`compile`)."""
     pipe = MMFusion.from_pretrained(model)
     base_data = pipe.training_data
     pipe.training_data = f"{pipe.training_data or 'unrecorded'}, then fine-tuned on {data_name(data)}"
@@ -339,10 +375,11 @@ def finetune(
     train |= dict(precision=precision, compile=compile, loraplus_lr_ratio=loraplus_lr_ratio)
     cfg = _run_config(pipe, data, out, objective, batch_size, reading, **train)
     L.seed_everything(seed, verbose=False)
-    base = (str(model), base_fingerprint(pipe.model))
+    base = (str(model), base_fingerprint(pipe.model), pipe.model.cfg.vocab_size)
     datamodule = MMFusionDataModule(
         cfg.data, cfg.image.image_size, out / "run", tokenizer=pipe.text_tokenizer, seed=seed, total_steps=steps
     )
+    words = add_words(new_tokens if full or task != "t2i" else "off", pipe, datamodule)  # as rows below
     rows = [] if full or task == "t2i" else token_rows(new_tokens, datamodule, pipe.text_tokenizer)
     lora = {"r": lora_r, "alpha": lora_alpha, "targets": targets, "modules_to_save": modules_to_save, "init": lora_init}
     lora["gradient_step"] = _gradient_step(cfg, pipe, datamodule) if lora_init == "lora_ga" else None
@@ -350,6 +387,6 @@ def finetune(
     trainer, seconds = _fit(cfg, pipe, net, datamodule, out)
     _save(pipe, net.eval(), out, full, merge, base, initial)
     report = dict(task=task, mode="full" if full else "lora", lora_init=None if full else lora_init, replay=replay)
-    report |= _measures(trainer, net, seconds, cfg, "off" if full or not rows else new_tokens, len(rows))
+    report |= _measures(trainer, net, seconds, cfg, "off" if full or not rows else new_tokens, len(rows), words)
     (out / "finetune_report.json").write_text(json.dumps(report, indent=2))
     return report

@@ -138,3 +138,28 @@ def test_cli_adapter_with_a_weight(adapters, tmp_path, capsys):
     assert main([*args, "--adapter", f"{adapters}/a:x"]) != 0
     err = capsys.readouterr().err.strip()
     assert "the weight after ':' must be a number" in err and len(err.splitlines()) == 1
+
+
+def test_the_text_vocabulary_grows_from_its_pieces_and_shrinks_back(tiny_cfg):
+    """`resize_vocab`: new rows of the embedding and of the text head start at the mean of the rows they
+    were spelt with, the old rows are untouched; an int shrinks back to exactly the old model."""
+    import dataclasses
+
+    from mmfusion.model.multimodal import MMFusionModel
+
+    model = MMFusionModel(tiny_cfg)
+    before = copy.deepcopy(model.state_dict())
+    n = tiny_cfg.vocab_size
+    model.resize_vocab([[3, 7, 9], [11]])
+    assert model.cfg.vocab_size == n + 2 and model.embed_tokens.weight.shape == (n + 2, tiny_cfg.dim)
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        w = model.state_dict()[name]
+        assert torch.equal(w[:n], before[name])
+        torch.testing.assert_close(w[n], before[name][[3, 7, 9]].mean(0))
+        torch.testing.assert_close(w[n + 1], before[name][11])
+    assert model.text_logits(torch.zeros(1, tiny_cfg.dim)).shape == (1, n + 2)
+    model.resize_vocab(n)
+    assert model.cfg == tiny_cfg
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="class-conditional"):
+        MMFusionModel(dataclasses.replace(tiny_cfg, num_classes=4)).resize_vocab([[1]])

@@ -69,3 +69,24 @@ def test_save_load_and_foreign_tokenizer(tok, tmp_path):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="mmfusion tokenizer train"):
         TextTokenizer.from_file(tmp_path / "nope")
+
+
+def test_new_words_become_one_token_and_nothing_else_changes(tok):
+    """`with_words`: each new word (as `word_counts` names it) is one token, with the next ids in order,
+    wherever it stands in a caption; every word the vocabulary already held, and every other text, is
+    tokenized as before; decoding gives the text back."""
+    texts = ["a purple seven above an orange three", "Seven purple circles"]
+    counts = tok.word_counts(texts)
+    assert counts["Ġpurple"] == 2 and counts["Ġseven"] == 1 and counts["ĠSeven"] == 1
+    assert len(tok.pieces("Ġpurple")) > 1
+    grown = tok.with_words(["Ġpurple", "Ġseven", "Ġred"])  # red is already one token: it keeps its id
+    assert len(grown) == len(tok) + 2
+    purple, seven = len(tok), len(tok) + 1
+    ids = grown.encode(texts[0])
+    assert ids.count(purple) == 1 and ids.count(seven) == 1 and len(ids) < len(tok.encode(texts[0]))
+    assert grown.encode("purple") == [purple]  # the first word too (a space is added before it)
+    assert grown.decode(ids) == texts[0]
+    assert grown.encode("Seven purples") != [seven, purple]  # other words are not matched inside
+    for text in [*CAPTIONS, *ODD, *(w.replace("Ġ", " ") for w in tok.tokenizer.get_vocab())]:
+        assert grown.encode(text, max_len=0) == tok.encode(text, max_len=0), text
+    assert grown.ids == tok.ids  # the special tokens keep theirs

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mmfusion.errors import UserError
+from mmfusion.tokenizers.text import TextTokenizer
 
 WORD = "zorblax"  # z, x, ... never occur in the shapes captions: byte tokens the base never produced
 
@@ -33,7 +34,7 @@ def test_new_word_rows_train_alone_and_reload(trained_tiny, new_word_data, tmp_p
     from mmfusion.pipeline import MMFusion
 
     out = tmp_path / "rows"
-    report = _run(trained_tiny, new_word_data, out, merge=True)  # task joint, defaults
+    report = _run(trained_tiny, new_word_data, out, merge=True, new_tokens="rows")  # task joint
     assert "new tokens: the captions use" in capsys.readouterr().out
     saved = json.loads((out / "finetune_report.json").read_text())
     assert saved["new_tokens"] == "rows" and saved["new_token_rows"] == report["new_token_rows"] > 0
@@ -62,6 +63,62 @@ def test_new_word_rows_train_alone_and_reload(trained_tiny, new_word_data, tmp_p
         torch.testing.assert_close(pipe.model.text_logits(hidden), merged.model.text_logits(hidden))
     with pytest.raises(UserError, match="token rows"):
         pipe.set_adapters({"a": 0.5})
+
+
+def test_new_words_become_tokens_of_the_adapter_and_leave_with_it(trained_tiny, new_word_data, tmp_path, capsys):
+    """The default, `new_tokens="words"`: the new word, spelt in pieces by the base, is one token of the
+    adapter's tokenizer, its rows start from its pieces' and train; loading the adapter grows the model and
+    puts that tokenizer in use, the merged folder and the unfused adapter agree, and deleting the adapter
+    gives the base back bit for bit (its tokenizer too). Such an adapter is used alone."""
+    from mmfusion.pipeline import MMFusion
+
+    out = tmp_path / "words"
+    report = _run(trained_tiny, new_word_data, out, merge=True)  # task joint, defaults
+    printed = capsys.readouterr().out
+    # the tiny base's small vocabulary spells some of its own words in pieces as well: they join the new word
+    words = report["new_words"]
+    assert f"new words: {len(words)} words of the captions are now one token each ('{WORD}', " in printed
+    assert report["new_tokens"] == "words" and words[0] == WORD and len(set(words)) == len(words)
+    base = MMFusion.from_pretrained(trained_tiny)
+    n = len(base.text_tokenizer)
+    assert json.loads((out / "mmfusion_adapter.json").read_text())["base_vocab_size"] == n
+    captions = datasets.load_from_disk(new_word_data)["train"]["captions"]
+    grown = TextTokenizer.from_file(out)
+    used = {i for caps in captions for c in caps for i in grown.encode(c)}
+    assert report["new_token_rows"] == len(used)  # the rows the captions use, the new words' among them
+    assert set(range(n, n + len(words))) <= used
+    pieces = base.text_tokenizer.encode(WORD)
+    merged = MMFusion.from_pretrained(out / "merged")
+    pipe = MMFusion.from_pretrained(trained_tiny).load_adapter(out, name="a")
+    for loaded in (merged, pipe, MMFusion.from_pretrained(trained_tiny, adapters=[out])):
+        assert loaded.text_tokenizer.encode(f"a {WORD} red circle")[1] == n  # one token, the next id
+        assert loaded.model.cfg.vocab_size == len(loaded.text_tokenizer) == n + len(words)
+    ids = torch.tensor([n, *pieces])
+    with torch.no_grad():
+        hidden = merged.model.embed_tokens(ids)
+        torch.testing.assert_close(pipe.model.embed_tokens(ids), hidden)
+        torch.testing.assert_close(pipe.model.text_logits(hidden), merged.model.text_logits(hidden))
+        start = base.model.embed_tokens(torch.tensor(pieces)).mean(0)
+        assert not torch.allclose(hidden[0], start)  # the word's own row trained away from its start
+    assert merged.caption([datasets.load_from_disk(new_word_data)["test"][0]["image"]], max_new_tokens=4)
+    with pytest.raises(UserError, match="adds words to the text vocabulary"):
+        pipe.load_adapter(out, name="b")
+    pipe.delete_adapter("a")
+    assert pipe.text_tokenizer is not None and len(pipe.text_tokenizer) == n and pipe.model.cfg == base.model.cfg
+    for (name, a), (_, b) in zip(pipe.model.state_dict().items(), base.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_full_fine_tuning_saves_the_grown_vocabulary_in_its_folder(trained_tiny, new_word_data, tmp_path):
+    from mmfusion.pipeline import MMFusion
+
+    report = _run(trained_tiny, new_word_data, tmp_path / "full", full=True, steps=2)
+    assert report["new_words"][0] == WORD and report["mode"] == "full"
+    model = MMFusion.from_pretrained(tmp_path / "full")
+    n = len(MMFusion.from_pretrained(trained_tiny).text_tokenizer)
+    assert model.model.cfg.vocab_size == len(model.text_tokenizer) == n + len(report["new_words"])
+    assert model.text_tokenizer.encode(WORD) == [n]
+    assert len(model.generate([f"a {WORD} red circle"], steps=2)) == 1
 
 
 def test_new_word_text_loss_falls_further_than_without_rows(trained_tiny, new_word_data, tmp_path):
