@@ -80,7 +80,8 @@ class MMFusion:
         t = text_tokenizer
         self.prompts = Prompts(model.cfg, t.bos_id, t.boi_id)
         self._adapters: Adapters | None = None  # LoRA adapters loaded and not fused (see `load_adapter`)
-        self._base_tokenizer: TextTokenizer | None = None  # while an adapter with new words is loaded
+        # (the base's, the adapter's) while an adapter with new words is loaded
+        self._tokenizers: tuple[TextTokenizer, TextTokenizer] | None = None
 
     # files --------------------------------------------------------------------------------
     @classmethod
@@ -226,16 +227,22 @@ class MMFusion:
         words`) brings its own tokenizer, in use until it is deleted, and is used alone."""
         words = self._adapter_set().load(path, name, weight, self.text_tokenizer)
         if words is not None:
-            self._base_tokenizer, self.text_tokenizer = self.text_tokenizer, words
+            self._tokenizers = (self.text_tokenizer, words)
+        self._tokenizer_follows_adapters()
         return self
 
-    def _vocabulary_follows_model(self) -> None:
-        """After an adapter with new words is deleted (or fused while disabled) the base's tokenizer is back;
-        fused, its tokenizer stays."""
-        if self._base_tokenizer is not None and self._adapters is not None and self._adapters.words is None:
-            if self.model.cfg.vocab_size == len(self._base_tokenizer):
-                self.text_tokenizer = self._base_tokenizer
-            self._base_tokenizer = None
+    def _tokenizer_follows_adapters(self) -> None:
+        """With an adapter with new words: its tokenizer while it is enabled, the base's while disabled or once
+        deleted; fused, its tokenizer stays."""
+        if self._tokenizers is None:
+            return
+        base, words = self._tokenizers
+        ad = self._adapters
+        if ad is not None and ad.words is not None:
+            self.text_tokenizer = words if ad.enabled else base
+            return
+        self.text_tokenizer = base if self.model.cfg.vocab_size == len(base) else words
+        self._tokenizers = None
 
     def set_adapters(
         self, adapters: str | list[str] | dict[str, float], weights: list[float] | None = None
@@ -260,23 +267,25 @@ class MMFusion:
     def disable_adapters(self) -> MMFusion:
         """Sample with the base model alone; `enable_adapters` brings the active adapters back."""
         self._adapter_set().enable(False)
+        self._tokenizer_follows_adapters()
         return self
 
     def enable_adapters(self) -> MMFusion:
         self._adapter_set().enable(True)
+        self._tokenizer_follows_adapters()
         return self
 
     def delete_adapter(self, name: str) -> MMFusion:
         """Unload one adapter; the base weights are untouched."""
         self._adapter_set().delete(name)
-        self._vocabulary_follows_model()
+        self._tokenizer_follows_adapters()
         return self
 
     def fuse_adapters(self) -> MMFusion:
         """Add the active weighted combination of adapters to the weights and unload them (the base alone if
         they are disabled): the model is plain again, and `save_pretrained` writes an ordinary model folder."""
         self._adapter_set().fuse()
-        self._vocabulary_follows_model()
+        self._tokenizer_follows_adapters()
         return self
 
     # generation ---------------------------------------------------------------------------

@@ -146,19 +146,39 @@ class Adapters:
                 f"other adapters (loaded: {', '.join(self.names)})"
             )
         name = self._name(path, name)
-        words = None
-        if grown:
-            if tokenizer is None:
-                raise UserError(f"adapter {path} adds words to the vocabulary: load it with MMFusion.load_adapter")
-            words = TextTokenizer.from_file(path, tokenizer.special, tokenizer.max_len)
-            new = [words.tokenizer.id_to_token(i) for i in range(self.vocab_size, len(words))]
-            self.model.resize_vocab([tokenizer.pieces(w) for w in new])
-            self.words = name
-        if self.peft is None:
-            self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
-        else:
-            self.peft.load_adapter(str(path), adapter_name=name)
+        words = self._grow(path, name, weight, tokenizer) if grown else None
+        try:
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+            else:
+                self.peft.load_adapter(str(path), adapter_name=name)
+        except Exception:
+            if words is not None:
+                self.model.resize_vocab(self.vocab_size)
+                self.words = None
+            raise
         self.set({**self.weights, name: weight})
+        return words
+
+    def _grow(self, path: Path, name: str, weight: float, tokenizer: TextTokenizer | None) -> TextTokenizer:
+        """The adapter's tokenizer, with the model's vocabulary grown to match (the adapter's checks first)."""
+        if tokenizer is None:
+            raise UserError(f"adapter {path} adds words to the vocabulary: load it with MMFusion.load_adapter")
+        if weight != 1.0:
+            raise UserError(f"adapter {path} adds words to the text vocabulary: use it alone at weight 1")
+        record = json.loads((path / RECORD).read_text()) if (path / RECORD).is_file() else {}
+        trained_on = record.get("base_vocab_size")
+        if trained_on not in (None, self.model.cfg.vocab_size):
+            raise UserError(
+                f"adapter {path} was trained on a vocabulary of {trained_on} tokens, this model has "
+                f"{self.model.cfg.vocab_size} (an adapter with new words fused into it?): load it onto its own base"
+            )
+        if not any((path / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+            raise UserError(f"adapter {path} has no adapter weights (adapter_model.safetensors)")
+        words = TextTokenizer.from_file(path, tokenizer.special, tokenizer.max_len)
+        new = [words.tokenizer.id_to_token(i) for i in range(self.vocab_size, len(words))]
+        self.model.resize_vocab([tokenizer.pieces(w) for w in new])
+        self.words = name
         return words
 
     def set(self, weights: dict[str, float]) -> None:
@@ -191,6 +211,8 @@ class Adapters:
         if self.peft is not None:
             (self.peft.base_model.enable_adapter_layers if on else self.peft.base_model.disable_adapter_layers)()
         self.enabled = on
+        # disabled, a base grown for new words emits only its own ids (the pipeline reads with its own tokenizer)
+        self.model.emit_vocab = self.vocab_size if self.words and not on else None
         self.model.requires_grad_(False)  # peft marks active adapters trainable again; here they only sample
 
     def delete(self, name: str) -> None:
@@ -202,7 +224,7 @@ class Adapters:
             self.peft, self.weights = None, {}
             if self.words:  # back to the base's vocabulary
                 self.model.resize_vocab(self.vocab_size)
-                self.words = None
+                self.words, self.model.emit_vocab = None, None
             return
         self.set({n: w for n, w in self.weights.items() if n != name} or {others[0]: 1.0})
         self.peft.base_model.delete_adapter(name)
@@ -217,10 +239,12 @@ class Adapters:
             self.model.resize_vocab(self.vocab_size)
         # fused, the model keeps the new words (and the caller their tokenizer) as its own
         self.words, self.vocab_size, self.enabled = None, self.model.cfg.vocab_size, True
+        self.model.emit_vocab = None
 
 
 def merge_adapters(model: nn.Module, adapters: Sequence[AdapterSpec]) -> nn.Module:
-    """Fold saved adapters into the weights of `model` (the sum of their deltas, each times its weight)."""
+    """Fold saved adapters into the weights of `model` (the sum of their deltas, each times its weight).
+    An adapter with new words needs its tokenizer swapped in as well: `MMFusion.load_adapters` does both."""
     loaded = Adapters(model)
     for spec in adapters:
         path, weight = parse_spec(spec)

@@ -60,6 +60,7 @@ class MMFusionModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.emit_vocab: int | None = None  # see text_logits
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.class_embed = nn.Embedding((cfg.num_classes + 1) * cfg.class_tokens, cfg.dim) if cfg.num_classes else None
         self.image_in = nn.Linear(cfg.image_token_dim, cfg.dim)
@@ -174,7 +175,10 @@ class MMFusionModel(nn.Module):
             return head(hidden.float())
 
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._head(self.lm_head, hidden)
+        """Logits over the text vocabulary; over its first `emit_vocab` ids where that is set (a base whose
+        adapter with new words is disabled: the base's own ids)."""
+        logits = self._head(self.lm_head, hidden)
+        return logits if self.emit_vocab is None else logits[..., : self.emit_vocab]
 
     def code_logits(self, hidden: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
         """(n, dim) -> logits (n, s^2, K) over the codebook, or (n, s^2, d) bit logits (bitwise heads).

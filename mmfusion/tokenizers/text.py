@@ -93,6 +93,14 @@ class TextTokenizer:
         self.tokenizer.save(str(path))
         return path
 
+    def cannot_take_words(self) -> str | None:
+        """Why `with_words` cannot grow this tokenizer (None when it can): it needs a BPE model and a
+        pre-tokenizer that splits text into words."""
+        kind = type(self.tokenizer.model).__name__
+        if kind != "BPE":
+            return f"the tokenizer is {kind}, not BPE"
+        return None if self.tokenizer.pre_tokenizer is not None else "the tokenizer does not split text into words"
+
     def word_counts(self, texts: Iterable[str]) -> Counter[str]:
         """How often each word of `texts` occurs, as the tokenizer splits text into words before its
         subwords (byte-level: " orange" is the word 'Ġorange')."""
@@ -114,9 +122,9 @@ class TextTokenizer:
         in their order; every other text is tokenized as before (a word already in the vocabulary keeps
         its token: BPE's merges are skipped only for whole words the vocabulary holds). Only byte-level
         BPE tokenizers (ours, and LLaMA-3's kind) can grow this way."""
+        if self.cannot_take_words():
+            raise ValueError(f"new words cannot be added: {self.cannot_take_words()}")
         spec = json.loads(self.tokenizer.to_str())
-        if spec["model"]["type"] != "BPE":
-            raise ValueError(f"only a BPE tokenizer can take new words, this one is {spec['model']['type']}")
         vocab, next_id = spec["model"]["vocab"], len(self)
         for word in words:
             if word not in vocab:

@@ -133,12 +133,19 @@ def add_words(mode: str, pipe: MMFusion, datamodule: MMFusionDataModule) -> list
     tok = pipe.text_tokenizer
     if mode != "words" or pipe.condition != "text":
         return []
-    if pipe.model.cfg.vocab_size != len(tok):
-        print(f"new words: the model has {pipe.model.cfg.vocab_size} text rows for {len(tok)} tokens: words stay spelt")
+    why = tok.cannot_take_words() or (
+        f"the model has {pipe.model.cfg.vocab_size} text rows for {len(tok)} tokens"
+        if pipe.model.cfg.vocab_size != len(tok)
+        else None
+    )
+    if why:
+        print(f"new words: {why}: words stay spelt")
         return []
     captions = (c for caps in datamodule.load()[datamodule.cfg.train_split]["captions"] for c in caps or [])
     counts = tok.word_counts(captions)
-    words = [w for w, n in counts.most_common() if n >= MIN_WORD_COUNT and len(tok.pieces(w)) > 1][:MAX_NEW_WORDS]
+    vocab = tok.tokenizer.get_vocab()
+    words = [w for w, n in counts.most_common() if n >= MIN_WORD_COUNT and w not in vocab and len(tok.pieces(w)) > 1]
+    words = words[:MAX_NEW_WORDS]
     if not words:
         return []
     pipe.model.resize_vocab([tok.pieces(w) for w in words])
@@ -379,7 +386,7 @@ def finetune(
     datamodule = MMFusionDataModule(
         cfg.data, cfg.image.image_size, out / "run", tokenizer=pipe.text_tokenizer, seed=seed, total_steps=steps
     )
-    words = add_words(new_tokens if full or task != "t2i" else "off", pipe, datamodule)  # as rows below
+    words = add_words(new_tokens if full or task != "t2i" else "off", pipe, datamodule)  # rows train them
     rows = [] if full or task == "t2i" else token_rows(new_tokens, datamodule, pipe.text_tokenizer)
     lora = {"r": lora_r, "alpha": lora_alpha, "targets": targets, "modules_to_save": modules_to_save, "init": lora_init}
     lora["gradient_step"] = _gradient_step(cfg, pipe, datamodule) if lora_init == "lora_ga" else None
@@ -387,6 +394,6 @@ def finetune(
     trainer, seconds = _fit(cfg, pipe, net, datamodule, out)
     _save(pipe, net.eval(), out, full, merge, base, initial)
     report = dict(task=task, mode="full" if full else "lora", lora_init=None if full else lora_init, replay=replay)
-    report |= _measures(trainer, net, seconds, cfg, "off" if full or not rows else new_tokens, len(rows), words)
+    report |= _measures(trainer, net, seconds, cfg, new_tokens if rows or words else "off", len(rows), words)
     (out / "finetune_report.json").write_text(json.dumps(report, indent=2))
     return report

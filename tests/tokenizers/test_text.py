@@ -90,3 +90,15 @@ def test_new_words_become_one_token_and_nothing_else_changes(tok):
     for text in [*CAPTIONS, *ODD, *(w.replace("Ġ", " ") for w in tok.tokenizer.get_vocab())]:
         assert grown.encode(text, max_len=0) == tok.encode(text, max_len=0), text
     assert grown.ids == tok.ids  # the special tokens keep theirs
+
+
+def test_a_tokenizer_that_cannot_take_words_says_why(tok):
+    from tokenizers import Tokenizer, models
+
+    assert tok.cannot_take_words() is None
+    level = TextTokenizer(Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")))
+    assert "WordLevel" in level.cannot_take_words()
+    bare = Tokenizer(models.BPE())  # no pre-tokenizer: text is not split into words (LLaMA-2's layout)
+    assert "words" in TextTokenizer(bare).cannot_take_words()
+    with pytest.raises(ValueError, match="cannot be added"):
+        TextTokenizer(bare).with_words(["x"])

@@ -103,17 +103,28 @@ def test_new_words_become_tokens_of_the_adapter_and_leave_with_it(trained_tiny, 
     assert merged.caption([datasets.load_from_disk(new_word_data)["test"][0]["image"]], max_new_tokens=4)
     with pytest.raises(UserError, match="adds words to the text vocabulary"):
         pipe.load_adapter(out, name="b")
+    pipe.disable_adapters()  # the base alone: its tokenizer, and only its own ids come out of the text head
+    assert len(pipe.text_tokenizer) == n and pipe.model.text_logits(hidden).shape[-1] == n
+    assert pipe.caption([datasets.load_from_disk(new_word_data)["test"][0]["image"]], max_new_tokens=4)
+    pipe.enable_adapters()
+    assert len(pipe.text_tokenizer) == n + len(words) and pipe.model.text_logits(hidden).shape[-1] == n + len(words)
     pipe.delete_adapter("a")
     assert pipe.text_tokenizer is not None and len(pipe.text_tokenizer) == n and pipe.model.cfg == base.model.cfg
     for (name, a), (_, b) in zip(pipe.model.state_dict().items(), base.model.state_dict().items()):
         assert torch.equal(a, b), name
+    with pytest.raises(UserError, match="weight 1"):  # refused before anything changes
+        pipe.load_adapter(out, weight=0.5)
+    assert pipe.model.cfg == base.model.cfg and len(pipe.text_tokenizer) == n
+    fused = MMFusion.from_pretrained(trained_tiny, adapters=[out])  # the words are the model's now
+    with pytest.raises(UserError, match=f"trained on a vocabulary of {n} tokens"):
+        fused.load_adapter(out)
 
 
 def test_full_fine_tuning_saves_the_grown_vocabulary_in_its_folder(trained_tiny, new_word_data, tmp_path):
     from mmfusion.pipeline import MMFusion
 
     report = _run(trained_tiny, new_word_data, tmp_path / "full", full=True, steps=2)
-    assert report["new_words"][0] == WORD and report["mode"] == "full"
+    assert report["new_words"][0] == WORD and report["mode"] == "full" and report["new_tokens"] == "words"
     model = MMFusion.from_pretrained(tmp_path / "full")
     n = len(MMFusion.from_pretrained(trained_tiny).text_tokenizer)
     assert model.model.cfg.vocab_size == len(model.text_tokenizer) == n + len(report["new_words"])
