@@ -53,8 +53,9 @@ def write_record(folder: str | Path, fingerprint: str, base: str, vocab_size: in
     (Path(folder) / RECORD).write_text(json.dumps(record, indent=2))
 
 
-def check_base(folder: Path, fingerprint: str) -> None:
-    """Refuse an adapter trained on another base; an adapter without a record (older) only warns."""
+def check_base(folder: Path, fingerprint: str) -> dict:
+    """Refuse an adapter trained on another base; an adapter without a record (older) only warns. Returns
+    the record (empty without one)."""
     record = folder / RECORD
     if not record.is_file():
         warnings.warn(
@@ -62,7 +63,7 @@ def check_base(folder: Path, fingerprint: str) -> None:
             "it cannot be checked against this model",
             stacklevel=3,
         )
-        return
+        return {}
     saved = json.loads(record.read_text())
     if saved.get("base_fingerprint") != fingerprint:
         raise UserError(
@@ -70,6 +71,7 @@ def check_base(folder: Path, fingerprint: str) -> None:
             f"{saved.get('base_fingerprint')}), not this one (fingerprint {fingerprint}): load it onto the "
             "model it was fine-tuned from"
         )
+    return saved
 
 
 def parse_spec(spec: AdapterSpec) -> tuple[Path, float]:
@@ -138,7 +140,7 @@ class Adapters:
         from the mean of the rows that the base's `tokenizer` spelt it with, and returns its own tokenizer,
         which the caller must use while it is loaded."""
         path = _adapter_folder(Path(path))
-        check_base(path, self.fingerprint)
+        record = check_base(path, self.fingerprint)
         grown = (path / "tokenizer.json").is_file()
         if (grown or self.words) and self.names:
             raise UserError(
@@ -146,7 +148,7 @@ class Adapters:
                 f"other adapters (loaded: {', '.join(self.names)})"
             )
         name = self._name(path, name)
-        words = self._grow(path, name, weight, tokenizer) if grown else None
+        words = self._grow(path, name, weight, tokenizer, record.get("base_vocab_size")) if grown else None
         try:
             if self.peft is None:
                 self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
@@ -160,14 +162,15 @@ class Adapters:
         self.set({**self.weights, name: weight})
         return words
 
-    def _grow(self, path: Path, name: str, weight: float, tokenizer: TextTokenizer | None) -> TextTokenizer:
-        """The adapter's tokenizer, with the model's vocabulary grown to match (the adapter's checks first)."""
+    def _grow(
+        self, path: Path, name: str, weight: float, tokenizer: TextTokenizer | None, trained_on: int | None
+    ) -> TextTokenizer:
+        """The adapter's tokenizer, with the model's vocabulary grown to match (the adapter's checks first;
+        `trained_on`: the vocabulary size its record names)."""
         if tokenizer is None:
             raise UserError(f"adapter {path} adds words to the vocabulary: load it with MMFusion.load_adapter")
         if weight != 1.0:
             raise UserError(f"adapter {path} adds words to the text vocabulary: use it alone at weight 1")
-        record = json.loads((path / RECORD).read_text()) if (path / RECORD).is_file() else {}
-        trained_on = record.get("base_vocab_size")
         if trained_on not in (None, self.model.cfg.vocab_size):
             raise UserError(
                 f"adapter {path} was trained on a vocabulary of {trained_on} tokens, this model has "

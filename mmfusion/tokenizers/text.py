@@ -122,8 +122,9 @@ class TextTokenizer:
         in their order; every other text is tokenized as before (a word already in the vocabulary keeps
         its token: BPE's merges are skipped only for whole words the vocabulary holds). Only byte-level
         BPE tokenizers (ours, and LLaMA-3's kind) can grow this way."""
-        if self.cannot_take_words():
-            raise ValueError(f"new words cannot be added: {self.cannot_take_words()}")
+        why = self.cannot_take_words()
+        if why:
+            raise ValueError(f"new words cannot be added: {why}")
         spec = json.loads(self.tokenizer.to_str())
         vocab, next_id = spec["model"]["vocab"], len(self)
         for word in words:

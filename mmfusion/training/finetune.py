@@ -144,16 +144,16 @@ def add_words(mode: str, pipe: MMFusion, datamodule: MMFusionDataModule) -> list
     captions = (c for caps in datamodule.load()[datamodule.cfg.train_split]["captions"] for c in caps or [])
     counts = tok.word_counts(captions)
     vocab = tok.tokenizer.get_vocab()
-    words = [w for w, n in counts.most_common() if n >= MIN_WORD_COUNT and w not in vocab and len(tok.pieces(w)) > 1]
-    words = words[:MAX_NEW_WORDS]
+    spelt = {w: tok.pieces(w) for w, n in counts.most_common() if n >= MIN_WORD_COUNT and w not in vocab}
+    words = [w for w, pieces in spelt.items() if len(pieces) > 1][:MAX_NEW_WORDS]
     if not words:
         return []
-    pipe.model.resize_vocab([tok.pieces(w) for w in words])
+    pipe.model.resize_vocab([spelt[w] for w in words])
     pipe.text_tokenizer = datamodule.tokenizer = tok.with_words(words)
-    shown = ", ".join(repr(tok.word_text(w)) for w in words[:8])
-    more = f" and {len(words) - 8} more" if len(words) > 8 else ""
-    print(f"new words: {len(words)} words of the captions are now one token each ({shown}{more})")
-    return [tok.word_text(w) for w in words]
+    texts = [tok.word_text(w) for w in words]
+    shown = ", ".join(map(repr, texts[:8])) + (f" and {len(words) - 8} more" if len(words) > 8 else "")
+    print(f"new words: {len(words)} words of the captions are now one token each ({shown})")
+    return texts
 
 
 def token_rows(mode: str, datamodule: MMFusionDataModule, tokenizer: TextTokenizer) -> list[int]:
