@@ -82,6 +82,7 @@ class MMFusion:
         self._adapters: Adapters | None = None  # LoRA adapters loaded and not fused (see `load_adapter`)
         # (the base's, the adapter's) while an adapter with new words is loaded
         self._tokenizers: tuple[TextTokenizer, TextTokenizer] | None = None
+        self._base_sampling: SampleConfig | None = None  # the base's settings while adapters are loaded
 
     # files --------------------------------------------------------------------------------
     @classmethod
@@ -224,12 +225,29 @@ class MMFusion:
         and add it at `weight` to the active adapters, unmerged: the base weights stay as they are, so
         `set_adapters`, `disable_adapters` and `delete_adapter` switch without reloading. An adapter
         trained on another base model is refused. An adapter with new words (`mmfusion finetune --new-tokens
-        words`) brings its own tokenizer, in use until it is deleted, and is used alone."""
-        words = self._adapter_set().load(path, name, weight, self.text_tokenizer)
+        words`) brings its own tokenizer, in use until it is deleted, and is used alone. The sampling settings
+        its fine-tuning recorded (a guidance scale) are the model's while it is the one active adapter at
+        weight 1, and stay when it is fused."""
+        self._base_sampling = self._base_sampling or self.sampling
+        try:
+            words = self._adapter_set().load(path, name, weight, self.text_tokenizer)
+        except Exception:
+            self._follow_adapters()  # as before the call
+            raise
         if words is not None:
             self._tokenizers = (self.text_tokenizer, words)
-        self._tokenizer_follows_adapters()
+        self._follow_adapters()
         return self
+
+    def _follow_adapters(self, fused: dict | None = None) -> None:
+        """The sampling settings and the tokenizer that go with the active adapters; `fused`: the sampling
+        changes of what was just fused in, which the model keeps."""
+        if self._base_sampling is not None:
+            ad = self._adapters
+            live = ad is not None and ad.peft is not None
+            self.sampling = self._base_sampling.changed(ad.sampling_changes() if live else fused)
+            self._base_sampling = self._base_sampling if live else None
+        self._tokenizer_follows_adapters()
 
     def _tokenizer_follows_adapters(self) -> None:
         """With an adapter with new words: its tokenizer while it is enabled, the base's while disabled or once
@@ -256,6 +274,7 @@ class MMFusion:
                 raise UserError(f"{len(names)} adapters and {len(weights)} weights: give one weight each")
             adapters = dict(zip(names, weights))
         self._adapter_set().set(dict(adapters))
+        self._follow_adapters()
         return self
 
     @property
@@ -267,25 +286,27 @@ class MMFusion:
     def disable_adapters(self) -> MMFusion:
         """Sample with the base model alone; `enable_adapters` brings the active adapters back."""
         self._adapter_set().enable(False)
-        self._tokenizer_follows_adapters()
+        self._follow_adapters()
         return self
 
     def enable_adapters(self) -> MMFusion:
         self._adapter_set().enable(True)
-        self._tokenizer_follows_adapters()
+        self._follow_adapters()
         return self
 
     def delete_adapter(self, name: str) -> MMFusion:
         """Unload one adapter; the base weights are untouched."""
         self._adapter_set().delete(name)
-        self._tokenizer_follows_adapters()
+        self._follow_adapters()
         return self
 
     def fuse_adapters(self) -> MMFusion:
         """Add the active weighted combination of adapters to the weights and unload them (the base alone if
         they are disabled): the model is plain again, and `save_pretrained` writes an ordinary model folder."""
-        self._adapter_set().fuse()
-        self._tokenizer_follows_adapters()
+        ad = self._adapter_set()
+        fused = ad.sampling_changes()
+        ad.fuse()
+        self._follow_adapters(fused)
         return self
 
     # generation ---------------------------------------------------------------------------

@@ -172,6 +172,17 @@ class SampleConfig:
     tokens: TokenSampling = field(default_factory=TokenSampling)  # Token-Shuffle's images
     caption: CaptionSampling = field(default_factory=CaptionSampling)  # captions, either kind of model
 
+    def changed(self, changes: dict[str, dict[str, Any]] | None) -> SampleConfig:
+        """These settings with `changes` made, by sampler and name ({"diffusion": {"cfg_scale": 2.0}}, as a
+        fine-tuning records the settings its model samples with); None changes nothing."""
+        known = [f.name for f in dataclasses.fields(self)]
+        check((part in known, part, f"not a sampler; the samplers: {', '.join(known)}") for part in changes or {})
+        parts = {
+            part: with_changes(getattr(self, part), f"the {part} sampler", **given)
+            for part, given in (changes or {}).items()
+        }
+        return dataclasses.replace(self, **parts)
+
     @staticmethod
     def nest(data: Any) -> Any:
         """The section from one written before it had a part per sampler (one flat mapping of the image

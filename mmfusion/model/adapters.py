@@ -29,7 +29,8 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from mmfusion.errors import UserError
+from mmfusion.errors import ConfigError, UserError
+from mmfusion.generation.settings import SampleConfig
 from mmfusion.tokenizers.text import TextTokenizer
 
 RECORD = "mmfusion_adapter.json"
@@ -46,10 +47,13 @@ def base_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def write_record(folder: str | Path, fingerprint: str, base: str, vocab_size: int | None = None) -> None:
+def write_record(
+    folder: str | Path, fingerprint: str, base: str, vocab_size: int | None = None, sample: dict | None = None
+) -> None:
     """Note in an adapter folder which base (`base`, as the user named it, its fingerprint and its text
-    vocabulary's size) it was trained on."""
-    record = {"base_model": base, "base_fingerprint": fingerprint, "base_vocab_size": vocab_size}
+    vocabulary's size) it was trained on, and the changes to the base's sampling settings that the
+    fine-tuned model samples with (`sample`: {"diffusion": {"cfg_scale": 2.0}}; `SampleConfig.changed`)."""
+    record = {"base_model": base, "base_fingerprint": fingerprint, "base_vocab_size": vocab_size, "sample": sample}
     (Path(folder) / RECORD).write_text(json.dumps(record, indent=2))
 
 
@@ -113,6 +117,7 @@ class Adapters:
         self.enabled = True
         self.vocab_size = model.cfg.vocab_size  # the base's
         self.words: str | None = None  # the loaded adapter that grew the vocabulary, if any
+        self.sample: dict[str, dict | None] = {}  # name -> the sampling changes its record names
 
     @property
     def names(self) -> list[str]:
@@ -141,6 +146,10 @@ class Adapters:
         which the caller must use while it is loaded."""
         path = _adapter_folder(Path(path))
         record = check_base(path, self.fingerprint)
+        try:  # settings this version lacks are refused before anything loads
+            SampleConfig().changed(record.get("sample"))
+        except ConfigError as e:
+            raise e.within(f"{path / RECORD}: sample") from None
         grown = (path / "tokenizer.json").is_file()
         if (grown or self.words) and self.names:
             raise UserError(
@@ -159,8 +168,16 @@ class Adapters:
                 self.model.resize_vocab(self.vocab_size)
                 self.words = None
             raise
+        self.sample[name] = record.get("sample")
         self.set({**self.weights, name: weight})
         return words
+
+    def sampling_changes(self) -> dict | None:
+        """The sampling changes of the one active adapter, when it is enabled and at weight 1 (the model its
+        fine-tuning made); None for the base, a mix or a weighted adapter."""
+        if self.peft is None or not self.enabled or list(self.weights.values()) != [1.0]:
+            return None
+        return self.sample.get(next(iter(self.weights)))
 
     def _grow(
         self, path: Path, name: str, weight: float, tokenizer: TextTokenizer | None, trained_on: int | None
@@ -222,6 +239,7 @@ class Adapters:
         if name not in self.names:
             raise UserError(f"no adapter named {name!r} is loaded (loaded: {', '.join(self.names) or 'none'})")
         others = [n for n in self.names if n != name]
+        self.sample.pop(name, None)
         if not others:
             self.peft.base_model.unload()
             self.peft, self.weights = None, {}
@@ -237,7 +255,7 @@ class Adapters:
         if self.peft is None:
             return
         self.peft.base_model.merge_and_unload() if self.enabled else self.peft.base_model.unload()
-        self.peft, self.weights = None, {}
+        self.peft, self.weights, self.sample = None, {}, {}
         if self.words and not self.enabled:  # the base alone: its own vocabulary
             self.model.resize_vocab(self.vocab_size)
         # fused, the model keeps the new words (and the caller their tokenizer) as its own

@@ -59,6 +59,8 @@ JOINT_TEXT_LOSS_WEIGHT = 0.1
 # (scripts/downstream.py, docs/experiments.md)
 LORA_LR, FULL_LR = 3e-3, 1e-3
 GRADIENT_BATCHES = 8  # LoRA-GA: the training batches its gradient estimate averages over
+# the guidance scale a fine-tuned CausalFusion model samples with unless told otherwise (docs/training.md)
+FINETUNED_CFG_SCALE = 2.0
 
 
 def task_objective(
@@ -177,19 +179,20 @@ def _run_config(
     objective: ObjectiveConfig,
     batch_size: int,
     reading: dict[str, str | None],
+    cfg_scale: float | None = None,
     **train: Any,
 ) -> RunConfig:
-    """The run's config: the base's model, image and diffusion settings, the data, and `train`'s
-    TrainConfig fields over fine-tuning's own defaults: no EMA, one checkpoint at the end, and the rate
-    held, then brought down to a tenth over the last fifth of the steps or of the time budget (`wsd`), so that
-    a run cut by its time budget still ends at a low rate."""
+    """The run's config: the base's model, image and diffusion settings, the fine-tuned model's sampling
+    (`sampling_changes`), the data, and `train`'s TrainConfig fields over fine-tuning's own defaults: no EMA,
+    one checkpoint at the end, and the rate held, then brought down to a tenth over the last fifth of the
+    steps or of the time budget (`wsd`), so that a run cut by its time budget still ends at a low rate."""
     steps = train["max_steps"]
     return RunConfig(
         model=pipe.model.cfg,
         image=pipe.image_cfg,
         diffusion=pipe.diffusion,
         objective=objective,
-        sample=pipe.sampling,
+        sample=pipe.sampling.changed(sampling_changes(pipe, cfg_scale)),
         data=DataConfig(
             source=data,
             **reading,  # image_root, image_column, caption_column
@@ -209,20 +212,29 @@ def _run_config(
     )
 
 
-def _save(pipe: MMFusion, net: Any, out: Path, full: bool, merge: bool, base: tuple, initial: Any) -> None:
+def sampling_changes(pipe: MMFusion, cfg_scale: float | None) -> dict | None:
+    """The changes to the base's sampling settings that the fine-tuned model samples with: the guidance
+    scale `cfg_scale`, by default `FINETUNED_CFG_SCALE` for CausalFusion (fine-tuned models draw more of
+    the new domain at a lower scale than their base's) and the base's for Token-Shuffle."""
+    part = "tokens" if pipe.model.cfg.discrete else "diffusion"
+    scale = cfg_scale if cfg_scale is not None or part == "tokens" else FINETUNED_CFG_SCALE
+    return None if scale is None else {part: {"cfg_scale": float(scale)}}
+
+
+def _save(pipe: MMFusion, net: Any, out: Path, full: bool, merge: bool, base: tuple, initial: Any, sample: Any) -> None:
     """A whole model folder (`full`), or the adapter alone, with the record of its `base` (name,
-    fingerprint, text vocabulary size) and, where new words grew the vocabulary, the grown tokenizer.json;
-    with `merge` OUT/merged as well. An adapter started from `initial` factors that
-    moved the frozen weights (LoRA-GA, PiSSA, OLoRA) is saved as the plain LoRA that gives the same model on the
-    untouched base."""
-    pipe.model = net
+    fingerprint, text vocabulary size) and of its `sample` changes (`sampling_changes`) and, where new
+    words grew the vocabulary, the grown tokenizer.json; with `merge` OUT/merged as well. An adapter started
+    from `initial` factors that moved the frozen weights (LoRA-GA, PiSSA, OLoRA) is saved as the plain LoRA
+    that gives the same model on the untouched base."""
+    pipe.model, pipe.sampling = net, pipe.sampling.changed(sample)
     if full:
         pipe.save_pretrained(out)
         return
     net.save_pretrained(str(out))  # adapter_config.json + adapter_model.safetensors only
     if initial is not None:
         save_as_plain_lora(out, initial)
-    write_record(out, base[1], base[0], base[2])  # mmfusion_adapter.json: another base refuses this adapter
+    write_record(out, base[1], base[0], base[2], sample)  # mmfusion_adapter.json: another base refuses it
     if len(pipe.text_tokenizer) > base[2]:  # new words: the adapter's tokenizer, which loading puts in use
         pipe.text_tokenizer.save(out)
     if merge:
@@ -308,6 +320,7 @@ def _measures(
         "compile": cfg.train.compile,
         "loraplus_lr_ratio": cfg.train.loraplus_lr_ratio,
         "lr_schedule": cfg.train.lr_schedule,
+        "cfg_scale": (cfg.sample.tokens if cfg.model.discrete else cfg.sample.diffusion).cfg_scale,
         "total_parameters": total,
         "steps": int(trainer.global_step),
         "seconds": seconds,
@@ -342,8 +355,8 @@ def finetune(
     data: str,
     out: str | Path,
     task: str = "joint",
-    lora_r: int = 16,
-    lora_alpha: int = 32,
+    lora_r: int = 64,
+    lora_alpha: int = 128,
     loraplus_lr_ratio: float = 1.0,
     lora_init: str = "lora",
     targets: tuple[str, ...] = ATTENTION + MLP,
@@ -366,20 +379,20 @@ def finetune(
     replay: float = 0.0,
     replay_data: str | None = None,
     caption_dropout: float | None = None,
+    cfg_scale: float | None = None,
 ) -> dict[str, Any]:
     """Fine-tune; saves the adapter alone (or, with `full`, a whole model folder) to `out`. Options: the module's
-    docstring, `task_objective`, `add_words`, `replay_mix` (`replay`) and `train.compile` (`compile`)."""
-    pipe = MMFusion.from_pretrained(model)
+    docstring, `task_objective`, `add_words`, `replay_mix`, `train.compile` and `sampling_changes` (`cfg_scale`)."""
+    pipe, out = MMFusion.from_pretrained(model), Path(out)
     base_data = pipe.training_data
     pipe.training_data = f"{pipe.training_data or 'unrecorded'}, then fine-tuned on {data_name(data)}"
-    out = Path(out)
     # a bad --steps, --minutes, --precision ... is a ConfigError here: one line, before any output
     objective = task_objective(pipe.objective, task, caption_fraction, text_loss_weight, replay, caption_dropout)
     reading = dict(image_root=image_root, image_column=image_column, caption_column=caption_column)
     if replay:  # the mixed data set has the usual columns
         data, reading = replay_mix(data, replay, replay_data, base_data, reading, out / "run", seed), {}
     train = dict(max_steps=steps, max_time_minutes=minutes, lr=lr or (FULL_LR if full else LORA_LR), seed=seed)
-    train |= dict(precision=precision, compile=compile, loraplus_lr_ratio=loraplus_lr_ratio)
+    train |= dict(precision=precision, compile=compile, loraplus_lr_ratio=loraplus_lr_ratio, cfg_scale=cfg_scale)
     cfg = _run_config(pipe, data, out, objective, batch_size, reading, **train)
     L.seed_everything(seed, verbose=False)
     base = (str(model), base_fingerprint(pipe.model), pipe.model.cfg.vocab_size)
@@ -392,7 +405,7 @@ def finetune(
     lora["gradient_step"] = _gradient_step(cfg, pipe, datamodule) if lora_init == "lora_ga" else None
     net, initial = _adapt(pipe.model.train(), full, lora, new_tokens, rows)
     trainer, seconds = _fit(cfg, pipe, net, datamodule, out)
-    _save(pipe, net.eval(), out, full, merge, base, initial)
+    _save(pipe, net.eval(), out, full, merge, base, initial, sampling_changes(pipe, cfg_scale))
     report = dict(task=task, mode="full" if full else "lora", lora_init=None if full else lora_init, replay=replay)
     report |= _measures(trainer, net, seconds, cfg, new_tokens if rows or words else "off", len(rows), words)
     (out / "finetune_report.json").write_text(json.dumps(report, indent=2))

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from mmfusion.config import ObjectiveConfig
 from mmfusion.diffusion.config import DiffusionConfig
-from mmfusion.errors import UserError
+from mmfusion.errors import ConfigError, UserError
 from mmfusion.model.adapters import base_fingerprint, write_record
 from mmfusion.pipeline import MMFusion
 from mmfusion.training.lora import MLP, add_lora
@@ -163,3 +163,43 @@ def test_the_text_vocabulary_grows_from_its_pieces_and_shrinks_back(tiny_cfg):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="class-conditional"):
         MMFusionModel(dataclasses.replace(tiny_cfg, num_classes=4)).resize_vocab([[1]])
+
+
+def test_the_sampling_an_adapter_records_follows_it_and_stays_when_fused(adapters, tmp_path):
+    """An adapter's recorded sampling changes (its fine-tuning's guidance scale) are the model's while it is the
+    one active adapter at weight 1, the base's otherwise, and a fused model keeps and saves them."""
+    base = _pipe()
+    scale = base.sampling.diffusion.cfg_scale
+    tuned = tmp_path / "tuned"
+    _make_adapter(base.model, tuned, TARGETS["a"], seed=5, record=False)
+    write_record(tuned, base_fingerprint(base.model), "fixture", sample={"diffusion": {"cfg_scale": scale + 1.5}})
+    pipe = _pipe().load_adapter(tuned, name="T")
+    assert pipe.sampling.diffusion.cfg_scale == scale + 1.5
+    assert pipe.sampling.caption == base.sampling.caption and pipe.sampling.tokens == base.sampling.tokens
+    pipe.disable_adapters()
+    assert pipe.sampling == base.sampling
+    pipe.enable_adapters().set_adapters({"T": 0.5})
+    assert pipe.sampling == base.sampling  # half the fine-tuning is not the model it measured
+    pipe.load_adapter(adapters / "b", name="B").set_adapters({"T": 1.0, "B": 1.0})
+    assert pipe.sampling == base.sampling
+    pipe.set_adapters("B")
+    assert pipe.sampling == base.sampling  # B records no sampling
+    pipe.set_adapters("T")
+    assert pipe.sampling.diffusion.cfg_scale == scale + 1.5
+    pipe.delete_adapter("B").delete_adapter("T")
+    assert pipe.sampling == base.sampling
+    fused = _pipe().load_adapter(tuned).fuse_adapters()
+    assert fused.sampling.diffusion.cfg_scale == scale + 1.5
+    fused.save_pretrained(tmp_path / "merged")
+    assert MMFusion.from_pretrained(tmp_path / "merged").sampling.diffusion.cfg_scale == scale + 1.5
+    assert MMFusion.from_pretrained(FIXTURE, adapters=[tuned]).sampling == fused.sampling
+    assert _pipe().load_adapter(tuned).disable_adapters().fuse_adapters().sampling == base.sampling
+    with pytest.raises(UserError, match="no adapter named"):
+        _pipe().load_adapter(tuned).set_adapters({"nothing": 1.0})
+    bad = tmp_path / "bad"
+    _make_adapter(base.model, bad, TARGETS["a"], seed=6, record=False)
+    write_record(bad, base_fingerprint(base.model), "fixture", sample={"diffusion": {"cfg_scal": 2.0}})
+    failed = _pipe()
+    with pytest.raises(ConfigError, match="cfg_scal"):
+        failed.load_adapter(bad)
+    assert failed.sampling == base.sampling

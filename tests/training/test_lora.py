@@ -10,6 +10,7 @@ from mmfusion.diffusion.config import DiffusionConfig
 from mmfusion.errors import UserError
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel
+from mmfusion.training.finetune import FINETUNED_CFG_SCALE
 from mmfusion.training.lora import (
     ATTENTION,
     IMAGE,
@@ -268,6 +269,11 @@ def test_finetune_cli_end_to_end(trained_tiny, tmp_path, task, compiled, capsys)
     adapted = MMFusion.from_pretrained(trained_tiny, adapters=[out])
     merged = MMFusion.from_pretrained(out / "merged")
     assert merged.training_data == "shapes, then fine-tuned on data"  # named so in its model card
+    # the guidance scale the fine-tuned model samples with: recorded, and in use wherever the adapter is
+    scale = FINETUNED_CFG_SCALE
+    assert scale != base.sampling.diffusion.cfg_scale and report["cfg_scale"] == scale
+    assert json.loads((out / "mmfusion_adapter.json").read_text())["sample"] == {"diffusion": {"cfg_scale": scale}}
+    assert adapted.sampling == merged.sampling == base.sampling.changed({"diffusion": {"cfg_scale": scale}})
     for (n, a), (_, b) in zip(adapted.model.state_dict().items(), merged.model.state_dict().items()):
         torch.testing.assert_close(a, b, msg=n)
     changed = [

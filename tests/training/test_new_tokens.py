@@ -10,6 +10,7 @@ import torch
 
 from mmfusion.errors import UserError
 from mmfusion.tokenizers.text import TextTokenizer
+from mmfusion.training.finetune import FINETUNED_CFG_SCALE
 
 WORD = "zorblax"  # z, x, ... never occur in the shapes captions: byte tokens the base never produced
 
@@ -34,7 +35,7 @@ def test_new_word_rows_train_alone_and_reload(trained_tiny, new_word_data, tmp_p
     from mmfusion.pipeline import MMFusion
 
     out = tmp_path / "rows"
-    report = _run(trained_tiny, new_word_data, out, merge=True, new_tokens="rows")  # task joint
+    report = _run(trained_tiny, new_word_data, out, merge=True, new_tokens="rows", cfg_scale=4.5)  # task joint
     assert "new tokens: the captions use" in capsys.readouterr().out
     saved = json.loads((out / "finetune_report.json").read_text())
     assert saved["new_tokens"] == "rows" and saved["new_token_rows"] == report["new_token_rows"] > 0
@@ -47,6 +48,7 @@ def test_new_word_rows_train_alone_and_reload(trained_tiny, new_word_data, tmp_p
     assert len(used) == report["new_token_rows"]
     adapted = MMFusion.from_pretrained(trained_tiny, adapters=[out])
     merged = MMFusion.from_pretrained(out / "merged")  # the fine-tuned model, folded
+    assert report["cfg_scale"] == adapted.sampling.diffusion.cfg_scale == merged.sampling.diffusion.cfg_scale == 4.5
     for name in ("embed_tokens.weight", "lm_head.weight"):
         before, after = base.model.state_dict()[name], adapted.model.state_dict()[name]
         assert torch.equal(after, merged.model.state_dict()[name])
@@ -130,6 +132,8 @@ def test_full_fine_tuning_saves_the_grown_vocabulary_in_its_folder(trained_tiny,
     assert model.model.cfg.vocab_size == len(model.text_tokenizer) == n + len(report["new_words"])
     assert model.text_tokenizer.encode(WORD) == [n]
     assert len(model.generate([f"a {WORD} red circle"], steps=2)) == 1
+    # the folder samples at the fine-tuned models' guidance scale (the adapter records it instead: test_lora)
+    assert model.sampling.diffusion.cfg_scale == report["cfg_scale"] == FINETUNED_CFG_SCALE
 
 
 def test_new_word_text_loss_falls_further_than_without_rows(trained_tiny, new_word_data, tmp_path):
