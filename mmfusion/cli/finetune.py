@@ -75,6 +75,7 @@ def _run(target: str, modules_to_save: str | None, **options: object) -> None:
     report = finetune(**options, targets=_names(target), modules_to_save=_names(modules_to_save))
     steps, seconds = report["steps"], report["seconds"]
     print(f"{report['mode']} fine-tuning: {steps} steps in {seconds:.0f} s; saved to {options['out']}")
+    print(f"it samples at guidance {report['cfg_scale']:g} unless told otherwise (--cfg)")
 
 
 def _names(text: str | None) -> tuple[str, ...] | None:

@@ -257,6 +257,7 @@ def test_finetune_cli_end_to_end(trained_tiny, tmp_path, task, compiled, capsys)
     )
     printed = capsys.readouterr().out
     assert "trainable parameters:" in printed
+    assert f"it samples at guidance {FINETUNED_CFG_SCALE:g} unless told otherwise" in printed
     assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
     assert json.loads((out / "mmfusion_adapter.json").read_text())["base_model"] == str(trained_tiny)
     report = json.loads((out / "finetune_report.json").read_text())
