@@ -30,6 +30,7 @@ from mmfusion.data.datamodule import MMFusionDataModule
 from mmfusion.data.datasets import load_captioned
 from mmfusion.data.shapes import build_shapes
 from mmfusion.errors import UserError
+from mmfusion.generation.settings import SampleConfig
 from mmfusion.hub import data_name
 from mmfusion.model.adapters import base_fingerprint, write_record
 from mmfusion.pipeline import MMFusion
@@ -179,20 +180,19 @@ def _run_config(
     objective: ObjectiveConfig,
     batch_size: int,
     reading: dict[str, str | None],
-    cfg_scale: float | None = None,
     **train: Any,
 ) -> RunConfig:
-    """The run's config: the base's model, image and diffusion settings, the fine-tuned model's sampling
-    (`sampling_changes`), the data, and `train`'s TrainConfig fields over fine-tuning's own defaults: no EMA,
-    one checkpoint at the end, and the rate held, then brought down to a tenth over the last fifth of the
-    steps or of the time budget (`wsd`), so that a run cut by its time budget still ends at a low rate."""
+    """The run's config: the base's model, image and diffusion settings, the data, and `train`'s
+    TrainConfig fields over fine-tuning's own defaults: no EMA, one checkpoint at the end, and the rate
+    held, then brought down to a tenth over the last fifth of the steps or of the time budget (`wsd`), so that
+    a run cut by its time budget still ends at a low rate."""
     steps = train["max_steps"]
     return RunConfig(
         model=pipe.model.cfg,
         image=pipe.image_cfg,
         diffusion=pipe.diffusion,
         objective=objective,
-        sample=pipe.sampling.changed(sampling_changes(pipe, cfg_scale)),
+        sample=pipe.sampling,
         data=DataConfig(
             source=data,
             **reading,  # image_root, image_column, caption_column
@@ -221,16 +221,18 @@ def sampling_changes(pipe: MMFusion, cfg_scale: float | None) -> dict | None:
     return None if scale is None else {part: {"cfg_scale": float(scale)}}
 
 
-def _save(pipe: MMFusion, net: Any, out: Path, full: bool, merge: bool, base: tuple, initial: Any, sample: Any) -> None:
+def _save(
+    pipe: MMFusion, net: Any, out: Path, full: bool, merge: bool, base: tuple, initial: Any, sample: dict | None
+) -> SampleConfig:
     """A whole model folder (`full`), or the adapter alone, with the record of its `base` (name,
     fingerprint, text vocabulary size) and of its `sample` changes (`sampling_changes`) and, where new
     words grew the vocabulary, the grown tokenizer.json; with `merge` OUT/merged as well. An adapter started
     from `initial` factors that moved the frozen weights (LoRA-GA, PiSSA, OLoRA) is saved as the plain LoRA
-    that gives the same model on the untouched base."""
+    that gives the same model on the untouched base. Returns the fine-tuned model's sampling settings."""
     pipe.model, pipe.sampling = net, pipe.sampling.changed(sample)
     if full:
         pipe.save_pretrained(out)
-        return
+        return pipe.sampling
     net.save_pretrained(str(out))  # adapter_config.json + adapter_model.safetensors only
     if initial is not None:
         save_as_plain_lora(out, initial)
@@ -240,6 +242,7 @@ def _save(pipe: MMFusion, net: Any, out: Path, full: bool, merge: bool, base: tu
     if merge:
         pipe.model = net.merge_and_unload().eval()
         pipe.save_pretrained(out / "merged")
+    return pipe.sampling
 
 
 def _adapt(net: Any, full: bool, lora: dict[str, Any], new_tokens: str, rows: list[int]) -> tuple[Any, Any]:
@@ -308,10 +311,17 @@ def replay_mix(
 
 
 def _measures(
-    trainer: Any, net: Any, seconds: float, cfg: RunConfig, new_tokens: str, rows: int, words: list[str]
+    trainer: Any,
+    net: Any,
+    seconds: float,
+    cfg: RunConfig,
+    new_tokens: str,
+    rows: int,
+    words: list[str],
+    sample: SampleConfig,
 ) -> dict[str, Any]:
     """The report's counts, time, memory, the run's settings and the task's losses, the new-token choice and
-    the new words, and the last losses."""
+    the new words, the guidance scale the fine-tuned model samples with (`sample`), and the last losses."""
     objective = cfg.objective
     trainable, total = parameter_counts(net)
     return {
@@ -320,7 +330,7 @@ def _measures(
         "compile": cfg.train.compile,
         "loraplus_lr_ratio": cfg.train.loraplus_lr_ratio,
         "lr_schedule": cfg.train.lr_schedule,
-        "cfg_scale": (cfg.sample.tokens if cfg.model.discrete else cfg.sample.diffusion).cfg_scale,
+        "cfg_scale": (sample.tokens if cfg.model.discrete else sample.diffusion).cfg_scale,
         "total_parameters": total,
         "steps": int(trainer.global_step),
         "seconds": seconds,
@@ -392,7 +402,7 @@ def finetune(
     if replay:  # the mixed data set has the usual columns
         data, reading = replay_mix(data, replay, replay_data, base_data, reading, out / "run", seed), {}
     train = dict(max_steps=steps, max_time_minutes=minutes, lr=lr or (FULL_LR if full else LORA_LR), seed=seed)
-    train |= dict(precision=precision, compile=compile, loraplus_lr_ratio=loraplus_lr_ratio, cfg_scale=cfg_scale)
+    train |= dict(precision=precision, compile=compile, loraplus_lr_ratio=loraplus_lr_ratio)
     cfg = _run_config(pipe, data, out, objective, batch_size, reading, **train)
     L.seed_everything(seed, verbose=False)
     base = (str(model), base_fingerprint(pipe.model), pipe.model.cfg.vocab_size)
@@ -405,8 +415,8 @@ def finetune(
     lora["gradient_step"] = _gradient_step(cfg, pipe, datamodule) if lora_init == "lora_ga" else None
     net, initial = _adapt(pipe.model.train(), full, lora, new_tokens, rows)
     trainer, seconds = _fit(cfg, pipe, net, datamodule, out)
-    _save(pipe, net.eval(), out, full, merge, base, initial, sampling_changes(pipe, cfg_scale))
+    sample = _save(pipe, net.eval(), out, full, merge, base, initial, sampling_changes(pipe, cfg_scale))
     report = dict(task=task, mode="full" if full else "lora", lora_init=None if full else lora_init, replay=replay)
-    report |= _measures(trainer, net, seconds, cfg, new_tokens if rows or words else "off", len(rows), words)
+    report |= _measures(trainer, net, seconds, cfg, new_tokens if rows or words else "off", len(rows), words, sample)
     (out / "finetune_report.json").write_text(json.dumps(report, indent=2))
     return report
