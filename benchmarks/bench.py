@@ -40,6 +40,7 @@ came from an earlier run): the figures of one table always come from one run. Me
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import platform
@@ -1093,11 +1094,14 @@ def serve_model_folder(folder: Path) -> Path:
     return train(load_config(DEMO_CONFIG, [*overrides, f"train.out={folder}", "train.max_time_minutes=10"]))
 
 
+SERVE_MAX_BATCH = 16  # the server's samples per model call (`mmfusion serve --max-batch`)
+
+
 def _start_server(model: Path, port: int, concurrency: int, log: Path) -> Any:
     import urllib.request
 
     cmd = [sys.executable, "-m", "mmfusion.cli.main", "serve", "--model", str(model), "--port", str(port)]
-    cmd += ["--concurrency", str(concurrency), "--max-queue", "256", "--max-batch", "16"]
+    cmd += ["--concurrency", str(concurrency), "--max-queue", "256", "--max-batch", str(SERVE_MAX_BATCH)]
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     for _ in range(600):
@@ -1138,9 +1142,20 @@ def _request(client: Any, url: str, api_name: str, data: list, session: str = ""
     return result
 
 
-def _client_load(url: str, jobs: list[list], clients: int, api_name: str) -> tuple[float, list]:
+def _json_request(client: Any, url: str, path: str, body: dict) -> dict:
+    """One call of the server's JSON API (`mmfusion.serving.rest`): one POST, one answer; raises on an
+    error answer."""
+    r = client.post(f"{url}{path}", json=body)
+    if r.status_code != 200:
+        raise RuntimeError(f"{path}: {r.status_code} {r.text[:200]}")
+    return r.json()
+
+
+def _client_load(url: str, jobs: list, clients: int, api_name: str) -> tuple[float, list]:
     """`jobs` (the inputs of each request) from `clients` concurrent clients, each a session of its own
-    sending its share one after another: (wall seconds, [(latency s, result)] in the order of `jobs`)."""
+    sending its share one after another: (wall seconds, [(latency s, result)] in the order of `jobs`).
+    `api_name` is a page endpoint (Gradio's API, `jobs` are lists of inputs) or a JSON API path such as
+    "v1/generate" (`jobs` are request bodies)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
@@ -1151,7 +1166,10 @@ def _client_load(url: str, jobs: list[list], clients: int, api_name: str) -> tup
         done = []
         for j in range(k, len(jobs), clients):
             start = time.perf_counter()
-            result = _request(pool[k], url, api_name, jobs[j], session=f"bench-client-{k}")
+            if api_name.startswith("v1/"):
+                result = _json_request(pool[k], url, api_name, jobs[j])
+            else:
+                result = _request(pool[k], url, api_name, jobs[j], session=f"bench-client-{k}")
             done.append((j, time.perf_counter() - start, result))
         return done
 
@@ -1174,9 +1192,10 @@ def bench_serve(quick: bool) -> dict:
     """`mmfusion serve` under load, on loopback: text-to-image requests of one image and of four (the
     page's default), and caption requests, each kind from concurrent clients against the server in its
     own process, and the same work through the Python API in one process (`pipe.generate` /
-    `pipe.caption` on the whole list), timed in turn. Every request must come back whole (its images,
-    with their seeds; a caption); the ratio of images (captions) per second, server over API, is what
-    serving costs."""
+    `pipe.caption` on the whole list), timed in turn. Each kind is sent through the page's API
+    (Gradio's: post, then read an event stream) and then through the JSON API (one POST; a caption's
+    image travels in its request). Every request must come back whole (its images, with their seeds; a
+    caption); the ratio of images (captions) per second, server over API, is what serving costs."""
     import dataclasses
     import socket
     import tempfile
@@ -1209,13 +1228,22 @@ def bench_serve(quick: bool) -> dict:
     out: dict[str, Any] = {"requests": n, "clients": clients, "steps": steps, "threads": torch.get_num_threads()}
     cases = {"t2i_1": 1, "t2i_4": 4}
 
-    def api(case: str) -> Any:
+    def api(case: str, batch: int | None = None) -> Any:
+        """The Python API on the whole list: in its own batches, or in `batch`es (`clients_batch`)."""
+        size = {"batch_size": batch} if batch else {}
         if case == "caption":
-            return lambda: pipe.caption(pils)
+            return lambda: pipe.caption(pils, **size)
         per = cases[case]
-        return lambda: pipe.generate(prompts, num_images=per, **sampler)
+        return lambda: pipe.generate(prompts, num_images=per, **sampler, **size)
+
+    def clients_batch(case: str) -> int:
+        """The largest batch the clients can make: each waits for its answer before it asks again."""
+        return min(SERVE_MAX_BATCH, clients * cases.get(case, 1))
 
     def served(case: str) -> tuple[float, list]:
+        if case.startswith("json_"):
+            path = "v1/caption" if case == "json_caption" else "v1/generate"
+            return _client_load(url, json_jobs(case[5:]), clients, path)
         if case == "caption":
             uploads = [
                 [{"path": str(p), "meta": {"_type": "gradio.FileData"}}, "greedy", 1, 0.9, 1.0, 0] for p in paths
@@ -1225,25 +1253,37 @@ def bench_serve(quick: bool) -> dict:
         jobs = [[p, "", per, k * per, *sampler.values()] for k, p in enumerate(prompts)]
         return _client_load(url, jobs, clients, "text_to_image")
 
-    def whole(case: str, got: list) -> int:
-        if case == "caption":
-            return sum(isinstance(r[0], str) and bool(r[0]) for _, r in got)
+    def json_jobs(case: str) -> list[dict]:
+        if case == "caption":  # each request carries its image, base64-encoded
+            return [{"image": base64.b64encode(p.read_bytes()).decode(), "method": "greedy"} for p in paths]
         per = cases[case]
-        want = [[f"seed {k * per + j}" for j in range(per)] for k in range(n)]
-        return sum([item["caption"] for item in r[0]] == w for (_, r), w in zip(got, want))
+        return [{"prompt": p, "num_images": per, "seed": k * per, **sampler} for k, p in enumerate(prompts)]
 
-    for case in (*cases, "caption"):
+    def whole(case: str, got: list) -> int:
+        if case.endswith("caption"):
+            texts = [r["caption"] if case.startswith("json_") else r[0] for _, r in got]
+            return sum(isinstance(t, str) and bool(t) for t in texts)
+        per = cases[case.removeprefix("json_")]
+        want = [[k * per + j for j in range(per)] for k in range(n)]
+        if case.startswith("json_"):
+            return sum([item["seed"] for item in r["images"]] == w for (_, r), w in zip(got, want))
+        return sum([item["caption"] for item in r[0]] == [f"seed {s}" for s in w] for (_, r), w in zip(got, want))
+
+    kinds = (*cases, "caption")
+    for case in kinds:
         api(case)()  # warm-up
     server = _start_server(work / "served", port, clients, work / "server.log")
     try:
         served("t2i_1")  # warm-up
-        for case in (*cases, "caption"):
-            api_s, server_s = [], []
+        for case in (*kinds, *(f"json_{kind}" for kind in kinds)):
+            kind = case.removeprefix("json_")
+            api_s, ceiling_s, server_s = [], [], []
             for _ in range(1 if quick else 3):  # in turn; the median of three
-                api_s.append(timed(api(case), repeat=1, warmup=0))
+                api_s.append(timed(api(kind), repeat=1, warmup=0))
+                ceiling_s.append(timed(api(kind, clients_batch(kind)), repeat=1, warmup=0))
                 sec, got = served(case)
                 server_s.append(sec)
-            samples = n * cases.get(case, 1)
+            samples = n * cases.get(kind, 1)
             out[case] = {
                 "samples": samples,
                 "complete": whole(case, got),
@@ -1251,6 +1291,8 @@ def bench_serve(quick: bool) -> dict:
                 "api_per_s": samples / _median(api_s),
                 "server_per_s": samples / _median(server_s),
                 "ratio": _median(api_s) / _median(server_s),
+                "clients_batch": clients_batch(kind),
+                "api_clients_batch_per_s": samples / _median(ceiling_s),
             }
     finally:
         server.terminate()
@@ -1669,18 +1711,26 @@ def _serve_rows(r: dict, f: Any) -> list[str]:
     lines = [
         f"| `mmfusion serve` under load ({r.get('requests')} requests of each kind from {r.get('clients')} "
         f"concurrent clients, loopback; images: S = 1, {r.get('steps')} DDPM steps, CFG 3; captions: 16 tokens, "
-        "greedy) | complete | p50 s | p95 s | server / s | API / s | server / API |",
-        "|---|---|---|---|---|---|---|",
+        "greedy) | complete | p50 s | p95 s | server / s | API / s | server / API | API in the clients' batches / s "
+        "| server / that |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for case, name in (
-        ("t2i_1", "text to image, 1 image a request"),
-        ("t2i_4", "text to image, 4 images a request"),
-        ("caption", "caption, 1 image a request"),
+        ("t2i_1", "text to image, 1 image a request (the page's API)"),
+        ("t2i_4", "text to image, 4 images a request (the page's API)"),
+        ("caption", "caption, 1 image a request (the page's API)"),
+        ("json_t2i_1", "text to image, 1 image a request (JSON API)"),
+        ("json_t2i_4", "text to image, 4 images a request (JSON API)"),
+        ("json_caption", "caption, 1 image a request (JSON API)"),
     ):
-        t = r.get(case, {})
+        if case not in r:
+            continue
+        t = r[case]
+        within = t["server_per_s"] / t["api_clients_batch_per_s"] if "api_clients_batch_per_s" in t else None
         lines.append(
             f"| {name} | {t.get('complete')} of {r.get('requests')} | {f(t.get('p50_s'))} | {f(t.get('p95_s'))} | "
-            f"{f(t.get('server_per_s'))} | {f(t.get('api_per_s'))} | {f(t.get('ratio'), '.0%')} |"
+            f"{f(t.get('server_per_s'))} | {f(t.get('api_per_s'))} | {f(t.get('ratio'), '.0%')} | "
+            f"{f(t.get('api_clients_batch_per_s'))} (batch {t.get('clients_batch')}) | {f(within, '.0%')} |"
         )
     return [*lines, ""]
 

@@ -26,7 +26,9 @@ def serve(
     Requests from several people queue: `--concurrency` of them run at once, their images and captions
     batched together where the settings agree (up to `--max-batch` samples per model call), and up to
     `--max-queue` more wait; past that the page says the server is busy. Each image is shown with its
-    seed, and the page gives the `mmfusion generate` command that draws the same images.
+    seed, and the page gives the `mmfusion generate` command that draws the same images. Programs can
+    skip the page: POST JSON to /v1/generate, /v1/caption or /v1/edit (one request, one answer, images
+    as base64 PNG; the schema is at /v1/docs).
 
     Args:
         host: the address to listen on (127.0.0.1: this machine only; 0.0.0.0: every network interface)
@@ -36,8 +38,8 @@ def serve(
         max_batch: samples per model call
     """
     from mmfusion.cli.infer import _load
-    from mmfusion.errors import UserError, require
-    from mmfusion.serving.app import CSS, build_app, require_gradio
+    from mmfusion.errors import require
+    from mmfusion.serving.app import build_server, check_port, require_gradio
 
     require(
         [
@@ -49,14 +51,16 @@ def serve(
         ]
     )
     require_gradio()  # before the model loads: a missing extra is said at once
+    check_port(host, port)
+    import uvicorn
+
     from mmfusion.serving.service import Service
 
     service = Service(_load(model, adapter, dtype, device, revision), model, max_batch, max_queue + concurrency)
-    app = build_app(service, max_queue=max_queue, concurrency=concurrency)
-    print(f"serving {model} at http://{host}:{port} (Ctrl-C stops)")
+    app = build_server(service, max_queue=max_queue, concurrency=concurrency)
+    url = f"http://{host}:{port}"
+    print(f"serving {model} at {url} (the page), {url}/v1 (the JSON API; its schema: {url}/v1/docs); Ctrl-C stops")
     try:
-        app.launch(server_name=host, server_port=port, css=CSS, show_error=True, quiet=True)
-    except OSError as err:
-        raise UserError(f"cannot listen on {host}:{port}: {err}; pick another --port") from err
+        uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         service.close()

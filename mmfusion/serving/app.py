@@ -5,7 +5,11 @@ Token-Shuffle shows temperature, top-k, top-p and guidance, and has no edit tab 
 continuous tokens); a class-conditional model has no caption tab. Requests queue in Gradio with a bound
 (`max_queue`; past it the page says the server is busy) and reach the model through the service's
 worker, which batches them (`mmfusion.serving.batcher`). Bad input shows its message in the page.
+`build_server` mounts the page beside the JSON API (`mmfusion.serving.rest`): what `mmfusion serve` runs.
 """
+
+# Deferred imports: Gradio, FastAPI and the JSON API load when a server is built, so a missing [serve]
+# extra is reported by `require_gradio` in one line rather than by an ImportError
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import functools
 import hashlib
 import io
 import os
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -90,6 +95,33 @@ def build_app(service: Service, max_queue: int = 64, concurrency: int = 8) -> An
     # queue positions sent to waiting pages once a second rather than on every change: under load that
     # is far fewer messages per request (docs/BENCHMARKS.md)
     return app.queue(max_size=max_queue, default_concurrency_limit=concurrency, status_update_rate=1.0)
+
+
+def build_server(service: Service, max_queue: int = 64, concurrency: int = 8) -> Any:
+    """Everything `mmfusion serve` serves, as one FastAPI app: the JSON API under /v1
+    (`mmfusion.serving.rest`, its schema at /v1/docs) and the page at /, on one service and worker."""
+    gr = require_gradio()
+    from fastapi import FastAPI
+
+    from mmfusion.serving.rest import add_routes
+
+    api = FastAPI(
+        title=f"mmfusion: {service.model_name}", docs_url="/v1/docs", redoc_url=None, openapi_url="/v1/openapi.json"
+    )
+    add_routes(api, service)
+    page = build_app(service, max_queue=max_queue, concurrency=concurrency)
+    return gr.mount_gradio_app(api, page, path="/", css=CSS, show_error=True)
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail with one line, before the model loads, when `host:port` cannot be listened on."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's own socket
+            sock.bind(address)
+    except OSError as err:
+        raise UserError(f"cannot listen on {host}:{port}: {err}; pick another --port") from err
 
 
 def _sampler_controls(gr: Any, service: Service) -> dict[str, Any]:

@@ -27,6 +27,9 @@ from mmfusion.errors import UserError
 class Busy(UserError):
     """The server holds as many requests as it may: try again shortly."""
 
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the server is busy: {limit} requests are waiting or running; try again shortly")
+
 
 @dataclass
 class _Job:
@@ -73,7 +76,7 @@ class ModelWorker:
             if self._closed:
                 raise UserError("the server is shutting down")
             if len(self._jobs) + self._running >= self.max_pending:
-                raise Busy(f"the server is busy: {self.max_pending} requests are waiting or running; try again shortly")
+                raise Busy(self.max_pending)
             self._jobs.append(job)
             self._cond.notify()
         return job.future.result()

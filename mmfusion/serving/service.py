@@ -173,24 +173,27 @@ class Service:
     def caption(
         self,
         image: Image.Image | str | Path | None,
-        method: str = "greedy",
-        num_beams: float = 3,
-        top_p: float = 0.9,
-        temperature: float = 1.0,
+        method: str | None = None,
+        num_beams: float | None = None,
+        top_p: float | None = None,
+        temperature: float | None = None,
         seed: float = 0,
     ) -> str:
-        """The caption of one image, of any size or mode (converted as training converts images)."""
+        """The caption of one image, of any size or mode (converted as training converts images). A
+        setting left None is the model's own; those of another method than the one used are ignored."""
         if not self.captions:
             raise UserError("this model is class-conditional: it has no captioning head trained")
         image = self.read_image(image, "an image to caption")
         seed = _whole(seed, 0, MAX_SEED, "seed")
         changes: dict[str, Any] = {"method": method}
-        if method == "beam":
+        method = method or self.pipe.caption_settings().method
+        if method == "beam" and num_beams is not None:
             changes["num_beams"] = _whole(num_beams, 1, 16, "beams")
         if method == "nucleus":
-            _in_range(top_p, 1e-6, 1.0, "top-p")
-            _in_range(temperature, 1e-3, 10.0, "temperature")
-            changes.update(top_p=float(top_p), temperature=float(temperature))
+            for value, lo, hi, name in ((top_p, 1e-6, 1.0, "top_p"), (temperature, 1e-3, 10.0, "temperature")):
+                if value is not None:
+                    _in_range(value, lo, hi, name.replace("_", "-"))
+                    changes[name] = float(value)
         settings = self.pipe.caption_settings(**changes)
 
         def run(batch: list[tuple[Image.Image, int]]) -> list[str]:

@@ -2,6 +2,7 @@
 
 import os
 import socket
+import time
 
 import pytest
 
@@ -24,13 +25,47 @@ def tiny_pipe(trained_tiny):
     return MMFusion.from_pretrained(trained_tiny)
 
 
-def launch(service, max_queue=16, concurrency=4):
-    from mmfusion.serving.app import CSS, build_app
+class Running:
+    """A server on a thread: what `mmfusion serve` runs (the page and the JSON API), stopped by close()."""
 
-    app = build_app(service, max_queue=max_queue, concurrency=concurrency)
-    port = free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, css=CSS, quiet=True)
-    return app, f"http://127.0.0.1:{port}/"
+    def __init__(self, app):
+        import threading
+
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def launch(service, max_queue=16, concurrency=4):
+    from mmfusion.serving.app import build_server
+
+    running = Running(build_server(service, max_queue=max_queue, concurrency=concurrency))
+    return running, f"http://127.0.0.1:{running.port}/"
+
+
+def at_once(service, n, call, **launch_args):
+    """`call(url, i)` for i in range(n), all at once, against a server of its own for `service`, which is
+    closed after: the results in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    running, url = launch(service, **launch_args)
+    try:
+        with ThreadPoolExecutor(n) as pool:
+            return list(pool.map(lambda i: call(url, i), range(n)))
+    finally:
+        running.close()
+        service.close()
 
 
 @pytest.fixture(scope="module")
