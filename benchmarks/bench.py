@@ -1226,23 +1226,28 @@ def bench_serve(quick: bool) -> dict:
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}/"
     out: dict[str, Any] = {"requests": n, "clients": clients, "steps": steps, "threads": torch.get_num_threads()}
-    cases = {"t2i_1": 1, "t2i_4": 4}
+    cases = {"t2i_1": 1, "t2i_4": 4, "caption": 1, "caption_4": 4}  # samples a request
+    page_kinds, json_kinds = ("t2i_1", "t2i_4", "caption"), tuple(cases)  # the page captions one image at a time
+    encoded = [base64.b64encode(p.read_bytes()).decode() for p in paths]
+    size = (pipe.image_cfg.image_size,) * 2
+
+    captions: dict[str, list[str]] = {}  # the API's captions of each kind: what the server must answer
 
     def api(case: str, batch: int | None = None) -> Any:
         """The Python API on the whole list: in its own batches, or in `batch`es (`clients_batch`)."""
         size = {"batch_size": batch} if batch else {}
-        if case == "caption":
-            return lambda: pipe.caption(pils, **size)
         per = cases[case]
+        if case.startswith("caption"):
+            return lambda: captions.__setitem__(case, pipe.caption(pils * per, **size))
         return lambda: pipe.generate(prompts, num_images=per, **sampler, **size)
 
     def clients_batch(case: str) -> int:
         """The largest batch the clients can make: each waits for its answer before it asks again."""
-        return min(SERVE_MAX_BATCH, clients * cases.get(case, 1))
+        return min(SERVE_MAX_BATCH, clients * cases[case])
 
     def served(case: str) -> tuple[float, list]:
         if case.startswith("json_"):
-            path = "v1/caption" if case == "json_caption" else "v1/generate"
+            path = "v1/caption" if case.startswith("json_caption") else "v1/generate"
             return _client_load(url, json_jobs(case[5:]), clients, path)
         if case == "caption":
             uploads = [
@@ -1254,39 +1259,48 @@ def bench_serve(quick: bool) -> dict:
         return _client_load(url, jobs, clients, "text_to_image")
 
     def json_jobs(case: str) -> list[dict]:
-        if case == "caption":  # each request carries its image, base64-encoded
-            return [{"image": base64.b64encode(p.read_bytes()).decode(), "method": "greedy"} for p in paths]
         per = cases[case]
+        if case == "caption":  # each request carries its image, base64-encoded
+            return [{"image": data, "method": "greedy"} for data in encoded]
+        if case.startswith("caption"):  # request k: the images the API captions at k * per .. k * per + per - 1
+            return [{"images": [encoded[(k * per + j) % n] for j in range(per)], "method": "greedy"} for k in range(n)]
         return [{"prompt": p, "num_images": per, "seed": k * per, **sampler} for k, p in enumerate(prompts)]
 
     def whole(case: str, got: list) -> int:
-        if case.endswith("caption"):
-            texts = [r["caption"] if case.startswith("json_") else r[0] for _, r in got]
-            return sum(isinstance(t, str) and bool(t) for t in texts)
-        per = cases[case.removeprefix("json_")]
+        """Requests answered in full: the API's captions (greedy: the same text), or images with the seeds
+        asked for (the page's were each downloaded; the JSON API's must decode to the model's size)."""
+        kind = case.removeprefix("json_")
+        per = cases[kind]
         want = [[k * per + j for j in range(per)] for k in range(n)]
+        if kind.startswith("caption"):
+            texts = [[r[0]] if kind == case else r.get("captions", [r.get("caption")]) for _, r in got]
+            return sum(t == [captions[kind][i % (n * per)] for i in w] for t, w in zip(texts, want))
         if case.startswith("json_"):
-            return sum([item["seed"] for item in r["images"]] == w for (_, r), w in zip(got, want))
+            return sum(
+                [item["seed"] for item in r["images"]] == w
+                and all(_png_size(item["png"]) == size for item in r["images"])
+                for (_, r), w in zip(got, want)
+            )
         return sum([item["caption"] for item in r[0]] == [f"seed {s}" for s in w] for (_, r), w in zip(got, want))
 
-    kinds = (*cases, "caption")
-    for case in kinds:
+    for case in cases:
         api(case)()  # warm-up
     server = _start_server(work / "served", port, clients, work / "server.log")
     try:
         served("t2i_1")  # warm-up
-        for case in (*kinds, *(f"json_{kind}" for kind in kinds)):
+        for case in (*page_kinds, *(f"json_{kind}" for kind in json_kinds)):
             kind = case.removeprefix("json_")
-            api_s, ceiling_s, server_s = [], [], []
+            api_s, ceiling_s, server_s, complete = [], [], [], []
             for _ in range(1 if quick else 3):  # in turn; the median of three
                 api_s.append(timed(api(kind), repeat=1, warmup=0))
                 ceiling_s.append(timed(api(kind, clients_batch(kind)), repeat=1, warmup=0))
                 sec, got = served(case)
                 server_s.append(sec)
-            samples = n * cases.get(kind, 1)
+                complete.append(whole(case, got))
+            samples = n * cases[kind]
             out[case] = {
                 "samples": samples,
-                "complete": whole(case, got),
+                "complete": min(complete),  # in the worst round
                 **_latency(got),
                 "api_per_s": samples / _median(api_s),
                 "server_per_s": samples / _median(server_s),
@@ -1298,6 +1312,16 @@ def bench_serve(quick: bool) -> dict:
         server.terminate()
         server.wait(30)
     return out
+
+
+def _png_size(data: str) -> tuple[int, int]:
+    """The size of a base64 PNG as the JSON API returns images."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(base64.b64decode(data))) as im:
+        return im.size
 
 
 def _uploaded(url: str, jobs: list[list]) -> list[list]:
@@ -1722,6 +1746,7 @@ def _serve_rows(r: dict, f: Any) -> list[str]:
         ("json_t2i_1", "text to image, 1 image a request (JSON API)"),
         ("json_t2i_4", "text to image, 4 images a request (JSON API)"),
         ("json_caption", "caption, 1 image a request (JSON API)"),
+        ("json_caption_4", "caption, 4 images a request (JSON API)"),
     ):
         if case not in r:
             continue

@@ -28,7 +28,8 @@ def serve(
     `--max-queue` more wait; past that the page says the server is busy. Each image is shown with its
     seed, and the page gives the `mmfusion generate` command that draws the same images. Programs can
     skip the page: POST JSON to /v1/generate, /v1/caption or /v1/edit (one request, one answer, images
-    as base64 PNG; the schema is at /v1/docs).
+    as base64 PNG; the schema is at /v1/docs). JSON requests share the model's batches with the page's;
+    up to --max-queue + --concurrency of them are held at once, and one more is answered 503 (busy).
 
     Args:
         host: the address to listen on (127.0.0.1: this machine only; 0.0.0.0: every network interface)

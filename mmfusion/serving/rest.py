@@ -2,7 +2,8 @@
 
     GET  /v1/model      what the model is and which tasks and settings it takes
     POST /v1/generate   {"prompt", "negative_prompt", "num_images", "seed", sampler settings by name}
-    POST /v1/caption    {"image": base64 image file, "method", "num_beams", "top_p", "temperature", "seed"}
+    POST /v1/caption    {"image": base64 image file (or "images": a list), "method", "num_beams", "top_p",
+                         "temperature", "seed"}
     POST /v1/edit       {"image", "mask" (base64; white = redraw), "prompt", ... as /v1/generate}
 
 Images travel base64-encoded (any format PIL reads on the way in; PNG on the way out), each returned
@@ -18,16 +19,15 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import functools
 import io
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from mmfusion.errors import UserError
 from mmfusion.serving.batcher import Busy
-from mmfusion.serving.service import Service
+from mmfusion.serving.service import MAX_IMAGES, Service
 
 
 def encode_png(image: Image.Image) -> str:
@@ -44,13 +44,15 @@ def decode_image(data: str | None, what: str) -> Image.Image:
     if data.startswith("data:"):
         data = data.partition(",")[2]
     try:
-        raw = base64.b64decode(data, validate=True)
+        raw = base64.b64decode("".join(data.split()), validate=True)  # line-wrapped base64 too
     except (binascii.Error, ValueError) as err:
         raise UserError(f"{what} is not base64: send the image file's bytes base64-encoded") from err
     try:
         with Image.open(io.BytesIO(raw)) as im:
             im.load()
             return im.copy()
+    except Image.DecompressionBombError as err:
+        raise UserError(f"{what} is too large: {err}") from err
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise UserError(f"{what} is not an image file that can be read (PNG, JPEG, WebP, ...)") from err
 
@@ -83,7 +85,8 @@ class EditRequest(GenerateRequest):
 
 class CaptionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    image: str
+    image: str | None = None  # one image -> {"caption": ...}
+    images: list[str] | None = Field(None, max_length=MAX_IMAGES)  # -> {"captions": [...]}, image k: seed + k
     method: str | None = None  # None (or left out): the model's own decoding settings
     num_beams: int | None = None
     top_p: float | None = None
@@ -104,20 +107,24 @@ def model_info(service: Service) -> dict[str, Any]:
         "image_size": service.image_size,
         "image_tokens": service.n_tokens,
         "tasks": tasks,
-        "image_settings": dataclasses.asdict(service.pipe.image_settings()),
+        "image_settings": {  # the ones a request can change
+            k: v for k, v in dataclasses.asdict(service.pipe.image_settings()).items() if k in Sampler.model_fields
+        },
     }
 
 
-def add_routes(app: Any, service: Service) -> None:
+ENDPOINTS = {"/v1/model": "GET", "/v1/generate": "POST", "/v1/caption": "POST", "/v1/edit": "POST"}
+
+
+def add_routes(app: Any, service: Service, bound: int | None = None) -> None:
     """The /v1 routes on the FastAPI `app`, and the handlers that turn errors into {"error": ...}.
 
-    Each request is handled on a thread of its own, at most as many at once as the worker may hold
-    (`max_pending`); one more is answered 503 at once, as the worker itself would answer it."""
+    Each request is handled on a thread of its own, at most `bound` at once (default: as many as the
+    worker may hold, `max_pending`); one more is answered 503 at once rather than left waiting for a
+    thread."""
     import anyio
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
 
-    bound = service.worker.max_pending
+    bound = bound or service.worker.max_pending
     limiter, held = anyio.CapacityLimiter(bound), [0]
 
     async def on_thread(fn: Any, req: Any) -> dict:
@@ -126,7 +133,7 @@ def add_routes(app: Any, service: Service) -> None:
             raise Busy(bound)
         held[0] += 1
         try:
-            return await anyio.to_thread.run_sync(fn, req, limiter=limiter)
+            return await anyio.to_thread.run_sync(fn, service, req, limiter=limiter)
         finally:
             held[0] -= 1
 
@@ -136,28 +143,65 @@ def add_routes(app: Any, service: Service) -> None:
 
     @app.post("/v1/generate")
     async def generate(req: GenerateRequest) -> dict:
-        return await on_thread(functools.partial(_generate, service), req)
+        return await on_thread(_generate, req)
 
     @app.post("/v1/caption")
     async def caption(req: CaptionRequest) -> dict:
-        return await on_thread(functools.partial(_caption, service), req)
+        return await on_thread(_caption, req)
 
     @app.post("/v1/edit")
     async def edit(req: EditRequest) -> dict:
-        return await on_thread(functools.partial(_edit, service), req)
+        return await on_thread(_edit, req)
+
+    @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    def elsewhere(path: str) -> None:  # else the page, mounted at /, would answer
+        endpoint = f"/v1/{path.rstrip('/')}"
+        if endpoint in ENDPOINTS:
+            raise _Refused(405, f"{endpoint} takes {ENDPOINTS[endpoint]}")
+        known = ", ".join(f"{method} {e}" for e, method in ENDPOINTS.items())
+        raise _Refused(404, f"no endpoint /v1/{path}; the endpoints: {known}")
+
+    _error_handlers(app)
+
+
+class _Refused(UserError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _error_handlers(app: Any) -> None:
+    """Every error of a /v1 request answered as {"error": one line}: 400 for a bad input, 422 for a
+    body that does not parse, 503 (with Retry-After) when the server is full, 500 for a failure."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    def answer(status: int, message: str, **headers: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers or None)
 
     @app.exception_handler(Busy)
     def busy(_request: Any, err: Busy) -> JSONResponse:
-        return JSONResponse({"error": str(err)}, status_code=503, headers={"Retry-After": "1"})
+        return answer(503, str(err), **{"Retry-After": "1"})
 
     @app.exception_handler(UserError)
     def bad_input(_request: Any, err: UserError) -> JSONResponse:
-        return JSONResponse({"error": str(err)}, status_code=400)
+        return answer(getattr(err, "status", 400), str(err))
 
     @app.exception_handler(RequestValidationError)
     def bad_request(_request: Any, err: RequestValidationError) -> JSONResponse:
-        parts = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in err.errors()]
-        return JSONResponse({"error": "; ".join(parts)}, status_code=422)
+        return answer(422, "; ".join(_problem(e) for e in err.errors()))
+
+    @app.exception_handler(Exception)
+    def failed(_request: Any, err: Exception) -> JSONResponse:
+        return answer(500, f"the server failed on this request: {type(err).__name__}: {err}")
+
+
+def _problem(error: dict[str, Any]) -> str:
+    """One of pydantic's validation errors as `field: what is wrong`."""
+    if error.get("type") == "json_invalid":
+        return f"the body is not JSON: {error.get('ctx', {}).get('error', error['msg'])}"
+    where = ".".join(str(p) for p in error["loc"] if p != "body") or "the request body"
+    return f"{where}: {error['msg']}"
 
 
 def _options(req: Sampler) -> dict[str, Any]:
@@ -171,8 +215,15 @@ def _generate(service: Service, req: GenerateRequest) -> dict:
 
 
 def _caption(service: Service, req: CaptionRequest) -> dict:
-    image = decode_image(req.image, "image")
-    return {"caption": service.caption(image, req.method, req.num_beams, req.top_p, req.temperature, req.seed)}
+    if req.image is None and req.images is None:
+        raise UserError('send "image" (one base64 image file) or "images" (a list of them)')
+    if req.image is not None and req.images is not None:
+        raise UserError('send "image" or "images", not both')
+    many = req.images is not None
+    sent = req.images if many else [req.image]
+    images = [decode_image(data, f"images[{k}]" if many else "image") for k, data in enumerate(sent)]
+    texts = service.captions_of(images, req.method, req.num_beams, req.top_p, req.temperature, req.seed)
+    return {"captions": texts} if many else {"caption": texts[0]}
 
 
 def _edit(service: Service, req: EditRequest) -> dict:

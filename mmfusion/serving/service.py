@@ -181,10 +181,35 @@ class Service:
     ) -> str:
         """The caption of one image, of any size or mode (converted as training converts images). A
         setting left None is the model's own; those of another method than the one used are ignored."""
+        return self.captions_of([image], method, num_beams, top_p, temperature, seed)[0]
+
+    def captions_of(
+        self,
+        images: list[Image.Image | str | Path | None],
+        method: str | None = None,
+        num_beams: float | None = None,
+        top_p: float | None = None,
+        temperature: float | None = None,
+        seed: float = 0,
+    ) -> list[str]:
+        """`caption` for up to MAX_IMAGES images in one request, image k decoded with seed `seed + k`."""
         if not self.captions:
             raise UserError("this model is class-conditional: it has no captioning head trained")
-        image = self.read_image(image, "an image to caption")
-        seed = _whole(seed, 0, MAX_SEED, "seed")
+        if not 1 <= len(images) <= MAX_IMAGES:
+            raise UserError(f"send 1 to {MAX_IMAGES} images to caption in a request, got {len(images)}")
+        images = [self.read_image(image, "an image to caption") for image in images]
+        seed = _whole(seed, 0, MAX_SEED - MAX_IMAGES, "seed")
+        settings = self._caption_settings(method, num_beams, top_p, temperature)
+
+        def run(batch: list[tuple[Image.Image, int]]) -> list[str]:
+            images, seeds = (list(c) for c in zip(*batch))
+            return self.pipe.caption(images, seeds=seeds, settings=settings, batch_size=self.max_batch)
+
+        return self.worker.submit(("caption", settings), [(im, seed + k) for k, im in enumerate(images)], run)
+
+    def _caption_settings(
+        self, method: str | None, num_beams: float | None, top_p: float | None, temperature: float | None
+    ) -> Any:
         changes: dict[str, Any] = {"method": method}
         method = method or self.pipe.caption_settings().method
         if method == "beam" and num_beams is not None:
@@ -194,13 +219,7 @@ class Service:
                 if value is not None:
                     _in_range(value, lo, hi, name.replace("_", "-"))
                     changes[name] = float(value)
-        settings = self.pipe.caption_settings(**changes)
-
-        def run(batch: list[tuple[Image.Image, int]]) -> list[str]:
-            images, seeds = (list(c) for c in zip(*batch))
-            return self.pipe.caption(images, seeds=seeds, settings=settings, batch_size=self.max_batch)
-
-        return self.worker.submit(("caption", settings), [(image, seed)], run)[0]
+        return self.pipe.caption_settings(**changes)
 
     @staticmethod
     def read_image(image: Any, what: str) -> Image.Image:

@@ -45,6 +45,7 @@ class Running:
     def close(self):
         self.server.should_exit = True
         self.thread.join(timeout=30)
+        assert not self.thread.is_alive(), "the server did not stop"
 
 
 def launch(service, max_queue=16, concurrency=4):

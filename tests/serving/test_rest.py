@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 from mmfusion.image_io import to_rgb
-from tests.serving.conftest import at_once
 
 OPTIONS = {"ar_steps": 2, "order": "raster", "sampler": "ddpm", "steps": 4, "cfg_scale": 2.0, "temperature": 0.5}
 
@@ -59,6 +58,16 @@ def test_caption_of_any_mode_and_size_equals_the_api(http, tiny_pipe):
     assert http.post("v1/caption", json={"image": data_url}).json() == {"caption": tiny_pipe.caption(to_rgb(image))[0]}
 
 
+def test_a_list_of_images_is_captioned_as_the_api_captions_it_with_seeds_in_turn(http, tiny_pipe):
+    images = [tiny_pipe.generate(p, seed=1)[0] for p in ("a red circle", "a blue square", "a green triangle")]
+    r = http.post("v1/caption", json={"images": [b64(im) for im in images], "method": "nucleus", "seed": 5})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"captions": tiny_pipe.caption(images, seed=5, method="nucleus")}
+    one = http.post("v1/caption", json={"image": b64(images[2]), "method": "nucleus", "seed": 7}).json()
+    assert one == {"caption": r.json()["captions"][2]}  # image k of a list is drawn with seed + k
+    assert tiny_pipe.caption(images, seed=6, method="nucleus") != r.json()["captions"]  # the seed matters
+
+
 def test_edit_returns_the_input_as_seen_and_the_apis_edits(http, tiny_pipe):
     src = tiny_pipe.generate("a red circle", seed=0)[0]
     mask = Image.new("L", (32, 32), 0)
@@ -77,6 +86,7 @@ def test_model_info_names_the_tasks_and_the_samplers_settings(http, tiny_pipe):
     info = http.get("v1/model").json()
     assert info["kind"] == "causalfusion" and info["tasks"] == ["generate", "caption", "edit"]
     assert info["image_size"] == 32 and info["image_settings"]["steps"] == tiny_pipe.image_settings().steps
+    assert set(info["image_settings"]) == {"ar_steps", "order", "sampler", "steps", "cfg_scale", "temperature"}
     assert http.get("v1/docs").status_code == 200 and "/v1/generate" in http.get("v1/openapi.json").json()["paths"]
 
 
@@ -90,7 +100,11 @@ def test_model_info_names_the_tasks_and_the_samplers_settings(http, tiny_pipe):
         ("v1/generate", {"prompt": "a red circle", "steps": "many"}, 422, "steps: Input should be a valid integer"),
         ("v1/caption", {"image": "not base64!"}, 400, "image is not base64"),
         ("v1/caption", {"image": base64.b64encode(b"\x89PNG but not").decode()}, 400, "not an image file"),
-        ("v1/caption", {}, 422, "image: Field required"),
+        ("v1/caption", {}, 400, 'send "image" (one base64 image file) or "images"'),
+        ("v1/caption", {"images": []}, 400, "send 1 to 16 images"),
+        ("v1/caption", {"images": ["", "x"]}, 400, "send images[0]"),
+        ("v1/caption", {"images": ["x"] * 17}, 422, "images: List should have at most 16 items"),
+        ("v1/caption", {"image": "x", "images": ["x"]}, 400, 'send "image" or "images", not both'),
         ("v1/edit", {"image": "", "mask": "", "prompt": "a red circle"}, 400, "send image"),
     ],
 )
@@ -101,6 +115,23 @@ def test_bad_input_is_one_line_and_the_server_goes_on(http, path, body, status, 
     assert http.post("v1/generate", json={"prompt": "a red circle", "steps": 2}).status_code == 200
 
 
+def test_what_is_no_request_of_the_api_is_answered_in_its_style(http):
+    r = http.post("v1/generate", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"].startswith("the body is not JSON")
+    r = http.get("v1/generate")
+    assert r.status_code == 405 and r.json() == {"error": "/v1/generate takes POST"}
+    r = http.post("v1/genrate", json={"prompt": "a red circle"})
+    assert r.status_code == 404 and "no endpoint /v1/genrate; the endpoints: GET /v1/model" in r.json()["error"]
+    assert http.get("").status_code == 200  # the page is still at /
+
+
+def test_line_wrapped_base64_as_the_base64_command_writes_it_is_read(http, tiny_pipe):
+    image = tiny_pipe.generate("a red circle", seed=3)[0]
+    plain = b64(image)
+    wrapped = "\n".join(plain[i : i + 76] for i in range(0, len(plain), 76)) + "\n"
+    assert http.post("v1/caption", json={"image": wrapped}).json() == {"caption": tiny_pipe.caption(image)[0]}
+
+
 def test_a_mask_of_another_size_is_refused(http):
     image, mask = Image.new("RGB", (32, 32)), Image.new("L", (16, 16), 255)
     r = http.post("v1/edit", json={"image": b64(image), "mask": b64(mask), "prompt": "a red circle"})
@@ -108,24 +139,39 @@ def test_a_mask_of_another_size_is_refused(http):
 
 
 def test_past_the_bound_requests_are_answered_busy_at_once(trained_tiny, tiny_pipe):
-    """Two requests may be held (one running, one waiting); of six sent at once the others get 503 with
-    Retry-After well under a second, and every accepted one completes."""
-    from mmfusion.serving.service import Service
+    """The API's own bound, below the worker's: two requests may be held (one running, one waiting); of
+    six sent at once the others get 503 with Retry-After well under a second, and every accepted one
+    completes. (Without the API's bound all six would wait for a thread and complete.)"""
+    from concurrent.futures import ThreadPoolExecutor
 
-    service = Service(tiny_pipe, str(trained_tiny), max_pending=2)
+    from fastapi import FastAPI
+
+    from mmfusion.serving.rest import add_routes
+    from mmfusion.serving.service import Service
+    from tests.serving.conftest import Running
+
+    service = Service(tiny_pipe, str(trained_tiny), max_pending=64)
+    app = FastAPI()
+    add_routes(app, service, bound=2)
+    running = Running(app)
     slow = {"prompt": "a red circle", "num_images": 8, **OPTIONS, "ar_steps": 16, "steps": 40}
 
-    def call(url, i):
+    def call(i):
         start = time.monotonic()
-        r = httpx.post(f"{url}v1/generate", json={**slow, "seed": i}, timeout=120)
+        r = httpx.post(f"http://127.0.0.1:{running.port}/v1/generate", json={**slow, "seed": i}, timeout=120)
         return r.status_code, r.headers.get("retry-after"), r.json(), time.monotonic() - start
 
-    results = at_once(service, 6, call)
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(call, range(6)))
+    finally:
+        running.close()
+        service.close()
     done = [r for r in results if r[0] == 200]
     busy = [r for r in results if r[0] == 503]
     assert 1 <= len(done) <= 2 and len(done) + len(busy) == 6, [r[:2] for r in results]
     assert all(len(r[2]["images"]) == 8 for r in done)
-    assert all(r[1] == "1" and "the server is busy" in r[2]["error"] and r[3] < 2.0 for r in busy), results
+    assert all(r[1] == "1" and "the server is busy: 2 requests" in r[2]["error"] and r[3] < 2.0 for r in busy)
 
 
 def test_the_load_benchmark_json_client_gets_whole_answers(served, tiny_pipe):
