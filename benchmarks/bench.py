@@ -1324,6 +1324,74 @@ def _png_size(data: str) -> tuple[int, int]:
         return im.size
 
 
+def bench_compiled(quick: bool, model: Path | None = None) -> dict:
+    """`pipe.compile()` against the eager pipeline on the same weights, called in turn in one process
+    (`in_turn`): images at S = 1 (50 DDPM steps, CFG 3) and greedy captions of 16 tokens, at batches of
+    one and more. Reports the seconds a call of each, their ratio, the seconds of compiling every kind
+    first, and whether the two give the same captions and images (to a level of rounding). `model`: the
+    weights (default: `serve_model_folder`, the demo's architecture)."""
+    import dataclasses
+    import tempfile
+
+    import numpy as np
+
+    from mmfusion.data.shapes import render_example
+    from mmfusion.evaluation.shapes import benchmark_prompts
+    from mmfusion.generation.settings import CaptionSampling
+    from mmfusion.model.transformer import can_compile
+    from mmfusion.pipeline import MMFusion
+
+    if not can_compile("cpu"):
+        return {"skipped": "no C++ compiler"}
+    folder = model or serve_model_folder(Path(tempfile.mkdtemp(prefix="mmfusion-bench-compiled-")) / "run")
+    fixed = CaptionSampling(method="greedy", max_new_tokens=16, min_new_tokens=16)
+    eager, compiled = (MMFusion.from_pretrained(folder) for _ in range(2))
+    for pipe in (eager, compiled):
+        pipe.sampling = dataclasses.replace(pipe.sampling, caption=fixed)
+    start = time.perf_counter()
+    compiled.compile()
+    steps = 5 if quick else 50
+    prompts = benchmark_prompts(4, 4, seed=0)
+    images = [render_example(0, "test", i, eager.image_cfg.image_size)["image"] for i in range(32)]
+    sampler = dict(ar_steps=1, order="random", sampler="ddpm", steps=steps, cfg_scale=3.0)
+    work = {f"images_{b}": (lambda p, b=b: p.generate(prompts[:b], batch_size=b, **sampler)) for b in (1, 8)}
+    work |= {f"captions_{b}": (lambda p, b=b: p.caption(images[:b], batch_size=b)) for b in (1, 8, 32)}
+    for fn in work.values():  # every kind compiled before any is timed
+        fn(compiled)
+    out: dict[str, Any] = {"compile_s": time.perf_counter() - start, "steps": steps}
+    for name, fn in work.items():
+        t = in_turn({"eager": lambda fn=fn: fn(eager), "compiled": lambda fn=fn: fn(compiled)}, 2 if quick else 5)
+        out[name] = {**t, "speedup": t["eager"] / t["compiled"]}
+    a, b = eager.generate(prompts, seed=3, **sampler), compiled.generate(prompts, seed=3, **sampler)
+    out["max_pixel_diff"] = int(
+        max(np.abs(np.asarray(x, dtype=int) - np.asarray(y, dtype=int)).max() for x, y in zip(a, b))
+    )
+    out["same_captions"] = eager.caption(images) == compiled.caption(images)
+    return out
+
+
+def _compiled_rows(r: dict, f: Any) -> list[str]:
+    if "skipped" in r:
+        return [f"`pipe.compile()` against eager: skipped ({r['skipped']})", ""]
+    lines = [
+        f"| `pipe.compile()` against eager, in turn (images: S = 1, {r.get('steps')} DDPM steps, CFG 3; captions: "
+        "16 tokens, greedy) | eager s | compiled s | speed-up |",
+        "|---|---|---|---|",
+    ]
+    for key, name in (("images", "images"), ("captions", "captions")):
+        for batch in (1, 8, 32):
+            t = r.get(f"{key}_{batch}")
+            if t:
+                lines.append(
+                    f"| {name}, batch {batch} | {f(t['eager'])} | {f(t['compiled'])} | {f(t['speedup'], '.2f')}x |"
+                )
+    lines.append(
+        f"\nCompiling every kind first: {f(r.get('compile_s'), '.0f')} s. The same captions: "
+        f"{r.get('same_captions')}; images at most {r.get('max_pixel_diff')} level(s) apart."
+    )
+    return [*lines, ""]
+
+
 def _uploaded(url: str, jobs: list[list]) -> list[list]:
     """`jobs` with each image file uploaded to the server first (as the page uploads a dropped file)."""
     import httpx
@@ -1353,6 +1421,7 @@ BENCHES = {
     "peers_decode": bench_peers_decode,
     "peers_sampling": bench_peers_sampling,
     "serve": bench_serve,
+    "compiled": bench_compiled,
 }
 
 
@@ -1774,6 +1843,7 @@ TABLES = {  # the tables after matmul and training, in their order on the page
     "peers_decode": _peers_decode_rows,
     "peers_sampling": _peers_sampling_rows,
     "serve": _serve_rows,
+    "compiled": _compiled_rows,
 }
 
 

@@ -27,3 +27,21 @@ def fusion_sample(
     if caption is not None:
         b.text(caption[:1]).text(caption[1:], loss=True)
     return b.tensors()
+
+
+def cache_growth(monkeypatch) -> list[int]:  # noqa: ANN001
+    """A list that `KVCache.attend` appends a layer to whenever it has to allocate (no buffer yet, too
+    small, or of other rows): what a compiled backbone must never trace. `reserve` makes it stay empty."""
+    from mmfusion.model.cache import KVCache
+
+    grown: list[int] = []
+    original = KVCache.attend
+
+    def attend(self, layer, k, v):  # noqa: ANN001, ANN202
+        buf = self.keys[layer]
+        if buf is None or buf.shape[2] < self.length + k.shape[2] or buf.shape[0] != k.shape[0]:
+            grown.append(layer)
+        return original(self, layer, k, v)
+
+    monkeypatch.setattr(KVCache, "attend", attend)
+    return grown

@@ -387,3 +387,19 @@ def test_finetune_item_times_full_and_both_lora_forms_in_turn():
     assert math.isclose(out["lora_speedup"], peft["step_s"] / ours["step_s"])
     table = bench.render_markdown({"date": "d", "machine": {"cores": 2, "cpu": "c", "torch": "t"}, "finetune": out})
     assert "the fine-tuning step" in table and "in weight space" in table and "n/a" not in table
+
+
+def test_compiled_item_times_both_pipelines_in_turn_and_checks_they_agree(trained_tiny):
+    """The `compiled` item on a tiny model: every kind timed on both sides, the ratio of the two, the
+    same captions and images within a level, and a table that shows them."""
+    from mmfusion.model.transformer import can_compile
+
+    if not can_compile():
+        pytest.skip("no C++ compiler for inductor")
+    out = bench.bench_compiled(True, model=trained_tiny)
+    for kind in ("images_1", "images_8", "captions_1", "captions_8", "captions_32"):
+        t = out[kind]
+        assert t["eager"] > 0 and t["compiled"] > 0 and math.isclose(t["speedup"], t["eager"] / t["compiled"])
+    assert out["same_captions"] and out["max_pixel_diff"] <= 1 and out["compile_s"] > 0
+    table = bench.render_markdown({"date": "d", "machine": {"cores": 2, "cpu": "c", "torch": "t"}, "compiled": out})
+    assert "`pipe.compile()` against eager" in table and "| captions, batch 32 |" in table and "n/a" not in table

@@ -11,6 +11,7 @@ from PIL import Image
 from mmfusion.errors import UserError
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.pipeline import MMFusion
+from tests.helpers import cache_growth
 
 
 def test_model_folder_round_trip(trained_tiny, tmp_path):
@@ -436,3 +437,43 @@ def test_cli_generate_lookahead_draws_what_the_api_draws(trained_tiny, tmp_path)
     kwargs = dict(seed=3, ar_steps=4, steps=3, temperature=0.5)
     assert np.array_equal(written, np.asarray(pipe.generate(["a red circle"], lookahead=4, **kwargs)[0]))
     assert not np.array_equal(written, np.asarray(pipe.generate(["a red circle"], lookahead=0, **kwargs)[0]))
+
+
+def test_no_sampler_grows_the_cache_inside_the_backbone(trained_tiny, monkeypatch):
+    """Room for a pass's keys is made before the pass (`KVCache.reserve`), so `attend`, which a compiled
+    backbone traces, never allocates: generation by several AR steps with guidance over part of the
+    steps (passes over the conditional rows alone), editing, and greedy, beam and nucleus captions."""
+    grown = cache_growth(monkeypatch)
+    pipe = MMFusion.from_pretrained(trained_tiny)
+    images = pipe.generate(["a red circle", "a blue square"], ar_steps=4, steps=6, cfg_interval=(0.3, 0.7))
+    mask = Image.new("L", images[0].size)
+    mask.paste(255, (0, 0, images[0].width // 2, images[0].height))
+    pipe.edit(images[0], mask, "a green triangle", num_images=2, steps=4)
+    for method in ("greedy", "beam", "nucleus"):
+        pipe.caption(images, method=method)
+    assert grown == []
+
+
+def test_a_compiled_pipeline_samples_and_captions_as_the_eager_one(trained_tiny):
+    """`pipe.compile()`: the same images (to a level of rounding) and captions (greedy and beam) as the
+    eager model, at batches of 1, 3 and 8, by one AR step and by several, without reaching dynamo's
+    recompile limit (past it a call would run eager)."""
+    import torch._dynamo.utils
+
+    from mmfusion.model.transformer import INFERENCE_RECOMPILE_LIMIT, can_compile
+
+    if not can_compile():
+        pytest.skip("no C++ compiler for inductor")
+    eager, compiled = MMFusion.from_pretrained(trained_tiny), MMFusion.from_pretrained(trained_tiny).compile()
+    assert compiled.model.backbone._compiled_call_impl is not None and eager.model.backbone._compiled_call_impl is None
+    prompts = ["a red circle", "a blue square above a green triangle", "a yellow circle"] * 3
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for n, changes in ((1, {}), (3, {}), (8, {}), (3, {"ar_steps": 4, "order": "raster", "steps": 6})):
+        want = eager.generate(prompts[:n], seed=5, **changes)
+        got = compiled.generate(prompts[:n], seed=5, **changes)
+        diff = max(np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() for a, b in zip(want, got))
+        assert diff <= 1, (n, changes, diff)
+        for method in ("greedy", "beam"):
+            assert compiled.caption(want, method=method) == eager.caption(want, method=method)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
+    assert graphs <= 16 < INFERENCE_RECOMPILE_LIMIT, graphs  # a few per kind of pass, not one per size

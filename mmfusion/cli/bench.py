@@ -18,7 +18,8 @@ def bench(*, quick: bool = False, only: list[str] | None = None, doc: bool = Tru
     peft's form and in weight space, in turn), sampling and captioning with
     and without the KV cache, Token-Shuffle s = 1, 2, 4, FlexAttention vs SDPA, and mmfusion against
     its peers on the same work (transformers' LLaMA training step and `generate`, the diffusers
-    scheduler loop), and `mmfusion serve` under load against the Python API. Writes docs/benchmarks.json
+    scheduler loop), `mmfusion serve` under load against the Python API, and the compiled pipeline
+    against the eager one. Writes docs/benchmarks.json
     and the tables of docs/BENCHMARKS.md in the repository. The benchmarks live in the repository
     (benchmarks/bench.py), not in the installed package: run this from a checkout.
 
@@ -28,7 +29,7 @@ def bench(*, quick: bool = False, only: list[str] | None = None, doc: bool = Tru
         only: run only this benchmark (repeat; the others' results are kept from the last run on this
             machine, torch and mode; where none carry over, only the items run get tables): matmul,
             train_tiny, train_small, train_width, pipeline, finetune, sampling, sampling_batch, sampling_paper_tokens,
-            caption, token_shuffle, attention, peers_train, peers_decode, peers_sampling, serve
+            caption, token_shuffle, attention, peers_train, peers_decode, peers_sampling, serve, compiled
         doc: update the tables of docs/BENCHMARKS.md (--no-doc: write the JSON only)
     """
     argv = (["--quick"] if quick else []) + (["--only", *only] if only else []) + ([] if doc else ["--no-doc"])

@@ -19,6 +19,7 @@ def serve(
     dtype: Literal["float32", "bfloat16"] = "float32",
     device: str = "auto",
     revision: str | None = None,
+    compile: bool = False,
 ) -> None:
     """Serve a web demo of the model: text to image, captions and editing, one tab each (Gradio; install
     it with pip install -e ".[serve]"). Open http://HOST:PORT in a browser; Ctrl-C stops the server.
@@ -37,10 +38,24 @@ def serve(
         max_queue: requests that may wait for a turn; one more is refused with a busy message
         concurrency: requests handled at once (their samples are batched together)
         max_batch: samples per model call
+        compile: torch.compile the model before serving: more images and captions a second, after a
+            compile at start (shorter once inductor's cache on disk holds it; docs/BENCHMARKS.md); needs
+            g++ on CPU
     """
     from mmfusion.cli.infer import _load
+
+    _check(host, port, max_queue, concurrency, max_batch)
+    pipe = _load(model, adapter, dtype, device, revision)
+    if compile:
+        print("compiling the model before serving (later starts read inductor's cache) ...")
+        pipe.compile(warm_up=True)
+    _run(pipe, model, host, port, max_queue, concurrency, max_batch)
+
+
+def _check(host: str, port: int, max_queue: int, concurrency: int, max_batch: int) -> None:
+    """The options, the [serve] extra and the port, checked before the model loads."""
     from mmfusion.errors import require
-    from mmfusion.serving.app import build_server, check_port, require_gradio
+    from mmfusion.serving.app import check_port, require_gradio
 
     require(
         [
@@ -51,13 +66,17 @@ def serve(
             ),
         ]
     )
-    require_gradio()  # before the model loads: a missing extra is said at once
+    require_gradio()  # a missing extra is said at once
     check_port(host, port)
+
+
+def _run(pipe: object, model: str, host: str, port: int, max_queue: int, concurrency: int, max_batch: int) -> None:
     import uvicorn
 
+    from mmfusion.serving.app import build_server
     from mmfusion.serving.service import Service
 
-    service = Service(_load(model, adapter, dtype, device, revision), model, max_batch, max_queue + concurrency)
+    service = Service(pipe, model, max_batch, max_queue + concurrency)
     app = build_server(service, max_queue=max_queue, concurrency=concurrency)
     url = f"http://{host}:{port}"
     print(f"serving {model} at {url} (the page), {url}/v1 (the JSON API; its schema: {url}/v1/docs); Ctrl-C stops")

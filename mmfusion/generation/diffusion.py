@@ -241,6 +241,7 @@ class _State:
         # slots get image embeddings too; they see only themselves and nobody reads them)
         t = torch.tensor([t], device=values.device)
         emb = self.model.image_embedding(values, p.template.image_pos, t)  # in the model's dtype
+        p.cache.reserve(emb, emb.shape[1])
         hidden = self.model.backbone(emb, p.template.position_ids, p.mask, p.cache, rope=p.rope)
         # the sampler's own state stays on the CPU (seeded there, whatever the model's device)
         return self.model.image_output(hidden)[:, : x.shape[1]].float().to(x.device)

@@ -18,7 +18,8 @@ class KVCache:
     text decoded so far).
     """
 
-    def __init__(self, n_layers: int) -> None:
+    def __init__(self, n_layers: int, kv_heads: int = 0, head_dim: int = 0) -> None:
+        self.kv_heads, self.head_dim = kv_heads, head_dim  # the buffers' shape, for `reserve`
         self.keys: list[torch.Tensor | None] = [None] * n_layers
         self.values: list[torch.Tensor | None] = [None] * n_layers
         self.valid: torch.Tensor | None = None
@@ -43,6 +44,21 @@ class KVCache:
         buf_v[:, :, self.length : end] = v
         return buf_k[:, :, :end], buf_v[:, :, :end]
 
+    def reserve(self, like: torch.Tensor, n: int) -> None:
+        """Make room for `n` more tokens in every layer before a pass (rows, dtype and device as `like`),
+        so that `attend` inside the pass never allocates: a compiled pass then has no branch on the
+        cache's size. A cache made without its buffers' shape (`kv_heads`) leaves it to `attend`."""
+        end, rows = self.length + n, like.shape[0]
+        for layer, buf_k in enumerate(self.keys if self.kv_heads else ()):
+            if buf_k is None or buf_k.shape[2] < end or buf_k.shape[0] != rows or buf_k.dtype != like.dtype:
+                capacity = max(end, 2 * (buf_k.shape[2] if buf_k is not None else 0), 16)
+                shape = (rows, self.kv_heads, capacity, self.head_dim)
+                new_k, new_v = like.new_empty(shape), like.new_empty(shape)
+                if buf_k is not None and self.length:
+                    new_k[:, :, : self.length] = buf_k[:, :, : self.length]
+                    new_v[:, :, : self.length] = self.values[layer][:, :, : self.length]
+                self.keys[layer], self.values[layer] = new_k, new_v
+
     def commit(self, valid: torch.Tensor) -> None:
         """Keep the tokens of the last pass (`valid` (B, n): which of them later tokens may read)."""
         self.length += valid.shape[1]
@@ -50,7 +66,7 @@ class KVCache:
 
     def rows(self, n: int) -> KVCache:
         """A view of the first `n` batch rows (the conditional stream), for passes that do not store."""
-        view = KVCache(len(self.keys))
+        view = KVCache(len(self.keys), self.kv_heads, self.head_dim)
         view.keys = [None if k is None else k[:n] for k in self.keys]
         view.values = [None if v is None else v[:n] for v in self.values]
         view.valid = None if self.valid is None else self.valid[:n]

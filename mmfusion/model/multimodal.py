@@ -153,7 +153,15 @@ class MMFusionModel(nn.Module):
         # as inputs, where inductor had recomputed their cosines from the positions in each layer's
         # kernels, forward and backward.
         rope = self.backbone.rotary(positions, x.dtype)
-        return self.backbone(x, positions, mask, cache, store, valid=batch.valid(), rope=rope)
+        if cache is None:
+            return self.backbone(x, positions, mask, rope=rope)
+        # room made and keys kept out here, not in the backbone: a compiled backbone then has no guard on
+        # the cache's size or on whether it holds anything yet (docs/how-it-works.md)
+        cache.reserve(x, x.shape[1])
+        hidden = self.backbone(x, positions, mask, cache, rope=rope)
+        if store:
+            cache.commit(batch.valid())
+        return hidden
 
     def rotary_positions(self, batch: TokenBatch) -> torch.Tensor:
         """(B, L) sequence positions, or (B, L, 3) with image rows / columns under `image_rope`."""
@@ -239,7 +247,7 @@ class MMFusionModel(nn.Module):
         return self
 
     def new_cache(self) -> KVCache:
-        return KVCache(self.cfg.n_layers)
+        return KVCache(self.cfg.n_layers, self.cfg.kv_heads, self.cfg.head_dim)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import shutil
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -129,3 +132,37 @@ class Transformer(nn.Module):
             return attn_mask
         past = cache.valid[:, None, :].expand(-1, attn_mask.shape[1], -1)
         return torch.cat([past, attn_mask], dim=-1)
+
+
+def can_compile(device: torch.device | str | None = None) -> bool:
+    """Whether torch.compile's inductor can build kernels for `device` (default: a GPU if there is one):
+    on a GPU, or on CPU with a C++ compiler."""
+    on_gpu = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    return on_gpu or any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+# the graphs a sampling process compiles: a pass that stores or not, one row or several, one new token
+# or several, for images and captions; dynamo's default limit of 8 per function would send later calls
+# of new sizes back to eager
+INFERENCE_RECOMPILE_LIMIT = 64
+
+
+def compile_for_inference(model: nn.Module) -> bool:
+    """torch.compile the transformer of `model` in place for sampling and captioning (shapes dynamic:
+    batch, sequence and cache length), with room for the graphs that inference needs. False, with a
+    message, where inductor cannot build kernels for the model's device."""
+    if not can_compile(next(model.parameters()).device):
+        print("compile: no C++ compiler found (install g++), sampling uncompiled")
+        return False
+    limit = {}
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:  # this model's own limit
+        limit["recompile_limit"] = INFERENCE_RECOMPILE_LIMIT
+    else:  # older torch: the process's
+        from torch._dynamo import config  # loaded only by those who compile
+
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), INFERENCE_RECOMPILE_LIMIT))
+    for module in model.modules():
+        if isinstance(module, Transformer):
+            module.compile(dynamic=True, **limit)
+    return True

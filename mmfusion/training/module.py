@@ -17,7 +17,7 @@ from mmfusion.errors import UserError
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.model.sequence import TokenBatch
-from mmfusion.model.transformer import Block, Transformer
+from mmfusion.model.transformer import Block, Transformer, can_compile
 from mmfusion.tokenizers.build import build_image_tokenizer
 from mmfusion.tokenizers.text import TextTokenizer
 from mmfusion.training.objective import JointObjective
@@ -324,9 +324,7 @@ def compile_blocks(model: nn.Module, per_block: bool = False) -> bool:
     Shapes are dynamic: the sequence
     length changes from batch to batch. Returns False, with a message, where inductor has no C++
     compiler to use on CPU."""
-    import shutil
-
-    if not torch.cuda.is_available() and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+    if not can_compile():
         print("train.compile: no C++ compiler found (install g++), training uncompiled")
         return False
     kind = Block if per_block else Transformer

@@ -17,6 +17,7 @@ from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.model.sequence import row_index, select_rows
 from mmfusion.model.token_shuffle import fuse_grid, unfuse_grid
 from mmfusion.training.objective import JointObjective
+from tests.helpers import cache_growth
 
 
 @pytest.mark.parametrize("s", [1, 2, 4])
@@ -257,3 +258,14 @@ def test_sampler_logits_equal_the_training_forward_with_and_without_cache(bits, 
         got = torch.stack(drawn, 1)  # (2, 16, 4, K)
         for r in range(2):
             torch.testing.assert_close(got[r], want[r], atol=1e-5, rtol=1e-5)
+
+
+def test_token_shuffle_sampling_never_grows_the_cache_inside_the_backbone(monkeypatch):
+    """As for the other samplers (tests/test_pipeline.py): room is made before each pass, so `attend`,
+    which a compiled backbone traces, never allocates."""
+    grown = cache_growth(monkeypatch)
+    torch.manual_seed(0)
+    model = MMFusionModel(_cfg(s=2, window="autoregressive")).eval()
+    gens = [torch.Generator().manual_seed(x) for x in (0, 1)]
+    codes = ARImageSampler(model, TokenSampling(cfg_scale=3.0))([[1, 5, 6, 3], [1, 7, 3]], [[1, 3], [1, 3]], gens)
+    assert codes.shape[0] == 2 and grown == []

@@ -7,7 +7,7 @@ from mmfusion.model.config import ModelConfig
 from mmfusion.model.masks import NOISY
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.model.sequence import SequenceBuilder, collate
-from tests.helpers import fusion_sample, text_batch
+from tests.helpers import cache_growth, fusion_sample, text_batch
 
 
 @pytest.mark.parametrize("sandwich,gqa", [(False, None), (True, 2)])
@@ -55,6 +55,23 @@ def test_kv_cache_decoding_equals_full_recomputation(tiny_cfg):
     for i in range(5, 12):
         step = collate([SequenceBuilder(48, start_position=i).text([r[i]]).tensors() for r in ids])
         steps.append(model.text_logits(model(step, cache, store=True)))
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_a_pass_never_grows_the_cache_inside_the_backbone(tiny_cfg, monkeypatch):
+    """The model makes room for a pass's keys before it (`KVCache.reserve`), so `attend`, inside what a
+    compiled backbone traces, only writes: a decode of many steps and rows allocates nothing there, and
+    equals the recomputation as before."""
+    model = MMFusionModel(tiny_cfg.replace(n_kv_heads=2)).eval()
+    grown = cache_growth(monkeypatch)
+    ids = torch.randint(5, tiny_cfg.vocab_size, (3, 40)).tolist()
+    cache = model.new_cache()
+    steps = [model.text_logits(model(text_batch([r[:3] for r in ids]), cache, store=True))]
+    for i in range(3, 40):  # past 16 and 32 stored tokens: the buffers double twice
+        step = collate([SequenceBuilder(48, start_position=i).text([r[i]]).tensors() for r in ids])
+        steps.append(model.text_logits(model(step, cache, store=True)))
+    assert grown == [] and cache.keys[0].shape[2] >= 40 and cache.keys[0].shape[1] == 2
+    full = model.text_logits(model(text_batch(ids)))
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
 
 
