@@ -212,11 +212,12 @@ class MMFusion:
         a pass (a prompt, a denoising step, a decoded token) runs as fused kernels instead of a few
         hundred small operations. Shapes are dynamic (batch, sequence and cache length), so a handful of
         graphs serve every size; each compiles on its first use (inductor keeps them in its cache on disk
-        for later processes; the times are in docs/BENCHMARKS.md). Outputs equal the eager model's
-        up to float rounding. For a process that samples a lot, such as a server (`mmfusion serve
-        --compile`). On CPU it needs a C++ compiler (g++); without one the model stays eager, with a
-        message. `warm_up` compiles at once, on throwaway images and captions at batches of 1 and 2,
-        rather than on the first requests."""
+        for later processes; the times are in docs/BENCHMARKS.md). In float32 the outputs equal the
+        eager model's up to float rounding; in bfloat16 the fused kernels round differently, and the
+        sampling chain carries that far enough that an image drawn from a seed can differ. For a process
+        that samples a lot, such as a server (`mmfusion serve --compile`). On CPU it needs a C++
+        compiler (g++); without one the model stays eager, with a message. `warm_up` compiles at once,
+        on throwaway images and captions at batches of 1 and 2, rather than on the first requests."""
         if compile_for_inference(self.model) and warm_up:
             condition = "a" if self.condition == "text" else 0
             quick = {} if self.model.cfg.discrete else {"steps": 2}
