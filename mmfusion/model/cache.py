@@ -31,15 +31,8 @@ class KVCache:
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H, n, D) after the stored tokens; return all keys / values so far."""
         end = self.length + k.shape[2]
+        self._room(layer, end, k, k.shape[1], k.shape[3])  # nothing to do after `reserve`
         buf_k, buf_v = self.keys[layer], self.values[layer]
-        if buf_k is None or buf_k.shape[2] < end or buf_k.shape[0] != k.shape[0] or buf_k.dtype != k.dtype:
-            capacity = max(end, 2 * (buf_k.shape[2] if buf_k is not None else 0), 16)
-            new_k = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])
-            new_v = v.new_empty(v.shape[0], v.shape[1], capacity, v.shape[3])
-            if buf_k is not None and self.length:
-                new_k[:, :, : self.length] = buf_k[:, :, : self.length]
-                new_v[:, :, : self.length] = buf_v[:, :, : self.length]
-            self.keys[layer], self.values[layer] = buf_k, buf_v = new_k, new_v
         buf_k[:, :, self.length : end] = k
         buf_v[:, :, self.length : end] = v
         return buf_k[:, :, :end], buf_v[:, :, :end]
@@ -48,16 +41,27 @@ class KVCache:
         """Make room for `n` more tokens in every layer before a pass (rows, dtype and device as `like`),
         so that `attend` inside the pass never allocates: a compiled pass then has no branch on the
         cache's size. A cache made without its buffers' shape (`kv_heads`) leaves it to `attend`."""
-        end, rows = self.length + n, like.shape[0]
-        for layer, buf_k in enumerate(self.keys if self.kv_heads else ()):
-            if buf_k is None or buf_k.shape[2] < end or buf_k.shape[0] != rows or buf_k.dtype != like.dtype:
-                capacity = max(end, 2 * (buf_k.shape[2] if buf_k is not None else 0), 16)
-                shape = (rows, self.kv_heads, capacity, self.head_dim)
-                new_k, new_v = like.new_empty(shape), like.new_empty(shape)
-                if buf_k is not None and self.length:
-                    new_k[:, :, : self.length] = buf_k[:, :, : self.length]
-                    new_v[:, :, : self.length] = self.values[layer][:, :, : self.length]
-                self.keys[layer], self.values[layer] = new_k, new_v
+        for layer in range(len(self.keys) if self.kv_heads else 0):
+            self._room(layer, self.length + n, like, self.kv_heads, self.head_dim)
+
+    def _room(self, layer: int, end: int, like: torch.Tensor, heads: int, head_dim: int) -> None:
+        """Buffers for `layer` that hold `end` tokens of `like`'s rows, dtype and device (`heads` x
+        `head_dim` each): grown by doubling, the stored tokens copied over."""
+        buf_k = self.keys[layer]
+        if (
+            buf_k is not None
+            and buf_k.shape[2] >= end
+            and buf_k.shape[0] == like.shape[0]
+            and buf_k.dtype == like.dtype
+        ):
+            return
+        capacity = max(end, 2 * (buf_k.shape[2] if buf_k is not None else 0), 16)
+        shape = (like.shape[0], heads, capacity, head_dim)
+        new_k, new_v = like.new_empty(shape), like.new_empty(shape)
+        if buf_k is not None and self.length:
+            new_k[:, :, : self.length] = buf_k[:, :, : self.length]
+            new_v[:, :, : self.length] = self.values[layer][:, :, : self.length]
+        self.keys[layer], self.values[layer] = new_k, new_v
 
     def commit(self, valid: torch.Tensor) -> None:
         """Keep the tokens of the last pass (`valid` (B, n): which of them later tokens may read)."""

@@ -99,16 +99,16 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor,
         attn_mask: torch.Tensor,
         cache: KVCache | None = None,
-        store: bool = False,
-        valid: torch.Tensor | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x (B, N, dim), position_ids (B, N), attn_mask (B, N, N) bool -> (B, N, dim).
 
-        `store` appends the new tokens to `cache`; `valid` (B, N) marks which of them later
-        queries may read (default: all). Callers that run many passes over one layout (the
-        denoising steps of an AR group) may pass the mask already joined with the T cached
-        positions, (B, N, T + N), from `full_mask`, and the rotary tables from `self.rotary`.
+        With a `cache`, the new tokens attend to the cached ones too, and their keys are written after
+        them; the caller keeps them (`cache.commit`) or lets the next pass overwrite them, and makes room
+        first (`cache.reserve`), so that this pass, which may be compiled, has no branch on the cache's
+        state (`MMFusionModel.forward`). Callers that run many passes over one layout (the denoising
+        steps of an AR group) may pass the mask already joined with the T cached positions,
+        (B, N, T + N), from `full_mask`, and the rotary tables from `self.rotary`.
         """
         mask = attn_mask
         if cache is not None and mask.shape[-1] != len(cache) + x.shape[1]:
@@ -120,8 +120,6 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, rope, mask, use_reentrant=False)
             else:
                 x = block(x, rope, mask, cache, i)
-        if cache is not None and store:
-            cache.commit(valid if valid is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
         return self.norm(x)
 
     @staticmethod
@@ -162,7 +160,14 @@ def compile_for_inference(model: nn.Module) -> bool:
 
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
         setattr(config, name, max(getattr(config, name), INFERENCE_RECOMPILE_LIMIT))
-    for module in model.modules():
-        if isinstance(module, Transformer):
-            module.compile(dynamic=True, **limit)
+    compile_stack(model, **limit)
     return True
+
+
+def compile_stack(model: nn.Module, per_block: bool = False, **options: int) -> None:
+    """torch.compile, in place and with dynamic shapes, every transformer of `model` as one graph, or with
+    `per_block` every block on its own; `options` go to torch.compile (e.g. a `recompile_limit`)."""
+    kind = Block if per_block else Transformer
+    for module in model.modules():
+        if isinstance(module, kind):
+            module.compile(dynamic=True, **options)

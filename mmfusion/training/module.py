@@ -17,7 +17,7 @@ from mmfusion.errors import UserError
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.model.sequence import TokenBatch
-from mmfusion.model.transformer import Block, Transformer, can_compile
+from mmfusion.model.transformer import can_compile, compile_stack
 from mmfusion.tokenizers.build import build_image_tokenizer
 from mmfusion.tokenizers.text import TextTokenizer
 from mmfusion.training.objective import JointObjective
@@ -327,10 +327,7 @@ def compile_blocks(model: nn.Module, per_block: bool = False) -> bool:
     if not can_compile():
         print("train.compile: no C++ compiler found (install g++), training uncompiled")
         return False
-    kind = Block if per_block else Transformer
-    for module in model.modules():
-        if isinstance(module, kind):
-            module.compile(dynamic=True)
+    compile_stack(model, per_block)
     return True
 
 
