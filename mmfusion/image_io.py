@@ -8,7 +8,7 @@ import math
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -106,20 +106,32 @@ def make_grid(images: list[Image.Image], cols: int | None = None, pad: int = 2, 
     return grid
 
 
+def read_image(source: str | Path | IO[bytes], name: str) -> Image.Image:
+    """Decode an image file (a path or open bytes) in its own mode, or fail with one line that names it
+    `name`: unreadable bytes, or an image too large to decode safely (PIL's decompression-bomb limit)."""
+    try:
+        with Image.open(source) as im:
+            im.load()
+            return im.copy()
+    except Image.DecompressionBombError as err:
+        raise UserError(f"{name} is too large to open: {err}") from err
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise UserError(
+            f"cannot read {name}: {err.__class__.__name__}; give an image file (PNG, JPEG, WebP, ...)"
+        ) from err
+
+
 def open_image(path: str | Path, what: str = "image") -> Image.Image:
-    """Open an image file, or fail with one line that names the file and the problem. An "image" is
-    made RGB as training makes it (`to_rgb`: transparency on white); anything else keeps its mode."""
+    """Open an image file, or fail with one line that names the file and the problem (`read_image`). An
+    "image" is made RGB as training makes it (`to_rgb`: transparency on white); anything else keeps its
+    mode."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{what} {path} is a folder: give an image file (PNG or JPEG)")
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return to_rgb(im) if what == "image" else im.copy()
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise UserError(f"cannot read {what} {path}: {err.__class__.__name__}; give a PNG or JPEG file") from err
+    image = read_image(path, f"{what} {path}")
+    return to_rgb(image) if what == "image" else image
 
 
 def write_outputs(

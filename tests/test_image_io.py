@@ -1,3 +1,4 @@
+import io
 import json
 
 import pytest
@@ -5,8 +6,8 @@ import torch
 from PIL import Image
 
 from mmfusion.config import RESIZE_POLICIES, DataConfig, load_config
-from mmfusion.errors import ConfigError
-from mmfusion.image_io import RESIZERS, make_grid, to_tensor, to_uint8, write_outputs
+from mmfusion.errors import ConfigError, UserError
+from mmfusion.image_io import RESIZERS, make_grid, open_image, read_image, to_tensor, to_uint8, write_outputs
 
 
 def _images(n: int) -> list[Image.Image]:
@@ -73,3 +74,17 @@ def test_the_resize_setting_names_the_policies_image_io_has():
     assert DataConfig(resize="pad").resize == "pad"
     with pytest.raises(ConfigError, match=r"^data.resize: must be one of squash, center_crop, pad, got 'crop'$"):
         load_config(None, ["data.resize=crop"])
+
+
+def test_unreadable_and_oversized_images_fail_with_one_line_naming_them(tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    Image.new("RGBA", (64, 64), (0, 0, 255, 0)).save(path)
+    assert open_image(path).getpixel((0, 0)) == (255, 255, 255)  # transparency on white, as training reads
+    assert read_image(io.BytesIO(path.read_bytes()), "upload").mode == "RGBA"  # bytes keep their mode
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses images over twice the limit
+    with pytest.raises(UserError, match=r"^image .*big\.png is too large to open: "):
+        open_image(path)
+    with pytest.raises(UserError, match="^upload is too large to open: "):
+        read_image(io.BytesIO(path.read_bytes()), "upload")
+    with pytest.raises(UserError, match=r"^cannot read upload: UnidentifiedImageError; give an image file"):
+        read_image(io.BytesIO(b"\x89PNG but not"), "upload")

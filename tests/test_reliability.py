@@ -30,8 +30,14 @@ def test_bad_requests_fail_with_one_line_and_write_nothing(trained_tiny, tmp_pat
     garbage = tmp_path / "garbage.png"
     garbage.write_bytes(b"not an image at all")
     err = _one_line_error(capsys, main(["caption", "--model", model, str(garbage), "--json", str(tmp_path / "c.json")]))
-    assert "cannot read image" in err and "PNG or JPEG" in err
+    assert "cannot read image" in err and "PNG, JPEG" in err
     assert not (tmp_path / "c.json").exists()
+    huge = tmp_path / "huge.png"
+    Image.new("RGB", (2000, 1000), "white").save(huge)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Image, "MAX_IMAGE_PIXELS", 500_000)  # PIL's decompression-bomb limit, lowered
+        err = _one_line_error(capsys, main(["caption", "--model", model, str(huge)]))
+    assert f"image {huge} is too large to open" in err
 
     img = tmp_path / "img.png"
     Image.new("RGB", (32, 32), "white").save(img)

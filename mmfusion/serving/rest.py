@@ -22,10 +22,11 @@ import dataclasses
 import io
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from mmfusion.errors import UserError
+from mmfusion.image_io import read_image
 from mmfusion.serving.batcher import Busy
 from mmfusion.serving.service import MAX_IMAGES, Service
 
@@ -47,14 +48,7 @@ def decode_image(data: str | None, what: str) -> Image.Image:
         raw = base64.b64decode("".join(data.split()), validate=True)  # line-wrapped base64 too
     except (binascii.Error, ValueError) as err:
         raise UserError(f"{what} is not base64: send the image file's bytes base64-encoded") from err
-    try:
-        with Image.open(io.BytesIO(raw)) as im:
-            im.load()
-            return im.copy()
-    except Image.DecompressionBombError as err:
-        raise UserError(f"{what} is too large: {err}") from err
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise UserError(f"{what} is not an image file that can be read (PNG, JPEG, WebP, ...)") from err
+    return read_image(io.BytesIO(raw), what)
 
 
 class Sampler(BaseModel):

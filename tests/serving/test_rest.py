@@ -99,7 +99,7 @@ def test_model_info_names_the_tasks_and_the_samplers_settings(http, tiny_pipe):
         ("v1/generate", {"prompt": "a red circle", "colour": "red"}, 422, "colour: Extra inputs are not permitted"),
         ("v1/generate", {"prompt": "a red circle", "steps": "many"}, 422, "steps: Input should be a valid integer"),
         ("v1/caption", {"image": "not base64!"}, 400, "image is not base64"),
-        ("v1/caption", {"image": base64.b64encode(b"\x89PNG but not").decode()}, 400, "not an image file"),
+        ("v1/caption", {"image": base64.b64encode(b"\x89PNG but not").decode()}, 400, "cannot read image"),
         ("v1/caption", {}, 400, 'send "image" (one base64 image file) or "images"'),
         ("v1/caption", {"images": []}, 400, "send 1 to 16 images"),
         ("v1/caption", {"images": ["", "x"]}, 400, "send images[0]"),
