@@ -39,7 +39,7 @@ def test_new_word_rows_train_alone_and_reload(trained_tiny, new_word_data, tmp_p
     assert "new tokens: the captions use" in capsys.readouterr().out
     saved = json.loads((out / "finetune_report.json").read_text())
     assert saved["new_tokens"] == "rows" and saved["new_token_rows"] == report["new_token_rows"] > 0
-    assert (saved["caption_fraction"], saved["text_loss_weight"]) == (0.25, 0.1)
+    assert (saved["caption_fraction"], saved["text_loss_weight"]) == (0.15, 0.02)
     base = MMFusion.from_pretrained(trained_tiny)
     assert saved["caption_dropout"] == base.objective["caption_dropout"]
     captions = datasets.load_from_disk(new_word_data)["train"]["captions"]
@@ -200,13 +200,15 @@ def test_replay_mixes_the_bases_own_rows_into_the_training_split(trained_tiny, n
     assert report["replay"] == 0.25 and report["steps"] == 6 and report["caption_fraction"] == 0.5
 
 
-def test_the_joint_task_reads_captions_in_a_quarter_of_its_samples_and_in_half_with_replay():
+def test_the_joint_tasks_caption_share_and_text_weight_and_replays_own():
     from mmfusion.config import ObjectiveConfig
     from mmfusion.training.finetune import task_objective
 
     base = dataclasses.asdict(ObjectiveConfig())
-    assert task_objective(base, "joint").t2i_fraction == 0.75
-    assert task_objective(base, "joint", replay=0.2).t2i_fraction == 0.5
+    joint, replay = task_objective(base, "joint"), task_objective(base, "joint", replay=0.2)
+    assert (joint.t2i_fraction, joint.text_loss_weight) == (0.85, 0.02)
+    assert (replay.t2i_fraction, replay.text_loss_weight) == (0.5, 0.1)
+    assert task_objective(base, "joint", text_loss_weight=0.3, replay=0.2).text_loss_weight == 0.3
     assert task_objective(base, "joint", caption_fraction=0.1, replay=0.2).t2i_fraction == pytest.approx(0.9)
     assert task_objective(base, "t2i", replay=0.2).t2i_fraction == 1.0
     assert task_objective(base, "caption", replay=0.2).t2i_fraction == 0.0
