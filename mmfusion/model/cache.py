@@ -41,7 +41,9 @@ class KVCache:
         """Make room for `n` more tokens in every layer before a pass (rows, dtype and device as `like`),
         so that `attend` inside the pass never allocates: a compiled pass then has no branch on the
         cache's size. A cache made without its buffers' shape (`kv_heads`) leaves it to `attend`."""
-        for layer in range(len(self.keys) if self.kv_heads else 0):
+        if not self.kv_heads:
+            return
+        for layer in range(len(self.keys)):
             self._room(layer, self.length + n, like, self.kv_heads, self.head_dim)
 
     def _room(self, layer: int, end: int, like: torch.Tensor, heads: int, head_dim: int) -> None:
