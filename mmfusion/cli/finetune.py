@@ -60,8 +60,8 @@ def finetune(
         precision: auto, 32-true or bf16-mixed
         compile: torch.compile the transformer (faster steps after some seconds of compiling; needs g++ on CPU)
         new_tokens: words (new words spelt in pieces become tokens; the rows captions use train), rows, modules, off
-        caption_fraction: share of caption-order samples (default: t2i 0, caption 1, joint 0.15, 0.5 with --replay)
-        text_loss_weight: text loss x this (default: joint 0.02, 0.1 with --replay, caption 1; t2i: no caption samples)
+        caption_fraction: share of caption-order samples (default: t2i 0, caption 1, joint 0.15)
+        text_loss_weight: text loss x this (default: joint 0.02, caption 1; t2i: no caption samples)
         replay: share of the rows from the base's own data, against forgetting (e.g. 0.2; shapes bases render them)
         replay_data: the base's training data, for --replay (any base not trained on the built-in shapes)
         caption_dropout: share of T2I samples trained without their caption, for CFG (default: the base's)

@@ -54,8 +54,6 @@ NEW_TOKENS = ("words", "rows", "modules", "off")
 # often, the most frequent first, up to this many
 MIN_WORD_COUNT, MAX_NEW_WORDS = 10, 256
 JOINT_CAPTION_FRACTION, JOINT_TEXT_LOSS_WEIGHT = 0.15, 0.02
-# the joint task's with --replay (see task_objective)
-REPLAY_CAPTION_FRACTION, REPLAY_TEXT_LOSS_WEIGHT = 0.5, 0.1
 # learning rates by default: the adapter's low-rank updates want a larger step than the whole model's
 # (scripts/downstream.py, docs/experiments.md)
 LORA_LR, FULL_LR = 3e-3, 1e-3
@@ -69,13 +67,12 @@ def task_objective(
     task: str,
     caption_fraction: float | None = None,
     text_loss_weight: float | None = None,
-    replay: float = 0.0,
     caption_dropout: float | None = None,
 ) -> ObjectiveConfig:
     """The objective of a fine-tuning `task`, from the base's own (`base`); `caption_fraction` (the share of
-    caption-order samples) and `text_loss_weight` override the task's defaults when given; `replay` is the
-    share of old rows mixed in; `caption_dropout` (the T2I samples trained without their caption, the
-    unconditional stream of CFG) overrides the base's.
+    caption-order samples) and `text_loss_weight` override the task's defaults when given;
+    `caption_dropout` (the T2I samples trained without their caption, the unconditional stream of CFG)
+    overrides the base's.
 
     t2i: caption fraction 0. caption: caption fraction 1, text loss x 1, no image loss. joint: caption
     fraction 0.15 and text loss x 0.02, the demo recipe's own (0.1 and x 0.01 in the paper). Only a T2I
@@ -84,9 +81,9 @@ def task_objective(
     the adapter learns from the image loss: at x 1 the new pictures went undrawn, and each step from x 1
     to x 0.1 to x 0.02 (with a quarter, then 0.15, in caption order) drew more of the new domains. The new
     words are still learnt, as whole tokens whose rows train (`add_words`), and the captions hold as the
-    models decode them (docs/experiments.md, the downstream benchmark, rounds 5, 14 and 23). With replay the
-    joint task keeps half in caption order at x 0.1, the settings replay was measured with: old rows take
-    part of the caption-order samples, and fewer are left for the new words (round 14).
+    models decode them (docs/experiments.md, the downstream benchmark, rounds 5, 14 and 23). The same with
+    replay: half in caption order at x 0.1, its earlier setting, drew fewer of both the old task's and the
+    new domain's pictures, for a few more captions right (round 28).
     """
     if task not in TASKS:
         raise UserError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
@@ -102,11 +99,7 @@ def task_objective(
     elif task == "caption":
         obj = dataclasses.replace(obj, t2i_fraction=0.0, caption_image_loss_weight=0.0, text_loss_weight=1.0)
     else:
-        share, weight = (
-            (REPLAY_CAPTION_FRACTION, REPLAY_TEXT_LOSS_WEIGHT)
-            if replay > 0
-            else (JOINT_CAPTION_FRACTION, JOINT_TEXT_LOSS_WEIGHT)
-        )
+        share, weight = JOINT_CAPTION_FRACTION, JOINT_TEXT_LOSS_WEIGHT
         obj = dataclasses.replace(obj, t2i_fraction=1 - share, text_loss_weight=weight)
     if caption_fraction is not None:
         obj = dataclasses.replace(obj, t2i_fraction=1.0 - caption_fraction)
@@ -400,7 +393,7 @@ def finetune(
     base_data = pipe.training_data
     pipe.training_data = f"{pipe.training_data or 'unrecorded'}, then fine-tuned on {data_name(data)}"
     # a bad --steps, --minutes, --precision ... is a ConfigError here: one line, before any output
-    objective = task_objective(pipe.objective, task, caption_fraction, text_loss_weight, replay, caption_dropout)
+    objective = task_objective(pipe.objective, task, caption_fraction, text_loss_weight, caption_dropout)
     reading = dict(image_root=image_root, image_column=image_column, caption_column=caption_column)
     if replay:  # the mixed data set has the usual columns
         data, reading = replay_mix(data, replay, replay_data, base_data, reading, out / "run", seed), {}
