@@ -1192,7 +1192,9 @@ def bench_serve(quick: bool) -> dict:
     """`mmfusion serve` under load, on loopback: text-to-image requests of one image and of four (the
     page's default), and caption requests, each kind from concurrent clients against the server in its
     own process, and the same work through the Python API in one process (`pipe.generate` /
-    `pipe.caption` on the whole list), timed in turn. Each kind is sent through the page's API
+    `pipe.caption` on the whole list), timed in turn. Captions are greedy, and also decoded the model's
+    own way (what the page and the JSON API do when no method is named; the demo's: beam search with
+    each candidate checked by redrawing the image), 16 tokens each. Each kind is sent through the page's API
     (Gradio's: post, then read an event stream) and then through the JSON API (one POST; a caption's
     image travels in its request). Every request must come back whole (its images, with their seeds; a
     caption); the ratio of images (captions) per second, server over API, is what serving costs."""
@@ -1204,15 +1206,16 @@ def bench_serve(quick: bool) -> dict:
 
     from mmfusion.data.shapes import render_example
     from mmfusion.evaluation.shapes import benchmark_prompts
-    from mmfusion.generation.settings import CaptionSampling
     from mmfusion.image_io import open_image
     from mmfusion.pipeline import MMFusion
 
     n, clients, steps = (8, 4, 5) if quick else (64, 8, 50)
     work = Path(tempfile.mkdtemp(prefix="mmfusion-bench-serve-"))
     pipe = MMFusion.from_pretrained(serve_model_folder(work / "run"))
-    fixed = CaptionSampling(method="greedy", max_new_tokens=16, min_new_tokens=16)  # the same work for any weights
-    pipe.sampling = dataclasses.replace(pipe.sampling, caption=fixed)
+    # the model's own decoding (the demo's: beam search, candidates checked by redrawing) at a fixed length,
+    # the same work for any weights; greedy requests ask for greedy
+    own = dataclasses.replace(pipe.sampling.caption, max_new_tokens=16, min_new_tokens=16)
+    pipe.sampling = dataclasses.replace(pipe.sampling, caption=own)
     pipe.save_pretrained(work / "served")  # served with those caption settings as its defaults
     prompts = benchmark_prompts(n // 2, n - n // 2, seed=0)
     paths = [work / f"test_{i}.png" for i in range(n)]
@@ -1226,8 +1229,10 @@ def bench_serve(quick: bool) -> dict:
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}/"
     out: dict[str, Any] = {"requests": n, "clients": clients, "steps": steps, "threads": torch.get_num_threads()}
-    cases = {"t2i_1": 1, "t2i_4": 4, "caption": 1, "caption_4": 4}  # samples a request
-    page_kinds, json_kinds = ("t2i_1", "t2i_4", "caption"), tuple(cases)  # the page captions one image at a time
+    cases = {"t2i_1": 1, "t2i_4": 4, "caption": 1, "caption_4": 4, "caption_own": 1}  # samples a request
+    page_kinds = ("t2i_1", "t2i_4", "caption", "caption_own")  # the page captions one image at a time
+    json_kinds = tuple(cases)
+    out["own_decoding"] = {"method": own.method, "num_beams": own.num_beams, "rerank_weight": own.rerank_weight}
     encoded = [base64.b64encode(p.read_bytes()).decode() for p in paths]
     size = (pipe.image_cfg.image_size,) * 2
 
@@ -1238,7 +1243,8 @@ def bench_serve(quick: bool) -> dict:
         size = {"batch_size": batch} if batch else {}
         per = cases[case]
         if case.startswith("caption"):
-            return lambda: captions.__setitem__(case, pipe.caption(pils * per, **size))
+            method = {} if case == "caption_own" else {"method": "greedy"}
+            return lambda: captions.__setitem__(case, pipe.caption(pils * per, **size, **method))
         return lambda: pipe.generate(prompts, num_images=per, **sampler, **size)
 
     def clients_batch(case: str) -> int:
@@ -1249,10 +1255,10 @@ def bench_serve(quick: bool) -> dict:
         if case.startswith("json_"):
             path = "v1/caption" if case.startswith("json_caption") else "v1/generate"
             return _client_load(url, json_jobs(case[5:]), clients, path)
-        if case == "caption":
-            uploads = [
-                [{"path": str(p), "meta": {"_type": "gradio.FileData"}}, "greedy", 1, 0.9, 1.0, 0] for p in paths
-            ]
+        if case.startswith("caption"):
+            method, beams = (own.method, own.num_beams) if case == "caption_own" else ("greedy", 1)
+            file = {"meta": {"_type": "gradio.FileData"}}
+            uploads = [[{"path": str(p), **file}, method, beams, 0.9, 1.0, 0] for p in paths]
             return _client_load(url, _uploaded(url, uploads), clients, "caption")
         per = cases[case]
         jobs = [[p, "", per, k * per, *sampler.values()] for k, p in enumerate(prompts)]
@@ -1260,6 +1266,8 @@ def bench_serve(quick: bool) -> dict:
 
     def json_jobs(case: str) -> list[dict]:
         per = cases[case]
+        if case == "caption_own":  # no method named: the model's own
+            return [{"image": data} for data in encoded]
         if case == "caption":  # each request carries its image, base64-encoded
             return [{"image": data, "method": "greedy"} for data in encoded]
         if case.startswith("caption"):  # request k: the images the API captions at k * per .. k * per + per - 1
@@ -1801,11 +1809,14 @@ def _peers_sampling_rows(p: dict, f: Any) -> list[str]:
 
 
 def _serve_rows(r: dict, f: Any) -> list[str]:
+    o = r.get("own_decoding", {})
+    own = "the model's own decoding" + (f" ({o['method']}" + (f" {o['num_beams']}" if o["method"] == "beam" else ""))
+    own += (", candidates checked by redrawing)" if o.get("rerank_weight") else ")") if o else ""
     lines = [
         f"| `mmfusion serve` under load ({r.get('requests')} requests of each kind from {r.get('clients')} "
         f"concurrent clients, loopback; images: S = 1, {r.get('steps')} DDPM steps, CFG 3; captions: 16 tokens, "
-        "greedy) | complete | p50 s | p95 s | server / s | API / s | server / API | API in the clients' batches / s "
-        "| server / that |",
+        "greedy unless named) | complete | p50 s | p95 s | server / s | API / s | server / API "
+        "| API in the clients' batches / s | server / that |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for case, name in (
@@ -1816,6 +1827,8 @@ def _serve_rows(r: dict, f: Any) -> list[str]:
         ("json_t2i_4", "text to image, 4 images a request (JSON API)"),
         ("json_caption", "caption, 1 image a request (JSON API)"),
         ("json_caption_4", "caption, 4 images a request (JSON API)"),
+        ("caption_own", f"caption, 1 image a request, {own} (the page's API)"),
+        ("json_caption_own", f"caption, 1 image a request, {own} (JSON API)"),
     ):
         if case not in r:
             continue

@@ -144,11 +144,15 @@ def test_the_load_benchmark_client_gets_whole_answers_and_renders_them(served, t
     assert captions[0][1][0] == tiny_pipe.caption(image)[0]
     row = {"complete": 4, "p50_s": 0.1, "p95_s": 0.2, "server_per_s": 8.0, "api_per_s": 10.0, "ratio": 0.8}
     row |= {"clients_batch": 2, "api_clients_batch_per_s": 9.0}
-    text = "\n".join(bench._serve_rows({"requests": 4, "clients": 2, "steps": 4, "json_t2i_1": row}, bench._fmt))
+    own = {"method": "beam", "num_beams": 3, "rerank_weight": 30.0}
+    results = {"requests": 4, "clients": 2, "steps": 4, "json_t2i_1": row, "json_caption_own": row, "own_decoding": own}
+    text = "\n".join(bench._serve_rows(results, bench._fmt))
     assert (
         "| text to image, 1 image a request (JSON API) | 4 of 4 | 0.1 | 0.2 | 8 | 10 | 80% | 9 (batch 2) | 89% |"
         in text
     )
+    own_decoding = "the model's own decoding (beam 3, candidates checked by redrawing)"
+    assert f"| caption, 1 image a request, {own_decoding} (JSON API) | 4 of 4 |" in text
     assert "the page's API" not in text  # a kind the run did not measure has no row
 
 
