@@ -403,3 +403,28 @@ def test_compiled_item_times_both_pipelines_in_turn_and_checks_they_agree(traine
     assert out["same_captions"] and out["max_pixel_diff"] <= 1 and out["compile_s"] > 0
     table = bench.render_markdown({"date": "d", "machine": {"cores": 2, "cpu": "c", "torch": "t"}, "compiled": out})
     assert "`pipe.compile()` against eager" in table and "| captions, batch 32 |" in table and "n/a" not in table
+
+
+def test_then_and_now_trains_both_revisions_in_turn_and_compares_the_same_work(tmp_path):
+    """benchmarks/then_and_now.py at HEAD against HEAD: the old side runs from a git worktree, each side
+    trains and reports its summary, and the two trained the same samples and tokens (same code, same
+    seeds), so the tokens a sample agree; the worktree is gone afterwards."""
+    import argparse
+    import subprocess
+
+    from benchmarks import then_and_now
+
+    tiny = ["model.preset=tiny", "data.shapes_n=256", "data.global_batch_size=8", "train.compile=false"]
+    args = argparse.Namespace(
+        minutes=5.0, rounds=1, processes=1, out=str(tmp_path), set=[*tiny, "train.max_steps=3"], old_set=[]
+    )
+    result = then_and_now.compare("HEAD", args)
+    old, new = result["runs"]["old"][0], result["runs"]["new"][0]
+    assert old["steps"] == new["steps"] == 3
+    assert (old["samples"], old["tokens"]) == (new["samples"], new["tokens"]) and old["samples"] == 24
+    assert result["ratios"][0] > 0 and result["pooled_ratio"] > 0
+    assert not (tmp_path / "old_tree").exists()
+    worktrees = subprocess.run(["git", "worktree", "list"], capture_output=True, text=True, cwd=then_and_now.REPO)
+    assert str(tmp_path) not in worktrees.stdout
+    summary = then_and_now.parse_summary("x\ntrained 1,234 steps (5,678 samples, 9,012 tokens) in 2.0 min: ...")
+    assert summary == {"steps": 1234, "samples": 5678, "tokens": 9012, "seconds": 120.0, "samples_per_s": 5678 / 120}
