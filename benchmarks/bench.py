@@ -1808,10 +1808,18 @@ def _peers_sampling_rows(p: dict, f: Any) -> list[str]:
     return [*lines, ""]
 
 
+def _own_decoding(o: dict) -> str:
+    """The served model's own caption decoding, as the row names it: "the model's own decoding (beam 3,
+    candidates checked by redrawing)"."""
+    if not o:
+        return "the model's own decoding"
+    method = f"beam {o['num_beams']}" if o["method"] == "beam" else o["method"]
+    checked = ", candidates checked by redrawing" if o["method"] == "beam" and o.get("rerank_weight") else ""
+    return f"the model's own decoding ({method}{checked})"
+
+
 def _serve_rows(r: dict, f: Any) -> list[str]:
-    o = r.get("own_decoding", {})
-    own = "the model's own decoding" + (f" ({o['method']}" + (f" {o['num_beams']}" if o["method"] == "beam" else ""))
-    own += (", candidates checked by redrawing)" if o.get("rerank_weight") else ")") if o else ""
+    own = _own_decoding(r.get("own_decoding", {}))
     lines = [
         f"| `mmfusion serve` under load ({r.get('requests')} requests of each kind from {r.get('clients')} "
         f"concurrent clients, loopback; images: S = 1, {r.get('steps')} DDPM steps, CFG 3; captions: 16 tokens, "
