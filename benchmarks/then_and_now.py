@@ -27,6 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mmfusion.training.demo import process_layout  # this checkout's rule, for both revisions
+
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY = re.compile(r"trained ([\d,]+) steps \(([\d,]+) samples, ([\d,]+) tokens\) in ([\d.]+) (min|s)")
 
@@ -51,15 +53,8 @@ def parse_summary(log: str) -> dict:
 def train_command(tree: Path, minutes: float, processes: int, out: Path, overrides: list[str]) -> list[str]:
     """`mmfusion train` of `tree`'s demo config, laid out as `mmfusion demo` lays it out."""
     cmd = [sys.executable, "-m", "mmfusion.cli.main", "train", "--config", str(tree / "mmfusion/configs/demo.yaml")]
-    layout = [f"train.devices={processes}", "train.strategy=ddp", "train.accelerator=cpu"] if processes > 1 else []
-    threads = max(1, (os.cpu_count() or 1) // processes)
-    return cmd + [
-        *layout,
-        f"train.threads={threads}",
-        f"train.max_time_minutes={minutes}",
-        f"train.out={out}",
-        *overrides,
-    ]
+    budget = [f"train.max_time_minutes={minutes}", f"train.out={out}"]
+    return cmd + process_layout(processes, None) + budget + overrides
 
 
 def run(tree: Path, cmd: list[str], log: Path) -> dict:

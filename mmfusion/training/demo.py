@@ -72,20 +72,23 @@ def demo_config(
     threads: int | None,
     processes: int | None,
 ) -> RunConfig:
-    """The demo config with the run's folder, seed, time budget and process layout: by default two
-    data-parallel processes on a machine with two or more cores, the cores shared out between them."""
+    """The demo config with the run's folder, seed, time budget and process layout (`process_layout`)."""
     overrides = [*overrides, f"train.out={out}", f"train.seed={seed}", f"data.shapes_seed={seed}"]
     if minutes is not None:
         overrides.append(f"train.max_time_minutes={minutes}")
+    return load_config(DEMO_CONFIG, [*overrides, *process_layout(processes, threads)])
+
+
+def process_layout(processes: int | None, threads: int | None) -> list[str]:
+    """The overrides that lay the demo's training out on this machine: by default two data-parallel
+    processes on a machine with two or more cores, the cores shared out between them."""
     cores = os.cpu_count() or 1
     if processes is None:
         processes = 2 if cores >= 2 else 1
     if processes < 1:
         raise UserError(f"--processes must be at least 1, got {processes}")
-    if processes > 1:
-        overrides += [f"train.devices={processes}", "train.strategy=ddp", "train.accelerator=cpu"]
-    overrides.append(f"train.threads={threads or max(1, cores // processes)}")
-    return load_config(DEMO_CONFIG, overrides)
+    layout = [f"train.devices={processes}", "train.strategy=ddp", "train.accelerator=cpu"] if processes > 1 else []
+    return [*layout, f"train.threads={threads or max(1, cores // processes)}"]
 
 
 def judge(model_dir: Path, outdir: Path, seed: int) -> dict[str, Any]:
