@@ -99,8 +99,7 @@ def task_objective(
     elif task == "caption":
         obj = dataclasses.replace(obj, t2i_fraction=0.0, caption_image_loss_weight=0.0, text_loss_weight=1.0)
     else:
-        share, weight = JOINT_CAPTION_FRACTION, JOINT_TEXT_LOSS_WEIGHT
-        obj = dataclasses.replace(obj, t2i_fraction=1 - share, text_loss_weight=weight)
+        obj = dataclasses.replace(obj, t2i_fraction=1 - JOINT_CAPTION_FRACTION, text_loss_weight=JOINT_TEXT_LOSS_WEIGHT)
     if caption_fraction is not None:
         obj = dataclasses.replace(obj, t2i_fraction=1.0 - caption_fraction)
     if text_loss_weight is not None:
