@@ -46,7 +46,7 @@ from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.model.prompts import Prompts
 from mmfusion.model.transformer import compile_for_inference
-from mmfusion.runtime import bf16_native
+from mmfusion.runtime import bf16_native, tune_malloc
 from mmfusion.tokenizers.build import build_image_tokenizer
 from mmfusion.tokenizers.config import ImageTokenizerConfig
 from mmfusion.tokenizers.text import TextTokenizer
@@ -67,6 +67,7 @@ class MMFusion:
         resize: str = "squash",
         training_data: str | None = None,
     ) -> None:
+        tune_malloc()  # as the CLI does: batched captions free and refault large blocks otherwise
         self.model = model.eval()
         self.text_tokenizer = text_tokenizer
         self.image_cfg = image

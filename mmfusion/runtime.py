@@ -1,4 +1,5 @@
-"""Process-wide settings for CPU speed, applied by the entry points (the CLI, `train`, the benchmarks).
+"""Process-wide settings for CPU speed, applied by the entry points (the CLI, `train`, the pipeline `MMFusion`,
+the benchmarks).
 
 glibc's malloc hands every block above its mmap threshold (128 KiB to start with) straight back to the
 kernel when it is freed, and trims the top of the heap at 128 KiB free. A training step allocates and

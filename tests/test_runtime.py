@@ -60,3 +60,20 @@ def test_user_choice_is_respected(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runtime, "_tuned", None)
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
     assert runtime.tune_malloc() is False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_a_script_that_only_loads_a_pipeline_gets_the_tuning(trained_tiny) -> None:
+    """Library users never run the CLI: batched captions free and refault large blocks unless the
+    pipeline raises the thresholds itself."""
+    code = (
+        "import sys, mmfusion.runtime as r\n"
+        "from mmfusion.pipeline import MMFusion\n"
+        "before = r._tuned\n"
+        "MMFusion.from_pretrained(sys.argv[1])\n"
+        "print(before, r._tuned)\n"
+    )
+    env = {"PATH": "/usr/bin:/bin"}  # no MALLOC_* or LD_PRELOAD from the caller
+    out = subprocess.run([sys.executable, "-c", code, str(trained_tiny)], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["None", "True"]

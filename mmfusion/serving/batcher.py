@@ -52,8 +52,8 @@ class ModelWorker:
     """Runs `submit`ted jobs on one thread, jobs of equal `key` batched together.
 
     `max_batch`: samples per model call (a request of more samples runs alone, whole). `max_pending`:
-    requests waiting or running at once; past it `submit` raises `Busy`. `gather_seconds`: how long the
-    worker may wait for the next batch to fill up to the size of the last one."""
+    requests waiting or running at once; past it `submit` raises `Busy`. `gather_seconds`: how long at
+    most the worker may wait for the next batch to fill (`_take` says up to what)."""
 
     def __init__(self, max_batch: int = 16, max_pending: int = 64, gather_seconds: float = 0.15) -> None:
         if max_batch < 1 or max_pending < 1:
@@ -63,6 +63,7 @@ class ModelWorker:
         self._jobs: deque[_Job] = deque()
         self._running = 0
         self._last_batch = 1  # samples in the last batch: how many to wait for in the next
+        self._last_seconds = gather_seconds  # how long it ran: waiting longer would cost more than it saves
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="mmfusion-model", daemon=True)
@@ -93,14 +94,16 @@ class ModelWorker:
 
     def _take(self) -> list[_Job]:
         """The oldest job and the waiting jobs of its key that fit into one batch with it. Before taking
-        them, the worker waits up to `gather_seconds` for as many samples as its last batch had: the
-        people just served tend to send their next request at once, and a fuller batch costs less per
-        sample."""
+        them, the worker waits up to `gather_seconds` for the samples of its last batch and those that
+        came while it ran: the people just served tend to send their next request at once, and a fuller
+        batch costs less per sample. (Waiting for the last batch's size alone let steady clients settle
+        into two smaller batches that took turns.) Never longer than the last batch ran: the
+        late ones can run in a batch of their own for about that."""
         with self._cond:
+            target = min(self.max_batch, max(1, self._last_batch + self._waiting_samples()))
             while not self._jobs and not self._closed:
                 self._cond.wait()
-            deadline = time.monotonic() + self.gather_seconds
-            target = min(self.max_batch, max(1, self._last_batch))
+            deadline = time.monotonic() + min(self.gather_seconds, self._last_seconds)
             while not self._closed and self._waiting_samples() < target:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -126,9 +129,10 @@ class ModelWorker:
             batch = self._take()
             if not batch:
                 return
+            start = time.monotonic()
             self._run(batch)
             with self._cond:
-                self._running = 0
+                self._running, self._last_seconds = 0, time.monotonic() - start
 
     def _run(self, batch: list[_Job]) -> None:
         items = [item for job in batch for item in job.items]

@@ -98,14 +98,50 @@ def test_a_failing_batch_fails_its_requests_and_the_worker_goes_on():
 
 def test_the_next_batch_waits_briefly_for_as_many_samples_as_the_last():
     """People just served send their next request at once: after a batch of 3, the worker waits (up to
-    `gather_seconds`) until 3 samples wait again, rather than running the first one alone."""
+    `gather_seconds`, and no longer than that batch ran) until 3 samples wait again, rather than running
+    the first one alone."""
     worker, run = ModelWorker(max_batch=8, gather_seconds=2.0), Recorder()
-    run.release.set()
-    assert worker.submit("a", [1, 2, 3], run) == ["out-1", "out-2", "out-3"]
-    with ThreadPoolExecutor(3) as pool:
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(worker.submit, "a", [1, 2, 3], run)
+        time.sleep(0.6)  # the batch of 3 runs this long: the next may wait as long for its people
+        run.release.set()
+        assert first.result(10) == ["out-1", "out-2", "out-3"]
         futures = [pool.submit(worker.submit, "a", [10], run)]
-        time.sleep(0.2)  # well inside the 2 s window
+        time.sleep(0.2)  # inside both windows
         futures += [pool.submit(worker.submit, "a", [i], run) for i in (11, 12)]
         assert [f.result(10) for f in futures] == [["out-10"], ["out-11"], ["out-12"]]
     assert [sorted(b) for b in run.batches] == [[1, 2, 3], [10, 11, 12]]
+    worker.close()
+
+
+def test_requests_that_came_while_a_batch_ran_count_toward_the_next():
+    """Eight steady clients make batches of 8: after a batch of 5, with 3 more waiting, the worker waits
+    for the 5 to come back rather than for 5 samples in all (which kept such clients in batches of 5 and
+    3, or 6 and 2, for as long as they kept coming)."""
+    worker, run = ModelWorker(max_batch=8, gather_seconds=2.0), Recorder()
+    with ThreadPoolExecutor(8) as pool:
+        first = pool.submit(worker.submit, "a", [0, 1, 2, 3, 4], run)
+        wait_for(lambda: worker._running == 1)
+        early = [pool.submit(worker.submit, "a", [i], run) for i in (5, 6, 7)]
+        wait_for(lambda: len(worker._jobs) == 3)
+        time.sleep(0.5)  # the batch runs this long
+        run.release.set()
+        first.result(10)
+        late = []
+        for i in range(10, 15):  # the five come back one after another
+            late.append(pool.submit(worker.submit, "a", [i], run))
+            time.sleep(0.02)
+        assert [f.result(10) for f in early + late] == [[f"out-{i}"] for i in (5, 6, 7, *range(10, 15))]
+    assert [len(b) for b in run.batches] == [5, 8]
+    worker.close()
+
+
+def test_the_wait_for_a_fuller_batch_is_no_longer_than_the_last_batch_ran():
+    """A batch that ran for 10 ms is not worth 2 s of waiting: the last people of a crowd, or one person
+    after it, are served about as soon as the model is free."""
+    worker = ModelWorker(max_batch=8, gather_seconds=2.0)
+    assert worker.submit("a", list(range(8)), lambda items: items) == list(range(8))
+    start = time.monotonic()
+    assert worker.submit("a", [9], lambda items: items) == [9]  # alone, where 8 would have been waited for
+    assert time.monotonic() - start < 1.0
     worker.close()
