@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from mmfusion.errors import Stopped
 from mmfusion.image_io import make_grid
 from mmfusion.pipeline import MMFusion
-from mmfusion.training.module import find_callback
+from mmfusion.training.module import find_callback, max_over_processes
 
 
 def step_progress_bar(minutes: float | None = None, refresh_rate: int = 10) -> L.Callback:
@@ -131,7 +131,7 @@ class StopOnSigterm(L.Callback):
         self._step = trainer.global_step
         flag = torch.tensor(float(self.requested), device=trainer.strategy.root_device)
         if trainer.world_size > 1:
-            flag = trainer.strategy.reduce(flag, reduce_op="max")
+            flag = max_over_processes(flag)
         if flag.item() and trainer.global_step < (trainer.max_steps if trainer.max_steps > 0 else float("inf")):
             trainer.should_stop = True
             self.stopped_at = trainer.global_step

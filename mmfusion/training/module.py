@@ -54,6 +54,15 @@ def find_callback(trainer: L.Trainer, kind: type) -> Any:
     return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
 
 
+def max_over_processes(flag: torch.Tensor) -> torch.Tensor:
+    """`flag`'s maximum over all processes, in place: one all-reduce, which every process makes at the same
+    point of every step. (Lightning's `strategy.reduce` puts a barrier before it: a second collective a
+    step, waited for on every process.)"""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag
+
+
 class MMFusionModule(L.LightningModule):
     """Trains `model` (built from `cfg.model` unless given, e.g. a pretrained one wrapped with LoRA).
 
@@ -189,7 +198,7 @@ class MMFusionModule(L.LightningModule):
         """Skip (and count) a step whose loss is NaN / inf on any rank; stop after too many in a row."""
         bad = torch.tensor(0.0 if torch.isfinite(loss.detach()) else 1.0, device=loss.device)
         if self._trainer is not None:
-            bad = self.trainer.strategy.reduce(bad, reduce_op="max")
+            bad = max_over_processes(bad)
         if not bad:
             self.nonfinite_run = 0
             return False

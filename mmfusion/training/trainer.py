@@ -52,11 +52,13 @@ AUTO_PRECISION_ENV = "MMFUSION_AUTO_PRECISION"
 
 def make_strategy(t: Any) -> Any:
     """Lightning strategy from its name. DDP looks for unused parameters: a batch without captions
-    leaves the text head out of the graph, a class-conditional one the text embeddings."""
+    leaves the text head out of the graph, a class-conditional one the text embeddings. It does not
+    broadcast the model's buffers before every forward: they are tables computed from the config
+    (rotary frequencies, position embeddings), the same in every process."""
     if t.strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
-        return DDPStrategy(find_unused_parameters=True)
+        return DDPStrategy(find_unused_parameters=True, broadcast_buffers=False)
     if t.strategy == "fsdp":
         return fsdp_strategy(t)
     return t.strategy

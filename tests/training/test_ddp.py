@@ -66,3 +66,27 @@ def test_a_finished_run_closes_its_process_group(tmp_path):
     _run(tmp_path / "run", 2, 8, "--run")
     for rank in (0, 1):
         assert (tmp_path / "run" / f"group_open_rank{rank}.txt").read_text() == "False"
+
+
+def _flag_worker(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from mmfusion.training.module import max_over_processes
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        flags = [max_over_processes(torch.tensor(float(rank == k))).item() for k in (0, 1)]
+        torch.save({"flags": flags, "none": max_over_processes(torch.tensor(0.0)).item()}, f"{out}/flag{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_flag_raised_on_either_process_is_seen_by_both(tmp_path):
+    """The per-step flags (a non-finite loss, SIGTERM) are one all-reduce each: raised on rank 0 or on
+    rank 1 alone, both processes read 1; raised on none, both read 0."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_flag_worker, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"flag{rank}.pt")
+        assert got == {"flags": [1.0, 1.0], "none": 0.0}
