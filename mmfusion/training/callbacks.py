@@ -129,9 +129,7 @@ class StopOnSigterm(L.Callback):
         if trainer.global_step == self._step:  # inside a gradient accumulation: same step, same decision
             return
         self._step = trainer.global_step
-        flag = torch.tensor(float(self.requested), device=trainer.strategy.root_device)
-        if trainer.world_size > 1:
-            flag = max_over_processes(flag)
+        flag = max_over_processes(torch.tensor(float(self.requested), device=trainer.strategy.root_device))
         if flag.item() and trainer.global_step < (trainer.max_steps if trainer.max_steps > 0 else float("inf")):
             trainer.should_stop = True
             self.stopped_at = trainer.global_step
