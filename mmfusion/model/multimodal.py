@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from contextlib import nullcontext
 
 import torch
 from torch import nn
 
 from mmfusion.model.cache import KVCache
 from mmfusion.model.config import ModelConfig
-from mmfusion.model.masks import CODE
-from mmfusion.model.sequence import TokenBatch, place_rows, row_index, select_rows
+from mmfusion.model.fp32_linear import linear_fp32
+from mmfusion.model.sequence import BatchRows, TokenBatch, place_rows, select_rows
 from mmfusion.model.token_shuffle import TokenShuffle, TokenUnshuffle
 from mmfusion.model.transformer import Transformer
 
@@ -97,36 +96,43 @@ class MMFusionModel(nn.Module):
         if self.cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def embed(self, batch: TokenBatch) -> torch.Tensor:
-        """Input embeddings (B, L, dim) for every kind of token."""
+    def embed(self, batch: TokenBatch, rows: BatchRows | None = None) -> torch.Tensor:
+        """Input embeddings (B, L, dim) for every kind of token. `rows`: where the image and code tokens
+        sit, when the caller found them already (a compiled training step, which then has no
+        data-dependent shape inside it)."""
         ids = batch.ids
         vocab = self.cfg.vocab_size
         x = self.embed_tokens(ids.clamp(0, vocab - 1)).to(self.dtype)  # tied to an fp32 head: may be float32
         if self.class_embed is not None:
             is_class = ids >= vocab
-            if is_class.any():
-                x = torch.where(is_class[..., None], self.class_embed((ids - vocab).clamp(min=0)), x)
+            x = torch.where(is_class[..., None], self.class_embed((ids - vocab).clamp(min=0)), x)
         # image and code tokens by row numbers (index_select / index_copy) rather than boolean masks:
         # the same values, about a quarter of a millisecond less per training step
-        is_image = batch.is_image()
-        if is_image.any():
-            rows = row_index(is_image)
-            values, pos, t = (select_rows(v, rows) for v in (batch.values, batch.image_pos, batch.t))
-            x = place_rows(x, rows, self.image_embedding(values, pos, t))
-        is_code = batch.kind == CODE
-        if is_code.any():
-            rows = row_index(is_code)
-            codes, pos = select_rows(batch.codes, rows), select_rows(batch.image_pos, rows)
-            x = place_rows(x, rows, self.shuffle_in(codes) + self.grid_embedding(pos))
+        rows = rows or BatchRows.of(batch, codes=self.cfg.discrete)
+        if rows.image.numel():
+            values, pos = select_rows(batch.values, rows.image), select_rows(batch.image_pos, rows.image)
+            time = self.time_embed(rows.steps).index_select(0, rows.which)
+            x = place_rows(x, rows.image, self.image_embedding(values, pos, time=time))
+        if rows.code.numel():
+            codes, pos = select_rows(batch.codes, rows.code), select_rows(batch.image_pos, rows.code)
+            x = place_rows(x, rows.code, self.shuffle_in(codes) + self.grid_embedding(pos))
         return x
 
-    def image_embedding(self, values: torch.Tensor, image_pos: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def image_embedding(
+        self,
+        values: torch.Tensor,
+        image_pos: torch.Tensor,
+        t: torch.Tensor | None = None,
+        time: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Input embeddings of continuous image tokens: values (..., C), grid positions (...) and
-        timesteps (...) -> (..., dim). `t` may also be one timestep for all tokens (shape (1,)).
-        The timestep MLP runs once per distinct timestep, not once per token (a training batch has
-        a few timesteps per image over its 16-256 tokens)."""
-        steps, which = torch.unique(t.reshape(-1), return_inverse=True)
-        time = self.time_embed(steps).index_select(0, which.reshape(-1)).view(*t.shape, -1)
+        timesteps (...) -> (..., dim). `t` may also be one timestep for all tokens (shape (1,)); `time`
+        is the timestep embedding itself, where the caller made it. The timestep MLP runs once per
+        distinct timestep, not once per token (a training batch has a few timesteps per image over its
+        16-256 tokens)."""
+        if time is None:
+            steps, which = torch.unique(t.reshape(-1), return_inverse=True)
+            time = self.time_embed(steps).index_select(0, which.reshape(-1)).view(*t.shape, -1)
         return self.image_in(values.to(self.image_in.weight.dtype)) + self.grid_embedding(image_pos) + time
 
     def grid_embedding(self, image_pos: torch.Tensor) -> torch.Tensor:
@@ -141,13 +147,15 @@ class MMFusionModel(nn.Module):
         cache: KVCache | None = None,
         store: bool = False,
         mask: torch.Tensor | None = None,
+        rows: BatchRows | None = None,
     ) -> torch.Tensor:
-        """Hidden states (B, L, dim). `mask` defaults to the generalized causal mask of `batch`. A batch (and
-        mask) built on the CPU, as the samplers build theirs, is moved to the model's device here."""
+        """Hidden states (B, L, dim). `mask` defaults to the generalized causal mask of `batch`; `rows`: see
+        `embed`. A batch (and mask) built on the CPU, as the samplers build theirs, is moved to the model's
+        device here."""
         if batch.ids.device != self.device:
-            batch = batch.to(self.device)
+            batch, rows = batch.to(self.device), rows and rows.to(self.device)
         mask = batch.mask(bidirectional_prompt=self.cfg.bidirectional_prompt) if mask is None else mask.to(self.device)
-        x = self.embed(batch)
+        x = self.embed(batch, rows)
         positions = self.rotary_positions(batch)
         # The rotary tables are made here, not inside the backbone: a compiled backbone then takes them
         # as inputs, where inductor had recomputed their cosines from the positions in each layer's
@@ -175,11 +183,11 @@ class MMFusionModel(nn.Module):
     def _head(self, head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
         if not self.cfg.fp32_head:
             return head(hidden)
-        with (
-            torch.autocast(hidden.device.type, enabled=False)
-            if torch.is_autocast_enabled(hidden.device.type)
-            else nullcontext()
-        ):
+        if not torch.is_autocast_enabled(hidden.device.type):
+            return head(hidden.float())
+        if type(head) is nn.Linear and torch.compiler.is_compiling():  # in a graph, an operator: `linear_fp32`
+            return linear_fp32(hidden, head.weight, head.bias)
+        with torch.autocast(hidden.device.type, enabled=False):  # an adapted head (LoRA on it)
             return head(hidden.float())
 
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,38 @@ def row_index(where: torch.Tensor) -> torch.Tensor:
     return where.flatten().nonzero().squeeze(1)
 
 
+@dataclass
+class BatchRows:
+    """Where a batch's kinds of tokens sit (flat row numbers, as `row_index` gives them), found before the
+    model runs. Their counts depend on the data, so a compiled graph that had to find them would stop at
+    each one; given them, the training step's forward and losses compile as one graph
+    (`JointObjective.compile`)."""
+
+    image: torch.Tensor  # the continuous image tokens, clean or noisy
+    steps: torch.Tensor  # the distinct diffusion timesteps of those tokens
+    which: torch.Tensor  # each image token's entry in `steps`
+    code: torch.Tensor  # the fused tokens of discrete image codes
+    noisy: torch.Tensor  # the tokens with an image loss (weight > 0)
+    text: torch.Tensor  # the tokens with a text label
+
+    @classmethod
+    def of(cls, batch: TokenBatch, codes: bool = False, losses: bool = False) -> BatchRows:
+        """The rows of `batch`; code tokens only with `codes`, the loss rows only with `losses` (a
+        sampling pass needs neither)."""
+        none = torch.zeros(0, dtype=torch.long, device=batch.kind.device)
+        image = row_index(batch.is_image())
+        steps = which = none
+        if image.numel():
+            steps, which = torch.unique(batch.t.flatten().index_select(0, image), return_inverse=True)
+        code = row_index(batch.kind == CODE) if codes else none
+        noisy = row_index(batch.weights > 0) if losses and batch.weights is not None else none
+        text = row_index(batch.labels != IGNORE) if losses and batch.labels is not None else none
+        return cls(image, steps, which, code, noisy, text)
+
+    def to(self, device: torch.device | str) -> BatchRows:
+        return BatchRows(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+
 def place_rows(x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """x (B, L, ...) with its flat rows `rows` (from `row_index`) replaced by `values` (n, ...), out of
     place: the inverse of `select_rows`, through index_copy rather than a boolean index_put."""

@@ -87,6 +87,7 @@ class MMFusionModule(L.LightningModule):
         self.objective = JointObjective(model_cfg, cfg.diffusion, cfg.objective, t.bos_id, t.eos_id, t.boi_id, t.eoi_id)
         self.skipped: dict[str, set[int]] = defaultdict(set)  # reason -> rows skipped for it
         self.nonfinite_total = 0
+        self.warmed_up = False  # the compiled step, for both sizes of batch (`JointObjective.warm_up`)
         self.nonfinite_run = 0
         self.seen = torch.zeros(2, dtype=torch.float64)  # samples and tokens trained on by this process
         self.last_logged: dict[str, torch.Tensor] = {}  # each loss term's last value (the bar shows it)
@@ -109,9 +110,11 @@ class MMFusionModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.image_tokenizer.to(self.device)
-        if self.cfg.train.compile and compile_blocks(self.model, per_block=self._under_fsdp()):
+        fsdp, step = self._under_fsdp(), self.cfg.train.compile_step
+        if self.cfg.train.compile and compile_training(self.model, self.objective, per_block=fsdp, step=step):
             if self.trainer.is_global_zero:  # the first steps wait for it: say why the bar stands still
-                print("train.compile: compiling the transformer at the first steps (10-60 s; inductor caches it)")
+                what = "the training step" if self.objective.compiled else "the transformer"
+                print(f"train.compile: compiling {what} at the first steps (10-60 s; inductor caches it)")
 
     def sample_generators(self, indices: list[int] | torch.Tensor) -> list[torch.Generator]:
         """One generator per sample, seeded by (seed, step, row): the randomness of a sample does not
@@ -126,6 +129,9 @@ class MMFusionModule(L.LightningModule):
         if batch["size"] == 0:
             return None
         built = self.token_batch(batch)
+        if self.objective.compiled and not self.warmed_up:  # under the step's precision, as it trains
+            self.objective.warm_up(self.model, built.to(self.device))
+            self.warmed_up = True
         seen = torch.tensor([batch["size"], int(built.valid().sum())], dtype=torch.float64)  # on the CPU: no sync
         losses = self.objective.loss(self.model, built.to(self.device))
         if self._under_fsdp():
@@ -337,6 +343,17 @@ def compile_blocks(model: nn.Module, per_block: bool = False) -> bool:
         print("train.compile: no C++ compiler found (install g++), training uncompiled")
         return False
     compile_stack(model, per_block)
+    return True
+
+
+def compile_training(model: nn.Module, objective: JointObjective, per_block: bool = False, step: bool = False) -> bool:
+    """`train.compile`: the transformer (`compile_blocks`; under FSDP, which wraps each block, the blocks
+    one by one), or with `step` (`train.compile_step`) the training step's forward and losses as one
+    graph, the transformer inside it (`JointObjective.compile`). Returns False, with a message, where
+    inductor has no C++ compiler on CPU."""
+    if per_block or not step or not can_compile():
+        return compile_blocks(model, per_block=per_block)  # says why where it cannot
+    objective.compile()
     return True
 
 

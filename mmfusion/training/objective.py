@@ -19,7 +19,7 @@ from mmfusion.diffusion.layout import BatchLayout
 from mmfusion.model.config import ModelConfig
 from mmfusion.model.multimodal import MMFusionModel
 from mmfusion.model.prompts import Prompts
-from mmfusion.model.sequence import IGNORE, SequenceBuilder, TokenBatch, collate, pack, row_index, select_rows
+from mmfusion.model.sequence import BatchRows, SequenceBuilder, TokenBatch, collate, pack, select_rows
 from mmfusion.model.token_shuffle import fuse_grid, per_code_loss
 
 
@@ -41,6 +41,7 @@ class JointObjective:
         if objective.baseline == "transfusion":
             # Transfusion: one AR step, no clean copy for T2I; the caption reads the noisy image
             self.diffusion = DiffusionConfig(**{**diffusion.to_dict(), "gamma": 0.0, "ar_weight": 1.0, "k_times": 1})
+        self._loss, self.compiled = self._loss_terms, False  # see `compile`
         self.layout = None  # whole-batch layout: continuous tokens under a text condition
         if not model_cfg.discrete and objective.condition == "text":
             grid, span, clean_last = model_cfg.image_grid, model_cfg.image_span, not self.text_sees_noisy
@@ -144,30 +145,53 @@ class JointObjective:
         """Weighted image loss (diffusion regression, or code cross-entropy) plus the weighted text loss.
         A term the batch has nothing for (no caption-order sample, no noisy token) is left out of the
         dict rather than given as 0, so that the logs do not read "text loss 0" for a small batch that
-        had no caption to learn from."""
-        hidden = model(batch, mask=batch.mask(self.text_sees_noisy, self.model_cfg.bidirectional_prompt))
+        had no caption to learn from. The rows of each kind of token are found first, outside the
+        (possibly compiled) forward and losses."""
+        rows = BatchRows.of(batch, codes=self.model_cfg.discrete, losses=True)
+        return self._loss(model, batch, rows)
+
+    def compile(self) -> None:
+        """Compile the forward pass and the losses as one graph (dynamic shapes), the transformer inside
+        it: the embeddings, mask, heads and losses fuse with it, and the backward is one compiled node
+        rather than a graph of small eager ones. The model's weights and files are untouched."""
+        self._loss = torch.compile(self._loss_terms, dynamic=True)
+        self.compiled = True
+
+    def warm_up(self, model: MMFusionModel, batch: TokenBatch) -> None:
+        """Compile the step for `batch` and for its first half of rows, before it trains. Inductor makes
+        some kernels differently above and below a size (a float sum over more than 4,096 values adds
+        up in chunks), and a batch on the other side of it compiles again: in a data-parallel run, one
+        process at a time, mid-run, with the others waiting. Packed batches vary by a few rows around
+        the batch's mean, so compiling both sizes at the start spares that. The gradients are taken
+        and dropped (`torch.autograd.grad`): no weight, `.grad` or data-parallel hook is touched."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        for rows in (len(batch), max(1, len(batch) // 2)):
+            part = TokenBatch(**{k: None if v is None else v[:rows] for k, v in batch.__dict__.items()})
+            torch.autograd.grad(self.loss(model, part)["loss"], params, allow_unused=True)
+
+    def _loss_terms(self, model: MMFusionModel, batch: TokenBatch, rows: BatchRows) -> dict[str, torch.Tensor]:
+        mask = batch.mask(self.text_sees_noisy, self.model_cfg.bidirectional_prompt)
+        hidden = model(batch, mask=mask, rows=rows)
         out: dict[str, torch.Tensor] = {}
-        noisy = batch.weights > 0
-        if self.model_cfg.discrete and noisy.any():
-            out["image_loss"] = self._code_loss(model, hidden, batch)
-        elif noisy.any():
-            rows = row_index(noisy)
-            pred = model.image_output(select_rows(hidden, rows))
-            mse = (pred - select_rows(batch.targets, rows).to(pred.dtype)).pow(2).mean(-1)
-            out["image_loss"] = (mse * select_rows(batch.weights, rows)).sum() / len(rows)
-        has_text = batch.labels != IGNORE
-        if has_text.any():
-            rows = row_index(has_text)
-            logits = model.text_logits(select_rows(hidden, rows))
-            out["text_loss"] = F.cross_entropy(logits.float(), select_rows(batch.labels, rows))
+        if self.model_cfg.discrete and rows.noisy.numel():
+            out["image_loss"] = self._code_loss(model, hidden, batch, rows.noisy)
+        elif rows.noisy.numel():
+            pred = model.image_output(select_rows(hidden, rows.noisy))
+            mse = (pred - select_rows(batch.targets, rows.noisy).to(pred.dtype)).pow(2).mean(-1)
+            out["image_loss"] = (mse * select_rows(batch.weights, rows.noisy)).sum() / rows.noisy.shape[0]
+        if rows.text.numel():
+            logits = model.text_logits(select_rows(hidden, rows.text))
+            out["text_loss"] = F.cross_entropy(logits.float(), select_rows(batch.labels, rows.text))
         if not out:  # nothing to learn from: a zero loss still tied to the graph
             return {"loss": hidden.sum() * 0.0}
         out["loss"] = out.get("image_loss", 0.0) + self.obj.text_loss_weight * out.get("text_loss", 0.0)
         return out
 
-    def _code_loss(self, model: MMFusionModel, hidden: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
-        """Cross-entropy over all s^2 codes of the next fused token (bitwise: binary CE over the d bits)."""
-        rows = row_index(batch.weights > 0)
+    def _code_loss(
+        self, model: MMFusionModel, hidden: torch.Tensor, batch: TokenBatch, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """Cross-entropy over all s^2 codes of the next fused token (bitwise: binary CE over the d bits),
+        at the flat rows `rows` of the tokens with an image loss."""
         target = select_rows(batch.code_labels, rows)  # (n, W)
         logits = model.code_logits(select_rows(hidden, rows), codes=target).float()  # (n, W, K) or (n, W, d)
         per_code = per_code_loss(logits, target, self.model_cfg.code_bits if model.shuffle_out.bitwise else 0)

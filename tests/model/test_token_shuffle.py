@@ -171,7 +171,7 @@ def test_code_loss_is_the_mean_cross_entropy_over_each_window_slot():
     codes = torch.randint(0, cfg.image_codebook_size, (3, *[g * 2 for g in cfg.image_grid]))
     batch = obj.build(codes, [[10, 11], [12], [13, 14, 15]], None, torch.Generator().manual_seed(0))
     hidden = model(batch)
-    got = obj._code_loss(model, hidden, batch)
+    got = obj._code_loss(model, hidden, batch, row_index(batch.weights > 0))
     at = (batch.weights > 0).nonzero().tolist()
     total = 0.0
     for b, i in at:
