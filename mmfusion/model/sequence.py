@@ -8,6 +8,7 @@ token sits in the image is told by its 2-D image position embedding instead.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,11 @@ class TokenBatch:
         return mask
 
     def to(self, device: torch.device | str) -> TokenBatch:
-        return TokenBatch(**{k: None if v is None else v.to(device) for k, v in self.__dict__.items()})
+        return self.map(lambda v: v.to(device))
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> TokenBatch:
+        """The batch with `fn` applied to each of its tensors (e.g. `lambda v: v[:n]`, its first n rows)."""
+        return TokenBatch(**{k: None if v is None else fn(v) for k, v in self.__dict__.items()})
 
     def __len__(self) -> int:
         return self.kind.shape[0]

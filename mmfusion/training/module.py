@@ -87,7 +87,6 @@ class MMFusionModule(L.LightningModule):
         self.objective = JointObjective(model_cfg, cfg.diffusion, cfg.objective, t.bos_id, t.eos_id, t.boi_id, t.eoi_id)
         self.skipped: dict[str, set[int]] = defaultdict(set)  # reason -> rows skipped for it
         self.nonfinite_total = 0
-        self.warmed_up = False  # the compiled step, for both sizes of batch (`JointObjective.warm_up`)
         self.nonfinite_run = 0
         self.seen = torch.zeros(2, dtype=torch.float64)  # samples and tokens trained on by this process
         self.last_logged: dict[str, torch.Tensor] = {}  # each loss term's last value (the bar shows it)
@@ -129,11 +128,10 @@ class MMFusionModule(L.LightningModule):
         if batch["size"] == 0:
             return None
         built = self.token_batch(batch)
-        if self.objective.compiled and not self.warmed_up:  # under the step's precision, as it trains
-            self.objective.warm_up(self.model, built.to(self.device))
-            self.warmed_up = True
         seen = torch.tensor([batch["size"], int(built.valid().sum())], dtype=torch.float64)  # on the CPU: no sync
-        losses = self.objective.loss(self.model, built.to(self.device))
+        built = built.to(self.device)
+        self.objective.warm_up(self.model, built)  # a compiled step's first: under its precision, as it trains
+        losses = self.objective.loss(self.model, built)
         if self._under_fsdp():
             self.used_weights.watch(self.model)
         if self._non_finite(losses["loss"]):

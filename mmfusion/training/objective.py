@@ -41,7 +41,7 @@ class JointObjective:
         if objective.baseline == "transfusion":
             # Transfusion: one AR step, no clean copy for T2I; the caption reads the noisy image
             self.diffusion = DiffusionConfig(**{**diffusion.to_dict(), "gamma": 0.0, "ar_weight": 1.0, "k_times": 1})
-        self._loss, self.compiled = self._loss_terms, False  # see `compile`
+        self._loss, self.compiled, self._cold = self._loss_terms, False, False  # see `compile`, `warm_up`
         self.layout = None  # whole-batch layout: continuous tokens under a text condition
         if not model_cfg.discrete and objective.condition == "text":
             grid, span, clean_last = model_cfg.image_grid, model_cfg.image_span, not self.text_sees_noisy
@@ -155,19 +155,23 @@ class JointObjective:
         it: the embeddings, mask, heads and losses fuse with it, and the backward is one compiled node
         rather than a graph of small eager ones. The model's weights and files are untouched."""
         self._loss = torch.compile(self._loss_terms, dynamic=True)
-        self.compiled = True
+        self.compiled = self._cold = True
 
     def warm_up(self, model: MMFusionModel, batch: TokenBatch) -> None:
-        """Compile the step for `batch` and for its first half of rows, before it trains. Inductor makes
+        """Once after `compile` (a no-op otherwise and after that), compile the step for `batch` and for
+        its first half of rows, before it trains. Inductor makes
         some kernels differently above and below a size (a float sum over more than 4,096 values adds
         up in chunks), and a batch on the other side of it compiles again: in a data-parallel run, one
         process at a time, mid-run, with the others waiting. Packed batches vary by a few rows around
         the batch's mean, so compiling both sizes at the start spares that. The gradients are taken
         and dropped (`torch.autograd.grad`): no weight, `.grad` or data-parallel hook is touched."""
+        if not self._cold:
+            return
         params = [p for p in model.parameters() if p.requires_grad]
         for rows in (len(batch), max(1, len(batch) // 2)):
-            part = TokenBatch(**{k: None if v is None else v[:rows] for k, v in batch.__dict__.items()})
+            part = batch.map(lambda v: v[:rows])  # noqa: B023 (used at once)
             torch.autograd.grad(self.loss(model, part)["loss"], params, allow_unused=True)
+        self._cold = False
 
     def _loss_terms(self, model: MMFusionModel, batch: TokenBatch, rows: BatchRows) -> dict[str, torch.Tensor]:
         mask = batch.mask(self.text_sees_noisy, self.model_cfg.bidirectional_prompt)

@@ -78,7 +78,7 @@ def test_compiled_lora_matches_eager_loss_and_adapter_gradients(tiny_cfg):
 
 @pytest.mark.parametrize("kind", ["pixels", "codes", "classes"])
 def test_compiled_objective_matches_eager_losses_and_gradients(kind):
-    """`train.compile` compiles the objective's forward and losses as one graph (`JointObjective.compile`):
+    """`train.compile_step` compiles the objective's forward and losses as one graph (`JointObjective.compile`):
     the same loss terms and gradients as eager, for batches of other lengths and without a text loss,
     with no graph break (the rows of each kind of token are found outside the graph), for CausalFusion,
     Token-Shuffle and class-conditional models."""
