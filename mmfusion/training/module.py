@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections import defaultdict
@@ -25,6 +26,7 @@ from mmfusion.training.sharded import UsedWeights, init_optimizer_state, is_shar
 
 VALIDATION_SEED = 987_654_321  # validation rows draw from generators of their own, apart from training's
 TIME_SYNC_EVERY = 10  # steps between updates of the LR schedule's time progress
+DDP_BUCKET_BYTES = 25 * 2**20  # DistributedDataParallel's gradient bucket (its default bucket_cap_mb=25)
 
 
 class TrainingDiverged(UserError):
@@ -92,6 +94,7 @@ class MMFusionModule(L.LightningModule):
         self.last_logged: dict[str, torch.Tensor] = {}  # each loss term's last value (the bar shows it)
         self.class_names: list[str] = []
         self.used_weights = UsedWeights()  # under FSDP: the weights a step's backward reached
+        self.graph_scope: Any = contextlib.nullcontext  # entered around the compiled calls (`graph_scope`)
 
     @property
     def image_tokenizer(self) -> Any:
@@ -111,6 +114,7 @@ class MMFusionModule(L.LightningModule):
         self.image_tokenizer.to(self.device)
         fsdp, step = self._under_fsdp(), self.cfg.train.compile_step
         if self.cfg.train.compile and compile_training(self.model, self.objective, per_block=fsdp, step=step):
+            self.graph_scope = graph_scope(self.model)
             if self.trainer.is_global_zero:  # the first steps wait for it: say why the bar stands still
                 what = "the training step" if self.objective.compiled else "the transformer"
                 print(f"train.compile: compiling {what} at the first steps (10-60 s; inductor caches it)")
@@ -130,8 +134,9 @@ class MMFusionModule(L.LightningModule):
         built = self.token_batch(batch)
         seen = torch.tensor([batch["size"], int(built.valid().sum())], dtype=torch.float64)  # on the CPU: no sync
         built = built.to(self.device)
-        self.objective.warm_up(self.model, built)  # a compiled step's first: under its precision, as it trains
-        losses = self.objective.loss(self.model, built)
+        with self.graph_scope():
+            self.objective.warm_up(self.model, built)  # a compiled step's first: under its precision, as it trains
+            losses = self.objective.loss(self.model, built)
         if self._under_fsdp():
             self.used_weights.watch(self.model)
         if self._non_finite(losses["loss"]):
@@ -156,7 +161,8 @@ class MMFusionModule(L.LightningModule):
             torch.Generator().manual_seed(VALIDATION_SEED + self.cfg.train.seed * 1_000_003 + int(i))
             for i in batch["index"]
         ]
-        losses = self.objective.loss(self.model, self.token_batch(batch, gens).to(self.device))
+        with self.graph_scope():
+            losses = self.objective.loss(self.model, self.token_batch(batch, gens).to(self.device))
         terms = [k for k in ("image_loss", "text_loss", "loss") if k in losses and torch.isfinite(losses[k])]
         self.log_dict({f"val/{k}": losses[k].detach() for k in terms}, batch_size=batch["size"], sync_dist=True)
 
@@ -353,6 +359,22 @@ def compile_training(model: nn.Module, objective: JointObjective, per_block: boo
         return compile_blocks(model, per_block=per_block)  # says why where it cannot
     objective.compile()
     return True
+
+
+def graph_scope(model: nn.Module) -> Any:
+    """What the compiled training calls run under. Inside a DistributedDataParallel forward, dynamo cuts
+    a compiled graph at DDP's gradient buckets (its DDPOptimizer), so that a bucket's all-reduce can start
+    while the backward of the layers before it runs. A model whose gradients fit in one bucket has
+    nothing to overlap but DDP's small first bucket (1 MB), and the cuts cost it: fusion across a cut is
+    lost, and the pieces compile apart, each step of a run's start waiting (docs/BENCHMARKS.md). For such
+    a model the graphs stay whole (`optimize_ddp=False`: the all-reduce follows the backward); a larger
+    one keeps dynamo's default. Outside DDP neither changes anything."""
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    if grads > DDP_BUCKET_BYTES:
+        return contextlib.nullcontext
+    import torch._dynamo
+
+    return lambda: torch._dynamo.config.patch(optimize_ddp=False)
 
 
 class LRSchedule:

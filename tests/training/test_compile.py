@@ -136,3 +136,56 @@ def test_compiled_objective_matches_eager_losses_and_gradients(kind):
     assert all(p.grad is None for p in compiled.parameters())
     assert all(torch.equal(v, before[k]) for k, v in compiled.state_dict().items())
     assert compiled.state_dict().keys() == eager.state_dict().keys()
+
+
+class _InsideDDP(torch.nn.Module):
+    """A compiled call made inside a DistributedDataParallel forward, as `training_step` makes its own."""
+
+    def __init__(self, scope) -> None:  # noqa: ANN001
+        super().__init__()
+        self.layers = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.SiLU(), torch.nn.Linear(8, 1))
+        self.loss = torch.compile(lambda x: self.layers(x).square().mean(), dynamic=True)
+        self.scope = scope
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.scope():
+            return self.loss(x)
+
+
+def test_a_small_models_compiled_graph_is_not_cut_at_ddp_buckets(tmp_path, monkeypatch):
+    """Inside a DDP forward dynamo hands a compiled graph to its DDPOptimizer, which cuts it at the
+    gradient buckets; `graph_scope` keeps a model whose gradients fit in one bucket out of it (its
+    graphs whole), and leaves a larger model to it. Without the scope the same call does go through the
+    DDPOptimizer: the check can fail."""
+    import contextlib
+
+    import torch.distributed as dist
+    from torch._dynamo.backends.distributed import DDPOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mmfusion.model.transformer import can_compile
+    from mmfusion.training.module import DDP_BUCKET_BYTES, graph_scope
+
+    if not can_compile():
+        pytest.skip("no C++ compiler for inductor")
+    big = torch.nn.Module()
+    big.weight = torch.nn.Parameter(torch.empty(DDP_BUCKET_BYTES // 4 + 1))
+    assert graph_scope(big) is contextlib.nullcontext  # larger than a bucket: dynamo's default
+    cuts = []
+    compile_fn = DDPOptimizer.compile_fn
+    monkeypatch.setattr(DDPOptimizer, "compile_fn", lambda self, *a: cuts.append(1) or compile_fn(self, *a))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        for whole in (True, False):
+            torch._dynamo.reset()
+            cuts.clear()
+            module = _InsideDDP(contextlib.nullcontext)
+            if whole:
+                module.scope = graph_scope(module)
+            loss = DistributedDataParallel(module)(torch.randn(4, 8))
+            loss.backward()
+            assert module.layers[0].weight.grad is not None
+            assert bool(cuts) != whole, f"graphs kept whole: {whole}, DDPOptimizer calls: {len(cuts)}"
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()
