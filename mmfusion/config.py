@@ -184,9 +184,9 @@ class TrainConfig:
     # skipped with a message where there is none
     compile: bool = False
     # with `compile`, the whole training step as one graph: embeddings, mask, transformer, output heads and
-    # losses (`JointObjective.compile`). In one process about 1.13x the steps of `compile` alone on the
-    # demo's model, not measurably faster in the demo's two processes, and about twice the compile time at
-    # the start of a run (docs/BENCHMARKS.md). Not under FSDP, which compiles block by block
+    # losses (`JointObjective.compile`), which fuse across the transformer's ends; faster steps on small
+    # models, for a longer compile at the start of a run (docs/BENCHMARKS.md). The demo's default. Not
+    # under FSDP, which compiles block by block
     compile_step: bool = False
     log_every_n_steps: int = 25  # steps between logged losses (csv or TensorBoard)
     checkpoint_every_n_steps: int = 500  # steps between checkpoints (RUN/checkpoints/last.ckpt, for --resume)
