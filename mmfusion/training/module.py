@@ -367,9 +367,8 @@ def graph_scope(model: nn.Module) -> Any:
     while the backward of the layers before it runs. A model whose gradients fit in one bucket has
     nothing to overlap but DDP's small first bucket (1 MB), and the cuts cost it: fusion across a cut is
     lost, and the pieces compile apart, outside inductor's cache, while a run's first steps wait
-    (docs/BENCHMARKS.md). For such
-    a model the graphs stay whole (`optimize_ddp=False`: the all-reduce follows the backward); a larger
-    one keeps dynamo's default. Outside DDP neither changes anything."""
+    (docs/BENCHMARKS.md). For such a model the graphs stay whole (`optimize_ddp=False`: the all-reduce
+    follows the backward); a larger one keeps dynamo's default. Outside DDP neither changes anything."""
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     if grads > DDP_BUCKET_BYTES:
         return contextlib.nullcontext
