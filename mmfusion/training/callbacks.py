@@ -1,5 +1,6 @@
-"""The callbacks of a training run: the step progress bar, the notice on Ctrl-C, a clean stop on
-SIGTERM, and the throughput log; with the helpers that read them after a fit."""
+"""The callbacks of a training run: the step progress bar, the notice on Ctrl-C, the budget's clock,
+the step's one vote of all processes (SIGTERM, time spent, a non-finite loss), and the throughput log;
+with the helpers that read them after a fit."""
 
 from __future__ import annotations
 
@@ -98,25 +99,52 @@ def interrupt_notice(out: Path) -> L.Callback:
     return InterruptNotice()
 
 
-class StopOnSigterm(L.Callback):
-    """SIGTERM (`kill`, a scheduler ending or preempting the job, torchrun passing it on) stops the run at
-    the end of an optimizer step, on every process at the same step, whichever processes received it.
+def budget_clock(minutes: float) -> L.Callback:
+    """Lightning's `Timer` as the clock of a time budget: its time spent is kept in the checkpoint and
+    goes on after a resume. The stop itself is agreed by `StepVote` with the step's other votes, so the
+    Timer's own check after each step, a broadcast of a pickled flag (two collectives), is off."""
+    from datetime import timedelta
 
-    Lightning's own handler does not: it broadcasts from inside the signal handler, a collective the other
-    processes are not making at that moment, and the first rank to see the flag raises alone. A 2-process
-    run given SIGTERM hung or exited 0 without a checkpoint (tests/training/test_resume.py). Here the
-    handler only records the signal; each optimizer step ends with one all-reduce of that flag (max; a
-    one-element collective, negligible beside a step), so all processes agree and leave
-    `fit` normally; `train` then writes the checkpoint of that step. A second SIGTERM ends the process at
-    once."""
+    from lightning.pytorch.callbacks import Timer
 
-    def __init__(self) -> None:
+    class BudgetClock(Timer):
+        @property
+        def state_key(self) -> str:  # the checkpoints of runs with Lightning's Timer itself resume alike
+            return "Timer"
+
+        def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    return BudgetClock(duration=timedelta(minutes=minutes), interval="step", verbose=False)
+
+
+class StepVote(L.Callback):
+    """What every process must agree on at an optimizer step, agreed in one all-reduce (max) after the
+    backward, before the weights move:
+
+    - SIGTERM (`kill`, a scheduler ending or preempting the job, torchrun passing it on) received by
+      any process: the run stops at the end of this step on every process, and `train` writes the
+      checkpoint of that step. A second SIGTERM ends the process at once.
+    - the time budget: the share of it spent (the largest of the processes' clocks, `budget_clock`),
+      which also sets the LR schedule's time progress; the run stops at the step that spends it.
+    - a non-finite loss on any process since the last step: the step is skipped on all
+      (`MMFusionModule.settle_step`).
+
+    Lightning's own ways to agree cost a collective each, and its SIGTERM handler broadcasts from inside
+    the signal handler, a collective the other processes are not making at that moment: a 2-process run
+    given SIGTERM hung or exited 0 without a checkpoint (tests/training/test_resume.py). Here the
+    handler only records the signal."""
+
+    def __init__(self, budget_minutes: float | None = None) -> None:
+        self.budget_s = 60 * budget_minutes if budget_minutes else None
         self.requested = False  # this process received SIGTERM
-        self.stopped_at: int | None = None  # the step all processes stopped at, before max_steps
-        self._step = -1
+        self.stopped_at: int | None = None  # the step all processes stopped at by SIGTERM, before max_steps
+        self.clock: Any = None
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self._step = trainer.global_step  # decide only once an optimizer step has been taken
+        from lightning.pytorch.callbacks import Timer
+
+        self.clock = find_callback(trainer, Timer) if self.budget_s else None
         # after Lightning installed its handlers (it puts back the ones before it at teardown)
         if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -125,14 +153,21 @@ class StopOnSigterm(L.Callback):
         self.requested = True
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
-    def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
-        if trainer.global_step == self._step:  # inside a gradient accumulation: same step, same decision
+    def on_before_optimizer_step(self, trainer: L.Trainer, module: L.LightningModule, optimizer: Any) -> None:
+        spent = self.clock.time_elapsed() / self.budget_s if self.clock is not None else 0.0
+        bad = float(getattr(module, "loss_not_finite", False))
+        votes = torch.tensor([float(self.requested), spent, bad], dtype=torch.float64)
+        sigterm, spent, bad = max_over_processes(votes.to(trainer.strategy.root_device)).tolist()
+        if hasattr(module, "settle_step"):
+            module.settle_step(optimizer, not_finite=bool(bad), spent=spent if self.clock is not None else None)
+        step = trainer.global_step + 1  # the step this optimizer step makes
+        if step >= (trainer.max_steps if trainer.max_steps > 0 else float("inf")) or not (sigterm or spent >= 1):
             return
-        self._step = trainer.global_step
-        flag = max_over_processes(torch.tensor(float(self.requested), device=trainer.strategy.root_device))
-        if flag.item() and trainer.global_step < (trainer.max_steps if trainer.max_steps > 0 else float("inf")):
-            trainer.should_stop = True
-            self.stopped_at = trainer.global_step
+        trainer.should_stop = True
+        if sigterm:
+            self.stopped_at = step
+        elif trainer.is_global_zero:
+            print(f"\ntime budget spent at step {step:,}: {self.budget_s / 60:g} min", flush=True)
 
 
 class ThroughputLog(L.Callback):
@@ -192,7 +227,7 @@ class ThroughputLog(L.Callback):
 
 def stopped_at(trainer: L.Trainer) -> int | None:
     """The step at which SIGTERM stopped this fit, or None if it ran to its end."""
-    stop = find_callback(trainer, StopOnSigterm)
+    stop = find_callback(trainer, StepVote)
     return None if stop is None else stop.stopped_at
 
 
@@ -206,7 +241,7 @@ def lightning_warnings_filtered() -> Iterator[None]:
     """Around `Trainer.fit`: Lightning's loops build torch pytree LeafSpec objects, which recent torch
     marks deprecated. That FutureWarning, once per process, is about Lightning's code and asks nothing
     of the user, so it is not shown. Nor is Lightning's warning that `training_step` returned None: it
-    does so on purpose for a step with a non-finite loss, which is skipped and counted in our own line."""
+    does so on purpose for a batch whose rows were all unusable, which are counted in our own line."""
     with warnings.catch_warnings():
         warnings.filterwarnings(
             "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning

@@ -25,7 +25,6 @@ from mmfusion.training.objective import JointObjective
 from mmfusion.training.sharded import UsedWeights, init_optimizer_state, is_sharded, shard_model
 
 VALIDATION_SEED = 987_654_321  # validation rows draw from generators of their own, apart from training's
-TIME_SYNC_EVERY = 10  # steps between updates of the LR schedule's time progress
 DDP_BUCKET_BYTES = 25 * 2**20  # DistributedDataParallel's gradient bucket (its default bucket_cap_mb=25)
 
 
@@ -91,6 +90,9 @@ class MMFusionModule(L.LightningModule):
         self.nonfinite_total = 0
         self.nonfinite_run = 0
         self.seen = torch.zeros(2, dtype=torch.float64)  # samples and tokens trained on by this process
+        self.pending_seen = torch.zeros(2, dtype=torch.float64)  # ... since the last optimizer step
+        self.loss_not_finite = False  # ... whose loss was not finite (this process)
+        self.settled_step = -1  # the last step `settle_step` decided
         self.last_logged: dict[str, torch.Tensor] = {}  # each loss term's last value (the bar shows it)
         self.class_names: list[str] = []
         self.used_weights = UsedWeights()  # under FSDP: the weights a step's backward reached
@@ -139,9 +141,12 @@ class MMFusionModule(L.LightningModule):
             losses = self.objective.loss(self.model, built)
         if self._under_fsdp():
             self.used_weights.watch(self.model)
-        if self._non_finite(losses["loss"]):
-            return None
-        self.seen += seen
+        if not torch.isfinite(losses["loss"].detach()):
+            # skipped on every process before the weights move (`settle_step`); its backward still runs,
+            # so that all processes make the same collectives
+            self.loss_not_finite = True
+            return losses["loss"]
+        self.pending_seen += seen
         # a term this batch had no data for is NaN, a gap in the logs (Lightning would repeat its last value)
         terms = (
             ("image_loss", "text_loss", "loss") if self.cfg.objective.condition == "text" else ("image_loss", "loss")
@@ -189,29 +194,24 @@ class MMFusionModule(L.LightningModule):
         if schedule is not None:
             schedule.configure(*self._schedule_settings())
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """Under a time budget, tell the LR schedule how much of it is spent before this step's scheduler
-        update (rank 0's clock, shared with every process every `TIME_SYNC_EVERY` steps, so that all
-        replicas step with the same rate)."""
-        budget = self.cfg.train.max_time_minutes
+    def settle_step(self, optimizer: torch.optim.Optimizer, not_finite: bool, spent: float | None = None) -> None:
+        """Before the weights move, what the processes agreed on in the step's vote (`StepVote`, one
+        all-reduce): whether any had a non-finite loss since the last optimizer step, and the share of
+        the time budget spent, the LR schedule's time progress (the same on every process, so that all
+        replicas step with the same rate). A step with a non-finite loss leaves the weights as they
+        were: its gradients are dropped, so the optimizer passes over every weight. It is counted, and
+        `train.max_nonfinite` of them in a row stop the run."""
+        self.settled_step = self.global_step
+        seen, self.pending_seen = self.pending_seen, torch.zeros_like(self.pending_seen)
+        self.loss_not_finite = False
         schedule = getattr(self, "lr_schedule", None)
-        if not budget or schedule is None or schedule.schedule == "constant" or self.global_step % TIME_SYNC_EVERY:
-            return
-        from lightning.pytorch.callbacks import Timer
-
-        timer = find_callback(self.trainer, Timer)
-        if timer is not None:
-            spent = timer.time_elapsed("train") / (60 * budget)
-            schedule.time_progress = float(self.trainer.strategy.broadcast(spent, src=0))
-
-    def _non_finite(self, loss: torch.Tensor) -> bool:
-        """Skip (and count) a step whose loss is NaN / inf on any rank; stop after too many in a row."""
-        bad = torch.tensor(0.0 if torch.isfinite(loss.detach()) else 1.0, device=loss.device)
-        if self._trainer is not None:
-            bad = max_over_processes(bad)
-        if not bad:
+        if spent is not None and schedule is not None:
+            schedule.time_progress = spent
+        if not not_finite:
+            self.seen += seen
             self.nonfinite_run = 0
-            return False
+            return
+        optimizer.zero_grad(set_to_none=True)
         self.nonfinite_total += 1
         self.nonfinite_run += 1
         self.log("train/nonfinite_steps", float(self.nonfinite_total))
@@ -221,7 +221,6 @@ class MMFusionModule(L.LightningModule):
                 f"the loss was not finite for {limit} steps in a row (step {self.global_step}); stopped. The last "
                 "checkpoint before it is intact: lower train.lr or raise train.grad_clip and resume with --resume"
             )
-        return True
 
     def skipped_summary(self) -> str:
         """One line: how many distinct rows were skipped, and why."""
@@ -256,6 +255,9 @@ class MMFusionModule(L.LightningModule):
         self.nonfinite_run = extra.get("nonfinite_run", 0)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.settled_step != self.global_step:  # a trainer without `StepVote`: agree on the loss alone
+            flag = torch.tensor(float(self.loss_not_finite), device=self.device)
+            self.settle_step(optimizer, not_finite=bool(max_over_processes(flag)))
         if self._under_fsdp():
             self.used_weights.drop_unused_grads(self.model)
 

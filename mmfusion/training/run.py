@@ -53,7 +53,7 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         try:
             trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if resume else None, weights_only=True)
-        except SIGTERMException as err:  # before StopOnSigterm took over: Lightning's handler (exit 0)
+        except SIGTERMException as err:  # before StepVote took over: Lightning's handler (exit 0)
             raise stopped(trainer, "stopped by SIGTERM before the first step; nothing new to save") from err
     # the final state (full, not weights only), so that a time-limited run can be resumed from its end
     trainer.save_checkpoint(ckpt, weights_only=False)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +16,10 @@ from mmfusion.config import RunConfig
 from mmfusion.errors import ConfigError, UserError
 from mmfusion.runtime import matmul_gflops
 from mmfusion.training.callbacks import (
-    StopOnSigterm,
+    StepVote,
     ThroughputLog,
     ValidationSamples,
+    budget_clock,
     interrupt_notice,
     step_progress_bar,
 )
@@ -74,14 +74,15 @@ def fsdp_strategy(t: Any) -> Any:
 def build_trainer(
     cfg: RunConfig, out: Path, precision: str, extra_callbacks: list | None = None, enable_checkpointing: bool = True
 ) -> L.Trainer:
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Timer
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     t = cfg.train
     every = min(t.log_every_n_steps, t.max_steps)  # a shorter run than the interval: Lightning warns
-    # the budget's Timer (Lightning's, which agrees across processes on when to stop: one rank alone would
-    # hang DDP) decides before the callbacks after it, so that they see a stop at the step it comes
-    timer = [Timer(duration=timedelta(minutes=t.max_time_minutes), interval="step")] if t.max_time_minutes else []
-    callbacks: list[L.Callback] = [step_progress_bar(t.max_time_minutes), *timer, StopOnSigterm(), ThroughputLog(every)]
+    # the step's vote (SIGTERM, the budget, a non-finite loss: one rank stopping alone would hang DDP) comes
+    # before the callbacks after it, so that they see a stop at the step it comes
+    clock = [budget_clock(t.max_time_minutes)] if t.max_time_minutes else []
+    vote = StepVote(t.max_time_minutes)
+    callbacks: list[L.Callback] = [step_progress_bar(t.max_time_minutes), *clock, vote, ThroughputLog(every)]
     if enable_checkpointing:
         callbacks.append(interrupt_notice(out))
         callbacks.append(
@@ -153,7 +154,7 @@ def _trainer(
 def slurm_without_requeue() -> list[Any]:
     """Where Lightning would pick SLURM's environment, the same environment with its SIGUSR1 auto-requeue
     off: that handler saves a checkpoint from inside the signal handler, a collective the other ranks
-    are not making then. SIGTERM does this job (`StopOnSigterm`, scripts/slurm_train.sh)."""
+    are not making then. SIGTERM does this job (`StepVote`, scripts/slurm_train.sh)."""
     from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
     if TorchElasticEnvironment.detect() or not SLURMEnvironment.detect():  # Lightning's own order

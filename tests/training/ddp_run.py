@@ -2,7 +2,12 @@
 save every rank's initial and final weights to OUT/rank{r}_init.pt and OUT/rank{r}.pt. BATCH is the
 global batch (data.global_batch_size): each of the N processes takes BATCH / N. With `--run` first, the
 run goes through `mmfusion.training.run.train` instead, and each rank then writes whether its process
-group is still open to OUT/group_open_rank{r}.txt."""
+group is still open to OUT/group_open_rank{r}.txt.
+
+With MMFUSION_TEST_NAN_AT="STEP,RANK" in the environment, the loss of optimizer step STEP (counted from
+0) is NaN on process RANK alone, and each rank writes OUT/collectives_rank{r}.pt: every collective it
+called from Python (broadcast_object_list counts as the two broadcasts it makes), as (step, name)
+pairs, and the non-finite steps it counted."""
 
 import os
 import sys
@@ -33,6 +38,45 @@ class SaveRankWeights(L.Callback):
         self._save(trainer, module, "")
 
 
+class Step(L.Callback):
+    """Keeps the step and rank where the patched functions below can read them."""
+
+    now = {"step": -1, "rank": 0}
+
+    def on_train_batch_start(self, trainer: L.Trainer, *_: object) -> None:
+        self.now.update(step=trainer.global_step, rank=trainer.global_rank)
+
+
+def poison_and_count(at: str) -> list[tuple[int, str]]:
+    """The loss NaN at step, rank `at` ("STEP,RANK"); the collectives made, as they are made."""
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+
+    from mmfusion.training.objective import JointObjective
+
+    step, rank = (int(x) for x in at.split(","))
+    made: list[tuple[int, str]] = []
+    real_loss = JointObjective.loss
+
+    def loss(self, model, batch):  # noqa: ANN001, ANN202
+        out = real_loss(self, model, batch)
+        if (Step.now["step"], Step.now["rank"]) == (step, rank):
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    JointObjective.loss = loss
+    for name in ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter", "barrier"):
+        real = getattr(c10d, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            made.append((Step.now["step"], _name))
+            return _real(*args, **kwargs)
+
+        setattr(c10d, name, counted)  # where broadcast_object_list looks them up
+        setattr(dist, name, counted)  # where Lightning and mmfusion do
+    return made
+
+
 def config(out: str, devices: int, batch: int, overrides: list[str], strategy: str = "ddp") -> RunConfig:
     return load_config(
         None,
@@ -60,8 +104,13 @@ def main(out: str, devices: int, batch: int, overrides: list[str], strategy: str
         total_steps=cfg.train.max_steps,
     )
     module = MMFusionModule(cfg, data.text_tokenizer())
-    trainer = build_trainer(cfg, out_path, "32-true", [SaveRankWeights(out_path)], enable_checkpointing=False)
+    at = os.environ.get("MMFUSION_TEST_NAN_AT")
+    made = poison_and_count(at) if at else []
+    trainer = build_trainer(cfg, out_path, "32-true", [SaveRankWeights(out_path), Step()], enable_checkpointing=False)
     trainer.fit(module, datamodule=data)
+    if at:
+        counted = {"collectives": made, "nonfinite": module.nonfinite_total}
+        torch.save(counted, out_path / f"collectives_rank{trainer.global_rank}.pt")
 
 
 def run_and_report(out: str, devices: int, batch: int, overrides: list[str]) -> None:

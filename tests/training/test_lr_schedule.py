@@ -7,7 +7,6 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Timer
 
-import mmfusion.training.module as module
 import mmfusion.training.run as run
 from mmfusion.config import load_config
 from mmfusion.training.module import LRSchedule
@@ -88,7 +87,6 @@ def test_a_run_cut_by_its_time_budget_completes_its_decay(tmp_path, monkeypatch,
     build = run.build_trainer
     monkeypatch.setattr(run, "build_trainer", lambda *a, **k: build(*a, **k, extra_callbacks=[seen]))
     monkeypatch.setattr(Timer, "time_elapsed", lambda self, stage="train": 0.05 * len(seen.lrs))
-    monkeypatch.setattr(module, "TIME_SYNC_EVERY", 1)
     lr = 1e-3
     overrides = [
         "train.max_steps=1000000",
