@@ -114,8 +114,8 @@ def _flag_worker(rank: int, init: str, out: str) -> None:
 
 
 def test_a_flag_raised_on_either_process_is_seen_by_both(tmp_path):
-    """The per-step flags (a non-finite loss, SIGTERM) are one all-reduce each: raised on rank 0 or on
-    rank 1 alone, both processes read 1; raised on none, both read 0."""
+    """The step's vote (SIGTERM, the budget spent, a non-finite loss) is an all-reduce of the maximum: a
+    flag raised on rank 0 or on rank 1 alone, both processes read 1; raised on none, both read 0."""
     import torch.multiprocessing as mp
 
     mp.spawn(_flag_worker, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2)
