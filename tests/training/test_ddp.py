@@ -29,22 +29,27 @@ def _run(out, devices, batch, *first, extra=(), **env_vars):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def _close_to(got, single, init):
+    """Weights `got` equal to one process's `single` (both from `init`), up to the order of float sums:
+    the all-reduce adds the two half-batch gradients, one process sums the whole batch. Adam divides each
+    update by the gradient's running size, which turns that last-bit noise into differences of up to
+    1.6e-3 of how far the weights moved (measured on 2026-11-24), so the bound is relative to that."""
+    for name, w in single.items():
+        moved = (w - init[name]).abs().max().item()
+        diff = (got[name] - w).abs().max().item()
+        assert diff <= 1e-2 * moved + 1e-6, f"{name}: differs by {diff:.2e} after moving {moved:.2e}"
+
+
 def test_two_process_ddp_matches_one_process(tmp_path):
     _run(tmp_path / "one", 1, 8)
     _run(tmp_path / "two", 2, 8)  # data.global_batch_size: 4 per process
     load = lambda run, name: torch.load(tmp_path / run / f"{name}.pt", weights_only=True)  # noqa: E731
     init, single = load("one", "rank0_init"), load("one", "rank0")
     init2, r0, r1 = load("two", "rank0_init"), load("two", "rank0"), load("two", "rank1")
-    for name, w in single.items():
+    for name in single:
         assert torch.equal(init2[name], init[name]), name  # the same start
         assert torch.equal(r0[name], r1[name]), name  # ranks never drift apart
-        # same training as one process, up to the order of float sums (the all-reduce adds the two
-        # half-batch gradients, one process sums the whole batch). Adam divides each update by the
-        # gradient's running size, which turns that last-bit noise into differences of up to 1.6e-3 of
-        # how far the weights moved (measured on 2026-11-24), so the bound is relative to that.
-        moved = (w - init[name]).abs().max().item()
-        diff = (r0[name] - w).abs().max().item()
-        assert diff <= 1e-2 * moved + 1e-6, f"{name}: differs by {diff:.2e} after moving {moved:.2e}"
+    _close_to(r0, single, init)
     # training did move the weights, so the comparison is not vacuous
     q = next(n for n in single if n.endswith("q_proj.weight"))
     assert (single[q] - init[q]).abs().max() > 1e-3
@@ -54,14 +59,6 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert [r["perf/samples"] for r in two] == [8.0 * 2, 8.0 * 4]  # logged every 2 of the 4 steps
     assert [r["perf/tokens"] for r in two] == [r["perf/tokens"] for r in one]
     assert all(r["perf/tokens_per_sec"] > 0 for r in two)
-
-
-def _close_to(got, single, init):
-    """Weights `got` equal to one process's `single` up to the order of float sums (see above)."""
-    for name, w in single.items():
-        moved = (w - init[name]).abs().max().item()
-        diff = (got[name] - w).abs().max().item()
-        assert diff <= 1e-2 * moved + 1e-6, f"{name}: differs by {diff:.2e} after moving {moved:.2e}"
 
 
 def test_a_non_finite_loss_on_one_process_skips_the_step_on_both(tmp_path):
